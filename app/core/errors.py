@@ -1,0 +1,110 @@
+"""Typed domain errors.
+
+Every error a user can cause derives from :class:`RealignError` and carries a
+stable ``code`` (used by the CLI's exit status and, later, by the HTTP error
+mapper) plus a message that says what is wrong, where, and what to do.
+"""
+
+from __future__ import annotations
+
+
+class RealignError(Exception):
+    """Base class of every error Realign raises on purpose."""
+
+    code: str = "realign_error"
+    http_status: int = 400
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidRefError(RealignError, ValueError):
+    """A model reference cannot be parsed or does not point to a usable model."""
+
+    code = "invalid_model_ref"
+
+
+class ModelNotFoundError(RealignError, FileNotFoundError):
+    """A model reference parses but nothing is there."""
+
+    code = "model_not_found"
+    http_status = 404
+
+
+class UnsafeCheckpointError(RealignError, ValueError):
+    """Weights are only available in a pickle-based format."""
+
+    code = "unsafe_checkpoint"
+
+
+class CorruptCheckpointError(RealignError, ValueError):
+    """A safetensors file is truncated, malformed or inconsistent with its index."""
+
+    code = "corrupt_checkpoint"
+
+
+class IncompatibleModelsError(RealignError, ValueError):
+    """Two checkpoints are not of the same architecture or lineage."""
+
+    code = "incompatible_models"
+
+
+class ArtifactNotFoundError(RealignError, KeyError):
+    """No stored artifact matches a key."""
+
+    code = "artifact_not_found"
+    http_status = 404
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return self.message
+
+
+class AmbiguousKeyError(RealignError, KeyError):
+    """A key prefix matches several stored artifacts."""
+
+    code = "ambiguous_key"
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class IntegrityError(RealignError, ValueError):
+    """A stored file does not match the hash recorded in its manifest."""
+
+    code = "integrity_error"
+    http_status = 409
+
+
+class OutputExistsError(RealignError, FileExistsError):
+    """The requested output location is already taken."""
+
+    code = "output_exists"
+    http_status = 409
+
+
+class OutputNotWritableError(RealignError, PermissionError):
+    """The output location cannot be written."""
+
+    code = "output_not_writable"
+
+
+class ArtifactInUseError(RealignError, RuntimeError):
+    """An artifact cannot be removed because a reader holds it."""
+
+    code = "artifact_in_use"
+    http_status = 409
+
+
+class DeviceUnavailableError(RealignError, RuntimeError):
+    """The requested compute device is not present on this machine."""
+
+    code = "device_unavailable"
+    http_status = 503
+
+
+class OperationCancelledError(RealignError):
+    """Work was stopped on request; nothing was published."""
+
+    code = "cancelled"
+    http_status = 409

@@ -1,0 +1,287 @@
+"""The Python API of the residual engine — the verbs of the ``realign`` CLI.
+
+Everything above the pure core (job service, CLI, demo) calls these functions;
+none of them re-implements merge logic.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from app.core.errors import ArtifactNotFoundError, CorruptCheckpointError
+from app.core.settings import Settings, get_settings
+from app.residuals.apply import apply_residual, merge_fused, open_pack, plan_apply, plan_fused
+from app.residuals.checkpoint import Checkpoint
+from app.residuals.compute import compute_residual, preflight_residual
+from app.residuals.manifest import (
+    MERGE_MANIFEST,
+    RESIDUAL_MANIFEST,
+    MergeManifest,
+    ResidualManifest,
+    read_residual_manifest,
+)
+from app.residuals.methods import get_method
+from app.residuals.progress import CancelFlag, ProgressCallback
+from app.residuals.publish import check_output, staging_dir
+from app.residuals.refs import ModelRef, ResolvedModel, resolve_ref
+from app.residuals.sources import RunOptions, describe_source
+from app.store.keys import residual_key
+from app.store.local import ArtifactInfo, LocalStore
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class ComputeResult:
+    key: str
+    path: Path
+    manifest: ResidualManifest
+    created: bool
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    out: Path
+    manifest: MergeManifest
+    residual_key: str | None
+    residual_created: bool
+
+
+def open_store(
+    store: LocalStore | Path | None = None, settings: Settings | None = None
+) -> LocalStore:
+    """The store at ``store``, or the configured ``REALIGN_MODELS_CACHE_DIR``."""
+    if isinstance(store, LocalStore):
+        return store
+    settings = settings or get_settings()
+    budget = settings.store_budget_gb
+    return LocalStore(
+        store or settings.models_cache_dir, int(budget * 1024**3) if budget is not None else None
+    )
+
+
+def _options(
+    device: str,
+    progress: ProgressCallback | None,
+    cancel: CancelFlag | None,
+    max_shard_gb: float | None,
+    hash_outputs: bool = True,
+) -> RunOptions:
+    shard = max_shard_gb if max_shard_gb is not None else get_settings().max_shard_gb
+    return RunOptions(
+        device=device,
+        progress=progress,
+        cancel=cancel,
+        max_shard_bytes=int(shard * 1024**3),
+        hash_outputs=hash_outputs,
+    )
+
+
+def _resolve(ref: str, store: LocalStore) -> ResolvedModel:
+    return resolve_ref(ModelRef.parse(ref), store.root / "sources")
+
+
+def _dtype(name: str) -> torch.dtype:
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {name!r}") from None
+
+
+def compute(
+    base: str,
+    instruct: str,
+    *,
+    dtype: str = "bfloat16",
+    method: str = "task_arithmetic",
+    store: LocalStore | Path | None = None,
+    device: str = "cpu",
+    progress: ProgressCallback | None = None,
+    cancel: CancelFlag | None = None,
+    max_shard_gb: float | None = None,
+) -> ComputeResult:
+    """Compute (or reuse) the residual pack of ``instruct - base`` in the store.
+
+    Raises:
+        RealignError subclasses for bad refs, incompatible models, cancellation.
+    """
+    st, torch_dtype = open_store(store), _dtype(dtype)
+    get_method(method)
+    ins, bas = _resolve(instruct, st), _resolve(base, st)
+    with Checkpoint.open(ins.path) as i_ckpt, Checkpoint.open(bas.path) as b_ckpt:
+        preflight_residual(i_ckpt, b_ckpt)  # headers only: refuse before hashing gigabytes
+        i_src, b_src = describe_source(ins, st.hasher), describe_source(bas, st.hasher)
+        key = residual_key(i_src.digest, b_src.digest, method=method, dtype=dtype)
+        opts = _options(device, progress, cancel, max_shard_gb)
+        created = st.get_or_build(
+            key,
+            lambda tmp: compute_residual(
+                i_ckpt,
+                b_ckpt,
+                tmp,
+                instruct_src=i_src,
+                base_src=b_src,
+                dtype=torch_dtype,
+                method=method,
+                key=key,
+                opts=opts,
+            ),
+        )
+    path = st.path(key)
+    return ComputeResult(key, path, read_residual_manifest(path), created)
+
+
+@contextlib.contextmanager
+def _open_residual(residual: str, st: LocalStore) -> Iterator[Path]:
+    candidate = Path(residual).expanduser()
+    if (candidate / RESIDUAL_MANIFEST).is_file():
+        yield candidate
+        return
+    if candidate.exists():
+        raise CorruptCheckpointError(f"{candidate} is not a residual pack (no {RESIDUAL_MANIFEST})")
+    with st.using(st.resolve(residual)) as path:
+        _quick_check(path)
+        yield path
+
+
+def _quick_check(path: Path) -> None:
+    """Sizes of every file (cheap); `realign verify` does the full sha256 check."""
+    manifest = read_residual_manifest(path)
+    for name, entry in manifest.files.items():
+        f = path / name
+        if not f.is_file() or f.stat().st_size != entry.size:
+            raise CorruptCheckpointError(
+                f"{path}: {name} is missing or resized — run `realign verify {path.name}`"
+            )
+
+
+def apply(
+    residual: str,
+    target: str,
+    out: Path,
+    *,
+    alpha: float = 1.0,
+    store: LocalStore | Path | None = None,
+    device: str = "cpu",
+    progress: ProgressCallback | None = None,
+    cancel: CancelFlag | None = None,
+    overwrite: bool = False,
+    max_shard_gb: float | None = None,
+    hash_outputs: bool = False,
+) -> MergeResult:
+    """Apply a stored residual (key, key prefix or pack directory) to ``target``,
+    writing a model directory at ``out`` atomically."""
+    st = open_store(store)
+    check_output(out, overwrite=overwrite)
+    tgt = _resolve(target, st)
+    with _open_residual(residual, st) as pack_dir, Checkpoint.open(tgt.path) as t_ckpt:
+        manifest, pack = open_pack(pack_dir)
+        with pack:
+            plan_apply(manifest, pack, t_ckpt, alpha)  # preflight before hashing the target
+        t_src = describe_source(tgt, st.hasher)
+        opts = _options(device, progress, cancel, max_shard_gb, hash_outputs)
+        with staging_dir(out, overwrite=overwrite) as tmp:
+            merged = apply_residual(pack_dir, t_ckpt, tmp, target_src=t_src, alpha=alpha, opts=opts)
+    return MergeResult(out, merged, manifest.key, False)
+
+
+def merge(
+    base: str,
+    instruct: str,
+    target: str,
+    out: Path,
+    *,
+    alpha: float = 1.0,
+    dtype: str = "bfloat16",
+    store: LocalStore | Path | None = None,
+    device: str = "cpu",
+    no_cache: bool = False,
+    progress: ProgressCallback | None = None,
+    cancel: CancelFlag | None = None,
+    overwrite: bool = False,
+    max_shard_gb: float | None = None,
+    hash_outputs: bool = False,
+) -> MergeResult:
+    """``target + alpha * (instruct - base)`` into ``out``.
+
+    With ``no_cache`` it runs one fused pass and stores nothing; otherwise the
+    residual is computed once (or reused) in the store, then applied.
+    """
+    st = open_store(store)
+    check_output(out, overwrite=overwrite)
+    refs = [_resolve(r, st) for r in (instruct, base, target)]
+    with contextlib.ExitStack() as stack:
+        ckpts = [stack.enter_context(Checkpoint.open(r.path)) for r in refs]
+        i_c, b_c, t_c = ckpts
+        plan_fused(i_c, b_c, t_c, alpha)  # preflight of the whole triple, headers only
+        if not no_cache:
+            stack.close()
+            res = compute(
+                base,
+                instruct,
+                dtype=dtype,
+                store=st,
+                device=device,
+                progress=progress,
+                cancel=cancel,
+                max_shard_gb=max_shard_gb,
+            )
+            done = apply(
+                res.key,
+                target,
+                out,
+                alpha=alpha,
+                store=st,
+                device=device,
+                progress=progress,
+                cancel=cancel,
+                overwrite=overwrite,
+                max_shard_gb=max_shard_gb,
+                hash_outputs=hash_outputs,
+            )
+            return MergeResult(out, done.manifest, res.key, res.created)
+        srcs = [describe_source(r, st.hasher) for r in refs]
+        opts = _options(device, progress, cancel, max_shard_gb, hash_outputs)
+        with staging_dir(out, overwrite=overwrite) as tmp:
+            merged = merge_fused(
+                i_c, b_c, t_c, tmp, sources=(srcs[0], srcs[1], srcs[2]), alpha=alpha, opts=opts
+            )
+    return MergeResult(out, merged, None, False)
+
+
+def inspect(ref: str, store: LocalStore | Path | None = None) -> ResidualManifest | MergeManifest:
+    """The manifest of a residual (key or pack dir) or of a merged model directory."""
+    path = Path(ref).expanduser()
+    if (path / MERGE_MANIFEST).is_file():
+        return MergeManifest.model_validate(json.loads((path / MERGE_MANIFEST).read_text()))
+    if (path / RESIDUAL_MANIFEST).is_file():
+        return read_residual_manifest(path)
+    if path.exists():
+        raise ArtifactNotFoundError(f"{path} is neither a residual pack nor a Realign merge")
+    st = open_store(store)
+    return read_residual_manifest(st.path(st.resolve(ref)))
+
+
+def verify(key: str, store: LocalStore | Path | None = None) -> ResidualManifest:
+    """Check every file of a stored residual against its recorded sha256."""
+    st = open_store(store)
+    return st.verify(st.resolve(key))
+
+
+def list_artifacts(store: LocalStore | Path | None = None) -> list[ArtifactInfo]:
+    """Everything in the store, oldest use first."""
+    return sorted(open_store(store).artifacts(), key=lambda a: a.last_used)
+
+
+def remove(key: str, store: LocalStore | Path | None = None) -> str:
+    """Delete a stored residual (refused while in use); returns the full key."""
+    st = open_store(store)
+    full = st.resolve(key)
+    st.remove(full)
+    return full

@@ -1,0 +1,278 @@
+"""apply_residual and the one-pass fused merge: stream ``target + alpha * R`` into a
+model directory that transformers and vLLM load as the instruct model's successor."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import app
+from app.core.errors import CorruptCheckpointError, IncompatibleModelsError
+from app.residuals.assets import INSTRUCT_CONFIG, copy_assets, merged_config, special_tokens
+from app.residuals.card import render_card
+from app.residuals.checkpoint import Checkpoint, TensorInfo, read_header
+from app.residuals.compat import (
+    check_family,
+    check_tokenizers,
+    family_of,
+    pair_tensors,
+    weight_tensors,
+)
+from app.residuals.devices import make_backend
+from app.residuals.manifest import (
+    MERGE_MANIFEST,
+    FileEntry,
+    MergeManifest,
+    ResidualManifest,
+    SourceInfo,
+    VocabInfo,
+    read_residual_manifest,
+    write_json,
+)
+from app.residuals.methods import get_method
+from app.residuals.shards import ShardedWriter, TensorSpec
+from app.residuals.sources import RunOptions, file_order
+from app.residuals.stream import Source, StreamRunner, TensorJob
+
+
+def open_pack(pack_dir: Path) -> tuple[ResidualManifest, Checkpoint]:
+    """Read a residual pack's manifest and shard headers.
+
+    Raises:
+        CorruptCheckpointError: the manifest or a shard is missing or malformed.
+    """
+    try:
+        manifest = read_residual_manifest(pack_dir)
+    except (OSError, ValueError) as exc:
+        raise CorruptCheckpointError(
+            f"{pack_dir}: not a readable residual pack ({exc.__class__.__name__}: {exc})"
+        ) from exc
+    tensors: dict[str, TensorInfo] = {}
+    for name in manifest.files:
+        if name.endswith(".safetensors"):
+            tensors.update(read_header(pack_dir / name)[0])
+    missing = set(manifest.tensors) - set(tensors)
+    if missing:
+        raise CorruptCheckpointError(f"{pack_dir}: shards lack {sorted(missing)[0]}")
+    config = json.loads((pack_dir / "assets" / INSTRUCT_CONFIG).read_text())
+    return manifest, Checkpoint(pack_dir, config, tensors)
+
+
+def _expected_target_shape(manifest: ResidualManifest, name: str) -> tuple[int, ...]:
+    r = manifest.tensors[name]
+    return (r.common_rows, *r.shape[1:]) if r.shape else r.shape
+
+
+def plan_apply(
+    manifest: ResidualManifest, pack: Checkpoint, target: Checkpoint, alpha: float
+) -> list[TensorJob]:
+    """Match the target's tensors against the residual.
+
+    Raises:
+        IncompatibleModelsError: family, names or shapes do not match.
+    """
+    check_family(manifest.family, family_of(target.config), "the residual's models", "target")
+    tensors = weight_tensors(target)
+    covered = set(manifest.tensors) | set(manifest.copied)
+    if set(tensors) != covered:
+        extra, lack = sorted(set(tensors) - covered), sorted(covered - set(tensors))
+        where = (
+            f"target has {extra[0]} that the residual lacks"
+            if extra
+            else (f"target lacks {lack[0]} that the residual has")
+        )
+        raise IncompatibleModelsError(f"tensor names differ: {where} — not the same architecture")
+    jobs = []
+    for name in file_order(tensors):
+        t = tensors[name]
+        if name in manifest.copied:
+            jobs.append(
+                TensorJob(TensorSpec(name, t.dtype, t.shape), "copy", (Source(target, t),), 0)
+            )
+            continue
+        want = _expected_target_shape(manifest, name)
+        if t.shape != want:
+            raise IncompatibleModelsError(
+                f"{name}: target {t.shape} vs residual expects {want} — not the same "
+                "architecture (or a different vocabulary than the residual's base)"
+            )
+        r = pack.tensors[name]
+        common = manifest.tensors[name].common_rows
+        jobs.append(
+            TensorJob(
+                TensorSpec(name, t.dtype, r.shape),
+                "apply",
+                (Source(pack, r), Source(target, t)),
+                common,
+                alpha,
+            )
+        )
+    return jobs
+
+
+def plan_fused(
+    instruct: Checkpoint, base: Checkpoint, target: Checkpoint, alpha: float
+) -> tuple[list[TensorJob], VocabInfo | None]:
+    """Preflight and plan of a one-pass merge; the target must share the base's layout."""
+    check_family(family_of(instruct.config), family_of(base.config), "instruct", "base")
+    check_family(family_of(base.config), family_of(target.config), "base", "target")
+    pairing = pair_tensors(instruct, base)
+    check_tokenizers(instruct.path, base.path)
+    tensors, base_tensors = weight_tensors(target), weight_tensors(base)
+    jobs = []
+    for name in file_order(tensors):
+        t, b = tensors[name], base_tensors.get(name)
+        if b is None or b.shape != t.shape:
+            got = b.shape if b is not None else "nothing"
+            raise IncompatibleModelsError(
+                f"{name}: target {t.shape} vs base {got} — not the same architecture"
+            )
+        if name in pairing.copied:
+            jobs.append(
+                TensorJob(TensorSpec(name, t.dtype, t.shape), "copy", (Source(target, t),), 0)
+            )
+            continue
+        i = pairing.combine[name][0]
+        jobs.append(
+            TensorJob(
+                TensorSpec(name, t.dtype, i.shape),
+                "fused",
+                (Source(instruct, i), Source(base, b), Source(target, t)),
+                pairing.common_rows[name],
+                alpha,
+            )
+        )
+    vocab = None
+    if pairing.vocab_tensors:
+        assert pairing.base_rows is not None and pairing.instruct_rows is not None
+        vocab = VocabInfo(
+            base_rows=pairing.base_rows,
+            instruct_rows=pairing.instruct_rows,
+            tensors=pairing.vocab_tensors,
+        )
+    return jobs, vocab
+
+
+def _write_merged(
+    jobs: list[TensorJob], out_dir: Path, method: str, opts: RunOptions
+) -> dict[str, FileEntry]:
+    runner = StreamRunner(
+        get_method(method),
+        make_backend(opts.device),
+        stage="apply",
+        progress=opts.progress,
+        cancel=opts.cancel,
+        chunk_elems=opts.chunk_elems,
+    )
+    with ShardedWriter(
+        out_dir,
+        [j.spec for j in jobs],
+        prefix="model",
+        max_shard_bytes=opts.max_shard_bytes,
+        hash_files=opts.hash_outputs,
+        metadata={"realign": "merged"},
+    ) as writer:
+        runner.run(jobs, writer)
+    return {n: FileEntry(size=s, sha256=writer.sha256.get(n)) for n, s in writer.sizes.items()}
+
+
+def _finish(
+    out_dir: Path,
+    manifest: MergeManifest,
+    target: Checkpoint,
+    assets_from: Path,
+    tokens: dict[str, object],
+) -> None:
+    rows = manifest.vocab.instruct_rows if manifest.vocab else None
+    config = merged_config(target.config, tokens, rows)
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    copy_assets(assets_from, out_dir)
+    (out_dir / INSTRUCT_CONFIG).unlink(missing_ok=True)
+    write_json(out_dir / MERGE_MANIFEST, manifest)
+    (out_dir / "README.md").write_text(render_card(manifest))
+
+
+def apply_residual(
+    pack_dir: Path,
+    target: Checkpoint,
+    out_dir: Path,
+    *,
+    target_src: SourceInfo,
+    alpha: float = 1.0,
+    opts: RunOptions | None = None,
+) -> MergeManifest:
+    """Write ``target + alpha * R`` (fp32 math, one cast to the target's dtype) as a
+    model directory into the empty ``out_dir``.
+
+    Args:
+        pack_dir: a residual pack directory.
+        target: the new base checkpoint.
+        out_dir: empty staging directory.
+        target_src: identity of ``target`` for provenance.
+        alpha: residual scale.
+        opts: device, progress, cancellation, shard size, output hashing.
+
+    Raises:
+        IncompatibleModelsError: the target does not fit the residual.
+        OperationCancelledError: cancelled; the caller discards ``out_dir``.
+    """
+    opts = opts or RunOptions()
+    manifest, pack = open_pack(pack_dir)
+    with pack:
+        jobs = plan_apply(manifest, pack, target, alpha)
+        files = _write_merged(jobs, out_dir, manifest.method, opts)
+    merged = MergeManifest(
+        method=manifest.method,
+        alpha=alpha,
+        fused=False,
+        residual_key=manifest.key,
+        residual_dtype=manifest.dtype,
+        instruct=manifest.instruct,
+        base=manifest.base,
+        target=target_src,
+        tool_version=app.__version__,
+        vocab=manifest.vocab,
+        files=files,
+    )
+    _finish(out_dir, merged, target, pack_dir / "assets", dict(manifest.special_tokens))
+    return merged
+
+
+def merge_fused(
+    instruct: Checkpoint,
+    base: Checkpoint,
+    target: Checkpoint,
+    out_dir: Path,
+    *,
+    sources: tuple[SourceInfo, SourceInfo, SourceInfo],
+    alpha: float = 1.0,
+    method: str = "task_arithmetic",
+    opts: RunOptions | None = None,
+) -> MergeManifest:
+    """One pass ``target + alpha * (instruct - base)`` without materialising R.
+
+    Args:
+        sources: identities of (instruct, base, target).
+
+    Raises:
+        IncompatibleModelsError, OperationCancelledError.
+    """
+    opts = opts or RunOptions()
+    jobs, vocab = plan_fused(instruct, base, target, alpha)
+    files = _write_merged(jobs, out_dir, method, opts)
+    merged = MergeManifest(
+        method=method,
+        alpha=alpha,
+        fused=True,
+        residual_key=None,
+        residual_dtype=None,
+        instruct=sources[0],
+        base=sources[1],
+        target=sources[2],
+        tool_version=app.__version__,
+        vocab=vocab,
+        files=files,
+    )
+    tokens = special_tokens(instruct.path, instruct.config)
+    _finish(out_dir, merged, target, instruct.path, tokens)
+    return merged

@@ -1,0 +1,45 @@
+"""Model card (README.md) recording where a merged model comes from."""
+
+from __future__ import annotations
+
+from app.residuals.manifest import MergeManifest, SourceInfo
+
+
+def _row(role: str, s: SourceInfo) -> str:
+    return f"| {role} | `{s.ref}` | {s.commit or '—'} | `{s.digest[:16]}` |"
+
+
+def render_card(m: MergeManifest) -> str:
+    """Markdown with YAML front matter, as the Hub expects."""
+    residual = f"`{m.residual_key}` ({m.residual_dtype})" if m.residual_key else "not stored"
+    vocab = ""
+    if m.vocab is not None:
+        vocab = (
+            f"\nVocabulary: the instruct model added {m.vocab.instruct_rows - m.vocab.base_rows} "
+            f"token rows ({m.vocab.base_rows} -> {m.vocab.instruct_rows}); they are taken "
+            "verbatim from the instruct model.\n"
+        )
+    return f"""---
+base_model: {m.target.ref}
+tags:
+- realign
+- merge
+- {m.method}
+---
+# Merged with Realign
+
+`new = target + alpha * (instruct - base)` with alpha = {m.alpha}, method `{m.method}`,
+fp32 arithmetic and one cast to the target's dtype. Tokenizer, chat template and
+generation config come from the instruct model.
+
+| role | reference | commit | content digest |
+| --- | --- | --- | --- |
+{_row("target (new base)", m.target)}
+{_row("instruct", m.instruct)}
+{_row("base", m.base)}
+
+Residual: {residual}; computed in one fused pass: {"yes" if m.fused else "no"}.
+{vocab}
+Made by Realign {m.tool_version} on {m.created_at:%Y-%m-%d %H:%M UTC}. Full provenance
+is in `realign.json`.
+"""

@@ -1,0 +1,240 @@
+"""Lazy, shard-by-shard access to Hugging Face safetensors checkpoints.
+
+Only headers are parsed up front; tensor bytes are read on demand, row range by
+row range, straight into caller-owned buffers (``os.preadv``), so reading a
+16 GB model never needs more memory than one chunk.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import torch
+
+from app.core.errors import CorruptCheckpointError, ModelNotFoundError, UnsafeCheckpointError
+
+DTYPES: dict[str, torch.dtype] = {
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+DTYPE_CODES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+INDEX_NAME = "model.safetensors.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives on disk and what it is."""
+
+    name: str
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int  # absolute byte offset of the data in ``file``
+    nbytes: int
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype.is_floating_point
+
+    @property
+    def rows(self) -> int:
+        return self.shape[0] if self.shape else 1
+
+    @property
+    def row_bytes(self) -> int:
+        return self.nbytes // self.rows if self.rows else 0
+
+
+def dtype_size(dtype: torch.dtype) -> int:
+    """Bytes per element of ``dtype``."""
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _corrupt(path: Path, what: str) -> CorruptCheckpointError:
+    return CorruptCheckpointError(
+        f"{path}: {what} — the file is truncated or not a safetensors file; "
+        "re-download or re-export it"
+    )
+
+
+def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse and validate a safetensors header without reading tensor data.
+
+    Args:
+        path: a ``.safetensors`` file.
+
+    Returns:
+        The tensors by name and the ``__metadata__`` mapping.
+
+    Raises:
+        CorruptCheckpointError: the header is malformed or points past the file end.
+    """
+    size = path.stat().st_size
+    with path.open("rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise _corrupt(path, f"only {size} bytes")
+        (hlen,) = struct.unpack("<Q", head)
+        if hlen > min(_MAX_HEADER, size - 8):
+            raise _corrupt(path, f"header length {hlen} exceeds the file ({size} bytes)")
+        try:
+            raw: dict[str, Any] = json.loads(fh.read(hlen))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise _corrupt(path, f"header is not valid JSON ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise _corrupt(path, "header is not a JSON object")
+    metadata = raw.pop("__metadata__", None) or {}
+    base = 8 + hlen
+    tensors = {name: _tensor_info(path, name, entry, base, size) for name, entry in raw.items()}
+    return tensors, {str(k): str(v) for k, v in metadata.items()}
+
+
+def _tensor_info(path: Path, name: str, entry: Any, base: int, size: int) -> TensorInfo:
+    try:
+        dtype = DTYPES[entry["dtype"]]
+        shape = tuple(int(d) for d in entry["shape"])
+        begin, end = (int(x) for x in entry["data_offsets"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise _corrupt(path, f"tensor {name!r} has a malformed header entry ({exc!r})") from exc
+    nbytes = math.prod(shape) * dtype_size(dtype)
+    if end - begin != nbytes or begin < 0:
+        raise _corrupt(path, f"tensor {name!r}: offsets {begin}..{end} do not hold {shape}")
+    if base + end > size:
+        raise _corrupt(path, f"tensor {name!r} ends at byte {base + end} of {size}")
+    return TensorInfo(name, path, dtype, shape, base + begin, nbytes)
+
+
+def weight_files(directory: Path) -> list[Path]:
+    """The safetensors files of a model directory, refusing pickle-only checkpoints.
+
+    Raises:
+        ModelNotFoundError: no weights at all.
+        UnsafeCheckpointError: only pickled weights (``.bin``/``.pt``) are present.
+    """
+    index = directory / INDEX_NAME
+    if index.is_file():
+        try:
+            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        except (KeyError, json.JSONDecodeError) as exc:
+            raise CorruptCheckpointError(f"{index}: not a valid safetensors index ({exc})") from exc
+        names = sorted(set(weight_map.values()))
+        missing = [n for n in names if not (directory / n).is_file()]
+        if missing:
+            raise ModelNotFoundError(
+                f"{index} lists {missing[0]} but it is not in {directory} — the download is "
+                "incomplete; fetch the missing shards"
+            )
+        return [directory / n for n in names]
+    files = sorted(directory.glob("*.safetensors"))
+    if files:
+        return files
+    pickled = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickled:
+        raise UnsafeCheckpointError(
+            f"{directory} has weights only as {', '.join(pickled)}: pickled checkpoints can run "
+            "arbitrary code when loaded, so Realign reads safetensors only — convert them first "
+            "(e.g. load with transformers and save_pretrained(..., safe_serialization=True))"
+        )
+    raise ModelNotFoundError(f"{directory} holds no *.safetensors weights")
+
+
+@dataclass
+class Checkpoint:
+    """A model directory: its config and the headers of all its tensors.
+
+    Use as a context manager; file descriptors are opened lazily and closed on exit.
+    """
+
+    path: Path
+    config: dict[str, Any]
+    tensors: dict[str, TensorInfo]
+    _fds: dict[Path, int] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def open(cls, path: Path) -> Checkpoint:
+        """Read ``config.json`` and every shard header of the model at ``path``.
+
+        Raises:
+            ModelNotFoundError, UnsafeCheckpointError, CorruptCheckpointError.
+        """
+        if not path.is_dir():
+            raise ModelNotFoundError(f"{path} is not a directory with a model in it")
+        config_path = path / "config.json"
+        if not config_path.is_file():
+            raise ModelNotFoundError(f"{path} has no config.json — not a Hugging Face model dir")
+        try:
+            config = json.loads(config_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise CorruptCheckpointError(f"{config_path}: invalid JSON ({exc})") from exc
+        tensors: dict[str, TensorInfo] = {}
+        for file in weight_files(path):
+            found, _ = read_header(file)
+            for name, info in found.items():
+                if name in tensors:
+                    raise CorruptCheckpointError(
+                        f"{path}: tensor {name!r} is stored twice ({tensors[name].file.name} "
+                        f"and {file.name})"
+                    )
+                tensors[name] = info
+        _check_index(path, tensors)
+        return cls(path, config, tensors)
+
+    def read_into(self, info: TensorInfo, row0: int, row1: int, out: memoryview) -> None:
+        """Read rows ``[row0, row1)`` of ``info`` into ``out`` (exactly that many bytes)."""
+        fd = self._fds.get(info.file)
+        if fd is None:
+            fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
+        offset = info.offset + row0 * info.row_bytes
+        want = (row1 - row0) * info.row_bytes
+        view = out[:want]
+        done = 0
+        while done < want:
+            got = os.preadv(fd, [view[done:]], offset + done)
+            if got == 0:
+                raise _corrupt(info.file, f"unexpected end of file in {info.name!r}")
+            done += got
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+def _check_index(path: Path, tensors: dict[str, TensorInfo]) -> None:
+    index = path / INDEX_NAME
+    if not index.is_file():
+        return
+    weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+    for name, file in weight_map.items():
+        info = tensors.get(name)
+        if info is None or info.file.name != file:
+            raise CorruptCheckpointError(
+                f"{index}: {name!r} is mapped to {file} but that shard does not hold it"
+            )

@@ -1,0 +1,146 @@
+"""Model references: ``/local/dir``, ``hf:org/name@revision``.
+
+A reference is parsed without IO; :func:`resolve_ref` turns it into a local
+directory, pinning Hub revisions to commit hashes and fetching only safetensors,
+JSON, tokenizer and chat-template files.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from app.core.errors import InvalidRefError, ModelNotFoundError, UnsafeCheckpointError
+from app.residuals.checkpoint import PICKLE_SUFFIXES
+
+_REPO = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_REV = re.compile(r"^[\w./-]+$")
+HUB_PATTERNS = [
+    "*.safetensors",
+    "*.json",
+    "tokenizer.model",
+    "*.tiktoken",
+    "merges.txt",
+    "vocab.txt",
+    "*.jinja",
+]
+
+
+class ModelRef(BaseModel):
+    """A parsed model reference."""
+
+    model_config = ConfigDict(frozen=True)
+
+    kind: Literal["local", "hf"]
+    path: Path | None = None
+    repo: str | None = None
+    revision: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> ModelRef:
+        """Parse ``hf:org/name[@rev]`` or a filesystem path.
+
+        Raises:
+            InvalidRefError: the text is empty or not a supported reference.
+        """
+        text = text.strip()
+        if not text:
+            raise InvalidRefError("empty model reference; give a directory or hf:org/name@rev")
+        if text.startswith("hf:"):
+            repo, _, rev = text[3:].partition("@")
+            if not _REPO.match(repo):
+                raise InvalidRefError(f"{text!r}: Hub references look like hf:org/name@revision")
+            if rev and not _REV.match(rev):
+                raise InvalidRefError(f"{text!r}: invalid revision {rev!r}")
+            return cls(kind="hf", repo=repo, revision=rev or "main")
+        if "://" in text:
+            scheme = text.split("://", 1)[0]
+            raise InvalidRefError(
+                f"{text!r}: {scheme}:// references are not supported; copy the model to a "
+                "local directory or use hf:org/name@revision"
+            )
+        return cls(kind="local", path=Path(text).expanduser())
+
+    def __str__(self) -> str:
+        if self.kind == "hf":
+            return f"hf:{self.repo}@{self.revision}"
+        return str(self.path)
+
+
+class ResolvedModel(BaseModel):
+    """A reference made concrete: a local directory, and for Hub refs the commit."""
+
+    model_config = ConfigDict(frozen=True)
+
+    ref: str
+    path: Path
+    commit: str | None = None
+
+
+def refuse_pickle_only(filenames: list[str], where: str) -> None:
+    """Raise when a file list has pickled weights but no safetensors.
+
+    Raises:
+        UnsafeCheckpointError: only pickled weights are present.
+    """
+    if any(f.endswith(".safetensors") for f in filenames):
+        return
+    pickled = [f for f in filenames if f.endswith(PICKLE_SUFFIXES)]
+    if pickled:
+        raise UnsafeCheckpointError(
+            f"{where} has weights only as {', '.join(sorted(pickled)[:3])}: pickled checkpoints "
+            "can run arbitrary code when loaded, so Realign reads safetensors only — use a "
+            "revision that has *.safetensors or convert the weights first"
+        )
+
+
+def resolve_ref(ref: ModelRef, sources_dir: Path, token: str | None = None) -> ResolvedModel:
+    """Make a reference local.
+
+    Args:
+        ref: the parsed reference.
+        sources_dir: where Hub downloads are cached (``models_cache/sources``).
+        token: Hub token for gated repositories.
+
+    Raises:
+        ModelNotFoundError: the directory or repository does not exist.
+        UnsafeCheckpointError: the repository has only pickled weights.
+    """
+    if ref.kind == "local":
+        assert ref.path is not None
+        path = ref.path.resolve()
+        if not path.exists():
+            raise ModelNotFoundError(f"{ref.path}: no such directory")
+        return ResolvedModel(ref=str(ref), path=path)
+    return _resolve_hub(ref, sources_dir, token)
+
+
+def _resolve_hub(ref: ModelRef, sources_dir: Path, token: str | None) -> ResolvedModel:
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    assert ref.repo is not None
+    try:
+        info: Any = HfApi(token=token).model_info(ref.repo, revision=ref.revision)
+    except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
+        raise ModelNotFoundError(f"{ref}: not found on the Hub ({exc.__class__.__name__})") from exc
+    except (HfHubHTTPError, OSError) as exc:
+        raise ModelNotFoundError(f"{ref}: the Hub could not be reached ({exc})") from exc
+    files = [s.rfilename for s in info.siblings or []]
+    refuse_pickle_only(files, str(ref))
+    commit = str(info.sha)
+    path = snapshot_download(
+        ref.repo,
+        revision=commit,  # pinned: the files cannot move under us mid-merge
+        allow_patterns=HUB_PATTERNS,
+        cache_dir=sources_dir,
+        token=token,
+    )
+    return ResolvedModel(ref=f"hf:{ref.repo}@{commit}", path=Path(path), commit=commit)

@@ -1,0 +1,190 @@
+"""Streaming writer of sharded safetensors checkpoints.
+
+Every tensor's shape and dtype is known before the first byte is computed, so
+the shard layout and headers are planned up front and tensor bytes are appended
+chunk by chunk as they are produced: no shard is ever assembled in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+import torch
+
+from app.residuals.checkpoint import DTYPE_CODES, dtype_size
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """An output tensor: name, dtype and shape."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * dtype_size(self.dtype)
+
+
+def plan_shards(specs: list[TensorSpec], max_shard_bytes: int) -> list[list[TensorSpec]]:
+    """Split tensors, in order, into shards of at most ``max_shard_bytes`` (a lone
+    tensor larger than that gets a shard of its own)."""
+    shards: list[list[TensorSpec]] = [[]]
+    size = 0
+    for spec in specs:
+        if shards[-1] and size + spec.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += spec.nbytes
+    return shards
+
+
+def _header(specs: list[TensorSpec], metadata: dict[str, str]) -> bytes:
+    entries: dict[str, object] = {"__metadata__": metadata}
+    offset = 0
+    for spec in specs:
+        end = offset + spec.nbytes
+        entries[spec.name] = {
+            "dtype": DTYPE_CODES[spec.dtype],
+            "shape": list(spec.shape),
+            "data_offsets": [offset, end],
+        }
+        offset = end
+    raw = json.dumps(entries, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # data must start 8-byte aligned
+    return len(raw).to_bytes(8, "little") + raw
+
+
+class ShardedWriter:
+    """Writes tensors in the planned order into ``prefix[-0000i-of-0000n].safetensors``.
+
+    Args:
+        directory: an existing, empty directory (normally a temp dir).
+        specs: every tensor, in the order their bytes will arrive.
+        prefix: file name stem, ``model`` for a transformers-loadable checkpoint.
+        max_shard_bytes: largest shard.
+        metadata: extra ``__metadata__`` entries (``format: pt`` is always set).
+        hash_files: compute a sha256 of every file while writing.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        specs: list[TensorSpec],
+        *,
+        prefix: str = "model",
+        max_shard_bytes: int = 5 * 1024**3,
+        metadata: dict[str, str] | None = None,
+        hash_files: bool = True,
+    ) -> None:
+        self.directory = directory
+        self.prefix = prefix
+        self._shards = plan_shards(specs, max_shard_bytes)
+        n = len(self._shards)
+        self.files = [
+            f"{prefix}.safetensors" if n == 1 else f"{prefix}-{i + 1:05d}-of-{n:05d}.safetensors"
+            for i in range(n)
+        ]
+        self._metadata = {"format": "pt", **(metadata or {})}
+        self._order = [(i, s) for i, shard in enumerate(self._shards) for s in shard]
+        self._hash = hash_files
+        self.sha256: dict[str, str] = {}
+        self.sizes: dict[str, int] = {}
+        self._pos = 0  # index into _order of the tensor being written
+        self._left = self._order[0][1].nbytes if self._order else 0
+        self._fd = -1
+        self._shard = -1
+        self._hasher: hashlib._Hash | None = None
+
+    @property
+    def specs(self) -> list[TensorSpec]:
+        return [s for _, s in self._order]
+
+    def write(self, name: str, data: memoryview) -> None:
+        """Append bytes of tensor ``name`` (which must be the one due next)."""
+        if not data.nbytes:
+            return
+        while self._left == 0 and self._pos < len(self._order) and data.nbytes:
+            self._advance()
+        shard, spec = self._order[self._pos]
+        if spec.name != name:
+            raise RuntimeError(f"write order: expected {spec.name!r}, got {name!r}")
+        if data.nbytes > self._left:
+            raise RuntimeError(f"{name!r}: {data.nbytes} bytes exceed the {self._left} left")
+        if shard != self._shard:
+            self._open_shard(shard)
+        self._write_all(data)
+        self._left -= data.nbytes
+
+    def _advance(self) -> None:
+        self._pos += 1
+        if self._pos < len(self._order):
+            self._left = self._order[self._pos][1].nbytes
+
+    def _open_shard(self, shard: int) -> None:
+        self._finish_shard()
+        self._shard = shard
+        path = self.directory / self.files[shard]
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        self._hasher = hashlib.sha256() if self._hash else None
+        self._write_all(memoryview(_header(self._shards[shard], self._metadata)))
+
+    def _write_all(self, data: memoryview) -> None:
+        if self._hasher is not None:
+            self._hasher.update(data)
+        if data.format != "B" or data.ndim != 1:
+            data = data.cast("B")
+        while data.nbytes:
+            n = os.write(self._fd, data)
+            data = data[n:]
+
+    def _finish_shard(self) -> None:
+        if self._fd < 0:
+            return
+        os.fsync(self._fd)
+        self.sizes[self.files[self._shard]] = os.fstat(self._fd).st_size
+        os.close(self._fd)
+        self._fd = -1
+        if self._hasher is not None:
+            self.sha256[self.files[self._shard]] = self._hasher.hexdigest()
+
+    def close(self) -> None:
+        """Check every byte arrived, fsync the shards and write the index."""
+        while self._pos < len(self._order) and self._left == 0:
+            shard, _ = self._order[self._pos]
+            if shard != self._shard:  # zero-byte tensors still need their shard's header
+                self._open_shard(shard)
+            self._advance()
+        if self._pos < len(self._order):
+            raise RuntimeError(f"tensor {self._order[self._pos][1].name!r} is incomplete")
+        self._finish_shard()
+        if len(self.files) > 1:
+            weight_map = {s.name: self.files[i] for i, s in self._order}
+            total = sum(s.nbytes for _, s in self._order)
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            path = self.directory / f"{self.prefix}.safetensors.index.json"
+            path.write_text(json.dumps(index, indent=2) + "\n")
+
+    def abort(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> ShardedWriter:
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if et is None:
+            self.close()
+        else:
+            self.abort()

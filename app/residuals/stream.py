@@ -1,0 +1,286 @@
+"""The streaming tensor pipeline shared by compute, apply and fused merge.
+
+Three stages overlap: a reader thread fills chunk buffers from the input files,
+the calling thread does the fp32 math, a writer thread appends the result to the
+output shards. A fixed pool of buffers flows through them, so peak memory is a
+few chunks whatever the model size.
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Literal, cast
+
+import torch
+
+from app.core.errors import OperationCancelledError
+from app.residuals.checkpoint import Checkpoint, TensorInfo, dtype_size
+from app.residuals.devices import MathBackend
+from app.residuals.methods import MergeMethod
+from app.residuals.progress import CancelFlag, Progress, ProgressCallback
+from app.residuals.shards import ShardedWriter, TensorSpec
+
+JobKind = Literal["residual", "apply", "fused", "copy"]
+CHUNK_ELEMS = 8 * 1024 * 1024
+_SLOTS = 3
+
+
+def _bytes(t: torch.Tensor) -> memoryview:
+    """A writable byte view of a CPU uint8 tensor (no copy)."""
+    return memoryview(cast(Any, t.numpy()))
+
+
+@dataclass(frozen=True)
+class Source:
+    """One input tensor and the checkpoint that reads it."""
+
+    checkpoint: Checkpoint
+    info: TensorInfo
+
+
+@dataclass(frozen=True)
+class TensorJob:
+    """How one output tensor is produced.
+
+    Rows below ``common_rows`` combine all ``inputs`` with the method's ``kind``
+    operation; rows from ``common_rows`` on are copied from ``inputs[0]`` (the
+    rows an instruct model added to its vocabulary). ``copy`` jobs set it to 0.
+    """
+
+    spec: TensorSpec
+    kind: JobKind
+    inputs: tuple[Source, ...]
+    common_rows: int
+    alpha: float = 1.0
+
+
+@dataclass(frozen=True)
+class TensorStats:
+    """Statistics of a residual tensor, taken in fp32 before the cast."""
+
+    norm: float
+    max_abs: float
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    job: int
+    row0: int
+    row1: int
+    combine: bool
+
+
+class _Slot:
+    """Reusable buffers for one chunk in flight."""
+
+    def __init__(self, in_bytes: int, out_bytes: int, n_inputs: int, pin: bool) -> None:
+        self.inputs = [
+            torch.empty(in_bytes, dtype=torch.uint8, pin_memory=pin) for _ in range(n_inputs)
+        ]
+        self.out = torch.empty(out_bytes, dtype=torch.uint8, pin_memory=pin)
+        self.result = memoryview(b"")
+
+
+def _chunks(jobs: list[TensorJob], chunk_elems: int) -> Iterator[_Chunk]:
+    for j, job in enumerate(jobs):
+        rows = job.spec.shape[0] if job.spec.shape else 1
+        row_elems = math.prod(job.spec.shape[1:]) if len(job.spec.shape) > 1 else 1
+        step = max(1, chunk_elems // max(1, row_elems))
+        for lo, hi, combine in ((0, job.common_rows, True), (job.common_rows, rows, False)):
+            for r in range(lo, hi, step):
+                yield _Chunk(j, r, min(hi, r + step), combine)
+
+
+class StreamRunner:
+    """Runs a list of tensor jobs into a :class:`ShardedWriter`.
+
+    Args:
+        method: the merge method whose math the jobs use.
+        backend: where the math runs (CPU or CUDA).
+        stage: name reported in progress events.
+        progress: optional callback, called after every chunk.
+        cancel: optional flag; when set, work stops at the next chunk.
+        chunk_elems: elements per chunk (memory per buffer).
+    """
+
+    def __init__(
+        self,
+        method: MergeMethod,
+        backend: MathBackend,
+        *,
+        stage: str,
+        progress: ProgressCallback | None = None,
+        cancel: CancelFlag | None = None,
+        chunk_elems: int = CHUNK_ELEMS,
+    ) -> None:
+        self.method = method
+        self.backend = backend
+        self.stage = stage
+        self.progress = progress
+        self.cancel = cancel or threading.Event()
+        self.chunk_elems = chunk_elems
+        self._error: BaseException | None = None
+        self._stop = threading.Event()
+
+    def run(self, jobs: list[TensorJob], writer: ShardedWriter) -> dict[str, TensorStats]:
+        """Produce every job's tensor, in order, through ``writer``.
+
+        Returns:
+            Per-tensor statistics for ``residual`` jobs.
+
+        Raises:
+            OperationCancelledError: the cancel flag was set or the callback asked to stop.
+        """
+        n_in = max((len(j.inputs) for j in jobs), default=1)
+        in_size = max((s.info.dtype.itemsize for j in jobs for s in j.inputs), default=4)
+        out_size = max((dtype_size(j.spec.dtype) for j in jobs), default=4)
+        free: queue.Queue[_Slot] = queue.Queue()
+        for _ in range(_SLOTS):
+            free.put(
+                _Slot(
+                    self.chunk_elems * in_size,
+                    self.chunk_elems * out_size,
+                    n_in,
+                    self.backend.pin_memory,
+                )
+            )
+        ready: queue.Queue[tuple[_Chunk, _Slot] | None] = queue.Queue()
+        done: queue.Queue[tuple[_Chunk, _Slot] | None] = queue.Queue()
+        threads = [
+            threading.Thread(
+                target=self._guard,
+                args=(self._read, jobs, free, ready),
+                name="realign-read",
+                daemon=True,
+            ),
+            threading.Thread(
+                target=self._guard,
+                args=(self._write, jobs, writer, done, free),
+                name="realign-write",
+                daemon=True,
+            ),
+        ]
+        for t in threads:
+            t.start()
+        try:
+            stats = self._compute(jobs, ready, done)
+        except BaseException as exc:
+            self._fail(exc)
+        finally:
+            done.put(None)
+            self._stop.set() if self._error else None
+            for t in threads:
+                t.join()
+        if self._error is not None:
+            raise self._error
+        return stats
+
+    def _guard(self, fn: object, *args: object) -> None:
+        try:
+            fn(*args)  # type: ignore[operator]
+        except BaseException as exc:
+            self._fail(exc)
+
+    def _fail(self, exc: BaseException) -> None:
+        if self._error is None:
+            self._error = exc
+        self._stop.set()
+
+    def _take(self, q: queue.Queue[_Slot]) -> _Slot | None:
+        while not self._stop.is_set():
+            try:
+                return q.get(timeout=0.05)
+            except queue.Empty:
+                continue
+        return None
+
+    def _read(
+        self,
+        jobs: list[TensorJob],
+        free: queue.Queue[_Slot],
+        ready: queue.Queue[tuple[_Chunk, _Slot] | None],
+    ) -> None:
+        try:
+            for chunk in _chunks(jobs, self.chunk_elems):
+                slot = self._take(free)
+                if slot is None:
+                    return
+                job = jobs[chunk.job]
+                sources = job.inputs if chunk.combine else job.inputs[:1]
+                for src, buf in zip(sources, slot.inputs, strict=False):
+                    n = (chunk.row1 - chunk.row0) * src.info.row_bytes
+                    src.checkpoint.read_into(src.info, chunk.row0, chunk.row1, _bytes(buf)[:n])
+                ready.put((chunk, slot))
+        finally:
+            ready.put(None)
+
+    def _compute(
+        self,
+        jobs: list[TensorJob],
+        ready: queue.Queue[tuple[_Chunk, _Slot] | None],
+        done: queue.Queue[tuple[_Chunk, _Slot] | None],
+    ) -> dict[str, TensorStats]:
+        sums: dict[int, tuple[float, float]] = {}
+        while (item := ready.get()) is not None:
+            if self._stop.is_set():
+                break
+            if self.cancel.is_set():
+                raise OperationCancelledError(f"{self.stage} cancelled; nothing was published")
+            chunk, slot = item
+            job = jobs[chunk.job]
+            sq, mx = self._compute_chunk(job, chunk, slot)
+            if job.kind == "residual":
+                old = sums.get(chunk.job, (0.0, 0.0))
+                sums[chunk.job] = (old[0] + sq, max(old[1], mx))
+            done.put(item)
+        return {jobs[j].spec.name: TensorStats(math.sqrt(s), m) for j, (s, m) in sums.items()}
+
+    def _compute_chunk(self, job: TensorJob, chunk: _Chunk, slot: _Slot) -> tuple[float, float]:
+        rows = chunk.row1 - chunk.row0
+        sources = job.inputs if chunk.combine else job.inputs[:1]
+        views = [
+            buf[: rows * s.info.row_bytes].view(s.info.dtype)
+            for s, buf in zip(sources, slot.inputs, strict=False)
+        ]
+        out_bytes = rows * (job.spec.nbytes // max(1, job.spec.shape[0] if job.spec.shape else 1))
+        if not chunk.combine or job.kind == "copy":
+            if sources[0].info.dtype == job.spec.dtype:  # pass bytes through untouched
+                slot.result = _bytes(slot.inputs[0][:out_bytes])
+                return 0.0, 0.0
+            out = slot.out[:out_bytes].view(job.spec.dtype)
+            out.copy_(views[0])
+            slot.result = _bytes(slot.out[:out_bytes])
+            return 0.0, 0.0
+        out = slot.out[:out_bytes].view(job.spec.dtype)
+        stats = self.backend.combine(
+            self.method, job.kind, views, out, job.alpha, want_stats=job.kind == "residual"
+        )
+        slot.result = _bytes(slot.out[:out_bytes])
+        return stats
+
+    def _write(
+        self,
+        jobs: list[TensorJob],
+        writer: ShardedWriter,
+        done: queue.Queue[tuple[_Chunk, _Slot] | None],
+        free: queue.Queue[_Slot],
+    ) -> None:
+        total = sum(j.spec.nbytes for j in jobs)
+        written = 0
+        finished = 0
+        while (item := done.get()) is not None:
+            chunk, slot = item
+            job = jobs[chunk.job]
+            writer.write(job.spec.name, slot.result)
+            written += slot.result.nbytes
+            rows = job.spec.shape[0] if job.spec.shape else 1
+            finished += chunk.row1 == rows
+            free.put(slot)
+            if self.progress is not None:
+                self.progress(
+                    Progress(self.stage, finished, len(jobs), written, total, job.spec.name)
+                )

@@ -1,0 +1,46 @@
+"""Content-addressed keys: the same inputs and parameters always give the same key."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+
+KEY_LENGTH = 32
+_KEY = re.compile(r"^[0-9a-f]{6,64}$")
+_SCHEMA = 1  # bump when the pack format changes incompatibly
+
+
+def residual_key(instruct_digest: str, base_digest: str, *, method: str, dtype: str) -> str:
+    """Key of the residual pack of (instruct, base) with a method and storage dtype."""
+    return _key(
+        {
+            "kind": "residual",
+            "instruct": instruct_digest,
+            "base": base_digest,
+            "method": method,
+            "dtype": dtype,
+        }
+    )
+
+
+def merged_key(residual: str, target_digest: str, *, alpha: float) -> str:
+    """Key of a merged model made from a residual and a target."""
+    return _key(
+        {
+            "kind": "merged",
+            "residual": residual,
+            "target": target_digest,
+            "alpha": repr(float(alpha)),
+        }
+    )
+
+
+def _key(fields: dict[str, str]) -> str:
+    payload = json.dumps({"schema": _SCHEMA, **fields}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:KEY_LENGTH]
+
+
+def looks_like_key(text: str) -> bool:
+    """True for a hex string that could be a key or a unique key prefix."""
+    return bool(_KEY.match(text))

@@ -1,0 +1,226 @@
+"""LocalStore: residual packs and merged models under ``models_cache/``.
+
+Publication is atomic (staging dir on the same filesystem, fsync, rename); a
+per-key lock makes concurrent builders of one key do the work once; readers hold
+a shared lock that eviction and removal respect; last use drives LRU eviction.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from app.core.errors import (
+    AmbiguousKeyError,
+    ArtifactInUseError,
+    ArtifactNotFoundError,
+    IntegrityError,
+)
+from app.residuals.hashing import FileHasher, sha256_file
+from app.residuals.manifest import ResidualManifest, read_residual_manifest
+from app.residuals.publish import publish
+
+Kind = Literal["residuals", "merged"]
+
+
+@dataclass(frozen=True)
+class ArtifactInfo:
+    """One stored artifact, as listed by ``realign ls``."""
+
+    key: str
+    kind: Kind
+    path: Path
+    size: int
+    last_used: float
+    in_use: bool
+
+
+class LocalStore:
+    """A content-addressed store rooted at ``root``.
+
+    Args:
+        root: store directory (created if missing).
+        budget_bytes: evict least recently used artifacts beyond this size.
+    """
+
+    def __init__(self, root: Path, budget_bytes: int | None = None) -> None:
+        self.root = root
+        self.budget_bytes = budget_bytes
+        for sub in ("residuals", "merged", "sources", ".locks", ".access", ".staging"):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+        self.hasher = FileHasher(root / ".hashes.sqlite")
+
+    # -- lookup ---------------------------------------------------------------------------
+    def path(self, key: str, kind: Kind = "residuals") -> Path:
+        return self.root / kind / key
+
+    def exists(self, key: str, kind: Kind = "residuals") -> bool:
+        return self.path(key, kind).is_dir()
+
+    def resolve(self, prefix: str, kind: Kind = "residuals") -> str:
+        """Expand a unique key prefix (like git) to the full key.
+
+        Raises:
+            ArtifactNotFoundError, AmbiguousKeyError.
+        """
+        matches = sorted(p.name for p in (self.root / kind).glob(f"{prefix}*") if p.is_dir())
+        if not matches:
+            raise ArtifactNotFoundError(
+                f"no {kind[:-1]} with key {prefix!r} in {self.root}; `realign ls` lists them"
+            )
+        if len(matches) > 1 and prefix not in matches:
+            raise AmbiguousKeyError(
+                f"key prefix {prefix!r} matches {len(matches)} artifacts; give more characters"
+            )
+        return prefix if prefix in matches else matches[0]
+
+    # -- locks ----------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _flock(self, name: str, mode: int) -> Iterator[bool]:
+        fd = os.open(self.root / ".locks" / name, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, mode)
+            except BlockingIOError:
+                yield False
+                return
+            yield True
+        finally:
+            os.close(fd)  # closing drops the lock
+
+    @contextlib.contextmanager
+    def using(self, key: str, kind: Kind = "residuals") -> Iterator[Path]:
+        """Hold ``key`` for reading: eviction and removal leave it alone meanwhile."""
+        with self._flock(f"{key}.use", fcntl.LOCK_SH):
+            path = self.path(key, kind)
+            if not path.is_dir():
+                raise ArtifactNotFoundError(f"{kind[:-1]} {key} is not in {self.root}")
+            self.touch(key)
+            yield path
+
+    def touch(self, key: str) -> None:
+        (self.root / ".access" / key).touch()
+
+    # -- build ----------------------------------------------------------------------------
+    def get_or_build(
+        self, key: str, build: Callable[[Path], object], kind: Kind = "residuals"
+    ) -> bool:
+        """Make sure ``key`` exists, building it at most once across processes.
+
+        ``build`` fills an empty staging directory; it is published atomically when
+        ``build`` returns and discarded when it raises.
+
+        Returns:
+            True when this call built the artifact, False when it was already there.
+        """
+        if self.exists(key, kind):
+            self.touch(key)
+            return False
+        with self._flock(f"{key}.build", fcntl.LOCK_EX):
+            if self.exists(key, kind):  # somebody else built it while we waited
+                self.touch(key)
+                return False
+            for stale in (self.root / ".staging").glob(f"{key}.*"):
+                shutil.rmtree(stale, ignore_errors=True)  # left by a killed builder
+            tmp = self.root / ".staging" / f"{key}.{uuid.uuid4().hex[:8]}"
+            tmp.mkdir()
+            try:
+                build(tmp)
+                publish(tmp, self.path(key, kind))
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            self.touch(key)
+        self.evict(keep=key)
+        return True
+
+    # -- maintenance ----------------------------------------------------------------------
+    def artifacts(self, kind: Kind | None = None) -> list[ArtifactInfo]:
+        kinds: list[Kind] = [kind] if kind else ["residuals", "merged"]
+        out = []
+        for k in kinds:
+            for path in sorted((self.root / k).iterdir()):
+                if path.is_dir():
+                    out.append(self._info(path.name, k))
+        return out
+
+    def _info(self, key: str, kind: Kind) -> ArtifactInfo:
+        path = self.path(key, kind)
+        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        access = self.root / ".access" / key
+        last = access.stat().st_mtime if access.exists() else path.stat().st_mtime
+        with self._flock(f"{key}.use", fcntl.LOCK_EX | fcntl.LOCK_NB) as free:
+            in_use = not free
+        return ArtifactInfo(key, kind, path, size, last, in_use)
+
+    def usage(self) -> int:
+        return sum(a.size for a in self.artifacts())
+
+    def remove(self, key: str, kind: Kind = "residuals") -> None:
+        """Delete an artifact unless a reader holds it.
+
+        Raises:
+            ArtifactNotFoundError, ArtifactInUseError.
+        """
+        with self._flock(f"{key}.use", fcntl.LOCK_EX | fcntl.LOCK_NB) as free:
+            if not free:
+                raise ArtifactInUseError(f"{key} is in use by a running job; try again later")
+            path = self.path(key, kind)
+            if not path.is_dir():
+                raise ArtifactNotFoundError(f"no {kind[:-1]} {key} in {self.root}")
+            trash = self.root / ".staging" / f"trash.{key}.{uuid.uuid4().hex[:8]}"
+            os.replace(path, trash)  # gone from view at once, then deleted
+            shutil.rmtree(trash, ignore_errors=True)
+            (self.root / ".access" / key).unlink(missing_ok=True)
+
+    def evict(self, keep: str | None = None) -> list[str]:
+        """Remove least recently used artifacts until the store fits its budget."""
+        if self.budget_bytes is None:
+            return []
+        items = sorted(self.artifacts(), key=lambda a: a.last_used)
+        total = sum(a.size for a in items)
+        removed = []
+        for item in items:
+            if total <= self.budget_bytes:
+                break
+            if item.key == keep or item.in_use:
+                continue
+            with contextlib.suppress(ArtifactInUseError, ArtifactNotFoundError):
+                self.remove(item.key, item.kind)
+                total -= item.size
+                removed.append(item.key)
+        return removed
+
+    def verify(self, key: str) -> ResidualManifest:
+        """Check every file of a residual pack against the sha256 in its manifest.
+
+        Raises:
+            IntegrityError: a file is missing, resized or altered.
+        """
+        with self.using(key) as path:
+            manifest = read_residual_manifest(path)
+            for name, entry in manifest.files.items():
+                f = path / name
+                if not f.is_file():
+                    raise IntegrityError(
+                        f"{key}: {name} is missing; `realign rm {key}` and compute it again"
+                    )
+                if f.stat().st_size != entry.size or sha256_file(f) != entry.sha256:
+                    raise IntegrityError(
+                        f"{key}: {name} does not match its recorded sha256 — "
+                        f"the file changed on disk; `realign rm {key}` and "
+                        "compute it again"
+                    )
+        return manifest
+
+    def age(self, key: str) -> float:
+        access = self.root / ".access" / key
+        return time.time() - access.stat().st_mtime if access.exists() else 0.0
