@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,12 +27,17 @@ def check_output(dest: Path, *, overwrite: bool = False) -> None:
         raise OutputExistsError(
             f"{dest} already exists; choose a new --out or pass --overwrite to replace it"
         )
-    parent = dest.parent
-    probe = parent
+    probe = dest.parent
     while not probe.exists():
         probe = probe.parent
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise OutputNotWritableError(f"cannot write {dest}: {probe} is not writable")
+    if not probe.is_dir():
+        raise OutputNotWritableError(f"cannot write {dest}: {probe} is not a directory")
+    try:  # permission bits do not tell the whole story (read-only mounts, root)
+        tempfile.TemporaryDirectory(dir=probe, prefix=".realign-probe-").cleanup()
+    except OSError as exc:
+        raise OutputNotWritableError(
+            f"cannot write {dest}: {probe} is not writable ({exc.strerror})"
+        ) from exc
 
 
 def _fsync_tree(root: Path) -> None:

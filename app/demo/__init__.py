@@ -1,0 +1,1 @@
+"""Tiny but real Hugging Face checkpoints for tests, demos and benchmarks."""

@@ -1,0 +1,58 @@
+"""Shared fixtures: tiny generated checkpoints and scratch directories."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from app.demo.tiny import TinyTriple, make_triple
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip `gpu` tests on machines without CUDA; every other marker always runs."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def llama_triple(tmp_path_factory: pytest.TempPathFactory) -> TinyTriple:
+    """Llama base / instruct / new base, bfloat16, two shards each."""
+    return make_triple(tmp_path_factory.mktemp("llama"), family="llama", shards=2)
+
+
+@pytest.fixture(scope="session")
+def qwen_triple(tmp_path_factory: pytest.TempPathFactory) -> TinyTriple:
+    """Qwen2 base / instruct / new base (q/k/v biases), bfloat16, one file each."""
+    return make_triple(tmp_path_factory.mktemp("qwen2"), family="qwen2", shards=1)
+
+
+@pytest.fixture(scope="session")
+def llama_triple_fp32(tmp_path_factory: pytest.TempPathFactory) -> TinyTriple:
+    """Llama triple stored in float32."""
+    return make_triple(tmp_path_factory.mktemp("llama_fp32"), dtype=torch.float32)
+
+
+@pytest.fixture(scope="session")
+def llama_triple_extra_vocab(tmp_path_factory: pytest.TempPathFactory) -> TinyTriple:
+    """Llama triple whose instruct side adds three special tokens (three more rows)."""
+    return make_triple(tmp_path_factory.mktemp("llama_extra"), extra_instruct_tokens=3)
+
+
+@pytest.fixture(scope="session")
+def llama_triple_tied(tmp_path_factory: pytest.TempPathFactory) -> TinyTriple:
+    """Llama triple with tied input/output embeddings (no `lm_head.weight`)."""
+    return make_triple(tmp_path_factory.mktemp("llama_tied"), tie_word_embeddings=True)
+
+
+@pytest.fixture
+def store_dir(tmp_path: Path) -> Path:
+    """A fresh, empty directory for an artifact store."""
+    path = tmp_path / "store"
+    path.mkdir()
+    return path
