@@ -45,3 +45,8 @@ def tree(path: Path) -> list[str]:
     if not path.exists():
         return []
     return sorted(p.relative_to(path).as_posix() for p in path.rglob("*"))
+
+
+def stored(store: Path) -> list[str]:
+    """What a reader of the store could find: artifacts and leftovers of unfinished work."""
+    return [f"{sub}/{p}" for sub in ("residuals", "merged", ".staging") for p in tree(store / sub)]

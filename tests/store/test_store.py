@@ -1,0 +1,168 @@
+"""The content-addressed store: idempotence, locking, crash safety, integrity, eviction."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import pytest
+
+from app.core.errors import (
+    AmbiguousKeyError,
+    ArtifactInUseError,
+    ArtifactNotFoundError,
+    IntegrityError,
+    OperationCancelledError,
+)
+from app.demo.tiny import TinyTriple
+from app.merge import compute, list_artifacts, merge, open_store, remove, verify
+from app.residuals.progress import Progress
+from app.store.local import LocalStore
+from tests.helpers import stored
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _slow_compute_script(t: TinyTriple, store: Path, delay: float) -> str:
+    return textwrap.dedent(f"""
+        import time
+        from pathlib import Path
+        from app.merge import compute
+        def slow(p):
+            print("progress", p.tensors_done, flush=True)
+            time.sleep({delay})
+        res = compute({str(t.base)!r}, {str(t.instruct)!r}, store=Path({str(store)!r}),
+                      progress=slow)
+        print("result", res.key, res.created, flush=True)
+    """)
+
+
+def _spawn(script: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_same_inputs_same_key_and_reuse(llama_triple: TinyTriple, store_dir: Path) -> None:
+    t = llama_triple
+    first = compute(str(t.base), str(t.instruct), store=store_dir)
+    again = compute(str(t.base), str(t.instruct), store=store_dir)
+    fp32 = compute(str(t.base), str(t.instruct), store=store_dir, dtype="float32")
+    assert first.created and not again.created
+    assert first.key == again.key != fp32.key
+    assert first.manifest.key == first.key
+    assert len(list_artifacts(store_dir)) == 2
+
+
+def test_concurrent_identical_computes_do_the_work_once(
+    llama_triple: TinyTriple, store_dir: Path
+) -> None:
+    procs = [_spawn(_slow_compute_script(llama_triple, store_dir, 0.02)) for _ in range(2)]
+    results = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=300)
+        assert p.returncode == 0, stderr
+        results.append(stdout.strip().splitlines()[-1].split())
+    keys = {r[1] for r in results}
+    assert len(keys) == 1
+    assert sorted(r[2] for r in results) == ["False", "True"]  # one built, one reused
+    assert len(stored(store_dir)) > 0 and len(list(store_dir.glob("residuals/*"))) == 1
+
+
+def test_killed_compute_leaves_nothing_and_next_run_cleans_up(
+    llama_triple: TinyTriple, store_dir: Path
+) -> None:
+    proc = _spawn(_slow_compute_script(llama_triple, store_dir, 0.5))
+    assert proc.stdout is not None
+    assert proc.stdout.readline().startswith("progress")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert list(store_dir.glob("residuals/*")) == []  # nothing a reader could find
+    res = compute(str(llama_triple.base), str(llama_triple.instruct), store=store_dir)
+    assert res.created
+    assert list((store_dir / ".staging").iterdir()) == []  # the dead builder's files are gone
+
+
+def test_cancel_leaves_no_partial_artifact(
+    llama_triple: TinyTriple, store_dir: Path, tmp_path: Path
+) -> None:
+    cancel = threading.Event()
+
+    def on_progress(p: Progress) -> None:
+        if p.tensors_done >= 3:
+            cancel.set()
+
+    t = llama_triple
+    with pytest.raises(OperationCancelledError):
+        compute(str(t.base), str(t.instruct), store=store_dir, progress=on_progress, cancel=cancel)
+    assert stored(store_dir) == []
+    with pytest.raises(OperationCancelledError):
+        merge(
+            str(t.base),
+            str(t.instruct),
+            str(t.new_base),
+            tmp_path / "out",
+            store=store_dir,
+            no_cache=True,
+            progress=on_progress,
+            cancel=cancel,
+        )
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+
+
+def test_verify_detects_tampering(llama_triple: TinyTriple, store_dir: Path) -> None:
+    res = compute(str(llama_triple.base), str(llama_triple.instruct), store=store_dir)
+    assert verify(res.key[:8], store_dir).key == res.key
+    shard = sorted(res.path.glob("residual*.safetensors"))[0]
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="does not match its recorded sha256"):
+        verify(res.key, store_dir)
+
+
+def test_remove_refused_while_in_use(llama_triple: TinyTriple, store_dir: Path) -> None:
+    res = compute(str(llama_triple.base), str(llama_triple.instruct), store=store_dir)
+    store = open_store(store_dir)
+    with store.using(res.key):
+        with pytest.raises(ArtifactInUseError):
+            remove(res.key, store_dir)
+        assert store.evict() == []
+    assert remove(res.key[:10], store_dir) == res.key
+    with pytest.raises(ArtifactNotFoundError):
+        remove(res.key, store_dir)
+
+
+def test_lru_eviction_respects_budget_and_readers(
+    llama_triple: TinyTriple, store_dir: Path
+) -> None:
+    t = llama_triple
+    a = compute(str(t.base), str(t.instruct), store=store_dir, dtype="bfloat16")
+    size = a.manifest.total_bytes
+    small = LocalStore(store_dir, budget_bytes=int(size * 1.5) + 200_000)
+    with small.using(a.key):  # a is in use: the new one may not push it out
+        b = compute(str(t.base), str(t.instruct), store=small, dtype="float16")
+        assert {x.key for x in small.artifacts()} == {a.key, b.key}
+    c = compute(str(t.base), str(t.instruct), store=small, dtype="float32")
+    keys = {x.key for x in small.artifacts()}
+    assert c.key in keys and a.key not in keys  # least recently used went first
+
+
+def test_prefix_resolution(store_dir: Path) -> None:
+    store = open_store(store_dir)
+    for key in ("abc123", "abc456"):
+        (store_dir / "residuals" / key).mkdir()
+    assert store.resolve("abc1") == "abc123"
+    with pytest.raises(AmbiguousKeyError):
+        store.resolve("abc")
+    with pytest.raises(ArtifactNotFoundError, match="realign ls"):
+        store.resolve("fff")

@@ -1,0 +1,141 @@
+"""The ``realign`` command line, run as users run it (a real subprocess)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from app.demo.tiny import TinyTriple
+from tests.helpers import stored
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def realign(*args: str, env_store: Path | None = None) -> subprocess.CompletedProcess[str]:
+    import os
+
+    env = dict(os.environ)
+    if env_store is not None:
+        env["REALIGN_MODELS_CACHE_DIR"] = str(env_store)
+    return subprocess.run(
+        [sys.executable, "-m", "app.cli", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_help_lists_the_verbs() -> None:
+    res = realign("--help")
+    assert res.returncode == 0
+    for verb in ("merge", "compute", "apply", "inspect", "verify", "ls", "rm", "demo"):
+        assert verb in res.stdout
+    merge_help = realign("merge", "--help").stdout
+    for flag in (
+        "--base",
+        "--instruct",
+        "--target",
+        "--out",
+        "--alpha",
+        "--dtype",
+        "--store",
+        "--device",
+        "--no-cache",
+    ):
+        assert flag in merge_help
+
+
+def test_compute_apply_inspect_verify_ls_rm(
+    llama_triple: TinyTriple, store_dir: Path, tmp_path: Path
+) -> None:
+    t = llama_triple
+    res = realign(
+        "compute", "--base", str(t.base), "--instruct", str(t.instruct), env_store=store_dir
+    )  # store from REALIGN_MODELS_CACHE_DIR
+    assert res.returncode == 0, res.stderr
+    key = res.stdout.strip().splitlines()[-1]
+    assert (store_dir / "residuals" / key / "manifest.json").is_file()
+    out = tmp_path / "merged"
+    res = realign(
+        "apply",
+        "--residual",
+        key[:8],
+        "--target",
+        str(t.new_base),
+        "--out",
+        str(out),
+        "--alpha",
+        "0.5",
+        "--store",
+        str(store_dir),
+    )
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip().splitlines()[-1] == str(out)
+    assert (out / "config.json").is_file()
+    shown = realign("inspect", str(out)).stdout
+    assert "alpha 0.5" in shown and key in shown
+    assert "bfloat16" in realign("inspect", key, "--store", str(store_dir)).stdout
+    assert realign("verify", key, "--store", str(store_dir)).returncode == 0
+    assert key in realign("ls", "--store", str(store_dir)).stdout
+    assert realign("rm", key, "--store", str(store_dir)).returncode == 0
+    assert stored(store_dir) == []
+
+
+def test_merge_no_cache(llama_triple: TinyTriple, store_dir: Path, tmp_path: Path) -> None:
+    t = llama_triple
+    out = tmp_path / "fused"
+    res = realign(
+        "merge",
+        "--base",
+        str(t.base),
+        "--instruct",
+        str(t.instruct),
+        "--target",
+        str(t.new_base),
+        "--out",
+        str(out),
+        "--store",
+        str(store_dir),
+        "--no-cache",
+    )
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip().splitlines()[-1] == str(out)
+    assert stored(store_dir) == []
+
+
+def test_user_mistakes_are_one_line_errors(
+    llama_triple: TinyTriple, qwen_triple: TinyTriple, store_dir: Path, tmp_path: Path
+) -> None:
+    t = llama_triple
+    out = tmp_path / "out"
+    cases = [
+        (["--instruct", str(qwen_triple.instruct)], "not the same architecture"),
+        (["--instruct", str(tmp_path / "missing")], "no such directory"),
+        (["--instruct", "s3://bucket/model"], "not supported"),
+        (["--instruct", str(t.instruct), "--dtype", "int8"], "dtype must be one of"),
+        (["--instruct", str(t.instruct), "--device", "cuda"], "no CUDA device"),
+    ]
+    for extra, message in cases:
+        res = realign(
+            "merge",
+            "--base",
+            str(t.base),
+            "--target",
+            str(t.new_base),
+            "--out",
+            str(out),
+            "--store",
+            str(store_dir),
+            *extra,
+        )
+        assert res.returncode == 1, (extra, res.stderr)
+        assert message in res.stderr, (extra, res.stderr)
+        assert "Traceback" not in res.stderr
+        assert res.stderr.strip().startswith("error:")
+        assert not out.exists()
+    assert stored(store_dir) == []
+    res = realign("verify", "deadbeef", "--store", str(store_dir))
+    assert res.returncode == 1 and "realign ls" in res.stderr

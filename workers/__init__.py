@@ -1,0 +1,1 @@
+"""Celery worker entry point and per-process set-up (see the job service)."""
