@@ -24,9 +24,8 @@ def greedy_reply(model_dir: Path, prompt: str, max_new_tokens: int = 24) -> str:
         [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
     )
     ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids
-    out = model.generate(
-        ids,  # type: ignore[misc] max_new_tokens=max_new_tokens, do_sample=False,
-        pad_token_id=tok.eos_token_id,
+    out = model.generate(  # type: ignore[misc]
+        ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.eos_token_id
     )
     return str(tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
 
