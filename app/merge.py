@@ -31,7 +31,7 @@ from app.residuals.progress import CancelFlag, ProgressCallback
 from app.residuals.publish import check_output, staging_dir
 from app.residuals.refs import ModelRef, ResolvedModel, resolve_ref
 from app.residuals.sources import RunOptions, describe_source
-from app.store.keys import residual_key
+from app.store.keys import merged_key, residual_key
 from app.store.local import ArtifactInfo, LocalStore
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -285,3 +285,90 @@ def remove(key: str, store: LocalStore | Path | None = None) -> str:
     full = st.resolve(key)
     st.remove(full)
     return full
+
+
+@dataclass(frozen=True)
+class StoredMerge:
+    """A merged model published in the store (what the job service records)."""
+
+    key: str
+    path: Path
+    manifest: MergeManifest
+    residual_key: str
+    residual_created: bool
+    created: bool
+
+
+def preflight(
+    *,
+    target: str,
+    base: str | None = None,
+    instruct: str | None = None,
+    residual: str | None = None,
+    alpha: float = 1.0,
+    store: LocalStore | Path | None = None,
+) -> None:
+    """Every check of a merge request that needs no tensor data (configs, tokenizers,
+    safetensors headers): refs resolve, families match, names and shapes line up.
+
+    Raises:
+        RealignError subclasses describing the first problem found.
+    """
+    st = open_store(store)
+    tgt = _resolve(target, st)
+    with Checkpoint.open(tgt.path) as t_ckpt:
+        if residual is not None:
+            with _open_residual(residual, st) as pack_dir:
+                manifest, pack = open_pack(pack_dir)
+                with pack:
+                    plan_apply(manifest, pack, t_ckpt, alpha)
+            return
+        if base is None or instruct is None:
+            raise ValueError("give either a residual key or both base and instruct")
+        ins, bas = _resolve(instruct, st), _resolve(base, st)
+        with Checkpoint.open(ins.path) as i_ckpt, Checkpoint.open(bas.path) as b_ckpt:
+            plan_fused(i_ckpt, b_ckpt, t_ckpt, alpha)
+
+
+def merge_to_store(
+    *,
+    target: str,
+    base: str | None = None,
+    instruct: str | None = None,
+    residual: str | None = None,
+    alpha: float = 1.0,
+    dtype: str = "bfloat16",
+    store: LocalStore | Path | None = None,
+    device: str = "cpu",
+    progress: ProgressCallback | None = None,
+    cancel: CancelFlag | None = None,
+) -> StoredMerge:
+    """Compute or reuse the residual, then publish ``target + alpha * R`` as a
+    content-addressed merged model in the store (``merged/<key>``); idempotent."""
+    st = open_store(store)
+    created_residual = False
+    if residual is None:
+        if base is None or instruct is None:
+            raise ValueError("give either a residual key or both base and instruct")
+        res = compute(
+            base, instruct, dtype=dtype, store=st, device=device, progress=progress, cancel=cancel
+        )
+        residual, created_residual = res.key, res.created
+    tgt = _resolve(target, st)
+    opts = _options(device, progress, cancel, None, hash_outputs=True)
+    with _open_residual(residual, st) as pack_dir, Checkpoint.open(tgt.path) as t_ckpt:
+        manifest, pack = open_pack(pack_dir)
+        with pack:
+            plan_apply(manifest, pack, t_ckpt, alpha)
+        t_src = describe_source(tgt, st.hasher)
+        key = merged_key(manifest.key or pack_dir.name, t_src.digest, alpha=alpha)
+        created = st.get_or_build(
+            key,
+            lambda tmp: apply_residual(
+                pack_dir, t_ckpt, tmp, target_src=t_src, alpha=alpha, opts=opts
+            ),
+            kind="merged",
+        )
+    path = st.path(key, "merged")
+    merged = MergeManifest.model_validate(json.loads((path / MERGE_MANIFEST).read_text()))
+    return StoredMerge(key, path, merged, manifest.key or residual, created_residual, created)
