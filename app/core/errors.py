@@ -108,3 +108,58 @@ class OperationCancelledError(RealignError):
 
     code = "cancelled"
     http_status = 409
+
+
+class JobNotFoundError(RealignError, LookupError):
+    """No job with that id is visible to the caller."""
+
+    code = "job_not_found"
+    http_status = 404
+
+
+class JobStateError(RealignError, RuntimeError):
+    """The job is in a state that does not allow the request (e.g. cancel a finished job)."""
+
+    code = "job_state_conflict"
+    http_status = 409
+
+
+class PathNotAllowedError(RealignError, PermissionError):
+    """A local model path resolves outside the configured allowed roots."""
+
+    code = "path_not_allowed"
+    http_status = 403
+
+
+class AuthenticationError(RealignError):
+    """Missing or unknown API key."""
+
+    code = "invalid_api_key"
+    http_status = 401
+
+
+class PermissionDeniedError(RealignError, PermissionError):
+    """The caller's role may not do this."""
+
+    code = "permission_denied"
+    http_status = 403
+
+
+class PayloadTooLargeError(RealignError):
+    """The request body exceeds the configured limit."""
+
+    code = "payload_too_large"
+    http_status = 413
+
+
+class ServiceUnavailableError(RealignError, RuntimeError):
+    """A dependency (Redis, workers, an engine) is not available right now."""
+
+    code = "service_unavailable"
+    http_status = 503
+
+
+class UnsafeSettingsError(RealignError, RuntimeError):
+    """The configuration would expose the service unsafely; refused at start-up."""
+
+    code = "unsafe_settings"

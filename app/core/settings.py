@@ -29,6 +29,32 @@ class Settings(BaseSettings):
     max_shard_gb: float = Field(default=5.0, gt=0, description="Largest output shard in GB.")
     log_level: str = "INFO"
 
+    # -- job service -------------------------------------------------------------------
+    redis_url: str | None = Field(
+        default=None,
+        description="Redis for the queue and job records; unset = embedded mode (one "
+        "process, in-process worker, SQLite job records in the store).",
+    )
+    allowed_roots: list[Path] = Field(
+        default_factory=list,
+        description="Local model paths must resolve under one of these (JSON list). Empty = "
+        "only the store's sources/ and merged/ directories.",
+    )
+    api_keys: str | None = Field(
+        default=None,
+        description="API keys as JSON: [{\"name\": ..., \"role\": \"user\"|\"admin\", "
+        "\"sha256\": <hex of the key>}]. Unset = no auth, loopback only.",
+    )
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_body_bytes: int = Field(default=64 * 1024, description="Request body limit (413).")
+    job_time_limit_s: int = Field(default=6 * 3600, description="Hard limit of one merge job.")
+    visibility_timeout_s: int = Field(
+        default=7 * 3600, description="Redis redelivery timeout; must exceed the job limit."
+    )
+    max_deliveries: int = Field(default=3, description="A job redelivered more often fails.")
+    worker_queues: list[str] = Field(default_factory=lambda: ["gpu", "cpu"])
+
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:

@@ -1,0 +1,1 @@
+"""Producer side of the job queue: job records, the job service, queue dispatch."""

@@ -1,0 +1,128 @@
+"""Job values shared by the API, the job service and the workers."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class JobStatus(StrEnum):
+    queued = "queued"
+    validating = "validating"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
+
+
+class JobStage(StrEnum):
+    preflight = "preflight"
+    residual = "residual"
+    apply = "apply"
+    publish = "publish"
+    load = "load"
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class MergeSpec(BaseModel):
+    """What to merge: references only (they cross the queue as JSON)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    target: str = Field(
+        description="The new base: local path under an allowed root or hf:org/name@rev.",
+        examples=["/models/llama-3-8b-news"],
+    )
+    base: str | None = Field(default=None, examples=["hf:meta-llama/Meta-Llama-3-8B@main"])
+    instruct: str | None = Field(
+        default=None, examples=["hf:meta-llama/Meta-Llama-3-8B-Instruct@main"]
+    )
+    residual: str | None = Field(
+        default=None, description="A stored residual key, instead of base + instruct."
+    )
+    alpha: float = Field(default=1.0, ge=-10.0, le=10.0)
+    dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        default="bfloat16",
+        description="Residual storage dtype; the merged model keeps the target's dtype.",
+    )
+    serve: bool = Field(default=False, description="Load the merged model for chat when done.")
+    serve_mode: Literal["checkpoint", "in_engine"] = "checkpoint"
+    name: str | None = Field(
+        default=None,
+        max_length=128,
+        pattern=r"^[\w.:/-]+$",
+        description="Served model id; default realign-<key prefix>.",
+    )
+    metadata: dict[str, str] = Field(default_factory=dict, max_length=64)
+
+
+class JobProgress(BaseModel):
+    tensors_done: int = 0
+    tensors_total: int = 0
+    bytes_done: int = 0
+    bytes_total: int = 0
+    percent: float = 0.0
+    eta_seconds: float | None = None
+
+
+class JobResult(BaseModel):
+    model_id: str
+    merged_key: str
+    residual_key: str
+    output: str
+    manifest: dict[str, Any]
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+
+
+class JobRecord(BaseModel):
+    """A merge job as stored (Redis hash or SQLite row) and returned by the API."""
+
+    id: str
+    owner: str
+    status: JobStatus = JobStatus.queued
+    stage: JobStage | None = None
+    spec: MergeSpec
+    progress: JobProgress = Field(default_factory=JobProgress)
+    created_at: datetime = Field(default_factory=utcnow)
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    updated_at: datetime = Field(default_factory=utcnow)
+    result: JobResult | None = None
+    error: JobError | None = None
+    deliveries: int = 0
+    cancel_requested: bool = False
+    idempotency_key: str | None = None
+    fingerprint: str = ""
+
+
+class JobEvent(BaseModel):
+    seq: int
+    at: datetime = Field(default_factory=utcnow)
+    kind: Literal["status", "progress", "log"]
+    status: JobStatus
+    stage: JobStage | None = None
+    progress: JobProgress | None = None
+    message: str = ""
+
+
+class WorkerInfo(BaseModel):
+    name: str
+    device: str
+    queues: list[str]
+    pid: int
+    current_job: str | None = None
+    seen_at: datetime = Field(default_factory=utcnow)
