@@ -126,3 +126,16 @@ class WorkerInfo(BaseModel):
     pid: int
     current_job: str | None = None
     seen_at: datetime = Field(default_factory=utcnow)
+
+
+class Caller(BaseModel):
+    """Who is asking: the API key's name and role (``local`` admin when auth is off)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    role: Literal["user", "admin"] = "user"
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == "admin"
