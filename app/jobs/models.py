@@ -109,10 +109,13 @@ class JobRecord(BaseModel):
     fingerprint: str = ""
 
 
+EventKind = Literal["status", "progress", "log"]
+
+
 class JobEvent(BaseModel):
     seq: int
     at: datetime = Field(default_factory=utcnow)
-    kind: Literal["status", "progress", "log"]
+    kind: EventKind
     status: JobStatus
     stage: JobStage | None = None
     progress: JobProgress | None = None

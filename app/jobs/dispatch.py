@@ -1,0 +1,123 @@
+"""How job steps reach a worker: Celery over Redis, or an in-process thread (embedded)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import socket
+import threading
+import time
+from typing import Any, Protocol
+
+from app.core.settings import Settings
+from app.jobs.broker import QUEUES, TASK_MERGE, TASK_VALIDATE
+from app.jobs.models import WorkerInfo
+from app.jobs.records import JobRecords
+from app.jobs.runner import JobRunner, LeaseHeldError
+
+log = logging.getLogger("app.jobs")
+HEARTBEAT_S = 10.0
+
+
+class Dispatcher(Protocol):
+    def send(self, task: str, job_id: str) -> None: ...
+    def depths(self) -> dict[str, int]: ...
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+
+
+class CeleryDispatcher:
+    """Sends task names with a job id (JSON) to the Redis broker."""
+
+    def __init__(self, celery_app: Any, broker: Any) -> None:
+        self.celery = celery_app
+        self.broker = broker  # redis client of the broker, for queue depths
+
+    def send(self, task: str, job_id: str) -> None:
+        self.celery.send_task(task, args=[job_id], queue=QUEUES[task])
+
+    def depths(self) -> dict[str, int]:
+        # kombu keeps priority sub-queues as "<name>\x06\x16<n>" beside "<name>"
+        out = {}
+        for name in sorted(set(QUEUES.values())):
+            keys = [name] + [f"{name}\x06\x16{p}" for p in (1, 2, 3, 4, 5, 6, 7, 8, 9)]
+            out[name] = sum(int(self.broker.llen(k)) for k in keys)
+        return out
+
+    def start(self) -> None:
+        return None
+
+    def stop(self) -> None:
+        return None
+
+
+class ThreadDispatcher:
+    """The embedded worker: one thread runs validate and merge steps in order."""
+
+    def __init__(self, records: JobRecords, settings: Settings) -> None:
+        self.records = records
+        self.name = f"embedded@{socket.gethostname()}:{os.getpid()}"
+        self.runner = JobRunner(records, settings, self.name, self.send)
+        self.device = settings.device
+        self._q: queue.Queue[tuple[str, str] | None] = queue.Queue()
+        self._threads: list[threading.Thread] = []
+        self._stop = threading.Event()
+
+    def send(self, task: str, job_id: str) -> None:
+        self._q.put((task, job_id))
+
+    def depths(self) -> dict[str, int]:
+        return {"embedded": self._q.qsize()}
+
+    def start(self) -> None:
+        if self._threads:
+            return
+        self._stop.clear()
+        for target in (self._work, self._beat):
+            t = threading.Thread(target=target, name=f"realign-{target.__name__[1:]}", daemon=True)
+            t.start()
+            self._threads.append(t)
+        self._requeue_unfinished()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._q.put(None)
+        for t in self._threads:
+            t.join(timeout=5)
+        self._threads.clear()
+        self.records.forget_worker(self.name)
+
+    def _requeue_unfinished(self) -> None:
+        # Embedded jobs live only in this process: after a restart, pick them up again.
+        for rec in self.records.all_jobs():
+            if not rec.status.terminal:
+                self.send(TASK_VALIDATE, rec.id)
+
+    def _work(self) -> None:
+        while (item := self._q.get()) is not None:
+            task, job_id = item
+            try:
+                step = self.runner.merge if task == TASK_MERGE else self.runner.validate
+                step(job_id)
+            except LeaseHeldError:
+                time.sleep(1.0)
+                self.send(task, job_id)
+            except Exception:
+                log.exception("job %s: %s crashed", job_id, task)
+
+    def _beat(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.records.heartbeat(
+                    WorkerInfo(
+                        name=self.name,
+                        device=self.device,
+                        queues=["embedded"],
+                        pid=os.getpid(),
+                        current_job=self.runner.current_job,
+                    )
+                )
+            except Exception as exc:
+                log.warning("worker heartbeat failed: %s", exc)
+            self._stop.wait(HEARTBEAT_S)

@@ -1,0 +1,290 @@
+"""What a worker does with a job id: validate, then merge, recording every step.
+
+Shared by the Celery tasks (``workers/``) and the embedded in-process worker, so
+both modes behave identically. Every step is idempotent: artifacts are
+content-addressed, a finished job is never run again, a lease keeps a redelivered
+message from running the merge twice at once, and deliveries are counted so a job
+that kills its worker fails instead of looping.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from app.core.errors import OperationCancelledError, RealignError
+from app.core.settings import Settings
+from app.jobs.models import JobError, JobProgress, JobRecord, JobResult, JobStage, JobStatus
+from app.jobs.records import JobRecords, ModelEntry
+from app.residuals.progress import Progress
+
+log = logging.getLogger("app.jobs")
+LEASE_TTL_S = 60.0
+_WRITE_EVERY_S = 0.5
+Enqueue = Callable[[str, str], None]  # (task name, job id)
+
+
+class LeaseHeldError(RuntimeError):
+    """Another worker holds the job's lease: try the delivery again later."""
+
+
+class JobRunner:
+    """Runs job steps for one worker.
+
+    Args:
+        records: the job records.
+        settings: store location, device, delivery cap.
+        worker: this worker's name (lease holder).
+        enqueue: how to queue the next step (Celery send_task or the embedded queue).
+    """
+
+    def __init__(
+        self, records: JobRecords, settings: Settings, worker: str, enqueue: Enqueue
+    ) -> None:
+        self.records = records
+        self.settings = settings
+        self.worker = worker
+        self.enqueue = enqueue
+        self.current_job: str | None = None
+
+    # -- steps ----------------------------------------------------------------------------
+    def validate(self, job_id: str) -> None:
+        """Preflight (headers only) on a light worker; queue the merge when it passes."""
+        from app.merge import preflight
+
+        rec = self._live(job_id)
+        if rec is None:
+            return
+        rec = self._move(rec, JobStatus.validating, JobStage.preflight)
+        s = rec.spec
+        try:
+            if s.target is not None:
+                preflight(
+                    target=s.target,
+                    base=s.base,
+                    instruct=s.instruct,
+                    residual=s.residual,
+                    alpha=s.alpha,
+                    store=self.settings.models_cache_dir,
+                )
+        except (RealignError, ValueError) as exc:
+            self._fail(rec, getattr(exc, "code", "invalid_request"), str(exc))
+            return
+        self._move(rec, JobStatus.queued, JobStage.preflight, "preflight passed")
+        self.enqueue("realign.merge", job_id)
+
+    def merge(self, job_id: str) -> None:
+        """The heavy step: residual (computed or reused), apply, publish, register."""
+        deliveries = self.records.count_delivery(job_id)
+        rec = self._live(job_id)
+        if rec is None:
+            return
+        if deliveries > self.settings.max_deliveries:
+            self._fail(
+                rec,
+                "worker_lost",
+                f"the merge was delivered {deliveries} times; its "
+                "worker died each time (out of memory? killed?) — check worker logs "
+                "and resources before resubmitting",
+            )
+            return
+        if not self.records.acquire_lease(job_id, self.worker, LEASE_TTL_S):
+            raise LeaseHeldError(job_id)
+        stop = threading.Event()
+        keeper = threading.Thread(target=self._keep_lease, args=(job_id, stop), daemon=True)
+        keeper.start()
+        self.current_job = job_id
+        try:
+            self._run_merge(rec)
+        finally:
+            stop.set()
+            keeper.join()
+            self.current_job = None
+            self.records.release_lease(job_id, self.worker)
+
+    # -- internals ------------------------------------------------------------------------
+    def _run_merge(self, rec: JobRecord) -> None:
+        from app.merge import compute, merge_to_store
+
+        rec = rec.model_copy(update={"started_at": rec.started_at or _now()})
+        rec = self._move(rec, JobStatus.running, JobStage.residual)
+        cancel = threading.Event()
+        reporter = _Reporter(self, rec, cancel)
+        s, store = rec.spec, self.settings.models_cache_dir
+        try:
+            if s.target is None:
+                assert s.base is not None and s.instruct is not None
+                res = compute(
+                    s.base,
+                    s.instruct,
+                    dtype=s.dtype,
+                    store=store,
+                    device=self.settings.device,
+                    progress=reporter,
+                    cancel=cancel,
+                )
+                result = JobResult(
+                    model_id="",
+                    merged_key="",
+                    residual_key=res.key,
+                    output=str(res.path),
+                    manifest=res.manifest.model_dump(mode="json"),
+                )
+                nbytes = res.manifest.total_bytes
+            else:
+                done = merge_to_store(
+                    target=s.target,
+                    base=s.base,
+                    instruct=s.instruct,
+                    residual=s.residual,
+                    alpha=s.alpha,
+                    dtype=s.dtype,
+                    store=store,
+                    device=self.settings.device,
+                    progress=reporter,
+                    cancel=cancel,
+                )
+                rec = self._move(reporter.rec, JobStatus.running, JobStage.publish)
+                model_id = s.name or f"realign-{done.key[:12]}"
+                self.records.register_model(
+                    ModelEntry(
+                        id=model_id,
+                        path=str(done.path),
+                        merged_key=done.key,
+                        residual_key=done.residual_key,
+                        alpha=s.alpha,
+                        base=done.manifest.base.ref,
+                        instruct=done.manifest.instruct.ref,
+                        target=done.manifest.target.ref,
+                        owner=rec.owner,
+                        job_id=rec.id,
+                        serve=s.serve,
+                        serve_mode=s.serve_mode,
+                    )
+                )
+                result = JobResult(
+                    model_id=model_id,
+                    merged_key=done.key,
+                    residual_key=done.residual_key,
+                    output=str(done.path),
+                    manifest=done.manifest.model_dump(mode="json"),
+                )
+                nbytes = sum(f.size for f in done.manifest.files.values())
+        except OperationCancelledError as exc:
+            self._finish(
+                reporter.rec, JobStatus.cancelled, error=JobError(code=exc.code, message=str(exc))
+            )
+            return
+        except (RealignError, ValueError) as exc:
+            self._fail(reporter.rec, getattr(exc, "code", "invalid_request"), str(exc))
+            return
+        rec = self.records.get(rec.id) or reporter.rec
+        self._finish(
+            rec.model_copy(update={"progress": reporter.rec.progress}),
+            JobStatus.succeeded,
+            result=result,
+            nbytes=nbytes,
+        )
+
+    def _live(self, job_id: str) -> JobRecord | None:
+        rec = self.records.get(job_id)
+        if rec is None:
+            log.warning("job %s: no record (expired or never created); dropping", job_id)
+            return None
+        if rec.status.terminal:
+            return None
+        if self.records.cancel_requested(job_id):
+            self._finish(
+                rec,
+                JobStatus.cancelled,
+                error=JobError(code="cancelled", message="cancelled before it ran"),
+            )
+            return None
+        return rec
+
+    def _move(
+        self, rec: JobRecord, status: JobStatus, stage: JobStage | None, message: str = ""
+    ) -> JobRecord:
+        rec = self.records.save(rec.model_copy(update={"status": status, "stage": stage}))
+        self.records.add_event(rec, "status", message or f"{status.value}: {stage or ''}")
+        log.info("job %s %s %s", rec.id, status.value, stage.value if stage else "")
+        return rec
+
+    def _fail(self, rec: JobRecord, code: str, message: str) -> None:
+        self._finish(rec, JobStatus.failed, error=JobError(code=code, message=message))
+
+    def _finish(
+        self,
+        rec: JobRecord,
+        status: JobStatus,
+        *,
+        result: JobResult | None = None,
+        error: JobError | None = None,
+        nbytes: int = 0,
+    ) -> None:
+        rec = rec.model_copy(
+            update={"status": status, "result": result, "error": error, "finished_at": _now()}
+        )
+        rec = self.records.save(rec)
+        self.records.add_event(rec, "status", error.message if error else status.value)
+        self.records.unclaim(f"inflight:{rec.owner}:{rec.fingerprint}", rec.id)
+        self.records.record_finish(rec, nbytes)
+        log.info("job %s %s%s", rec.id, status.value, f": {error.message}" if error else "")
+
+    def _keep_lease(self, job_id: str, stop: threading.Event) -> None:
+        while not stop.wait(LEASE_TTL_S / 3):
+            try:
+                self.records.acquire_lease(job_id, self.worker, LEASE_TTL_S)
+            except Exception as exc:  # Redis restarting: keep working, retry next beat
+                log.warning("job %s: lease renewal failed (%s)", job_id, exc)
+
+
+def _now() -> Any:
+    from app.jobs.models import utcnow
+
+    return utcnow()
+
+
+class _Reporter:
+    """Progress callback: throttled record updates, ETA, and cancellation checks."""
+
+    def __init__(self, runner: JobRunner, rec: JobRecord, cancel: threading.Event) -> None:
+        self.runner, self.rec, self.cancel = runner, rec, cancel
+        self._last = 0.0
+        self._stage_start = time.monotonic()
+
+    def __call__(self, p: Progress) -> None:
+        stage = JobStage.residual if p.stage == "residual" else JobStage.apply
+        now = time.monotonic()
+        changed = stage != self.rec.stage
+        if changed:
+            self._stage_start = now
+        if not changed and now - self._last < _WRITE_EVERY_S and p.bytes_done < p.bytes_total:
+            return
+        self._last = now
+        rate = p.bytes_done / max(now - self._stage_start, 1e-6)
+        eta = (p.bytes_total - p.bytes_done) / rate if rate > 0 else None
+        progress = JobProgress(
+            tensors_done=p.tensors_done,
+            tensors_total=p.tensors_total,
+            bytes_done=p.bytes_done,
+            bytes_total=p.bytes_total,
+            percent=round(100 * p.fraction, 2),
+            eta_seconds=eta,
+        )
+        try:
+            self.rec = self.runner.records.save(
+                self.rec.model_copy(
+                    update={"stage": stage, "progress": progress, "status": JobStatus.running}
+                )
+            )
+            self.runner.records.add_event(self.rec, "progress")
+            if self.runner.records.cancel_requested(self.rec.id):
+                self.cancel.set()
+        except OperationCancelledError:
+            raise
+        except Exception as exc:  # a Redis blip must not kill a long merge
+            log.warning("job %s: progress not recorded (%s)", self.rec.id, exc)

@@ -1,0 +1,241 @@
+"""JobService: what the API calls. Validates cheaply, records, queues, reports."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+from app.core.errors import (
+    InvalidRefError,
+    JobNotFoundError,
+    JobStateError,
+    ModelNotFoundError,
+    PathNotAllowedError,
+)
+from app.core.settings import Settings
+from app.jobs.broker import TASK_VALIDATE, make_celery
+from app.jobs.dispatch import CeleryDispatcher, Dispatcher, ThreadDispatcher
+from app.jobs.kv import RedisKV, SqliteKV
+from app.jobs.models import Caller, JobEvent, JobRecord, JobStatus, MergeSpec, WorkerInfo
+from app.jobs.records import JobRecords, ModelEntry
+from app.residuals.refs import ModelRef
+from app.store.local import LocalStore
+
+IDEMPOTENCY_TTL_S = 24 * 3600
+
+
+class JobService:
+    """Submit, inspect and cancel merge jobs; report on workers, queues and the store."""
+
+    def __init__(self, settings: Settings, records: JobRecords, dispatcher: Dispatcher) -> None:
+        self.settings = settings
+        self.records = records
+        self.dispatcher = dispatcher
+        self.store = LocalStore(settings.models_cache_dir, _budget(settings))
+        self.embedded = isinstance(dispatcher, ThreadDispatcher)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> JobService:
+        """Embedded (SQLite records, in-process worker) without a Redis URL; Redis and
+        Celery otherwise."""
+        if not settings.redis_url:
+            records = JobRecords(SqliteKV(settings.models_cache_dir / ".jobs.sqlite"))
+            return cls(settings, records, ThreadDispatcher(records, settings))
+        kv = RedisKV(settings.redis_url)
+        dispatcher = CeleryDispatcher(make_celery(settings), kv.client)
+        return cls(settings, JobRecords(kv), dispatcher)
+
+    def start(self) -> None:
+        self.dispatcher.start()
+
+    def stop(self) -> None:
+        self.dispatcher.stop()
+
+    # -- jobs -----------------------------------------------------------------------------
+    def submit(
+        self, spec: MergeSpec, caller: Caller, idempotency_key: str | None = None
+    ) -> tuple[JobRecord, bool]:
+        """Validate what is cheap, record the job and queue its first step.
+
+        Returns:
+            The job and whether it was created (False: an identical in-flight job or the
+            same idempotency key already had one).
+        """
+        self._validate(spec)
+        fingerprint = hashlib.sha256(spec.model_dump_json().encode()).hexdigest()
+        if idempotency_key:
+            existing = self.records.kv.get(f"realign:claim:idem:{caller.name}:{idempotency_key}")
+            if existing:
+                return self._same_request(existing, fingerprint), False
+        rec = JobRecord(
+            id=f"mrg_{uuid.uuid4().hex[:20]}",
+            owner=caller.name,
+            spec=spec,
+            idempotency_key=idempotency_key,
+            fingerprint=fingerprint,
+        )
+        ttl = float(self.settings.visibility_timeout_s)
+        winner = self.records.claim(f"inflight:{caller.name}:{fingerprint}", rec.id, ttl)
+        if winner != rec.id and (other := self.records.get(winner)) is not None:
+            if not other.status.terminal:
+                self._remember_idempotency(caller, idempotency_key, other.id)
+                return other, False
+            self.records.unclaim(f"inflight:{caller.name}:{fingerprint}", winner)
+            self.records.claim(f"inflight:{caller.name}:{fingerprint}", rec.id, ttl)
+        if idempotency_key:
+            winner = self.records.claim(
+                f"idem:{caller.name}:{idempotency_key}", rec.id, IDEMPOTENCY_TTL_S
+            )
+            if winner != rec.id:
+                self.records.unclaim(f"inflight:{caller.name}:{fingerprint}", rec.id)
+                return self._same_request(winner, fingerprint), False
+        self.records.create(rec)
+        self.records.add_event(rec, "status", "queued")
+        self.dispatcher.send(TASK_VALIDATE, rec.id)
+        return rec, True
+
+    def _remember_idempotency(self, caller: Caller, key: str | None, job_id: str) -> None:
+        if key:
+            self.records.claim(f"idem:{caller.name}:{key}", job_id, IDEMPOTENCY_TTL_S)
+
+    def _same_request(self, job_id: str, fingerprint: str) -> JobRecord:
+        rec = self.records.get(job_id)
+        if rec is None:
+            raise JobNotFoundError(f"job {job_id} for this Idempotency-Key has expired")
+        if rec.fingerprint != fingerprint:
+            raise JobStateError(
+                "this Idempotency-Key was used with a different request body; "
+                "use a new key for a new request"
+            )
+        return rec
+
+    def get(self, job_id: str, caller: Caller) -> JobRecord:
+        rec = self.records.get(job_id)
+        if rec is None or (rec.owner != caller.name and not caller.is_admin):
+            raise JobNotFoundError(f"no merge job {job_id!r}")
+        return rec
+
+    def events(self, job_id: str, caller: Caller, after: int = 0) -> list[JobEvent]:
+        self.get(job_id, caller)
+        return self.records.events(job_id, after)
+
+    def cancel(self, job_id: str, caller: Caller) -> JobRecord:
+        rec = self.get(job_id, caller)
+        if rec.status.terminal:
+            raise JobStateError(f"job {job_id} already {rec.status.value}; nothing to cancel")
+        self.records.request_cancel(job_id)
+        self.records.add_event(rec, "log", f"cancel requested by {caller.name}")
+        return self.get(job_id, caller)
+
+    # -- validation -----------------------------------------------------------------------
+    def _validate(self, spec: MergeSpec) -> None:
+        if spec.residual is not None:
+            if spec.base or spec.instruct:
+                raise InvalidRefError("give either residual or base + instruct, not both")
+            if spec.target is None:
+                raise InvalidRefError("a residual needs a target to apply it to")
+            self.store.resolve(spec.residual)
+        elif not (spec.base and spec.instruct):
+            raise InvalidRefError("base and instruct are required (or a stored residual key)")
+        for ref in (spec.base, spec.instruct, spec.target):
+            if ref is not None:
+                self._check_ref(ref)
+
+    def allowed_roots(self) -> list[Path]:
+        roots = self.settings.allowed_roots or [self.settings.models_cache_dir]
+        return [Path(os.path.realpath(r)) for r in roots]
+
+    def _check_ref(self, text: str) -> None:
+        ref = ModelRef.parse(text)
+        if ref.kind != "local":
+            return
+        assert ref.path is not None
+        real = Path(os.path.realpath(ref.path))  # follows symlinks: no escape through them
+        roots = self.allowed_roots()
+        if not any(real.is_relative_to(root) for root in roots):
+            raise PathNotAllowedError(
+                f"{text}: resolves to {real}, outside the allowed model roots "
+                f"({', '.join(map(str, roots))}); put the model there or extend "
+                "REALIGN_ALLOWED_ROOTS"
+            )
+        if not real.is_dir():
+            raise ModelNotFoundError(f"{text}: no such model directory")
+
+    # -- admin ----------------------------------------------------------------------------
+    def queue_depths(self) -> dict[str, int]:
+        return self.dispatcher.depths()
+
+    def workers(self) -> list[WorkerInfo]:
+        return self.records.workers()
+
+    def readiness(self) -> tuple[bool, str]:
+        if not self.records.kv.ping():
+            return False, "Redis is not reachable"
+        if not self.workers():
+            return False, "no worker is alive"
+        return True, "ready"
+
+    def store_usage(self) -> dict[str, Any]:
+        items = self.store.artifacts()
+        return {
+            "root": str(self.store.root),
+            "used_bytes": sum(a.size for a in items),
+            "budget_bytes": self.store.budget_bytes,
+            "artifacts": len(items),
+        }
+
+    def residuals(self) -> list[dict[str, Any]]:
+        return [_artifact(a) for a in self.store.artifacts("residuals")]
+
+    def residual(self, key: str) -> dict[str, Any]:
+        from app.merge import inspect
+
+        full = self.store.resolve(key)
+        return {"key": full, "manifest": inspect(full, self.store).model_dump(mode="json")}
+
+    def delete_residual(self, key: str) -> None:
+        self.store.remove(self.store.resolve(key))
+
+    def models(self) -> list[ModelEntry]:
+        return self.records.models()
+
+    def metrics(self) -> dict[str, Any]:
+        counts = {s.value: 0 for s in JobStatus}
+        for rec in self.records.all_jobs():
+            counts[rec.status.value] += 1
+        return {
+            "jobs_by_status": counts,
+            **self.records.stats(),
+            "queue_depths": self.queue_depths(),
+        }
+
+    # `list` comes last: in the class body it would shadow the builtin in annotations.
+    def list(
+        self,
+        caller: Caller,
+        *,
+        status: JobStatus | None = None,
+        all_callers: bool = False,
+        offset: int = 0,
+        limit: int = 50,
+    ) -> tuple[list[JobRecord], int]:
+        owner = None if (all_callers and caller.is_admin) else caller.name
+        return self.records.page(owner, status, offset, limit)
+
+
+def _budget(settings: Settings) -> int | None:
+    gb = settings.store_budget_gb
+    return int(gb * 1024**3) if gb is not None else None
+
+
+def _artifact(a: Any) -> dict[str, Any]:
+    return {
+        "key": a.key,
+        "kind": a.kind,
+        "size_bytes": a.size,
+        "last_used": a.last_used,
+        "in_use": a.in_use,
+    }

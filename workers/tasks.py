@@ -1,0 +1,101 @@
+"""Task bodies: parse the job id, call the runner, map 'lease held' to a retry."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import Any
+
+from celery import signals
+
+from app.core.settings import get_settings
+from app.jobs.broker import QUEUES, TASK_MERGE, TASK_VALIDATE
+from app.jobs.dispatch import HEARTBEAT_S
+from app.jobs.kv import RedisKV
+from app.jobs.models import WorkerInfo
+from app.jobs.records import JobRecords
+from app.jobs.runner import LEASE_TTL_S, JobRunner, LeaseHeldError
+from workers.celery_app import celery_app
+
+log = logging.getLogger("app.workers")
+_state: dict[str, Any] = {}
+TRANSIENT = (ConnectionError, TimeoutError)
+
+
+def runner(hostname: str = "") -> JobRunner:
+    """This process's runner (built on first use, after the worker forked)."""
+    if "runner" not in _state:
+        settings = get_settings()
+        assert settings.redis_url is not None
+        records = JobRecords(RedisKV(settings.redis_url))
+        name = hostname or f"worker@{os.uname().nodename}:{os.getpid()}"
+
+        def enqueue(task: str, job_id: str) -> None:
+            celery_app.send_task(task, args=[job_id], queue=QUEUES[task])
+
+        _state["runner"] = JobRunner(records, settings, name, enqueue)
+    return _state["runner"]  # type: ignore[no-any-return]
+
+
+@celery_app.task(
+    name=TASK_VALIDATE, bind=True, autoretry_for=TRANSIENT, retry_backoff=True, max_retries=5
+)
+def validate(self: Any, job_id: str) -> None:
+    runner(self.request.hostname).validate(job_id)
+
+
+@celery_app.task(
+    name=TASK_MERGE, bind=True, autoretry_for=TRANSIENT, retry_backoff=True, max_retries=5
+)
+def merge(self: Any, job_id: str) -> None:
+    try:
+        runner(self.request.hostname).merge(job_id)
+    except LeaseHeldError:
+        # A previous delivery may still be running (or died holding the lease): come back
+        # when the lease would have expired rather than running the merge twice at once.
+        raise self.retry(countdown=LEASE_TTL_S / 2, max_retries=None) from None
+
+
+def _beat(hostname: str, queues: list[str], stop: threading.Event) -> None:
+    settings = get_settings()
+    while not stop.is_set():
+        try:
+            r = runner(hostname)
+            r.records.heartbeat(
+                WorkerInfo(
+                    name=hostname,
+                    device=settings.device,
+                    queues=queues,
+                    pid=os.getpid(),
+                    current_job=r.current_job,
+                )
+            )
+        except Exception as exc:  # Redis restarting: try again next beat
+            log.warning("heartbeat failed: %s", exc)
+        stop.wait(HEARTBEAT_S)
+
+
+@signals.worker_ready.connect
+def _on_ready(sender: Any = None, **_: Any) -> None:
+    import torch
+
+    settings = get_settings()
+    if settings.device.startswith("cuda") and not torch.cuda.is_available():
+        log.error("REALIGN_DEVICE=%s but torch sees no CUDA device", settings.device)
+    hostname = sender.hostname if sender is not None else ""
+    queues = sorted(q.name for q in sender.app.amqp.queues.consume_from.values()) if sender else []
+    stop = threading.Event()
+    _state["beat_stop"] = stop
+    threading.Thread(
+        target=_beat, args=(hostname, queues, stop), daemon=True, name="realign-heartbeat"
+    ).start()
+
+
+@signals.worker_shutdown.connect
+def _on_shutdown(sender: Any = None, **_: Any) -> None:
+    stop = _state.get("beat_stop")
+    if stop is not None:
+        stop.set()
+    if sender is not None and "runner" in _state:
+        _state["runner"].records.forget_worker(sender.hostname)
