@@ -73,13 +73,16 @@ def _options(
     max_shard_gb: float | None,
     hash_outputs: bool = True,
 ) -> RunOptions:
-    shard = max_shard_gb if max_shard_gb is not None else get_settings().max_shard_gb
+    settings = get_settings()
+    shard = max_shard_gb if max_shard_gb is not None else settings.max_shard_gb
+    rate = settings.max_read_mbps * 1e6 if settings.max_read_mbps else None
     return RunOptions(
         device=device,
         progress=progress,
         cancel=cancel,
         max_shard_bytes=int(shard * 1024**3),
         hash_outputs=hash_outputs,
+        max_read_bps=rate,
     )
 
 

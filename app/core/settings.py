@@ -27,6 +27,12 @@ class Settings(BaseSettings):
     device: Literal["cpu", "cuda"] = Field(default="cpu", description="Where merge math runs.")
     residual_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     max_shard_gb: float = Field(default=5.0, gt=0, description="Largest output shard in GB.")
+    max_read_mbps: float | None = Field(
+        default=None,
+        gt=0,
+        description="Cap on input MB read per second by one merge (shared storage); "
+        "unset = as fast as the disk allows.",
+    )
     log_level: str = "INFO"
 
     # -- job service -------------------------------------------------------------------
@@ -42,8 +48,8 @@ class Settings(BaseSettings):
     )
     api_keys: str | None = Field(
         default=None,
-        description="API keys as JSON: [{\"name\": ..., \"role\": \"user\"|\"admin\", "
-        "\"sha256\": <hex of the key>}]. Unset = no auth, loopback only.",
+        description='API keys as JSON: [{"name": ..., "role": "user"|"admin", '
+        '"sha256": <hex of the key>}]. Unset = no auth, loopback only.',
     )
     host: str = "127.0.0.1"
     port: int = 8000

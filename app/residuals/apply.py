@@ -163,6 +163,7 @@ def _write_merged(
         progress=opts.progress,
         cancel=opts.cancel,
         chunk_elems=opts.chunk_elems,
+        max_read_bps=opts.max_read_bps,
     )
     with ShardedWriter(
         out_dir,

@@ -93,6 +93,7 @@ def compute_residual(
         progress=opts.progress,
         cancel=opts.cancel,
         chunk_elems=opts.chunk_elems,
+        max_read_bps=opts.max_read_bps,
     )
     with ShardedWriter(
         out_dir,

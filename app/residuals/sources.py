@@ -25,6 +25,7 @@ class RunOptions:
     max_shard_bytes: int = 5 * 1024**3
     chunk_elems: int = CHUNK_ELEMS
     hash_outputs: bool = True
+    max_read_bps: float | None = None
 
 
 def digest_of(entries: dict[str, FileEntry]) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import queue
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal, cast
@@ -105,6 +106,8 @@ class StreamRunner:
         progress: optional callback, called after every chunk.
         cancel: optional flag; when set, work stops at the next chunk.
         chunk_elems: elements per chunk (memory per buffer).
+        max_read_bps: cap on input bytes read per second (shared storage etiquette);
+            None reads as fast as the disk allows.
     """
 
     def __init__(
@@ -116,6 +119,7 @@ class StreamRunner:
         progress: ProgressCallback | None = None,
         cancel: CancelFlag | None = None,
         chunk_elems: int = CHUNK_ELEMS,
+        max_read_bps: float | None = None,
     ) -> None:
         self.method = method
         self.backend = backend
@@ -123,6 +127,7 @@ class StreamRunner:
         self.progress = progress
         self.cancel = cancel or threading.Event()
         self.chunk_elems = chunk_elems
+        self.max_read_bps = max_read_bps
         self._error: BaseException | None = None
         self._stop = threading.Event()
 
@@ -205,6 +210,7 @@ class StreamRunner:
         ready: queue.Queue[tuple[_Chunk, _Slot] | None],
     ) -> None:
         try:
+            started, total = time.monotonic(), 0
             for chunk in _chunks(jobs, self.chunk_elems):
                 slot = self._take(free)
                 if slot is None:
@@ -214,6 +220,10 @@ class StreamRunner:
                 for src, buf in zip(sources, slot.inputs, strict=False):
                     n = (chunk.row1 - chunk.row0) * src.info.row_bytes
                     src.checkpoint.read_into(src.info, chunk.row0, chunk.row1, _bytes(buf)[:n])
+                    total += n
+                if self.max_read_bps:
+                    ahead = total / self.max_read_bps - (time.monotonic() - started)
+                    self._stop.wait(max(0.0, ahead))
                 ready.put((chunk, slot))
         finally:
             ready.put(None)
