@@ -45,7 +45,12 @@ def make_celery(settings: Settings) -> Any:
         worker_prefetch_multiplier=1,
         task_time_limit=limit,
         task_soft_time_limit=max(1, limit - 30),
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+        broker_transport_options={
+            "visibility_timeout": settings.visibility_timeout_s,
+            # sweep for messages of dead workers often enough for the configured timeout
+            "unacked_restore_interval": max(1, min(10, settings.visibility_timeout_s // 4)),
+            "unacked_restore_throttle": 1,
+        },
         broker_connection_retry_on_startup=True,
         task_routes={name: {"queue": queue} for name, queue in QUEUES.items()},
         task_default_queue="cpu",

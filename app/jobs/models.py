@@ -39,8 +39,10 @@ class MergeSpec(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    target: str = Field(
-        description="The new base: local path under an allowed root or hf:org/name@rev.",
+    target: str | None = Field(
+        default=None,
+        description="The new base: local path under an allowed root or hf:org/name@rev. "
+        "Omitted = only compute the residual (POST /v1/residuals).",
         examples=["/models/llama-3-8b-news"],
     )
     base: str | None = Field(default=None, examples=["hf:meta-llama/Meta-Llama-3-8B@main"])

@@ -1,0 +1,175 @@
+"""The job service in embedded mode (SQLite records, in-process worker): same API."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from transformers import AutoModelForCausalLM
+
+from app.core.errors import (
+    InvalidRefError,
+    JobNotFoundError,
+    JobStateError,
+    ModelNotFoundError,
+    PathNotAllowedError,
+)
+from app.core.settings import Settings, get_settings
+from app.demo.tiny import TinyTriple
+from app.jobs.models import Caller, JobRecord, JobStatus, MergeSpec
+from app.jobs.service import JobService
+from tests.helpers import stored
+
+ALICE, BOB, ADMIN = Caller(name="alice"), Caller(name="bob"), Caller(name="ops", role="admin")
+
+
+@pytest.fixture
+def service(
+    llama_triple: TinyTriple, qwen_triple: TinyTriple, store_dir: Path
+) -> Iterator[JobService]:
+    roots = [llama_triple.base.parent, qwen_triple.base.parent]
+    svc = JobService.from_settings(Settings(models_cache_dir=store_dir, allowed_roots=roots))
+    svc.start()
+    yield svc
+    svc.stop()
+
+
+def spec(t: TinyTriple, **kw: object) -> MergeSpec:
+    return MergeSpec(base=str(t.base), instruct=str(t.instruct), target=str(t.new_base), **kw)  # type: ignore[arg-type]
+
+
+def wait(svc: JobService, job_id: str, caller: Caller = ALICE, timeout: float = 60) -> JobRecord:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        rec = svc.get(job_id, caller)
+        if rec.status.terminal:
+            return rec
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} still {rec.status} after {timeout} s")
+
+
+def test_submit_poll_succeeded(service: JobService, llama_triple: TinyTriple) -> None:
+    rec, created = service.submit(spec(llama_triple, name="news-instruct"), ALICE)
+    assert created and rec.status == JobStatus.queued
+    done = wait(service, rec.id)
+    assert done.status == JobStatus.succeeded, done.error
+    assert done.result is not None and done.result.model_id == "news-instruct"
+    AutoModelForCausalLM.from_pretrained(done.result.output)
+    kinds = [e.kind for e in service.events(rec.id, ALICE)]
+    assert "progress" in kinds and kinds[-1] == "status"
+    stages = {e.stage for e in service.events(rec.id, ALICE)}
+    assert {"preflight", "residual", "apply", "publish"} <= {s.value for s in stages if s}
+    assert done.progress.percent == 100.0
+    assert [m.id for m in service.models()] == ["news-instruct"]
+    assert service.metrics()["jobs_by_status"]["succeeded"] == 1
+
+
+def test_duplicate_and_idempotent_submissions_share_one_job(
+    service: JobService, llama_triple: TinyTriple
+) -> None:
+    first, created = service.submit(spec(llama_triple), ALICE, idempotency_key="k1")
+    again, created_again = service.submit(spec(llama_triple), ALICE)
+    same_key, created_key = service.submit(spec(llama_triple), ALICE, idempotency_key="k1")
+    assert created and not created_again and not created_key
+    assert first.id == again.id == same_key.id
+    with pytest.raises(JobStateError, match="different request body"):
+        service.submit(spec(llama_triple, alpha=0.5), ALICE, idempotency_key="k1")
+    wait(service, first.id)
+    assert service.list(ALICE)[1] == 1
+
+
+def test_users_see_only_their_jobs(service: JobService, llama_triple: TinyTriple) -> None:
+    rec, _ = service.submit(spec(llama_triple), ALICE)
+    with pytest.raises(JobNotFoundError):
+        service.get(rec.id, BOB)
+    assert service.get(rec.id, ADMIN).id == rec.id
+    assert service.list(BOB) == ([], 0)
+    assert service.list(ADMIN, all_callers=True)[1] == 1
+    with pytest.raises(JobNotFoundError):
+        service.get("mrg_nope", ADMIN)
+    wait(service, rec.id)
+
+
+def test_bad_refs_are_refused_before_queueing(
+    service: JobService, llama_triple: TinyTriple, tmp_path: Path, store_dir: Path
+) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    link = llama_triple.base.parent / "escape"
+    if not link.exists():
+        os.symlink(outside, link)
+    traversal = f"{llama_triple.base.parent}/../../../etc"
+    for bad, error in [
+        (spec(llama_triple).model_copy(update={"target": traversal}), PathNotAllowedError),
+        (spec(llama_triple).model_copy(update={"target": str(link)}), PathNotAllowedError),
+        (spec(llama_triple).model_copy(update={"instruct": "s3://bucket/x"}), InvalidRefError),
+        (spec(llama_triple).model_copy(update={"base": None}), InvalidRefError),
+        (
+            spec(llama_triple).model_copy(update={"target": str(llama_triple.base) + "x"}),
+            ModelNotFoundError,
+        ),
+    ]:
+        with pytest.raises(error):
+            service.submit(bad, ALICE)
+    assert service.list(ADMIN, all_callers=True)[1] == 0
+    assert stored(store_dir) == []
+
+
+def test_cross_family_fails_in_preflight(
+    service: JobService, llama_triple: TinyTriple, qwen_triple: TinyTriple, store_dir: Path
+) -> None:
+    bad = spec(llama_triple).model_copy(update={"instruct": str(qwen_triple.instruct)})
+    rec, _ = service.submit(bad, ALICE)
+    done = wait(service, rec.id)
+    assert done.status == JobStatus.failed and done.error is not None
+    assert done.error.code == "incompatible_models"
+    assert "model_type 'qwen2' vs 'llama'" in done.error.message
+    assert done.stage is not None and done.stage.value == "preflight"
+    assert stored(store_dir) == []
+
+
+def test_cancel_mid_run_leaves_nothing(
+    service: JobService, llama_triple: TinyTriple, store_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("REALIGN_MAX_READ_MBPS", "2")
+    get_settings.cache_clear()
+    try:
+        rec, _ = service.submit(spec(llama_triple), ALICE)
+        while service.get(rec.id, ALICE).progress.bytes_done == 0:
+            time.sleep(0.02)
+        service.cancel(rec.id, ALICE)
+        done = wait(service, rec.id)
+    finally:
+        get_settings.cache_clear()
+    assert done.status == JobStatus.cancelled
+    assert stored(store_dir) == []
+    with pytest.raises(JobStateError):
+        service.cancel(rec.id, ALICE)
+
+
+def test_residual_only_job_then_apply_by_key(service: JobService, llama_triple: TinyTriple) -> None:
+    t = llama_triple
+    rec, _ = service.submit(MergeSpec(base=str(t.base), instruct=str(t.instruct)), ALICE)
+    done = wait(service, rec.id)
+    assert done.status == JobStatus.succeeded and done.result is not None
+    key = done.result.residual_key
+    assert service.residual(key[:8])["key"] == key
+    rec2, _ = service.submit(MergeSpec(residual=key, target=str(t.new_base)), ALICE)
+    assert wait(service, rec2.id).status == JobStatus.succeeded
+    with pytest.raises(Exception, match="no residual"):
+        service.submit(MergeSpec(residual="ffffffff", target=str(t.new_base)), ALICE)
+
+
+def test_records_survive_a_restart(llama_triple: TinyTriple, store_dir: Path) -> None:
+    settings = Settings(models_cache_dir=store_dir, allowed_roots=[llama_triple.base.parent])
+    svc = JobService.from_settings(settings)
+    svc.start()
+    rec, _ = svc.submit(spec(llama_triple), ALICE)
+    wait(svc, rec.id)
+    svc.stop()
+    again = JobService.from_settings(settings)
+    assert again.get(rec.id, ALICE).status == JobStatus.succeeded
+    assert again.readiness() == (False, "no worker is alive")
