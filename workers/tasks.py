@@ -54,7 +54,10 @@ def merge(self: Any, job_id: str) -> None:
     except LeaseHeldError:
         # A previous delivery may still be running (or died holding the lease): come back
         # when the lease would have expired rather than running the merge twice at once.
-        raise self.retry(countdown=LEASE_TTL_S / 2, max_retries=None) from None
+        # The countdown stays well below the visibility timeout: a delayed message held
+        # past it would be redelivered again by Redis.
+        wait = min(LEASE_TTL_S / 2, get_settings().visibility_timeout_s / 4)
+        raise self.retry(countdown=wait, max_retries=None) from None
 
 
 def _beat(hostname: str, queues: list[str], stop: threading.Event) -> None:

@@ -22,7 +22,7 @@ from app.jobs.records import JobRecords, ModelEntry
 from app.residuals.progress import Progress
 
 log = logging.getLogger("app.jobs")
-LEASE_TTL_S = 60.0
+LEASE_TTL_S = 20.0
 _WRITE_EVERY_S = 0.5
 Enqueue = Callable[[str, str], None]  # (task name, job id)
 
@@ -77,19 +77,14 @@ class JobRunner:
         self.enqueue("realign.merge", job_id)
 
     def merge(self, job_id: str) -> None:
-        """The heavy step: residual (computed or reused), apply, publish, register."""
-        deliveries = self.records.count_delivery(job_id)
+        """The heavy step: residual (computed or reused), apply, publish, register.
+
+        Raises:
+            LeaseHeldError: another delivery of this job is running (or its dead worker's
+                lease has not expired yet); retry later.
+        """
         rec = self._live(job_id)
         if rec is None:
-            return
-        if deliveries > self.settings.max_deliveries:
-            self._fail(
-                rec,
-                "worker_lost",
-                f"the merge was delivered {deliveries} times; its "
-                "worker died each time (out of memory? killed?) — check worker logs "
-                "and resources before resubmitting",
-            )
             return
         if not self.records.acquire_lease(job_id, self.worker, LEASE_TTL_S):
             raise LeaseHeldError(job_id)
@@ -98,6 +93,18 @@ class JobRunner:
         keeper.start()
         self.current_job = job_id
         try:
+            # Counted only once the lease is ours: retries while another delivery holds
+            # it are not deliveries; a worker that died mid-merge is.
+            deliveries = self.records.count_delivery(job_id)
+            if deliveries > self.settings.max_deliveries:
+                self._fail(
+                    rec,
+                    "worker_lost",
+                    f"the merge was delivered {deliveries} times; "
+                    "its worker died each time (out of memory? killed?) — check worker "
+                    "logs and resources before resubmitting",
+                )
+                return
             self._run_merge(rec)
         finally:
             stop.set()
