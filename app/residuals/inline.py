@@ -1,0 +1,54 @@
+"""Merged weights as a stream of (name, tensor) — for loading straight into a running
+engine without writing the merged checkpoint first (in-engine merge)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from app.residuals.apply import open_pack, plan_apply
+from app.residuals.checkpoint import Checkpoint, TensorInfo
+from app.residuals.methods import get_method
+
+
+def _read(ckpt: Checkpoint, info: TensorInfo) -> torch.Tensor:
+    buf = torch.empty(info.nbytes, dtype=torch.uint8)
+    ckpt.read_into(info, 0, info.rows, memoryview(buf.numpy()))  # type: ignore[arg-type]
+    return buf.view(info.dtype).reshape(info.shape)
+
+
+def stream_merged(
+    pack_dir: Path, target_dir: Path, alpha: float = 1.0, device: str = "cpu"
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``target + alpha * R`` tensor by tensor (fp32 math, one cast to the target's
+    dtype), exactly the values :func:`app.residuals.apply.apply_residual` writes.
+
+    Args:
+        pack_dir: a residual pack directory.
+        target_dir: the new base checkpoint.
+        alpha: residual scale.
+        device: where the math runs and where tensors are yielded.
+
+    Raises:
+        IncompatibleModelsError: the target does not fit the residual (checked first).
+    """
+    manifest, pack = open_pack(pack_dir)
+    method = get_method(manifest.method)
+    with pack, Checkpoint.open(target_dir) as target:
+        jobs = plan_apply(manifest, pack, target, alpha)
+        for job in jobs:
+            if job.kind == "copy":
+                yield job.spec.name, _read(target, job.inputs[0].info).to(device)
+                continue
+            r_src, t_src = job.inputs
+            r = _read(pack, r_src.info).to(device)
+            t = _read(target, t_src.info).to(device)
+            common = job.common_rows
+            acc = torch.empty(t.shape, dtype=torch.float32, device=device)
+            method.apply(acc, r[:common], t, alpha)
+            out = torch.empty(job.spec.shape, dtype=job.spec.dtype, device=device)
+            out[:common].copy_(acc)
+            out[common:].copy_(r[common:])  # rows the instruct side added, verbatim
+            yield job.spec.name, out
