@@ -20,7 +20,11 @@ def _read(ckpt: Checkpoint, info: TensorInfo) -> torch.Tensor:
 
 
 def stream_merged(
-    pack_dir: Path, target_dir: Path, alpha: float = 1.0, device: str = "cpu"
+    pack_dir: Path,
+    target_dir: Path,
+    alpha: float = 1.0,
+    device: str = "cpu",
+    names: set[str] | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``target + alpha * R`` tensor by tensor (fp32 math, one cast to the target's
     dtype), exactly the values :func:`app.residuals.apply.apply_residual` writes.
@@ -30,6 +34,7 @@ def stream_merged(
         target_dir: the new base checkpoint.
         alpha: residual scale.
         device: where the math runs and where tensors are yielded.
+        names: only these tensors (e.g. to verify a few parameters after a swap).
 
     Raises:
         IncompatibleModelsError: the target does not fit the residual (checked first).
@@ -39,6 +44,8 @@ def stream_merged(
     with pack, Checkpoint.open(target_dir) as target:
         jobs = plan_apply(manifest, pack, target, alpha)
         for job in jobs:
+            if names is not None and job.spec.name not in names:
+                continue
             if job.kind == "copy":
                 yield job.spec.name, _read(target, job.inputs[0].info).to(device)
                 continue
