@@ -86,6 +86,11 @@ def _options(
     )
 
 
+def resolve_model(ref: str, store: LocalStore | Path | None = None) -> Path:
+    """The local directory of a model reference (Hub refs are downloaded, pinned)."""
+    return _resolve(ref, open_store(store)).path
+
+
 def _resolve(ref: str, store: LocalStore) -> ResolvedModel:
     return resolve_ref(ModelRef.parse(ref), store.root / "sources")
 

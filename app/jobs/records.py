@@ -28,6 +28,7 @@ class ModelEntry(BaseModel):
     path: str
     merged_key: str
     residual_key: str
+    residual_dir: str | None = None  # in-engine merges: no merged checkpoint on disk
     alpha: float
     base: str
     instruct: str
@@ -127,6 +128,17 @@ class JobRecords:
         key = f"{P}claim:{name}"
         if self.kv.get(key) == job_id:
             self.kv.delete(key)
+
+    def request_load(self, job_id: str) -> None:
+        """Hand a finished merge to the serving front end for loading."""
+        self.kv.rpush(f"{P}serve:pending", job_id)
+
+    def take_load_requests(self) -> list[str]:
+        key = f"{P}serve:pending"
+        ids = self.kv.lrange(key, 0, -1)
+        if ids:
+            self.kv.ltrim(key, len(ids), -1)
+        return ids
 
     # -- workers and stats ----------------------------------------------------------------
     def heartbeat(self, info: WorkerInfo) -> None:

@@ -114,87 +114,177 @@ class JobRunner:
 
     # -- internals ------------------------------------------------------------------------
     def _run_merge(self, rec: JobRecord) -> None:
-        from app.merge import compute, merge_to_store
-
         rec = rec.model_copy(update={"started_at": rec.started_at or _now()})
         rec = self._move(rec, JobStatus.running, JobStage.residual)
         cancel = threading.Event()
         reporter = _Reporter(self, rec, cancel)
-        s, store = rec.spec, self.settings.models_cache_dir
         try:
-            if s.target is None:
-                assert s.base is not None and s.instruct is not None
-                res = compute(
-                    s.base,
-                    s.instruct,
-                    dtype=s.dtype,
-                    store=store,
-                    device=self.settings.device,
-                    progress=reporter,
-                    cancel=cancel,
-                )
-                result = JobResult(
-                    model_id="",
-                    merged_key="",
-                    residual_key=res.key,
-                    output=str(res.path),
-                    manifest=res.manifest.model_dump(mode="json"),
-                )
-                nbytes = res.manifest.total_bytes
+            if rec.spec.target is None:
+                result, nbytes = self._residual_only(rec, reporter, cancel)
+            elif rec.spec.serve and rec.spec.serve_mode == "in_engine":
+                result, nbytes = self._in_engine(rec, reporter, cancel)
             else:
-                done = merge_to_store(
-                    target=s.target,
-                    base=s.base,
-                    instruct=s.instruct,
-                    residual=s.residual,
-                    alpha=s.alpha,
-                    dtype=s.dtype,
-                    store=store,
-                    device=self.settings.device,
-                    progress=reporter,
-                    cancel=cancel,
-                )
-                rec = self._move(reporter.rec, JobStatus.running, JobStage.publish)
-                model_id = s.name or f"realign-{done.key[:12]}"
-                self.records.register_model(
-                    ModelEntry(
-                        id=model_id,
-                        path=str(done.path),
-                        merged_key=done.key,
-                        residual_key=done.residual_key,
-                        alpha=s.alpha,
-                        base=done.manifest.base.ref,
-                        instruct=done.manifest.instruct.ref,
-                        target=done.manifest.target.ref,
-                        owner=rec.owner,
-                        job_id=rec.id,
-                        serve=s.serve,
-                        serve_mode=s.serve_mode,
-                    )
-                )
-                result = JobResult(
-                    model_id=model_id,
-                    merged_key=done.key,
-                    residual_key=done.residual_key,
-                    output=str(done.path),
-                    manifest=done.manifest.model_dump(mode="json"),
-                )
-                nbytes = sum(f.size for f in done.manifest.files.values())
+                result, nbytes = self._checkpoint(rec, reporter, cancel)
         except OperationCancelledError as exc:
-            self._finish(
-                reporter.rec, JobStatus.cancelled, error=JobError(code=exc.code, message=str(exc))
-            )
+            error = JobError(code=exc.code, message=str(exc))
+            self._finish(reporter.rec, JobStatus.cancelled, error=error)
             return
         except (RealignError, ValueError) as exc:
             self._fail(reporter.rec, getattr(exc, "code", "invalid_request"), str(exc))
             return
-        rec = self.records.get(rec.id) or reporter.rec
-        self._finish(
-            rec.model_copy(update={"progress": reporter.rec.progress}),
-            JobStatus.succeeded,
-            result=result,
-            nbytes=nbytes,
+        rec = (self.records.get(rec.id) or reporter.rec).model_copy(
+            update={"progress": reporter.rec.progress, "result": result}
         )
+        if rec.spec.serve:
+            # Engines live with the serving front end: it loads the model, then ends the job.
+            rec = self._move(rec, JobStatus.running, JobStage.load, "waiting for an engine")
+            self.records.request_load(rec.id)
+            self.records.record_finish(rec, nbytes)
+            return
+        self._finish(rec, JobStatus.succeeded, result=result, nbytes=nbytes)
+
+    def _residual_only(
+        self, rec: JobRecord, reporter: _Reporter, cancel: threading.Event
+    ) -> tuple[JobResult, int]:
+        from app.merge import compute
+
+        s = rec.spec
+        assert s.base is not None and s.instruct is not None
+        res = compute(
+            s.base,
+            s.instruct,
+            dtype=s.dtype,
+            store=self.settings.models_cache_dir,
+            device=self.settings.device,
+            progress=reporter,
+            cancel=cancel,
+        )
+        result = JobResult(
+            model_id="",
+            merged_key="",
+            residual_key=res.key,
+            output=str(res.path),
+            manifest=res.manifest.model_dump(mode="json"),
+        )
+        return result, res.manifest.total_bytes
+
+    def _checkpoint(
+        self, rec: JobRecord, reporter: _Reporter, cancel: threading.Event
+    ) -> tuple[JobResult, int]:
+        from app.merge import merge_to_store
+
+        s = rec.spec
+        assert s.target is not None
+        done = merge_to_store(
+            target=s.target,
+            base=s.base,
+            instruct=s.instruct,
+            residual=s.residual,
+            alpha=s.alpha,
+            dtype=s.dtype,
+            store=self.settings.models_cache_dir,
+            device=self.settings.device,
+            progress=reporter,
+            cancel=cancel,
+        )
+        rec = self._move(reporter.rec, JobStatus.running, JobStage.publish)
+        model_id = s.name or f"realign-{done.key[:12]}"
+        m = done.manifest
+        self.records.register_model(
+            ModelEntry(
+                id=model_id,
+                path=str(done.path),
+                merged_key=done.key,
+                residual_key=done.residual_key,
+                alpha=s.alpha,
+                base=m.base.ref,
+                instruct=m.instruct.ref,
+                target=m.target.ref,
+                owner=rec.owner,
+                job_id=rec.id,
+                serve=s.serve,
+                serve_mode=s.serve_mode,
+            )
+        )
+        result = JobResult(
+            model_id=model_id,
+            merged_key=done.key,
+            residual_key=done.residual_key,
+            output=str(done.path),
+            manifest=m.model_dump(mode="json"),
+        )
+        return result, sum(f.size for f in m.files.values())
+
+    def _in_engine(
+        self, rec: JobRecord, reporter: _Reporter, cancel: threading.Event
+    ) -> tuple[JobResult, int]:
+        """Residual only; the engine computes target + alpha * R while loading it."""
+        from app.merge import compute, preflight, resolve_model
+
+        s = rec.spec
+        assert s.target is not None
+        store = self.settings.models_cache_dir
+        if s.residual is None:
+            assert s.base is not None and s.instruct is not None
+            res = compute(
+                s.base,
+                s.instruct,
+                dtype=s.dtype,
+                store=store,
+                device=self.settings.device,
+                progress=reporter,
+                cancel=cancel,
+            )
+            key, manifest = res.key, res.manifest
+        else:
+            from app.merge import inspect
+
+            key = s.residual
+            manifest = inspect(key, store)  # type: ignore[assignment]
+        if getattr(manifest, "vocab", None) is not None:
+            raise ValueError(
+                "in_engine serving needs the target's shapes to stay the same, but "
+                "the instruct model added vocabulary rows; use serve_mode "
+                "'checkpoint'"
+            )
+        preflight(target=s.target, residual=key, alpha=s.alpha, store=store)
+        target = resolve_model(s.target, store)
+        model_id = s.name or f"realign-{key[:8]}-inline"
+        self.records.register_model(
+            ModelEntry(
+                id=model_id,
+                path=str(target),
+                merged_key="",
+                residual_key=key,
+                residual_dir=str(store / "residuals" / key),
+                alpha=s.alpha,
+                base=manifest.base.ref,
+                instruct=manifest.instruct.ref,
+                target=s.target,
+                owner=rec.owner,
+                job_id=rec.id,
+                serve=True,
+                serve_mode="in_engine",
+            )
+        )
+        result = JobResult(
+            model_id=model_id,
+            merged_key="",
+            residual_key=key,
+            output="",
+            manifest={"residual": key, "target": s.target, "alpha": s.alpha},
+        )
+        return result, 0
+
+    def finish_load(self, job_id: str, error: str | None = None) -> None:
+        """Called by the serving side once the model is loaded (or failed to load)."""
+        rec = self.records.get(job_id)
+        if rec is None or rec.status.terminal:
+            return
+        if error is None:
+            self._finish(rec, JobStatus.succeeded, result=rec.result)
+        else:
+            self._fail(rec, "load_failed", error)
 
     def _live(self, job_id: str) -> JobRecord | None:
         rec = self.records.get(job_id)

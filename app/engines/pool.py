@@ -1,0 +1,249 @@
+"""EnginePool: which model is loaded where; hot swaps under a lock; LRU eviction.
+
+A request for a model runs only while the pool's per-engine readers lock is held
+and the engine's loaded model id is the requested one, so no answer can come from
+the wrong weights. A swap takes the lock exclusively: it waits for in-flight
+generations, reloads in place (same architecture) and verifies a few parameters
+before the model is marked ready.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from app.core.errors import ServiceUnavailableError
+from app.engines.base import ChatEngine, InlineMerge
+from app.engines.factory import EngineFactory
+from app.engines.rwlock import RWLock
+
+log = logging.getLogger("app.engines")
+VERIFY_TENSOR = "model.norm.weight"
+
+
+class ModelLoadingError(ServiceUnavailableError):
+    """The model is being loaded; retry shortly."""
+
+    code = "model_loading"
+
+    def __init__(self, message: str, retry_after: int = 5) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """What to load for a model id: a merged checkpoint, or an in-engine merge."""
+
+    model_id: str
+    path: Path  # the merged dir, or for in-engine merges the target (config/shapes)
+    inline: InlineMerge | None = None
+
+
+def signature(model_dir: Path) -> str:
+    """Models with equal signatures can swap weights in place in one engine."""
+    cfg = json.loads((model_dir / "config.json").read_text())
+    keys = (
+        "architectures",
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "intermediate_size",
+        "vocab_size",
+        "tie_word_embeddings",
+    )
+    return json.dumps({k: cfg.get(k) for k in keys}, sort_keys=True)
+
+
+@dataclass
+class _Slot:
+    engine: ChatEngine
+    signature: str
+    model_id: str
+    lock: RWLock = field(default_factory=RWLock)
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    last_used: float = field(default_factory=time.monotonic)
+    loads: int = 0
+
+
+class EnginePool:
+    """At most ``max_engines`` engines; models swap in place when shapes allow.
+
+    Args:
+        factory: builds an engine for a model directory.
+        max_engines: memory budget, counted in engines.
+        wait_s: how long a request waits for a loading model before a 503.
+    """
+
+    def __init__(self, factory: EngineFactory, max_engines: int = 1, wait_s: float = 30) -> None:
+        self.factory = factory
+        self.max_engines = max_engines
+        self.wait_s = wait_s
+        self._slots: list[_Slot] = []
+        self._manage = asyncio.Lock()
+
+    def _find(self, model_id: str) -> _Slot | None:
+        return next((s for s in self._slots if s.model_id == model_id), None)
+
+    def loaded(self) -> dict[str, str]:
+        """Model id -> state (``loading`` or ``ready``)."""
+        return {s.model_id: "ready" if s.ready.is_set() else "loading" for s in self._slots}
+
+    @contextlib.asynccontextmanager
+    async def use(self, model_id: str) -> AsyncIterator[ChatEngine]:
+        """Hold the engine serving ``model_id`` for one request.
+
+        Raises:
+            ModelLoadingError: not ready within ``wait_s`` (or not loaded at all).
+        """
+        deadline = time.monotonic() + self.wait_s
+        while True:
+            slot = self._find(model_id)
+            if slot is None:
+                raise ModelLoadingError(
+                    f"model {model_id!r} is not loaded; an admin can load "
+                    f"it with POST /admin/models/{model_id}/load"
+                )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(slot.ready.wait(), max(0.0, deadline - time.monotonic()))
+            async with slot.lock.read():
+                if slot.model_id == model_id and slot.ready.is_set():
+                    slot.last_used = time.monotonic()
+                    yield slot.engine
+                    return
+            if time.monotonic() >= deadline:
+                raise ModelLoadingError(f"model {model_id!r} is loading; retry shortly")
+
+    async def load(self, src: ModelSource) -> str:
+        """Make ``src`` ready: in place in an engine of the same shape, else in a new engine
+        (evicting the least recently used one beyond the budget). Returns how."""
+        async with self._manage:
+            current = self._find(src.model_id)
+            if current is not None and src.inline is None:
+                return "already loaded"
+            sig = signature(src.path)
+            same = sorted((s for s in self._slots if s.signature == sig), key=lambda s: s.last_used)
+            if same:
+                await self._swap(same[0], src)
+                return "swapped in place"
+            while len(self._slots) >= self.max_engines:
+                await self._evict(min(self._slots, key=lambda s: s.last_used))
+            await self._start(src, sig)
+            return "started a new engine"
+
+    async def _swap(self, slot: _Slot, src: ModelSource) -> None:
+        started = time.perf_counter()
+        async with slot.lock.write():
+            slot.ready.clear()
+            old, slot.model_id = slot.model_id, src.model_id
+            try:
+                if src.inline is not None:
+                    await slot.engine.reload_merged(src.inline)
+                else:
+                    await slot.engine.reload(src.path)
+                await self._verify(slot.engine, src)
+            except BaseException:
+                self._slots.remove(slot)  # weights are in an unknown state: drop the engine
+                await slot.engine.close()
+                raise
+            slot.loads += 1
+            slot.ready.set()
+        log.info(
+            "swapped %s -> %s in place in %.3f s", old, src.model_id, time.perf_counter() - started
+        )
+
+    async def _start(self, src: ModelSource, sig: str) -> None:
+        started = time.perf_counter()
+        engine = self.factory(src.path)
+        slot = _Slot(engine, sig, src.model_id)
+        self._slots.append(slot)
+        try:
+            await engine.start()
+            if src.inline is not None:
+                await engine.reload_merged(src.inline)
+            await self._verify(engine, src)
+        except BaseException:
+            self._slots.remove(slot)
+            await engine.close()
+            raise
+        slot.ready.set()
+        log.info(
+            "started %s engine for %s in %.1f s",
+            engine.kind,
+            src.model_id,
+            time.perf_counter() - started,
+        )
+
+    async def _evict(self, slot: _Slot) -> None:
+        async with slot.lock.write():
+            self._slots.remove(slot)
+            await slot.engine.close()
+        log.info("evicted %s (least recently used)", slot.model_id)
+
+    async def unload(self, model_id: str) -> bool:
+        async with self._manage:
+            slot = self._find(model_id)
+            if slot is None:
+                return False
+            await self._evict(slot)
+            return True
+
+    async def close(self) -> None:
+        for slot in list(self._slots):
+            await self._evict(slot)
+
+    async def _verify(self, engine: ChatEngine, src: ModelSource) -> None:
+        checksum = getattr(engine, "checksum", None)
+        if checksum is None:
+            return
+        expected = _expected_checksum(src)
+        if expected is None:
+            return
+        got = (await checksum([VERIFY_TENSOR])).get(VERIFY_TENSOR)
+        if got is not None and abs(got - expected) > 1e-3 * max(1.0, abs(expected)):
+            raise ServiceUnavailableError(
+                f"{src.model_id}: weights after the swap do not match the checkpoint "
+                f"({VERIFY_TENSOR} sum {got} vs {expected}); the engine was dropped"
+            )
+
+
+def _expected_checksum(src: ModelSource) -> float | None:
+    from app.residuals.checkpoint import Checkpoint
+    from app.residuals.inline import stream_merged
+
+    if src.inline is not None:
+        i = src.inline
+        for _, t in stream_merged(i.residual_dir, i.target_dir, i.alpha, names={VERIFY_TENSOR}):
+            return float(t.double().sum())
+        return None
+    with Checkpoint.open(src.path) as ckpt:
+        info = ckpt.tensors.get(VERIFY_TENSOR)
+        if info is None:
+            return None
+        import torch
+
+        buf = torch.empty(info.nbytes, dtype=torch.uint8)
+        ckpt.read_into(info, 0, info.rows, memoryview(buf.numpy()))  # type: ignore[arg-type]
+        return float(buf.view(info.dtype).double().sum())
+
+
+def describe(pool: EnginePool) -> list[dict[str, Any]]:
+    """Admin view of the engines."""
+    return [
+        {
+            "model": s.model_id,
+            "engine": s.engine.kind,
+            "architecture": s.engine.architecture,
+            "state": "ready" if s.ready.is_set() else "loading",
+            "swaps": s.loads,
+        }
+        for s in pool._slots
+    ]

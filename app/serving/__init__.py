@@ -1,0 +1,1 @@
+"""OpenAI wire format <-> engines: chat, completions, models, SSE."""

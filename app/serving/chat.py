@@ -1,0 +1,225 @@
+"""Chat and text completions over the engine pool, non-streamed and as SSE."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from app.api.schemas.openai import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletion,
+    ChatCompletionRequest,
+    Completion,
+    CompletionChoice,
+    CompletionRequest,
+    Usage,
+)
+from app.core.errors import RealignError
+from app.engines.base import GenerationRequest
+from app.engines.pool import EnginePool
+from app.serving.tokens import Detokenizer, ServedTokenizer
+
+DEFAULT_MAX_TOKENS = 256
+TokenizerLookup = Any  # Callable[[str], ServedTokenizer], raising JobNotFound-like errors
+
+
+@dataclass
+class _Choice:
+    detok: Detokenizer
+    text: str = ""
+    tokens: int = 0
+    finish: str | None = None
+
+
+@dataclass
+class _Run:
+    """One request in flight: ids, per-choice text, usage."""
+
+    kind: str  # "chat.completion" or "text_completion"
+    model: str
+    prompt_tokens: int
+    choices: list[_Choice]
+    id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex[:24]}")
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def usage(self) -> Usage:
+        done = sum(c.tokens for c in self.choices)
+        return Usage(
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=done,
+            total_tokens=self.prompt_tokens + done,
+        )
+
+
+class ChatService:
+    """OpenAI chat/completions on top of an :class:`EnginePool`.
+
+    Args:
+        pool: the engines.
+        tokenizer_for: model id -> its :class:`ServedTokenizer` (raises for unknown ids).
+    """
+
+    def __init__(self, pool: EnginePool, tokenizer_for: TokenizerLookup) -> None:
+        self.pool = pool
+        self.tokenizer_for = tokenizer_for
+
+    def _request(
+        self,
+        body: ChatCompletionRequest | CompletionRequest,
+        tok: ServedTokenizer,
+        prompt: list[int],
+        budget: int,
+    ) -> GenerationRequest:
+        return GenerationRequest(
+            prompt,
+            max_tokens=budget,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            seed=body.seed,
+            n=body.n,
+            stop_token_ids=tok.stop_ids,
+        )
+
+    async def chat(self, body: ChatCompletionRequest) -> ChatCompletion | AsyncIterator[str]:
+        tok: ServedTokenizer = self.tokenizer_for(body.model)
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        prompt = tok.chat_prompt(messages)
+        req = self._request(body, tok, prompt, body.token_budget(DEFAULT_MAX_TOKENS))
+        run = _Run(
+            "chat.completion",
+            body.model,
+            len(prompt),
+            [_Choice(Detokenizer(tok, body.stops())) for _ in range(body.n)],
+        )
+        if body.stream:
+            usage = bool(body.stream_options and body.stream_options.include_usage)
+            return self._sse(run, req, usage)
+        await self._drain(run, req)
+        return ChatCompletion(
+            id=run.id,
+            created=run.created,
+            model=run.model,
+            usage=run.usage(),
+            choices=[
+                ChatChoice(
+                    index=i, message=AssistantMessage(content=c.text), finish_reason=c.finish
+                )
+                for i, c in enumerate(run.choices)
+            ],
+        )
+
+    async def complete(self, body: CompletionRequest) -> Completion | AsyncIterator[str]:
+        tok: ServedTokenizer = self.tokenizer_for(body.model)
+        prompts = body.prompts()
+        if len(prompts) != 1:
+            raise RealignError("one prompt per request is supported; send several requests")
+        prompt = tok.encode(prompts[0])
+        req = self._request(body, tok, prompt, body.max_tokens or 16)
+        run = _Run(
+            "text_completion",
+            body.model,
+            len(prompt),
+            [_Choice(Detokenizer(tok, body.stops())) for _ in range(body.n)],
+        )
+        run.id = f"cmpl-{uuid.uuid4().hex[:24]}"
+        if body.stream:
+            usage = bool(body.stream_options and body.stream_options.include_usage)
+            return self._sse(run, req, usage)
+        await self._drain(run, req)
+        echo = prompts[0] if body.echo else ""
+        return Completion(
+            id=run.id,
+            created=run.created,
+            model=run.model,
+            usage=run.usage(),
+            choices=[
+                CompletionChoice(index=i, text=echo + c.text, finish_reason=c.finish)
+                for i, c in enumerate(run.choices)
+            ],
+        )
+
+    async def _deltas(
+        self, run: _Run, req: GenerationRequest
+    ) -> AsyncIterator[tuple[int, str, str | None]]:
+        """(choice index, new text, finish reason) as tokens arrive."""
+        async with self.pool.use(run.model) as engine:
+            async for chunk in engine.generate(req):
+                choice = run.choices[chunk.index]
+                if choice.finish is not None:
+                    continue
+                stop_token = chunk.finish_reason == "stop"
+                ids = chunk.token_ids[:-1] if stop_token else chunk.token_ids
+                choice.tokens += len(chunk.token_ids)
+                text = choice.detok.push(ids)
+                finish = "stop" if choice.detok.stopped else chunk.finish_reason
+                choice.text += text
+                choice.finish = finish
+                yield chunk.index, text, finish
+
+    async def _drain(self, run: _Run, req: GenerationRequest) -> None:
+        async for _ in self._deltas(run, req):
+            pass
+
+    async def _sse(self, run: _Run, req: GenerationRequest, usage: bool) -> AsyncIterator[str]:
+        """Server-sent events; errors after the first byte become an error event."""
+        chunk_kind = "chat.completion.chunk" if run.kind == "chat.completion" else run.kind
+        head = {"id": run.id, "object": chunk_kind, "created": run.created, "model": run.model}
+        try:
+            if run.kind == "chat.completion":
+                for i in range(len(run.choices)):
+                    yield _event(
+                        {
+                            **head,
+                            "choices": [
+                                {
+                                    "index": i,
+                                    "delta": {"role": "assistant", "content": ""},
+                                    "finish_reason": None,
+                                    "logprobs": None,
+                                }
+                            ],
+                        }
+                    )
+            async for index, text, finish in self._deltas(run, req):
+                if not text and finish is None:
+                    continue
+                body = (
+                    {"delta": {"content": text}}
+                    if run.kind == "chat.completion"
+                    else {"text": text}
+                )
+                yield _event(
+                    {
+                        **head,
+                        "choices": [
+                            {"index": index, **body, "finish_reason": finish, "logprobs": None}
+                        ],
+                    }
+                )
+            if usage:
+                yield _event({**head, "choices": [], "usage": run.usage().model_dump()})
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            code = getattr(exc, "code", "internal_error")
+            yield _event(
+                {
+                    "error": {
+                        "message": str(exc),
+                        "type": "server_error",
+                        "param": None,
+                        "code": code,
+                    }
+                }
+            )
+        yield "data: [DONE]\n\n"
+
+
+def _event(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
