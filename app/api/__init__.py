@@ -1,0 +1,1 @@
+"""HTTP transport: FastAPI app factory, routes, API schemas, auth, error mapping."""

@@ -1,0 +1,68 @@
+"""Prometheus collector computing job metrics from the service at scrape time.
+
+Nothing is counted in this process: with several API replicas every one reports
+the same numbers, read from the shared job records.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from app.jobs.models import JobStatus
+from app.jobs.service import JobService
+
+DURATION_BUCKETS = (1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 21600.0)
+
+
+def histogram_buckets(values: Sequence[float], bounds: Sequence[float]) -> list[tuple[str, float]]:
+    """Cumulative ``(le, count)`` pairs, ending with ``+Inf``."""
+    buckets = [(f"{b:g}", float(sum(1 for v in values if v <= b))) for b in bounds]
+    return [*buckets, ("+Inf", float(len(values)))]
+
+
+class JobMetricsCollector(Collector):
+    def __init__(self, service: JobService) -> None:
+        self.service = service
+
+    def collect(self) -> Iterator[Metric]:
+        snapshot: dict[str, Any] = self.service.metrics()
+        by_status: dict[str, int] = snapshot.get("jobs_by_status", {})
+        jobs = GaugeMetricFamily("realign_jobs", "Jobs by status.", labels=["status"])
+        for status in JobStatus:
+            jobs.add_metric([status.value], float(by_status.get(status.value, 0)))
+        yield jobs
+
+        durations = [float(d) for d in snapshot.get("durations_s", []) if math.isfinite(d)]
+        yield HistogramMetricFamily(
+            "realign_job_duration_seconds",
+            "Wall time of recently finished jobs, from start to finish.",
+            buckets=histogram_buckets(durations, DURATION_BUCKETS),
+            sum_value=sum(durations),
+        )
+        yield CounterMetricFamily(
+            "realign_merged_bytes",
+            "Bytes of merged model weights written.",
+            value=float(snapshot.get("bytes_merged", 0)),
+        )
+        depth = GaugeMetricFamily("realign_queue_depth", "Messages waiting.", labels=["queue"])
+        for queue, n in sorted(snapshot.get("queue_depths", {}).items()):
+            depth.add_metric([queue], float(n))
+        yield depth
+
+
+def metrics_registry(service: JobService) -> CollectorRegistry:
+    """A registry of this app only (not the process-global one), so apps never clash."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(JobMetricsCollector(service))
+    return registry

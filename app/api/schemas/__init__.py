@@ -1,0 +1,1 @@
+"""API schemas: request and response bodies of our HTTP endpoints."""

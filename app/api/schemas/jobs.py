@@ -1,0 +1,191 @@
+"""API schemas of merge and residual jobs, named by role (create / public / list)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+from app.jobs.models import (
+    JobError,
+    JobEvent,
+    JobProgress,
+    JobRecord,
+    JobResult,
+    JobStage,
+    JobStatus,
+    MergeSpec,
+    WorkerInfo,
+)
+
+
+def _no_home(text: str) -> str:
+    # The client's "~" means nothing on the server, and expanding it probes server users.
+    if text.lstrip().startswith("~"):
+        raise ValueError(
+            "'~' is not expanded on the server: give an absolute path under an allowed "
+            "root or hf:org/name@rev"
+        )
+    return text
+
+
+# A model reference as text: a path or hf:org/name@rev; control characters (NUL above
+# all) are never part of one and would reach the filesystem otherwise.
+RefText = Annotated[
+    str,
+    Field(min_length=1, max_length=4096, pattern=r"^[^\x00-\x1f\x7f]+$"),
+    AfterValidator(_no_home),
+]
+
+_MERGE_EXAMPLE: dict[str, Any] = {
+    "target": "/models/llama-3-8b-news",
+    "base": "hf:meta-llama/Meta-Llama-3-8B@main",
+    "instruct": "hf:meta-llama/Meta-Llama-3-8B-Instruct@main",
+    "alpha": 1.0,
+    "dtype": "bfloat16",
+    "serve": False,
+}
+
+
+class MergeCreate(MergeSpec):
+    """A merge request: ``target + alpha * (instruct - base)``, or a stored ``residual``
+    applied to ``target``."""
+
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", json_schema_extra={"examples": [_MERGE_EXAMPLE]}
+    )
+
+    target: RefText = Field(
+        description="The new base: local path under an allowed root or hf:org/name@rev.",
+        examples=["/models/llama-3-8b-news"],
+    )
+    base: RefText | None = Field(default=None, examples=["hf:meta-llama/Meta-Llama-3-8B@main"])
+    instruct: RefText | None = Field(
+        default=None, examples=["hf:meta-llama/Meta-Llama-3-8B-Instruct@main"]
+    )
+    residual: str | None = Field(
+        default=None,
+        pattern=r"^[0-9a-f]{6,64}$",
+        description="A stored residual key (or unique prefix), instead of base + instruct.",
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> MergeCreate:
+        pair = self.base is not None or self.instruct is not None
+        if self.residual is not None and pair:
+            raise ValueError("give either 'residual' or 'base' + 'instruct', not both")
+        if self.residual is None and (self.base is None or self.instruct is None):
+            raise ValueError("give 'base' and 'instruct' (or a stored 'residual' key)")
+        return self
+
+    def to_spec(self) -> MergeSpec:
+        return MergeSpec.model_validate(self.model_dump())
+
+
+class ResidualCreate(BaseModel):
+    """Compute (or reuse) the residual pack ``instruct - base`` without merging."""
+
+    model_config = ConfigDict(
+        frozen=True,
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "base": "hf:meta-llama/Meta-Llama-3-8B@main",
+                    "instruct": "hf:meta-llama/Meta-Llama-3-8B-Instruct@main",
+                    "dtype": "bfloat16",
+                }
+            ]
+        },
+    )
+
+    base: RefText
+    instruct: RefText
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    metadata: dict[str, str] = Field(default_factory=dict, max_length=64)
+
+    def to_spec(self) -> MergeSpec:
+        return MergeSpec(
+            target=None,
+            base=self.base,
+            instruct=self.instruct,
+            dtype=self.dtype,
+            metadata=self.metadata,
+        )
+
+
+class MergePublic(BaseModel):
+    """A job as the API shows it (merges and residual-only jobs alike)."""
+
+    object: Literal["merge.job"] = "merge.job"
+    id: str
+    owner: str
+    status: JobStatus
+    stage: JobStage | None
+    spec: MergeSpec
+    progress: JobProgress
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    updated_at: datetime
+    result: JobResult | None
+    error: JobError | None
+    deliveries: int
+    cancel_requested: bool
+    idempotency_key: str | None
+
+    @classmethod
+    def from_record(cls, record: JobRecord) -> MergePublic:
+        return cls.model_validate(record.model_dump(exclude={"fingerprint"}))
+
+
+class MergeList(BaseModel):
+    """One page of jobs, newest first."""
+
+    object: Literal["list"] = "list"
+    data: list[MergePublic]
+    total: int = Field(description="Jobs matching the filter, over all pages.")
+    offset: int
+    limit: int
+
+    @classmethod
+    def from_page(cls, page: tuple[list[JobRecord], int], offset: int, limit: int) -> MergeList:
+        records, total = page
+        data = [MergePublic.from_record(r) for r in records]
+        return cls(data=data, total=total, offset=offset, limit=limit)
+
+
+class EventPublic(BaseModel):
+    """One step of a job's history; ``seq`` orders them and resumes an SSE stream."""
+
+    seq: int
+    at: datetime
+    kind: Literal["status", "progress", "log"]
+    status: JobStatus
+    stage: JobStage | None = None
+    progress: JobProgress | None = None
+    message: str = ""
+
+    @classmethod
+    def from_event(cls, event: JobEvent) -> EventPublic:
+        return cls.model_validate(event.model_dump())
+
+
+class WorkerPublic(WorkerInfo):
+    """A live worker: where it runs, which queues it takes, what it is doing."""
+
+
+class QueuePublic(BaseModel):
+    queues: dict[str, int] = Field(description="Messages waiting per queue.")
+
+
+class ArtifactList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[dict[str, Any]]
+
+
+class ArtifactDeleted(BaseModel):
+    id: str
+    object: Literal["residual"] = "residual"
+    deleted: bool = True
