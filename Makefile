@@ -41,6 +41,7 @@ typecheck: setup-dev
 
 unit: setup-dev
 	scripts/ensure-redis
+	scripts/ensure-chromium
 	$(BIN)/pytest
 
 test: lint typecheck unit

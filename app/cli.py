@@ -315,13 +315,11 @@ def serve(
     import uvicorn
 
     from app.api.app import create_app
-    from app.api.auth import check_bind
 
     settings = get_settings()
     settings = settings.model_copy(
         update={"host": host or settings.host, "port": port or settings.port}
     )
-    check_bind(settings)  # no API keys: loopback only
     mode = f"Redis at {settings.redis_url}" if settings.redis_url else "embedded (no Redis)"
     err.print(
         f"realign {__version__} serving on http://{settings.host}:{settings.port} — {mode}; "

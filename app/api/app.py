@@ -17,9 +17,10 @@ from app.api.auth import KeyRing, check_bind
 from app.api.errors import install_error_handlers
 from app.api.limits import BodyLimitMiddleware
 from app.api.metrics import metrics_registry
-from app.api.routes import admin, health, merges, residuals
+from app.api.routes import admin, health, merges, models, openai, residuals
 from app.core.settings import Settings, get_settings
 from app.jobs.service import JobService
+from app.serving.service import ServingService
 
 DESCRIPTION = """\
 Merge LLM checkpoints with instruction residuals:
@@ -36,6 +37,7 @@ TAGS = [
     {"name": "merges", "description": "Submit and follow merge jobs."},
     {"name": "residuals", "description": "Residual packs (instruct - base) in the store."},
     {"name": "admin", "description": "Every caller's jobs, workers, queues, store (admin keys)."},
+    {"name": "openai", "description": "OpenAI-compatible chat, completions and models."},
     {"name": "health", "description": "Liveness, readiness and Prometheus metrics."},
 ]
 
@@ -46,9 +48,13 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     service.start()
     app.state.service = service
     app.state.metrics_registry = metrics_registry(service)
+    serving = ServingService(app.state.settings, service.records)
+    serving.start()
+    app.state.serving = serving
     try:
         yield
     finally:
+        await serving.stop()
         service.stop()
 
 
@@ -71,6 +77,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.keyring = KeyRing.from_settings(settings)
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
-    for module in (merges, residuals, admin, health):
+    for module in (merges, residuals, openai, models, admin, health):
         app.include_router(module.router)
     return app

@@ -12,6 +12,7 @@ from app.core.errors import PermissionDeniedError
 from app.core.settings import Settings
 from app.jobs.models import Caller
 from app.jobs.service import JobService
+from app.serving.service import ServingService
 
 _bearer = HTTPBearer(
     auto_error=False,
@@ -27,6 +28,11 @@ def get_settings(request: Request) -> Settings:
 def get_service(request: Request) -> JobService:
     service: JobService = request.app.state.service
     return service
+
+
+def get_serving(request: Request) -> ServingService:
+    serving: ServingService = request.app.state.serving
+    return serving
 
 
 def get_caller(
@@ -45,5 +51,6 @@ def require_admin(caller: Annotated[Caller, Depends(get_caller)]) -> Caller:
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 ServiceDep = Annotated[JobService, Depends(get_service)]
+ServingDep = Annotated[ServingService, Depends(get_serving)]
 CallerDep = Annotated[Caller, Depends(get_caller)]
 AdminDep = Annotated[Caller, Depends(require_admin)]

@@ -55,7 +55,12 @@ class JobRecords:
 
     def get(self, job_id: str) -> JobRecord | None:
         raw = self.kv.get(f"{P}job:{job_id}")
-        return JobRecord.model_validate_json(raw) if raw else None
+        if not raw:
+            return None
+        rec = JobRecord.model_validate_json(raw)
+        if not rec.cancel_requested and self.cancel_requested(job_id):
+            rec = rec.model_copy(update={"cancel_requested": True})
+        return rec
 
     def save(self, rec: JobRecord) -> JobRecord:
         rec = rec.model_copy(update={"updated_at": utcnow()})

@@ -49,6 +49,8 @@ class ModelRef(BaseModel):
         text = text.strip()
         if not text:
             raise InvalidRefError("empty model reference; give a directory or hf:org/name@rev")
+        if any(ord(ch) < 32 for ch in text):
+            raise InvalidRefError(f"{text!r}: control characters are not allowed in a reference")
         if text.startswith("hf:"):
             repo, _, rev = text[3:].partition("@")
             if not _REPO.match(repo):
@@ -62,7 +64,10 @@ class ModelRef(BaseModel):
                 f"{text!r}: {scheme}:// references are not supported; copy the model to a "
                 "local directory or use hf:org/name@revision"
             )
-        return cls(kind="local", path=Path(text).expanduser())
+        try:
+            return cls(kind="local", path=Path(text).expanduser())
+        except RuntimeError as exc:  # ~user that does not exist
+            raise InvalidRefError(f"{text!r}: {exc}") from None
 
     def __str__(self) -> str:
         if self.kind == "hf":

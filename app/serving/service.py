@@ -1,0 +1,178 @@
+"""ServingService: the served-model registry, tokenizers, engines, and loading."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from app.api.schemas.openai import (
+    ChatCompletion,
+    ChatCompletionRequest,
+    Completion,
+    CompletionRequest,
+    ModelCard,
+)
+from app.core.errors import RealignError
+from app.core.settings import Settings
+from app.engines.base import InlineMerge
+from app.engines.factory import make_factory
+from app.engines.pool import EnginePool, ModelLoadingError, ModelSource, describe
+from app.jobs.records import JobRecords, ModelEntry
+from app.jobs.runner import JobRunner
+from app.serving.chat import ChatService
+from app.serving.tokens import ServedTokenizer
+
+log = logging.getLogger("app.serving")
+
+
+class ModelNotFoundError(RealignError, LookupError):
+    """No served model has this id."""
+
+    code = "model_not_found"
+    http_status = 404
+
+
+class ServingService:
+    """Owns the engine pool of this API process and what it serves."""
+
+    def __init__(self, settings: Settings, records: JobRecords) -> None:
+        self.settings = settings
+        self.records = records
+        factory = make_factory(
+            settings.engine,
+            device=settings.device,
+            max_model_len=settings.engine_max_model_len,
+            extra=json.loads(settings.vllm_args or "{}"),
+        )
+        self.pool = EnginePool(factory, settings.max_engines, settings.engine_wait_s)
+        self.chat_service = ChatService(self.pool, self.tokenizer)
+        self._tokenizers: dict[tuple[str, str], ServedTokenizer] = {}
+        self._loading: dict[str, asyncio.Task[str]] = {}
+        self._finisher = JobRunner(records, settings, "serving", lambda task, job: None)
+        self._watch: asyncio.Task[None] | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def start(self) -> None:
+        self._watch = asyncio.get_running_loop().create_task(self._watch_loads())
+
+    async def stop(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
+        await self.pool.close()
+
+    async def _watch_loads(self) -> None:
+        """Finish jobs that asked for their model to be served."""
+        while True:
+            try:
+                for job_id in await asyncio.to_thread(self.records.take_load_requests):
+                    await self._serve_job(job_id)
+            except Exception as exc:  # keep watching through Redis hiccups
+                log.warning("load watcher: %s", exc)
+            await asyncio.sleep(0.3)
+
+    async def _serve_job(self, job_id: str) -> None:
+        rec = self.records.get(job_id)
+        if rec is None or rec.result is None:
+            return
+        try:
+            how = await self.load(rec.result.model_id)
+            log.info("job %s: %s %s", job_id, rec.result.model_id, how)
+            await asyncio.to_thread(self._finisher.finish_load, job_id)
+        except Exception as exc:
+            await asyncio.to_thread(self._finisher.finish_load, job_id, str(exc))
+
+    # -- registry -------------------------------------------------------------------------
+    def entry(self, model_id: str) -> ModelEntry:
+        entry = self.records.model(model_id)
+        if entry is None:
+            raise ModelNotFoundError(
+                f"the model {model_id!r} does not exist; GET /v1/models lists the served models"
+            )
+        return entry
+
+    def tokenizer(self, model_id: str) -> ServedTokenizer:
+        entry = self.entry(model_id)
+        where = Path(entry.residual_dir) / "assets" if entry.residual_dir else Path(entry.path)
+        key = (model_id, str(where))
+        if key not in self._tokenizers:
+            self._tokenizers[key] = ServedTokenizer.load(where)
+        return self._tokenizers[key]
+
+    def source(self, entry: ModelEntry) -> ModelSource:
+        inline = None
+        if entry.residual_dir:
+            inline = InlineMerge(Path(entry.residual_dir), Path(entry.path), entry.alpha)
+        return ModelSource(entry.id, Path(entry.path), inline)
+
+    def models(self) -> list[ModelCard]:
+        state = self.pool.loaded()
+        return [self.card(e, state.get(e.id, "unloaded")) for e in self.records.models()]
+
+    def card(self, e: ModelEntry, state: str | None = None) -> ModelCard:
+        state = state or self.pool.loaded().get(e.id, "unloaded")
+        return ModelCard(
+            id=e.id,
+            created=int(e.created_at.timestamp()),
+            owned_by=e.owner,
+            realign={
+                "base": e.base,
+                "instruct": e.instruct,
+                "target": e.target,
+                "residual_key": e.residual_key,
+                "alpha": e.alpha,
+                "merged_key": e.merged_key or None,
+                "serve_mode": e.serve_mode,
+                "state": state,
+                "job_id": e.job_id,
+            },
+        )
+
+    # -- loading --------------------------------------------------------------------------
+    async def load(self, model_id: str) -> str:
+        task = self._loading.get(model_id)
+        if task is None or task.done():
+            task = asyncio.get_running_loop().create_task(
+                self.pool.load(self.source(self.entry(model_id)))
+            )
+            self._loading[model_id] = task
+        return await asyncio.shield(task)
+
+    async def unload(self, model_id: str) -> bool:
+        self.entry(model_id)
+        return await self.pool.unload(model_id)
+
+    async def _ready(self, model_id: str) -> None:
+        self.tokenizer(model_id)  # 404 for unknown ids, before anything else
+        if self.pool.loaded().get(model_id) == "ready":
+            return
+        task = self._loading.get(model_id)
+        if task is None or task.done():
+            self._loading[model_id] = asyncio.get_running_loop().create_task(
+                self.pool.load(self.source(self.entry(model_id)))
+            )
+        try:
+            await asyncio.wait_for(
+                asyncio.shield(self._loading[model_id]), self.settings.engine_wait_s
+            )
+        except TimeoutError:
+            raise ModelLoadingError(
+                f"model {model_id!r} is loading; retry shortly", retry_after=10
+            ) from None
+
+    async def chat(self, body: ChatCompletionRequest) -> ChatCompletion | AsyncIterator[str]:
+        await self._ready(body.model)
+        return await self.chat_service.chat(body)
+
+    async def complete(self, body: CompletionRequest) -> Completion | AsyncIterator[str]:
+        await self._ready(body.model)
+        return await self.chat_service.complete(body)
+
+    def engines(self) -> list[dict[str, Any]]:
+        return describe(self.pool)
