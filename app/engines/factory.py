@@ -40,7 +40,13 @@ def make_factory(
         from app.engines.vllm import VllmEngine
 
         def build_vllm(model_dir: Path) -> ChatEngine:
-            return VllmEngine(model_dir, max_model_len=max_model_len, **(extra or {}))  # type: ignore[arg-type]
+            args = dict(extra or {})
+            known = {
+                k: args.pop(k)
+                for k in ("dtype", "gpu_memory_utilization", "enforce_eager", "max_num_seqs")
+                if k in args
+            }
+            return VllmEngine(model_dir, max_model_len=max_model_len, extra_args=args, **known)  # type: ignore[arg-type]
 
         return build_vllm
     if kind == "torch":
