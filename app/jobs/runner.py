@@ -13,11 +13,10 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
 
 from app.core.errors import OperationCancelledError, RealignError
 from app.core.settings import Settings
-from app.jobs.models import JobError, JobProgress, JobRecord, JobResult, JobStage, JobStatus
+from app.jobs.models import JobError, JobProgress, JobRecord, JobResult, JobStage, JobStatus, utcnow
 from app.jobs.records import JobRecords, ModelEntry
 from app.residuals.progress import Progress
 
@@ -114,7 +113,7 @@ class JobRunner:
 
     # -- internals ------------------------------------------------------------------------
     def _run_merge(self, rec: JobRecord) -> None:
-        rec = rec.model_copy(update={"started_at": rec.started_at or _now()})
+        rec = rec.model_copy(update={"started_at": rec.started_at or utcnow()})
         rec = self._move(rec, JobStatus.running, JobStage.residual)
         cancel = threading.Event()
         reporter = _Reporter(self, rec, cancel)
@@ -323,7 +322,7 @@ class JobRunner:
         nbytes: int = 0,
     ) -> None:
         rec = rec.model_copy(
-            update={"status": status, "result": result, "error": error, "finished_at": _now()}
+            update={"status": status, "result": result, "error": error, "finished_at": utcnow()}
         )
         rec = self.records.save(rec)
         self.records.add_event(rec, "status", error.message if error else status.value)
@@ -337,12 +336,6 @@ class JobRunner:
                 self.records.acquire_lease(job_id, self.worker, LEASE_TTL_S)
             except Exception as exc:  # Redis restarting: keep working, retry next beat
                 log.warning("job %s: lease renewal failed (%s)", job_id, exc)
-
-
-def _now() -> Any:
-    from app.jobs.models import utcnow
-
-    return utcnow()
 
 
 class _Reporter:
