@@ -61,6 +61,20 @@ class Settings(BaseSettings):
     max_deliveries: int = Field(default=3, description="A job redelivered more often fails.")
     worker_queues: list[str] = Field(default_factory=lambda: ["gpu", "cpu"])
 
+    # -- serving -----------------------------------------------------------------------
+    engine: Literal["auto", "vllm", "torch"] = Field(
+        default="auto", description="auto = vLLM when it is installed, else transformers."
+    )
+    max_engines: int = Field(default=1, ge=1, description="Engines kept loaded (memory budget).")
+    engine_max_model_len: int = Field(default=2048, ge=64)
+    engine_wait_s: float = Field(
+        default=30.0, description="How long a request waits for a loading model before 503."
+    )
+    vllm_args: str = Field(
+        default="{}",
+        description='Extra vLLM engine arguments as JSON, e.g. {"enforce_eager": true}.',
+    )
+
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
