@@ -1,0 +1,117 @@
+"""Shared pieces of the ``realign`` command line: the app, options, errors, progress."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+
+from app.core.errors import OperationCancelledError, RealignError
+from app.residuals.progress import Progress as Snapshot
+
+app = typer.Typer(
+    name="realign",
+    help="Keep LLMs instruction-aligned while their knowledge moves: "
+    "new_instruct = new_base + alpha * (instruct - base).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+err = Console(stderr=True)
+out = Console()
+log = logging.getLogger("app.cli")
+F = TypeVar("F", bound=Callable[..., Any])
+
+Base = Annotated[
+    str, typer.Option("--base", "-b", help="Base model: directory or hf:org/name@rev.")
+]
+Instruct = Annotated[
+    str, typer.Option("--instruct", "-i", help="Instruct model tuned from --base.")
+]
+Target = Annotated[
+    str, typer.Option("--target", "-t", help="New base (e.g. continually pre-trained).")
+]
+OutDir = Annotated[
+    Path, typer.Option("--out", "-o", help="Output model directory (must not exist).")
+]
+Alpha = Annotated[float, typer.Option("--alpha", help="Residual scale.")]
+DType = Annotated[
+    str, typer.Option("--dtype", help="Residual storage dtype: bfloat16, float16 or float32.")
+]
+Store = Annotated[
+    Path | None,
+    typer.Option(
+        "--store", help="Store directory [default: $REALIGN_MODELS_CACHE_DIR].", show_default=False
+    ),
+]
+Device = Annotated[str, typer.Option("--device", help="cpu or cuda[:N].")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+
+
+def _fail(message: str, code: int) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def friendly(fn: F) -> F:
+    """Turn user mistakes into one-line errors with a non-zero exit status."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except OperationCancelledError as exc:
+            raise _fail(str(exc), 130) from None
+        except KeyboardInterrupt:
+            raise _fail("interrupted; nothing was published", 130) from None
+        except (RealignError, ValueError) as exc:
+            raise _fail(str(exc), 1) from None
+        except OSError as exc:
+            raise _fail(f"{exc.filename or ''}: {exc.strerror or exc}", 1) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+@contextmanager
+def progress_bar(
+    quiet: bool,
+) -> Iterator[tuple[Callable[[Snapshot], None] | None, threading.Event]]:
+    """A rich progress bar fed by the engine's progress callback; Ctrl-C cancels."""
+    cancel = threading.Event()
+    if quiet or not err.is_terminal:
+        yield None, cancel
+        return
+    bar = Progress(
+        TextColumn("{task.description:<9}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        transient=True,
+    )
+    tasks: dict[str, Any] = {}
+
+    def update(p: Snapshot) -> None:
+        if p.stage not in tasks:
+            tasks[p.stage] = bar.add_task(p.stage, total=p.bytes_total)
+        bar.update(tasks[p.stage], completed=p.bytes_done)
+
+    with bar:
+        yield update, cancel

@@ -1,0 +1,196 @@
+"""Residual engine commands: merge, compute, apply, inspect, verify, ls, rm."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from app.cli.common import (
+    Alpha,
+    Base,
+    Device,
+    DType,
+    Instruct,
+    OutDir,
+    Overwrite,
+    Quiet,
+    Store,
+    Target,
+    app,
+    err,
+    friendly,
+    out,
+    progress_bar,
+)
+
+
+@app.command()
+@friendly
+def merge(
+    base: Base,
+    instruct: Instruct,
+    target: Target,
+    out_dir: OutDir,
+    alpha: Alpha = 1.0,
+    dtype: DType = "bfloat16",
+    store: Store = None,
+    device: Device = "cpu",
+    no_cache: Annotated[
+        bool, typer.Option("--no-cache", help="One fused pass; do not store the residual.")
+    ] = False,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+) -> None:
+    """Merge: out = target + alpha * (instruct - base), reusing a cached residual."""
+    from app.merge import merge as run
+
+    with progress_bar(quiet) as (cb, cancel):
+        res = run(
+            base,
+            instruct,
+            target,
+            out_dir,
+            alpha=alpha,
+            dtype=dtype,
+            store=store,
+            device=device,
+            no_cache=no_cache,
+            progress=cb,
+            cancel=cancel,
+            overwrite=overwrite,
+        )
+    if res.residual_key:
+        how = "computed" if res.residual_created else "reused"
+        err.print(f"residual {res.residual_key} ({how})")
+    err.print(f"merged model written to {res.out}")
+    out.print(str(res.out), highlight=False)
+
+
+@app.command()
+@friendly
+def compute(
+    base: Base,
+    instruct: Instruct,
+    dtype: DType = "bfloat16",
+    store: Store = None,
+    device: Device = "cpu",
+    quiet: Quiet = False,
+) -> None:
+    """Compute (or reuse) the residual instruct - base; prints its key last."""
+    from app.merge import compute as run
+
+    with progress_bar(quiet) as (cb, cancel):
+        res = run(
+            base, instruct, dtype=dtype, store=store, device=device, progress=cb, cancel=cancel
+        )
+    size = res.manifest.total_bytes / 1e6
+    err.print(f"{'computed' if res.created else 'reused'} residual at {res.path} ({size:.1f} MB)")
+    out.print(res.key, highlight=False)
+
+
+@app.command()
+@friendly
+def apply(
+    residual: Annotated[
+        str, typer.Option("--residual", "-r", help="Residual key, key prefix or pack dir.")
+    ],
+    target: Target,
+    out_dir: OutDir,
+    alpha: Alpha = 1.0,
+    store: Store = None,
+    device: Device = "cpu",
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+) -> None:
+    """Apply a residual to a new base: out = target + alpha * R."""
+    from app.merge import apply as run
+
+    with progress_bar(quiet) as (cb, cancel):
+        res = run(
+            residual,
+            target,
+            out_dir,
+            alpha=alpha,
+            store=store,
+            device=device,
+            progress=cb,
+            cancel=cancel,
+            overwrite=overwrite,
+        )
+    err.print(f"merged model written to {res.out}")
+    out.print(str(res.out), highlight=False)
+
+
+@app.command()
+@friendly
+def inspect(
+    ref: Annotated[str, typer.Argument(help="Residual key or dir, or a merged model dir.")],
+    store: Store = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the manifest.")] = False,
+) -> None:
+    """Show what a residual pack or a merged model is made of."""
+    from app.merge import inspect as run
+    from app.residuals.manifest import ResidualManifest
+
+    m = run(ref, store)
+    if as_json:
+        out.print_json(m.model_dump_json())
+        return
+    out.print(f"[bold]{m.format}[/]  method={m.method}")
+    out.print(f"  instruct  {m.instruct.ref}  ({m.instruct.digest[:12]})")
+    out.print(f"  base      {m.base.ref}  ({m.base.digest[:12]})")
+    if isinstance(m, ResidualManifest):
+        out.print(
+            f"  key {m.key}  dtype {m.dtype}  family {m.family.model_type}  "
+            f"{len(m.tensors)} tensors  {m.total_bytes / 1e6:.1f} MB"
+        )
+        top = sorted(m.tensors.items(), key=lambda kv: kv[1].norm, reverse=True)[:5]
+        for name, t in top:
+            out.print(f"    {name:<50} |R|={t.norm:.4g} max={t.max_abs:.3g}", highlight=False)
+    else:
+        out.print(f"  target    {m.target.ref}  ({m.target.digest[:12]})")
+        out.print(f"  alpha {m.alpha}  residual {m.residual_key or 'fused, not stored'}")
+    if m.vocab:
+        out.print(
+            f"  vocabulary {m.vocab.base_rows} -> {m.vocab.instruct_rows} rows ({m.vocab.policy})"
+        )
+
+
+@app.command()
+@friendly
+def verify(
+    key: Annotated[str, typer.Argument(help="Residual key or prefix.")], store: Store = None
+) -> None:
+    """Check every file of a stored residual against its sha256."""
+    from app.merge import verify as run
+
+    m = run(key, store)
+    out.print(f"ok {m.key}: {len(m.files)} files verified")
+
+
+@app.command("ls")
+@friendly
+def list_(store: Store = None) -> None:
+    """List stored residuals and merged models."""
+    from app.merge import list_artifacts
+
+    table = Table("key", "kind", "size", "last used", "in use")
+    table.columns[0].no_wrap = True
+    for a in list_artifacts(store):
+        used = datetime.fromtimestamp(a.last_used, UTC).strftime("%Y-%m-%d %H:%M")
+        table.add_row(a.key, a.kind, f"{a.size / 1e6:.1f} MB", used, "yes" if a.in_use else "")
+    out.print(table)
+
+
+@app.command("rm")
+@friendly
+def rm(
+    key: Annotated[str, typer.Argument(help="Residual key or prefix.")], store: Store = None
+) -> None:
+    """Delete a stored residual (refused while a job uses it)."""
+    from app.merge import remove
+
+    out.print(f"removed {remove(key, store)}")
