@@ -11,18 +11,16 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable
 
 from app.core.errors import OperationCancelledError, RealignError
 from app.core.settings import Settings
-from app.jobs.models import JobError, JobProgress, JobRecord, JobResult, JobStage, JobStatus, utcnow
+from app.jobs.models import JobError, JobRecord, JobResult, JobStage, JobStatus, utcnow
 from app.jobs.records import JobRecords, ModelEntry
-from app.residuals.progress import Progress
+from app.jobs.reporter import JobReporter
 
 log = logging.getLogger("app.jobs")
 LEASE_TTL_S = 20.0
-_WRITE_EVERY_S = 0.5
 Enqueue = Callable[[str, str], None]  # (task name, job id)
 
 
@@ -116,7 +114,7 @@ class JobRunner:
         rec = rec.model_copy(update={"started_at": rec.started_at or utcnow()})
         rec = self._move(rec, JobStatus.running, JobStage.residual)
         cancel = threading.Event()
-        reporter = _Reporter(self, rec, cancel)
+        reporter = JobReporter(self, rec, cancel)
         try:
             if rec.spec.target is None:
                 result, nbytes = self._residual_only(rec, reporter, cancel)
@@ -143,7 +141,7 @@ class JobRunner:
         self._finish(rec, JobStatus.succeeded, result=result, nbytes=nbytes)
 
     def _residual_only(
-        self, rec: JobRecord, reporter: _Reporter, cancel: threading.Event
+        self, rec: JobRecord, reporter: JobReporter, cancel: threading.Event
     ) -> tuple[JobResult, int]:
         from app.merge import compute
 
@@ -168,7 +166,7 @@ class JobRunner:
         return result, res.manifest.total_bytes
 
     def _checkpoint(
-        self, rec: JobRecord, reporter: _Reporter, cancel: threading.Event
+        self, rec: JobRecord, reporter: JobReporter, cancel: threading.Event
     ) -> tuple[JobResult, int]:
         from app.merge import merge_to_store
 
@@ -215,7 +213,7 @@ class JobRunner:
         return result, sum(f.size for f in m.files.values())
 
     def _in_engine(
-        self, rec: JobRecord, reporter: _Reporter, cancel: threading.Event
+        self, rec: JobRecord, reporter: JobReporter, cancel: threading.Event
     ) -> tuple[JobResult, int]:
         """Residual only; the engine computes target + alpha * R while loading it."""
         from app.merge import compute, preflight, resolve_model
@@ -336,45 +334,3 @@ class JobRunner:
                 self.records.acquire_lease(job_id, self.worker, LEASE_TTL_S)
             except Exception as exc:  # Redis restarting: keep working, retry next beat
                 log.warning("job %s: lease renewal failed (%s)", job_id, exc)
-
-
-class _Reporter:
-    """Progress callback: throttled record updates, ETA, and cancellation checks."""
-
-    def __init__(self, runner: JobRunner, rec: JobRecord, cancel: threading.Event) -> None:
-        self.runner, self.rec, self.cancel = runner, rec, cancel
-        self._last = 0.0
-        self._stage_start = time.monotonic()
-
-    def __call__(self, p: Progress) -> None:
-        stage = JobStage.residual if p.stage == "residual" else JobStage.apply
-        now = time.monotonic()
-        changed = stage != self.rec.stage
-        if changed:
-            self._stage_start = now
-        if not changed and now - self._last < _WRITE_EVERY_S and p.bytes_done < p.bytes_total:
-            return
-        self._last = now
-        rate = p.bytes_done / max(now - self._stage_start, 1e-6)
-        eta = (p.bytes_total - p.bytes_done) / rate if rate > 0 else None
-        progress = JobProgress(
-            tensors_done=p.tensors_done,
-            tensors_total=p.tensors_total,
-            bytes_done=p.bytes_done,
-            bytes_total=p.bytes_total,
-            percent=round(100 * p.fraction, 2),
-            eta_seconds=eta,
-        )
-        try:
-            self.rec = self.runner.records.save(
-                self.rec.model_copy(
-                    update={"stage": stage, "progress": progress, "status": JobStatus.running}
-                )
-            )
-            self.runner.records.add_event(self.rec, "progress")
-            if self.runner.records.cancel_requested(self.rec.id):
-                self.cancel.set()
-        except OperationCancelledError:
-            raise
-        except Exception as exc:  # a Redis blip must not kill a long merge
-            log.warning("job %s: progress not recorded (%s)", self.rec.id, exc)
