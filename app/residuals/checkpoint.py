@@ -1,16 +1,20 @@
 """Lazy, shard-by-shard access to Hugging Face safetensors checkpoints.
 
 Only headers are parsed up front; tensor bytes are read on demand, row range by
-row range, straight into caller-owned buffers (``os.preadv``), so reading a
-16 GB model never needs more memory than one chunk.
+row range, either straight into caller-owned buffers (``os.preadv``) or as
+zero-copy views of the page cache (``mmap``) that are released after use, so
+reading a 16 GB model never needs more memory than one chunk.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import mmap
 import os
 import struct
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -38,6 +42,9 @@ DTYPE_CODES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 INDEX_NAME = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _MAX_HEADER = 100 * 1024 * 1024
+_UNSUPPORTED = {errno.EINVAL, errno.ENOSYS, errno.ENODEV, errno.EOPNOTSUPP}
+# Linux >= 5.14 (Python < 3.13 lacks the name); elsewhere pages fault in on first use.
+_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22 if sys.platform == "linux" else -1)
 
 
 @dataclass(frozen=True)
@@ -168,6 +175,7 @@ class Checkpoint:
     config: dict[str, Any]
     tensors: dict[str, TensorInfo]
     _fds: dict[Path, int] = field(default_factory=dict, repr=False)
+    _maps: dict[Path, tuple[mmap.mmap, memoryview]] = field(default_factory=dict, repr=False)
 
     @classmethod
     def open(cls, path: Path) -> Checkpoint:
@@ -200,9 +208,7 @@ class Checkpoint:
 
     def read_into(self, info: TensorInfo, row0: int, row1: int, out: memoryview) -> None:
         """Read rows ``[row0, row1)`` of ``info`` into ``out`` (exactly that many bytes)."""
-        fd = self._fds.get(info.file)
-        if fd is None:
-            fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
+        fd = self._fd(info.file)
         offset = info.offset + row0 * info.row_bytes
         want = (row1 - row0) * info.row_bytes
         view = out[:want]
@@ -213,7 +219,72 @@ class Checkpoint:
                 raise _corrupt(info.file, f"unexpected end of file in {info.name!r}")
             done += got
 
+    def _fd(self, file: Path) -> int:
+        fd = self._fds.get(file)
+        if fd is None:
+            fd = self._fds[file] = os.open(file, os.O_RDONLY)
+        return fd
+
+    def map_rows(self, info: TensorInfo, row0: int, row1: int) -> memoryview | None:
+        """Rows ``[row0, row1)`` of ``info`` as a view of the page cache, no copy.
+
+        The pages are read in now, by the calling thread, and readahead of as many
+        bytes again is started. The view is of a private mapping: writes to it
+        never reach the file. Pair every call with :meth:`release_rows`.
+
+        Returns:
+            The view, or None where the file system cannot map files (use
+            :meth:`read_into` then).
+
+        Raises:
+            CorruptCheckpointError: the file is shorter than its header says.
+            OSError: the pages could not be read.
+        """
+        entry = self._maps.get(info.file)
+        if entry is None:
+            fd = self._fd(info.file)
+            size = os.fstat(fd).st_size
+            if size == 0:
+                raise _corrupt(info.file, "empty file")
+            try:
+                mm = mmap.mmap(fd, size, access=mmap.ACCESS_COPY)
+            except OSError as exc:
+                if exc.errno in _UNSUPPORTED:
+                    return None
+                raise
+            entry = self._maps[info.file] = (mm, memoryview(mm))
+        mm, view = entry
+        start = info.offset + row0 * info.row_bytes
+        end = start + (row1 - row0) * info.row_bytes
+        if end > len(mm):
+            raise _corrupt(info.file, f"unexpected end of file in {info.name!r}")
+        if end > start and _MADV_POPULATE_READ >= 0:
+            ahead = min(len(mm), 2 * end - start)
+            os.posix_fadvise(self._fds[info.file], start, ahead - start, os.POSIX_FADV_WILLNEED)
+            try:
+                _advise(mm, _MADV_POPULATE_READ, start, end)
+            except OSError as exc:
+                if exc.errno != errno.EFAULT:
+                    raise
+                raise _corrupt(info.file, f"{info.name!r} lies past the end of file") from exc
+        return view[start:end]
+
+    def release_rows(self, info: TensorInfo, row0: int, row1: int) -> None:
+        """Drop the pages of a :meth:`map_rows` view from this process (they stay
+        in the page cache), so resident memory does not grow with the model."""
+        entry = self._maps.get(info.file)
+        if entry is not None:
+            start = info.offset + row0 * info.row_bytes
+            _advise(entry[0], mmap.MADV_DONTNEED, start, start + (row1 - row0) * info.row_bytes)
+
     def close(self) -> None:
+        for mm, view in self._maps.values():
+            try:
+                view.release()
+                mm.close()
+            except BufferError:  # a caller still holds a view: unmapped when it goes
+                pass
+        self._maps.clear()
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
@@ -225,6 +296,19 @@ class Checkpoint:
         self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+def _advise(mm: mmap.mmap, advice: int, start: int, end: int) -> None:
+    """``madvise`` over the pages that hold bytes ``[start, end)``. A kernel that
+    lacks the advice only loses the optimisation; a read error is raised here, as
+    an exception, rather than later as a SIGBUS in the math."""
+    lo = start - start % mmap.PAGESIZE
+    if end > lo:
+        try:
+            mm.madvise(advice, lo, end - lo)
+        except OSError as exc:
+            if exc.errno not in _UNSUPPORTED:
+                raise
 
 
 def _check_index(path: Path, tensors: dict[str, TensorInfo]) -> None:
