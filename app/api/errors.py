@@ -74,6 +74,9 @@ def _location(loc: Sequence[Any]) -> str:
 async def _realign_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RealignError)
     headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, AuthenticationError) else None
+    retry_after = getattr(exc, "retry_after", None)  # e.g. a model that is still loading
+    if retry_after is not None:
+        headers = {"Retry-After": str(int(retry_after))}
     return error_response(exc.http_status, exc.message, code=exc.code, headers=headers)
 
 

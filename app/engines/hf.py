@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from app.core.errors import IncompatibleModelsError
 from app.engines.base import GenerationChunk, GenerationRequest, InlineMerge
 from app.engines.rwlock import RWLock
 
@@ -37,6 +38,7 @@ class TorchEngine:
         self.device = device
         self.dtype = dtype
         self.model: Any = None
+        self.eos_ids: set[int] = set()
         self._lock = RWLock()
 
     async def start(self) -> None:
@@ -48,6 +50,9 @@ class TorchEngine:
         dtype = self.dtype if self.dtype == "auto" else getattr(torch, self.dtype)
         model: Any = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=dtype)
         self.model = model.to(self.device).eval()
+        # Like vLLM: stop at the end-of-sequence ids of the model it started with.
+        eos = model.generation_config.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
 
     async def close(self) -> None:
         async with self._lock.write():
@@ -61,16 +66,47 @@ class TorchEngine:
             for f in sorted(model_dir.glob("*.safetensors")):
                 yield from load_file(f).items()
 
+        self._check(model_dir)
         async with self._lock.write():
             await asyncio.to_thread(self._assign, tensors())
             self.model_dir = model_dir
 
     async def reload_merged(self, merge: InlineMerge) -> None:
         from app.residuals.inline import stream_merged
+        from app.residuals.manifest import read_residual_manifest
 
+        self._check(merge.target_dir)
+        if read_residual_manifest(merge.residual_dir).vocab is not None:
+            raise IncompatibleModelsError(
+                "the residual adds vocabulary rows, so the merged shapes differ from the "
+                "loaded model's; start a new engine on the written merge"
+            )
         async with self._lock.write():
             stream = stream_merged(merge.residual_dir, merge.target_dir, merge.alpha)
             await asyncio.to_thread(self._assign, stream)
+
+    def _check(self, model_dir: Path) -> None:
+        """Refuse, from headers alone, weights that cannot replace the loaded ones in place."""
+        from app.residuals.checkpoint import Checkpoint
+
+        arch = architecture_of(model_dir)
+        if arch != self.architecture:
+            raise IncompatibleModelsError(
+                f"{model_dir}: {arch} cannot replace the loaded "
+                f"{self.architecture} in place; start a new engine"
+            )
+        want = {n: tuple(t.shape) for n, t in self.model.state_dict().items()}
+        if self.model.config.tie_word_embeddings:
+            want.pop("lm_head.weight", None)
+        with Checkpoint.open(model_dir) as ckpt:
+            have = {n: i.shape for n, i in ckpt.tensors.items()}
+        for name, shape in want.items():
+            if have.get(name) != shape:
+                got = have.get(name, "nothing")
+                raise IncompatibleModelsError(
+                    f"{model_dir}: {name} is {got}, the loaded model "
+                    f"has {shape}; start a new engine"
+                )
 
     def _assign(self, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
         params = dict(self.model.named_parameters())
@@ -147,7 +183,7 @@ class TorchEngine:
             past = out.past_key_values
             token = _sample(out.logits[0, -1].float(), req.temperature, req.top_p, gen)
             ids = torch.tensor([[token]], device=self.device)
-            if token in req.stop_token_ids:
+            if token in req.stop_token_ids or token in self.eos_ids:
                 emit(GenerationChunk(index, [token], "stop"))
                 return
             last = step == req.max_tokens - 1

@@ -1,4 +1,5 @@
-"""VllmEngine on the real vLLM CPU build, with tiny float32 Llama checkpoints.
+"""The engine contract, on the real vLLM CPU build and on TorchEngine, with tiny float32
+Llama checkpoints.
 
 Generation equals transformers token for token; in-place swaps (a checkpoint, or a
 merge computed inside the engine) equal fresh loads; swaps never mix with generations.
@@ -85,16 +86,25 @@ def loop() -> Iterator[asyncio.AbstractEventLoop]:
     loop.close()
 
 
-@pytest.fixture(scope="module")
-def engine(models: Models, loop: asyncio.AbstractEventLoop) -> Iterator[VllmEngine]:
-    eng = VllmEngine(
-        models.base,
-        dtype="float32",
-        max_model_len=256,
-        enforce_eager=True,
-        max_num_seqs=8,
-        extra_args={"kv_cache_memory_bytes": 64 << 20},  # RAM share otherwise
-    )
+@pytest.fixture(scope="module", params=["vllm", "torch"])
+def engine(
+    request: pytest.FixtureRequest, models: Models, loop: asyncio.AbstractEventLoop
+) -> Iterator[Any]:
+    """The same contract runs on both engines: vLLM, and transformers (the CPU default)."""
+    eng: Any
+    if request.param == "vllm":
+        eng = VllmEngine(
+            models.base,
+            dtype="float32",
+            max_model_len=256,
+            enforce_eager=True,
+            max_num_seqs=8,
+            extra_args={"kv_cache_memory_bytes": 64 << 20},  # RAM share otherwise
+        )
+    else:
+        from app.engines.hf import TorchEngine
+
+        eng = TorchEngine(models.base, dtype="float32")
     loop.run_until_complete(eng.start())
     yield eng
     loop.run_until_complete(eng.close())
@@ -157,7 +167,7 @@ def test_greedy_equals_transformers(
     engine: VllmEngine, models: Models, refs: Any, run: Any
 ) -> None:
     run(engine.reload(models.base))
-    assert engine.kind == "vllm" and engine.architecture == "LlamaForCausalLM"
+    assert engine.kind in ("vllm", "torch") and engine.architecture == "LlamaForCausalLM"
     assert run(greedy(engine)) == refs["base"]
     assert run(engine.probe(PROMPTS[0])) == refs["base"][0][:4]
 
@@ -182,9 +192,10 @@ def test_reload_merged_equals_written_merge(
     inline = run(greedy(engine))
     assert inline == refs["merged"]
     norm = "model.norm.weight"
-    assert run(engine.checksum([norm, "model.layers.0.self_attn.q_proj.weight"])) == {
-        norm: float(load_dir(models.merged)[norm].double().sum())  # q/k/v are fused in vLLM
-    }
+    sums = run(engine.checksum([norm, "model.layers.0.self_attn.q_proj.weight"]))
+    assert sums[norm] == float(load_dir(models.merged)[norm].double().sum())
+    if engine.kind == "vllm":
+        assert set(sums) == {norm}  # q/k/v are fused in vLLM
     run(engine.reload(models.merged))  # the checkpoint app.merge wrote
     assert run(greedy(engine)) == inline
 
@@ -267,6 +278,7 @@ def test_refuses_other_shapes_and_keeps_serving(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("engine", ["vllm"], indirect=True)  # drives vLLM's worker RPC
 def test_failed_swap_refuses_until_a_reload(
     engine: VllmEngine, models: Models, refs: Any, run: Any
 ) -> None:
