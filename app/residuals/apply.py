@@ -18,7 +18,6 @@ from app.residuals.compat import (
     pair_tensors,
     weight_tensors,
 )
-from app.residuals.devices import make_backend
 from app.residuals.manifest import (
     MERGE_MANIFEST,
     FileEntry,
@@ -29,10 +28,9 @@ from app.residuals.manifest import (
     read_residual_manifest,
     write_json,
 )
-from app.residuals.methods import get_method
 from app.residuals.shards import ShardedWriter, TensorSpec
-from app.residuals.sources import RunOptions, file_order
-from app.residuals.stream import Source, StreamRunner, TensorJob
+from app.residuals.sources import RunOptions, file_order, make_runner
+from app.residuals.stream import Source, TensorJob
 
 
 def open_pack(pack_dir: Path) -> tuple[ResidualManifest, Checkpoint]:
@@ -156,15 +154,7 @@ def plan_fused(
 def _write_merged(
     jobs: list[TensorJob], out_dir: Path, method: str, opts: RunOptions
 ) -> dict[str, FileEntry]:
-    runner = StreamRunner(
-        get_method(method),
-        make_backend(opts.device),
-        stage="apply",
-        progress=opts.progress,
-        cancel=opts.cancel,
-        chunk_elems=opts.chunk_elems,
-        max_read_bps=opts.max_read_bps,
-    )
+    runner = make_runner(method, "apply", opts)
     with ShardedWriter(
         out_dir,
         [j.spec for j in jobs],

@@ -11,7 +11,6 @@ import app
 from app.residuals.assets import INSTRUCT_CONFIG, copy_assets, special_tokens
 from app.residuals.checkpoint import Checkpoint
 from app.residuals.compat import check_family, check_tokenizers, family_of, pair_tensors
-from app.residuals.devices import make_backend
 from app.residuals.hashing import sha256_file
 from app.residuals.manifest import (
     RESIDUAL_MANIFEST,
@@ -22,10 +21,9 @@ from app.residuals.manifest import (
     VocabInfo,
     write_json,
 )
-from app.residuals.methods import get_method
 from app.residuals.shards import ShardedWriter, TensorSpec
-from app.residuals.sources import RunOptions, file_order
-from app.residuals.stream import Source, StreamRunner, TensorJob
+from app.residuals.sources import RunOptions, file_order, make_runner
+from app.residuals.stream import Source, TensorJob
 
 RESIDUAL_PREFIX = "residual"
 
@@ -86,15 +84,7 @@ def compute_residual(
         )
         for name in order
     ]
-    runner = StreamRunner(
-        get_method(method),
-        make_backend(opts.device),
-        stage="residual",
-        progress=opts.progress,
-        cancel=opts.cancel,
-        chunk_elems=opts.chunk_elems,
-        max_read_bps=opts.max_read_bps,
-    )
+    runner = make_runner(method, "residual", opts)
     with ShardedWriter(
         out_dir,
         [j.spec for j in jobs],

@@ -8,11 +8,13 @@ from pathlib import Path
 
 from app.residuals.assets import asset_files
 from app.residuals.checkpoint import INDEX_NAME, Checkpoint, TensorInfo, weight_files
+from app.residuals.devices import make_backend
 from app.residuals.hashing import FileHasher
 from app.residuals.manifest import FileEntry, SourceInfo
+from app.residuals.methods import get_method
 from app.residuals.progress import CancelFlag, ProgressCallback
 from app.residuals.refs import ResolvedModel
-from app.residuals.stream import CHUNK_ELEMS
+from app.residuals.stream import CHUNK_ELEMS, StreamRunner
 
 
 @dataclass(frozen=True)
@@ -66,3 +68,16 @@ def local_source(path: Path, hasher: FileHasher) -> SourceInfo:
 def open_checkpoint(path: Path) -> Checkpoint:
     """Open a model directory (headers only)."""
     return Checkpoint.open(path)
+
+
+def make_runner(method: str, stage: str, opts: RunOptions) -> StreamRunner:
+    """The streaming pipeline for ``method``, configured by ``opts``."""
+    return StreamRunner(
+        get_method(method),
+        make_backend(opts.device),
+        stage=stage,
+        progress=opts.progress,
+        cancel=opts.cancel,
+        chunk_elems=opts.chunk_elems,
+        max_read_bps=opts.max_read_bps,
+    )
