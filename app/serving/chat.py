@@ -57,17 +57,27 @@ class _Run:
         )
 
 
+class ContextLengthError(RealignError):
+    """Prompt plus requested tokens exceed what the engine accepts."""
+
+    code = "context_length_exceeded"
+
+
 class ChatService:
     """OpenAI chat/completions on top of an :class:`EnginePool`.
 
     Args:
         pool: the engines.
         tokenizer_for: model id -> its :class:`ServedTokenizer` (raises for unknown ids).
+        max_model_len: prompt + completion tokens an engine accepts.
     """
 
-    def __init__(self, pool: EnginePool, tokenizer_for: TokenizerLookup) -> None:
+    def __init__(
+        self, pool: EnginePool, tokenizer_for: TokenizerLookup, max_model_len: int = 2048
+    ) -> None:
         self.pool = pool
         self.tokenizer_for = tokenizer_for
+        self.max_model_len = max_model_len
 
     def _request(
         self,
@@ -76,9 +86,14 @@ class ChatService:
         prompt: list[int],
         budget: int,
     ) -> GenerationRequest:
+        if len(prompt) >= self.max_model_len:
+            raise ContextLengthError(
+                f"the prompt has {len(prompt)} tokens; this model accepts at most "
+                f"{self.max_model_len} tokens in total — shorten the messages"
+            )
         return GenerationRequest(
             prompt,
-            max_tokens=budget,
+            max_tokens=min(budget, self.max_model_len - len(prompt)),
             temperature=body.temperature,
             top_p=body.top_p,
             seed=body.seed,

@@ -50,7 +50,7 @@ class ServingService:
             extra=json.loads(settings.vllm_args or "{}"),
         )
         self.pool = EnginePool(factory, settings.max_engines, settings.engine_wait_s)
-        self.chat_service = ChatService(self.pool, self.tokenizer)
+        self.chat_service = ChatService(self.pool, self.tokenizer, settings.engine_max_model_len)
         self._tokenizers: dict[tuple[str, str], ServedTokenizer] = {}
         self._loading: dict[str, asyncio.Task[str]] = {}
         self._finisher = JobRunner(records, settings, "serving", lambda task, job: None)

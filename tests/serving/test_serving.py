@@ -188,11 +188,16 @@ def test_concurrent_requests_during_swaps_never_mix_weights(
     assert all(text == expected[model] for model, text in results)
 
 
-def test_errors_are_openai_shaped(server: LiveServer) -> None:
+def test_errors_are_openai_shaped(server: LiveServer, llama_triple_fp32: TinyTriple) -> None:
+    serve_merge(server, llama_triple_fp32, "tiny-a")
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
     with pytest.raises(openai.NotFoundError) as exc:
         client.chat.completions.create(model="nope", messages=QUESTION)  # type: ignore[arg-type]
     assert exc.value.code == "model_not_found"
+    long = [{"role": "user", "content": "word " * 3000}]
+    with pytest.raises(openai.BadRequestError) as too_long:
+        client.chat.completions.create(model="tiny-a", messages=long)  # type: ignore[arg-type]
+    assert too_long.value.code == "context_length_exceeded"
     with pytest.raises(openai.UnprocessableEntityError):  # our validation errors are 422
         client.chat.completions.create(model="tiny-a", messages=[])  # type: ignore[arg-type]
 
