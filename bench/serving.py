@@ -1,6 +1,10 @@
-"""Serving benchmark on the vLLM CPU build; writes ``bench/SERVING.md``.
+"""Serving benchmark on the vLLM CPU build.
 
     .venv/bin/python bench/serving.py            # ~10 min on 2 cores
+
+Writes the tables to ``bench/SERVING.md`` (keeping its hand-written ``## Findings``) and
+every measured figure to ``bench/data/serving-work/raw.json``. ``--help`` lists the knobs
+(runs, server starts, concurrency levels, requests, max_tokens, quiet waits).
 
 1. hot swap (``VllmEngine.reload``) vs a cold engine start, both until the first token;
 2. in-engine merge (``reload_merged``) vs ``app.merge.apply`` to disk + ``reload``;
@@ -26,9 +30,10 @@ import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,16 +54,42 @@ OFFLINE = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
 # -- measuring ------------------------------------------------------------------------------
-def _tree_cpu() -> float:
-    """CPU seconds of this process and its descendants (reaped children included)."""
-    total = 0.0
-    for p in [psutil.Process(), *psutil.Process().children(recursive=True)]:
-        try:
-            t = p.cpu_times()
-            total += t.user + t.system + t.children_user + t.children_system
-        except psutil.Error:
-            pass
-    return total
+class TreeCpu:
+    """CPU seconds of this process tree, sampled every half second: vLLM force-kills its
+    engine core at shutdown, so the worker under it dies unreaped and its time would
+    otherwise never reach this process's ``children`` counters."""
+
+    def __init__(self) -> None:
+        self._seen: dict[tuple[int, float], float] = {}
+        self._lock = threading.Lock()
+        threading.Thread(target=self._loop, daemon=True).start()
+
+    def _loop(self) -> None:
+        while True:
+            self.total()
+            time.sleep(0.5)
+
+    def total(self) -> float:
+        me = psutil.Process()
+        for p in [me, *me.children(recursive=True)]:
+            try:
+                t = p.cpu_times()
+                key = (p.pid, p.create_time())
+            except psutil.Error:
+                continue
+            with self._lock:
+                self._seen[key] = t.user + t.system
+        with self._lock:
+            return sum(self._seen.values())
+
+
+_TREE: list[TreeCpu] = []  # started on first use: vLLM's spawned children import this module
+
+
+def tree_cpu() -> float:
+    if not _TREE:
+        _TREE.append(TreeCpu())
+    return _TREE[0].total()
 
 
 @dataclass
@@ -68,7 +99,7 @@ class Load:
     name: str
     t0: float = field(default_factory=time.monotonic)
     busy0: int = field(default_factory=_busy_ticks)
-    ours0: float = field(default_factory=_tree_cpu)
+    ours0: float = field(default_factory=tree_cpu)
     avg0: float = field(default_factory=lambda: os.getloadavg()[0])
     others: float = 0.0
     avg1: float = 0.0
@@ -76,7 +107,7 @@ class Load:
     def stop(self) -> Load:
         wall = time.monotonic() - self.t0
         busy = (_busy_ticks() - self.busy0) / TICK
-        self.others = max(0.0, busy - (_tree_cpu() - self.ours0)) / wall
+        self.others = max(0.0, busy - (tree_cpu() - self.ours0)) / wall
         self.avg1 = os.getloadavg()[0]
         return self
 
@@ -472,7 +503,7 @@ Written by `bench/serving.py` on {time.strftime("%Y-%m-%d %H:%M")} in {info["wal
 Sections from `## Findings` on are kept when the file is rewritten.
 
 ```sh
-.venv/bin/python bench/serving.py {" ".join(sys.argv[1:])}
+{" ".join([".venv/bin/python bench/serving.py", *sys.argv[1:]])}
 ```
 
 - **Machine:** {info["machine"]}.
@@ -560,6 +591,8 @@ def main() -> None:
         "wall": time.monotonic() - t0,
     }
     write_report(args.out, args, info)
+    raw = {"engine": engine, "waves": {k: [asdict(w) for w in v] for k, v in api["waves"].items()}}
+    (work / "raw.json").write_text(json.dumps(raw, indent=1))
     print(f"wrote {args.out} ({info['wall'] / 60:.1f} min)")
 
 
