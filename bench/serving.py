@@ -1,6 +1,6 @@
 """Serving benchmark on the vLLM CPU build.
 
-    .venv/bin/python bench/serving.py            # ~10 min on 2 cores
+    .venv/bin/python bench/serving.py            # ~6 min on a quiet 2-core machine
 
 Writes the tables to ``bench/SERVING.md`` (keeping its hand-written ``## Findings``) and
 every measured figure to ``bench/data/serving-work/raw.json``. ``--help`` lists the knobs
