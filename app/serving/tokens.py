@@ -50,25 +50,34 @@ class ServedTokenizer:
 
 @dataclass
 class Detokenizer:
-    """Incremental text for a growing list of ids; holds back a trailing partial UTF-8
-    character and applies stop strings."""
+    """Incremental text for a growing list of ids.
+
+    Decodes only a short window (from ``prefix_offset``) rather than the whole answer on
+    every chunk, holds back a trailing partial UTF-8 character, and applies stop strings.
+    """
 
     tok: ServedTokenizer
     stops: list[str]
     ids: list[int] = field(default_factory=list)
     sent: str = ""
     stopped: bool = False
+    prefix_offset: int = 0
+    read_offset: int = 0
 
     def push(self, new_ids: list[int]) -> str:
         """Return the new text to emit (may be empty)."""
+        if self.stopped:
+            return ""
         self.ids += new_ids
-        text = self.tok.decode(self.ids)
+        prefix = self.tok.decode(self.ids[self.prefix_offset : self.read_offset])
+        full = self.tok.decode(self.ids[self.prefix_offset :])
+        if len(full) <= len(prefix) or full.endswith("\ufffd"):
+            return ""  # nothing printable yet (or half of a multi-byte character)
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        before = len(self.sent)
+        self.sent += full[len(prefix) :]
         for stop in self.stops:
-            cut = text.find(stop)
+            cut = self.sent.find(stop, max(0, before - len(stop) + 1))
             if cut != -1:
-                text, self.stopped = text[:cut], True
-        if not self.stopped and text.endswith("\ufffd"):
-            return ""  # wait for the rest of a multi-byte character
-        delta = text[len(self.sent) :] if text.startswith(self.sent) else ""
-        self.sent = text if text.startswith(self.sent) else self.sent
-        return delta
+                self.sent, self.stopped = self.sent[:cut], True
+        return self.sent[before:]
