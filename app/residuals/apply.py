@@ -140,14 +140,7 @@ def plan_fused(
                 alpha,
             )
         )
-    vocab = None
-    if pairing.vocab_tensors:
-        assert pairing.base_rows is not None and pairing.instruct_rows is not None
-        vocab = VocabInfo(
-            base_rows=pairing.base_rows,
-            instruct_rows=pairing.instruct_rows,
-            tensors=pairing.vocab_tensors,
-        )
+    vocab = pairing.vocab_info()
     return jobs, vocab
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from app.core.errors import IncompatibleModelsError
 from app.residuals.checkpoint import Checkpoint, TensorInfo
-from app.residuals.manifest import FamilyInfo
+from app.residuals.manifest import FamilyInfo, VocabInfo
 
 STRUCTURE_KEYS = (
     "hidden_size",
@@ -68,6 +68,14 @@ class Pairing:
     vocab_tensors: list[str] = field(default_factory=list)
     base_rows: int | None = None
     instruct_rows: int | None = None
+
+    def vocab_info(self) -> VocabInfo | None:
+        """The vocabulary policy applied, for manifests (None: same vocabulary)."""
+        if not self.vocab_tensors or self.base_rows is None or self.instruct_rows is None:
+            return None
+        return VocabInfo(
+            base_rows=self.base_rows, instruct_rows=self.instruct_rows, tensors=self.vocab_tensors
+        )
 
 
 def weight_tensors(ckpt: Checkpoint) -> dict[str, TensorInfo]:

@@ -18,7 +18,6 @@ from app.residuals.manifest import (
     ResidualManifest,
     ResidualTensor,
     SourceInfo,
-    VocabInfo,
     write_json,
 )
 from app.residuals.shards import ShardedWriter, TensorSpec
@@ -100,14 +99,7 @@ def compute_residual(
         if extra.is_file():
             rel = extra.relative_to(out_dir).as_posix()
             files[rel] = FileEntry(size=extra.stat().st_size, sha256=sha256_file(extra))
-    vocab = None
-    if pairing.vocab_tensors:
-        assert pairing.base_rows is not None and pairing.instruct_rows is not None
-        vocab = VocabInfo(
-            base_rows=pairing.base_rows,
-            instruct_rows=pairing.instruct_rows,
-            tensors=pairing.vocab_tensors,
-        )
+    vocab = pairing.vocab_info()
     manifest = ResidualManifest(
         key=key,
         method=method,

@@ -135,14 +135,17 @@ class ServingService:
         )
 
     # -- loading --------------------------------------------------------------------------
-    async def load(self, model_id: str) -> str:
+    def _loading_task(self, model_id: str) -> asyncio.Task[str]:
+        """The load of ``model_id`` in flight, started if there is none."""
         task = self._loading.get(model_id)
         if task is None or task.done():
-            task = asyncio.get_running_loop().create_task(
-                self.pool.load(self.source(self.entry(model_id)))
-            )
+            source = self.source(self.entry(model_id))
+            task = asyncio.get_running_loop().create_task(self.pool.load(source))
             self._loading[model_id] = task
-        return await asyncio.shield(task)
+        return task
+
+    async def load(self, model_id: str) -> str:
+        return await asyncio.shield(self._loading_task(model_id))
 
     async def unload(self, model_id: str) -> bool:
         self.entry(model_id)
@@ -152,14 +155,9 @@ class ServingService:
         self.tokenizer(model_id)  # 404 for unknown ids, before anything else
         if self.pool.loaded().get(model_id) == "ready":
             return
-        task = self._loading.get(model_id)
-        if task is None or task.done():
-            self._loading[model_id] = asyncio.get_running_loop().create_task(
-                self.pool.load(self.source(self.entry(model_id)))
-            )
         try:
             await asyncio.wait_for(
-                asyncio.shield(self._loading[model_id]), self.settings.engine_wait_s
+                asyncio.shield(self._loading_task(model_id)), self.settings.engine_wait_s
             )
         except TimeoutError:
             raise ModelLoadingError(
