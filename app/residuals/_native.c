@@ -1,0 +1,467 @@
+/* Element-wise merge kernel: X = x2 + a * (x0 - x1), rounded once to the output format.
+ *
+ * Inputs are F32, BF16 or F16 (all decode exactly to fp32); `a` is alpha already rounded to
+ * fp32. An absent x1 reads as +0 and an absent x2 as -0, which turns the one formula into
+ * every kind: residual (x0 - x1), apply (x2 + a*x0), fused, convert (x0).
+ *
+ * Exactness. The output is RN_out(X) for the exact real X, by one of three ways:
+ *   A (all-BF16, alpha == 1): d = x0 - x1 and s = x2 + d in fp32 with TwoSum errors e1, e2.
+ *     When e1 == 0, X = s + e2 exactly and s = RN32(X); rounding s to BF16 is right except on
+ *     a BF16 midpoint, where the sign of e2 (or, when it is 0, evenness) decides.
+ *   A' (all-BF16, alpha != 1): when e1 == 0, a*d is exact in double, so one double TwoSum
+ *     gives X = S + eS; f = RN32(S) has no BF16 midpoint strictly between it and X, and the
+ *     side of f that X lies on decides a tie.
+ *   B (any dtype and alpha): the products a*x0, a*x1 are exact in double (24 x 24 bits);
+ *     TwoSum chains give X = R + eR exactly with R = RN64(X), unless the sum of the rounding
+ *     errors is itself inexact (exponent spans beyond ~59 bits). R is rounded to odd (53
+ *     bits), then to nearest fp32, then to odd again for BF16/F16 outputs before their
+ *     nearest-even cast: RN_p(RO_q(X)) == RN_p(X) whenever q >= p + 2, subnormals included,
+ *     because every fp32 number and every BF16/F16 midpoint is "even" in the finer format.
+ * A and A' flag what they cannot prove (e1 != 0, non-finite values) and B redoes those;
+ * what B cannot prove is reported as hard and evaluated by the caller with rationals.
+ *
+ * Non-finite inputs give the plain fp32 formula instead (what torch computes); an exact
+ * zero takes the sign of that formula's result when it is a zero too, else +0.
+ *
+ * Build without -ffast-math and with -ffp-contract=off: TwoSum needs every operation
+ * rounded as written.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+/* x86-64-v4 brings AVX-512 BW (16-bit lanes in zmm), v3 AVX2 with FMA and F16C. */
+#define RL_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#elif defined(__x86_64__) && defined(__clang__)
+#define RL_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define RL_CLONES
+#endif
+#if defined(__GNUC__)
+#define RL_INLINE static inline __attribute__((always_inline))
+#else
+#define RL_INLINE static inline
+#endif
+
+enum { RL_F32 = 0, RL_BF16 = 1, RL_F16 = 2 };
+#define RL_BLOCK 256
+#define RL_LANES 16
+#ifndef RL_AHEAD
+#define RL_AHEAD 2048 /* bytes of each stream fetched ahead of the block in work */
+#endif
+
+/* ---- bit casts and format conversions ---------------------------------------------- */
+
+RL_INLINE uint32_t f2u(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+RL_INLINE float u2f(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+RL_INLINE uint64_t d2u(double d) { uint64_t u; memcpy(&u, &d, 8); return u; }
+RL_INLINE double u2d(uint64_t u) { double d; memcpy(&d, &u, 8); return d; }
+
+RL_INLINE float bf16_decode(uint16_t h) { return u2f((uint32_t)h << 16); }
+
+RL_INLINE float f16_decode(uint16_t h) {
+    uint32_t mag = (uint32_t)(h & 0x7FFFu) << 13;
+    uint32_t exp = mag & 0x0F800000u;
+    uint32_t norm = mag + 0x38000000u;                       /* rebias 15 -> 127 */
+    uint32_t special = norm + 0x38000000u;                   /* inf / NaN */
+    float sub = u2f(mag + 0x38800000u) - u2f(0x38800000u);   /* mant * 2^-24, exact */
+    uint32_t r = exp == 0x0F800000u ? special : (exp == 0 ? f2u(sub) : norm);
+    return u2f(r | ((uint32_t)(h & 0x8000u) << 16));
+}
+
+/* RNE of fp32 bits; NaN -> 0x7FC0 like c10::BFloat16 (torch's vectorised cast writes 0xFFFF). */
+RL_INLINE uint16_t bf16_encode(uint32_t b) {
+    uint32_t r = (b + 0x7FFFu + ((b >> 16) & 1u)) >> 16;
+    return (b & 0x7FFFFFFFu) > 0x7F800000u ? (uint16_t)0x7FC0u : (uint16_t)r;
+}
+
+/* RNE of fp32 bits incl. subnormals and overflow; NaN quieted, payload kept (as vcvtps2ph). */
+RL_INLINE uint16_t f16_encode(uint32_t b) {
+    uint32_t sign = (b >> 16) & 0x8000u;
+    uint32_t a = b & 0x7FFFFFFFu;
+    uint32_t big = a > 0x7F800000u ? (0x7E00u | ((a >> 13) & 0x3FFu)) : 0x7C00u;
+    uint32_t sub = f2u(u2f(a) + 0.5f) - 0x3F000000u;          /* the add rounds to 2^-24 */
+    uint32_t norm = (a - 0x38000000u + 0xFFFu + ((a >> 13) & 1u)) >> 13;
+    uint32_t r = a >= 0x47800000u ? big : (a < 0x38800000u ? sub : norm);
+    return (uint16_t)(r | sign);
+}
+
+/* Round to odd: bits is a neighbour of X in its format (nothing representable between
+ * them); above / below say X > bits / X < bits. */
+RL_INLINE uint32_t odd32(uint32_t bits, int above, int below) {
+    uint32_t away = (bits >> 31) ? (uint32_t)below : (uint32_t)above;
+    uint32_t step = away ? 1u : 0xFFFFFFFFu;
+    return ((above | below) && !(bits & 1u)) ? bits + step : bits;
+}
+
+RL_INLINE uint64_t odd64(uint64_t bits, int above, int below) {
+    uint64_t away = (bits >> 63) ? (uint64_t)below : (uint64_t)above;
+    uint64_t step = away ? 1u : ~(uint64_t)0;
+    return ((above | below) && !(bits & 1u)) ? bits + step : bits;
+}
+
+/* ---- way B: exact in double, any dtype and alpha ----------------------------------- */
+
+/* Returns the fp32 bits to encode (RN32(X), or RO24(X) when ro24); *s gets the fp32 formula,
+ * *hard is set when X could not be pinned down. */
+RL_INLINE uint32_t exact_elem(float x0, float x1, float x2, float a, int ro24, float *s,
+                              uint32_t *hard) {
+    double p0 = (double)a * x0, p1 = (double)a * x1, z = x2, t;
+    double d = p0 - p1;
+    t = d - p0;
+    double ed = (p0 - (d - t)) + (-p1 - t);
+    double sum = z + d;
+    t = sum - z;
+    double es = (z - (sum - t)) + (d - t);
+    double tail = es + ed;
+    t = tail - es;
+    double et = (es - (tail - t)) + (ed - t);
+    double r = sum + tail;
+    t = r - sum;
+    double er = (sum - (r - t)) + (tail - t);
+    double rr = u2d(odd64(d2u(r), er > 0.0, er < 0.0));
+    float f = (float)rr;
+    uint32_t bits = f2u(f);
+    if (ro24) {
+        double rem = rr - (double)f;
+        bits = odd32(bits, rem > 0.0, rem < 0.0);
+    }
+    float p32 = a * (x0 - x1);
+    float s32 = x2 + p32;
+    uint32_t finite = ((f2u(x0) & 0x7F800000u) != 0x7F800000u) &
+                      ((f2u(x1) & 0x7F800000u) != 0x7F800000u) &
+                      ((f2u(x2) & 0x7F800000u) != 0x7F800000u);
+    uint32_t zero = s32 == 0.0f ? f2u(s32) : 0u;
+    bits = r == 0.0 ? zero : bits;
+    *s = s32;
+    *hard = finite & (uint32_t)(et != 0.0);
+    return finite ? bits : f2u(s32);
+}
+
+/* ---- the all-BF16 hot loop (ways A and A', one pass) ------------------------------- */
+
+/* RN_bf16(X) from f, an fp32 value with no BF16 midpoint strictly between it and X, and the
+ * side of f that X lies on (above / below): only an f on a BF16 midpoint can round wrongly
+ * from f alone, and there the side (or, when X == f, evenness) decides. NaN -> 0x7FC0. */
+RL_INLINE uint16_t bf16_round_side(float f, int above, int below) {
+    uint32_t b = f2u(f);
+    uint32_t away = (b >> 31) ? (uint32_t)below : (uint32_t)above;
+    uint32_t up = (above | below) ? away : (b >> 16) & 1u;
+    uint16_t r = (uint16_t)((b + 0x7FFFu + up) >> 16);
+    return (b & 0x7FFFFFFFu) > 0x7F800000u ? (uint16_t)0x7FC0u : r;
+}
+
+/* The same for an exact fp32 tail = X - f: its sign bit against f's says the side. */
+RL_INLINE uint16_t bf16_round_tail(float f, float tail) {
+    uint32_t b = f2u(f);
+    uint32_t away = ~(b ^ f2u(tail)) >> 31;
+    uint32_t up = tail == 0.0f ? (b >> 16) & 1u : away;
+    uint16_t r = (uint16_t)((b + 0x7FFFu + up) >> 16);
+    return (b & 0x7FFFFFFFu) > 0x7F800000u ? (uint16_t)0x7FC0u : r;
+}
+
+/* One element. *hard is set when d = x0 - x1 is inexact in fp32 (or not finite) and, for
+ * alpha != 1, when the result is not finite: the caller redoes those with way B, which also
+ * gives non-finite inputs their fp32-formula result. */
+RL_INLINE uint16_t hot_elem(uint16_t r0, uint16_t r1, uint16_t r2, float a, int has1, int has2,
+                            int a_one, float *s, uint32_t *hard) {
+    float x0 = bf16_decode(r0), x1 = bf16_decode(r1), x2 = bf16_decode(r2);
+    float d = x0, e1 = 0.0f, t;
+    if (has1) {
+        d = x0 - x1;
+        t = d - x0;
+        e1 = (x0 - (d - t)) + (-x1 - t);
+    }
+    uint32_t h = (uint32_t)!(e1 == 0.0f);
+    if (a_one) {
+        /* X = sum + e2 exactly and sum = RN32(X); a non-finite x2 alone gives the formula's
+         * inf or NaN here too. */
+        float sum = d, e2 = 0.0f;
+        if (has2) {
+            sum = x2 + d;
+            t = sum - x2;
+            e2 = (x2 - (sum - t)) + (d - t);
+        }
+        *s = sum;
+        *hard = h;
+        return bf16_round_tail(sum, e2);
+    }
+    /* a*d is exact in double, so X = sum + es exactly. f = RN32(sum) has no BF16 midpoint
+     * strictly between it and X (midpoints are doubles), and X - f has the sign of
+     * (sum - f) + es: |sum - f| >= 2|es| whenever it is not 0. An exact zero keeps the
+     * formula's sign: the formula's product is then exact too. */
+    *s = has2 ? x2 + a * d : a * d;
+    double p = (double)a * d, z = x2;
+    double sum = p, es = 0.0;
+    if (has2) {
+        sum = z + p;
+        double u = sum - z;
+        es = (z - (sum - u)) + (p - u);
+    }
+    float f = (float)sum;
+    double side = (sum - (double)f) + es;
+    *hard = h | (uint32_t)((f2u(f) & 0x7F800000u) == 0x7F800000u);
+    return bf16_round_side(f, side > 0.0, side < 0.0);
+}
+
+RL_INLINE uint32_t hot_body(uint16_t *restrict o, const uint16_t *restrict p0,
+                            const uint16_t *restrict p1, const uint16_t *restrict p2, int64_t n,
+                            float a, int has1, int has2, int a_one, int stats,
+                            float *restrict sbuf) {
+    uint32_t any = 0;
+    for (int64_t i = 0; i < n; i++) {
+        float s;
+        uint32_t h;
+        uint16_t r1 = has1 ? p1[i] : (uint16_t)0, r2 = has2 ? p2[i] : (uint16_t)0x8000u;
+        o[i] = hot_elem(p0[i], r1, r2, a, has1, has2, a_one, &s, &h);
+        any |= h;
+        if (stats) sbuf[i] = s;
+    }
+    return any;
+}
+
+#define RL_HOT(h1, h2, one) \
+    (stats ? hot_body(o, p0, p1, p2, n, a, h1, h2, one, 1, sbuf) \
+           : hot_body(o, p0, p1, p2, n, a, h1, h2, one, 0, sbuf))
+
+RL_CLONES
+static uint32_t hot_block(uint16_t *o, const uint16_t *p0, const uint16_t *p1,
+                          const uint16_t *p2, int64_t n, float a, int stats, float *sbuf) {
+    int one = a == 1.0f;
+    if (p1 && p2) return one ? RL_HOT(1, 1, 1) : RL_HOT(1, 1, 0);
+    if (p2) return one ? RL_HOT(0, 1, 1) : RL_HOT(0, 1, 0);
+    return RL_HOT(1, 0, 1); /* residual; the dispatcher sends alpha != 1 elsewhere */
+}
+
+/* ---- the generic path: decode a block, compute (way B), encode --------------------- */
+
+RL_CLONES
+static void decode(float *restrict x, const void *p, int code, int64_t n, float fill) {
+    if (!p) {
+        for (int64_t i = 0; i < n; i++) x[i] = fill;
+    } else if (code == RL_F32) {
+        memcpy(x, p, (size_t)n * 4);
+    } else {
+        const uint16_t *h = (const uint16_t *)p;
+        if (code == RL_BF16)
+            for (int64_t i = 0; i < n; i++) x[i] = bf16_decode(h[i]);
+        else
+            for (int64_t i = 0; i < n; i++) x[i] = f16_decode(h[i]);
+    }
+}
+
+RL_CLONES
+static void encode(void *p, int code, const uint32_t *restrict bits, int64_t n) {
+    if (code == RL_F32) {
+        memcpy(p, bits, (size_t)n * 4);
+        return;
+    }
+    uint16_t *h = (uint16_t *)p;
+    if (code == RL_BF16)
+        for (int64_t i = 0; i < n; i++) h[i] = bf16_encode(bits[i]);
+    else
+        for (int64_t i = 0; i < n; i++) h[i] = f16_encode(bits[i]);
+}
+
+RL_INLINE uint32_t generic_body(const float *restrict x0, const float *restrict x1,
+                                const float *restrict x2, int64_t n, float a, int ro24,
+                                uint32_t *restrict bits, uint32_t *restrict hard,
+                                float *restrict sbuf) {
+    uint32_t any = 0;
+    for (int64_t i = 0; i < n; i++) {
+        bits[i] = exact_elem(x0[i], x1[i], x2[i], a, ro24, &sbuf[i], &hard[i]);
+        any |= hard[i];
+    }
+    return any;
+}
+
+RL_CLONES
+static uint32_t generic_compute(const float *x0, const float *x1, const float *x2, int64_t n,
+                                float a, int ro24, uint32_t *bits, uint32_t *hard,
+                                float *sbuf) {
+    return ro24 ? generic_body(x0, x1, x2, n, a, 1, bits, hard, sbuf)
+                : generic_body(x0, x1, x2, n, a, 0, bits, hard, sbuf);
+}
+
+/* ---- fp32-formula statistics: fixed lanes, so a call always sums the same way ------- */
+
+typedef struct {
+    double sq[RL_LANES];
+    float mx[RL_LANES];
+} rl_stats;
+
+#if defined(__GNUC__)
+typedef float rl_f8 __attribute__((vector_size(32)));
+typedef float rl_f16 __attribute__((vector_size(64)));
+typedef double rl_d8 __attribute__((vector_size(64)));
+typedef int32_t rl_i16 __attribute__((vector_size(64)));
+#endif
+
+RL_CLONES
+static void add_stats(rl_stats *st, const float *restrict s, int64_t n) {
+    int64_t i = 0;
+#if defined(__GNUC__)
+    /* Explicit vectors: the compiler may not reorder these double sums by itself. */
+    rl_d8 lo, hi;
+    rl_f16 mx;
+    memcpy(&lo, st->sq, sizeof lo);
+    memcpy(&hi, st->sq + 8, sizeof hi);
+    memcpy(&mx, st->mx, sizeof mx);
+    for (; i + RL_LANES <= n; i += RL_LANES) {
+        rl_f8 v0, v1;
+        rl_f16 v;
+        memcpy(&v0, s + i, sizeof v0);
+        memcpy(&v1, s + i + 8, sizeof v1);
+        memcpy(&v, s + i, sizeof v);
+        rl_d8 w0 = __builtin_convertvector(v0, rl_d8), w1 = __builtin_convertvector(v1, rl_d8);
+        lo += w0 * w0;
+        hi += w1 * w1;
+        rl_i16 m = (rl_i16)v & 0x7FFFFFFF, keep = m > (rl_i16)mx;
+        mx = (rl_f16)((m & keep) | ((rl_i16)mx & ~keep));
+    }
+    memcpy(st->sq, &lo, sizeof lo);
+    memcpy(st->sq + 8, &hi, sizeof hi);
+    memcpy(st->mx, &mx, sizeof mx);
+#endif
+    for (int j = 0; i < n; i++, j++) {
+        float v = s[i], m = v < 0.0f ? -v : v;
+        st->sq[j] += (double)v * (double)v;
+        st->mx[j] = m > st->mx[j] ? m : st->mx[j];
+    }
+}
+
+/* ---- driver ------------------------------------------------------------------------ */
+
+static int64_t itemsize(int code) { return code == RL_F32 ? 4 : 2; }
+
+static const void *at(const void *p, int code, int64_t i) {
+    return p ? (const char *)p + i * itemsize(code) : NULL;
+}
+
+/* Hardware prefetchers alone leave the four streams short of bandwidth. */
+static void prefetch(const void *p, int code, int64_t from, int64_t end, int write) {
+    if (!p) return;
+    int64_t size = itemsize(code);
+    const char *lo = (const char *)p + from * size + RL_AHEAD, *hi = (const char *)p + end * size;
+    for (int64_t k = 0; k < RL_BLOCK * size && lo + k < hi; k += 64) {
+        if (write)
+            __builtin_prefetch(lo + k, 1);
+        else
+            __builtin_prefetch(lo + k, 0);
+    }
+}
+
+/* Elements of a hot block the fast pass flagged: way B, else reported to the caller. */
+static int64_t hot_rescan(uint16_t *o, const uint16_t *p0, const uint16_t *p1,
+                          const uint16_t *p2, int64_t base, int64_t n, float a, int64_t *hard) {
+    int64_t nh = 0;
+    for (int64_t i = 0; i < n; i++) {
+        float s;
+        uint32_t h;
+        uint16_t r1 = p1 ? p1[i] : (uint16_t)0, r2 = p2 ? p2[i] : (uint16_t)0x8000u;
+        (void)hot_elem(p0[i], r1, r2, a, 1, 1, a == 1.0f, &s, &h);
+        if (!h) continue;
+        uint32_t bits = exact_elem(bf16_decode(p0[i]), bf16_decode(r1), bf16_decode(r2), a, 1,
+                                   &s, &h);
+        if (h)
+            hard[nh++] = base + i;
+        else
+            o[i] = bf16_encode(bits);
+    }
+    return nh;
+}
+
+/* Computes elements [start, end) into out and returns the index it stopped at: `end`, or
+ * earlier when the hard-index buffer could overflow (call again from there). Hard element
+ * indices (absolute) go to hard[0 .. *n_hard); their outputs are left for the caller.
+ * stats (when want_stats) are accumulated: stats[0] += sum of squares, stats[1] = max |s|.
+ * Returns -1 for an unknown dtype code. */
+int64_t realign_combine(void *out, int32_t out_code, const void *in0, int32_t code0,
+                        const void *in1, int32_t code1, const void *in2, int32_t code2,
+                        float alpha, int64_t start, int64_t end, int32_t want_stats,
+                        double *stats, int64_t *hard, int64_t hard_cap, int64_t *n_hard) {
+    const int32_t codes[4] = {out_code, code0, code1, code2};
+    for (int k = 0; k < 4; k++)
+        if (codes[k] < RL_F32 || codes[k] > RL_F16) return -1;
+    int hot = out_code == RL_BF16 && code0 == RL_BF16 && (!in1 || code1 == RL_BF16) &&
+              (!in2 || code2 == RL_BF16) && (in1 || in2) && (in2 || alpha == 1.0f);
+    float x0[RL_BLOCK], x1[RL_BLOCK], x2[RL_BLOCK], sbuf[RL_BLOCK];
+    uint32_t bits[RL_BLOCK], flags[RL_BLOCK];
+    rl_stats st;
+    memset(&st, 0, sizeof st);
+    int64_t nh = 0, b = start;
+    while (b < end && nh < hard_cap) {
+        int64_t n = end - b, room = hard_cap - nh;
+        n = n < RL_BLOCK ? n : RL_BLOCK;
+        n = n < room ? n : room;
+        uint32_t any;
+        prefetch(in0, code0, b, end, 0);
+        prefetch(in1, code1, b, end, 0);
+        prefetch(in2, code2, b, end, 0);
+        prefetch(out, out_code, b, end, 1);
+        if (hot) {
+            uint16_t *o = (uint16_t *)out + b;
+            const uint16_t *p0 = at(in0, code0, b), *p1 = at(in1, code1, b),
+                           *p2 = at(in2, code2, b);
+            any = hot_block(o, p0, p1, p2, n, alpha, want_stats, sbuf);
+            if (any) nh += hot_rescan(o, p0, p1, p2, b, n, alpha, hard + nh);
+        } else {
+            decode(x0, at(in0, code0, b), code0, n, 0.0f);
+            decode(x1, at(in1, code1, b), code1, n, 0.0f);
+            decode(x2, at(in2, code2, b), code2, n, -0.0f);
+            any = generic_compute(x0, x1, x2, n, alpha, out_code != RL_F32, bits, flags, sbuf);
+            encode((char *)out + b * itemsize(out_code), out_code, bits, n);
+            for (int64_t i = 0; any && i < n; i++)
+                if (flags[i]) hard[nh++] = b + i;
+        }
+        if (want_stats) add_stats(&st, sbuf, n);
+        b += n;
+    }
+    if (want_stats) {
+        double sq = 0.0;
+        float mx = 0.0f;
+        for (int j = 0; j < RL_LANES; j++) {
+            sq += st.sq[j];
+            mx = st.mx[j] > mx ? st.mx[j] : mx;
+        }
+        stats[0] += sq;
+        stats[1] = (double)mx > stats[1] ? (double)mx : stats[1];
+    }
+    *n_hard = nh;
+    return b;
+}
+
+/* ---- the Python module: buffer addresses for the ctypes wrapper -------------------- */
+
+static PyObject *buffer_address(PyObject *obj, int flags) {
+    Py_buffer view;
+    if (PyObject_GetBuffer(obj, &view, flags) < 0) return NULL;
+    void *p = view.buf;
+    PyBuffer_Release(&view); /* the caller's memoryview keeps the memory exported */
+    return PyLong_FromVoidPtr(p);
+}
+
+static PyObject *address(PyObject *self, PyObject *obj) {
+    (void)self;
+    return buffer_address(obj, PyBUF_SIMPLE);
+}
+
+static PyObject *writable_address(PyObject *self, PyObject *obj) {
+    (void)self;
+    return buffer_address(obj, PyBUF_WRITABLE);
+}
+
+static PyMethodDef methods[] = {
+    {"address", address, METH_O, "Address of a C-contiguous buffer (read-only is fine)."},
+    {"writable_address", writable_address, METH_O, "Address of a writable C-contiguous buffer."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_native", "Realign's element-wise merge kernel (see native.py).",
+    -1, methods, NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__native(void) { return PyModule_Create(&module); }
