@@ -15,7 +15,7 @@ PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(VENV)/.stamp-base: pyproject.toml | $(BIN)/python
+$(VENV)/.stamp-base: pyproject.toml setup.py app/residuals/_native.c | $(BIN)/python
 	$(PIP) "$(TORCH_SPEC)"
 	$(PIP) "$(TORCH_SPEC)" -e .
 	touch $@

@@ -12,13 +12,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from app.core.errors import ArtifactNotFoundError, CorruptCheckpointError
 from app.core.settings import Settings, get_settings
 from app.residuals.apply import apply_residual, merge_fused, open_pack, plan_apply, plan_fused
 from app.residuals.checkpoint import Checkpoint
 from app.residuals.compute import compute_residual, preflight_residual
+from app.residuals.dtypes import BY_NAME, DType
 from app.residuals.manifest import (
     MERGE_MANIFEST,
     RESIDUAL_MANIFEST,
@@ -34,7 +33,7 @@ from app.residuals.sources import RunOptions, describe_source
 from app.store.keys import merged_key, residual_key
 from app.store.local import ArtifactInfo, LocalStore
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DTYPES = {name: BY_NAME[name] for name in ("bfloat16", "float16", "float32")}
 
 
 @dataclass(frozen=True)
@@ -95,7 +94,7 @@ def _resolve(ref: str, store: LocalStore) -> ResolvedModel:
     return resolve_ref(ModelRef.parse(ref), store.root / "sources")
 
 
-def _dtype(name: str) -> torch.dtype:
+def _dtype(name: str) -> DType:
     try:
         return DTYPES[name]
     except KeyError:

@@ -1,9 +1,11 @@
 """Bit-exactness check of the streaming engine on small generated triples.
 
-Every output tensor must equal ``(f32(instruct) - f32(base)) * alpha + f32(target)``
-cast once to the output dtype (rows only the instruct model has are copied from
-it), for the fused pass and for compute + apply, across dtypes, alphas, chunk
-sizes that split rows unevenly and shard limits that force several shards.
+Every output tensor must equal the exact ``target + a * (instruct - base)`` (``a`` =
+alpha in fp32) rounded once to the output dtype — for compute + apply, the exact
+``target + a * R`` of the stored fp32 residual — with rows only the instruct model
+has copied from it; for the fused pass and for compute + apply, across dtypes,
+alphas, chunk sizes that split rows unevenly and shard limits that force several
+shards. The reference (``tests/helpers.py``) shares no code with the engine.
 
     .venv/bin/python bench/exact.py
 """
@@ -18,12 +20,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from app.demo.tiny import make_triple
 from app.merge import apply, compute, merge
 from app.residuals.apply import merge_fused
 from app.residuals.checkpoint import Checkpoint
 from app.residuals.hashing import FileHasher
 from app.residuals.sources import RunOptions, local_source
+from tests.helpers import exact_merge
 
 
 def load_dir(path: Path) -> dict[str, torch.Tensor]:
@@ -33,18 +38,16 @@ def load_dir(path: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def reference(root: Path, name: str, alpha: float, out_dtype: torch.dtype) -> torch.Tensor:
+def reference(
+    root: Path, name: str, alpha: float, out_dtype: torch.dtype, residual: Path | None
+) -> torch.Tensor:
     i, b, t = (load_dir(root / d)[name] for d in ("instruct", "base", "new_base"))
     rows = b.shape[0]
-    acc = i[:rows].float() - b.float()
-    if alpha != 1.0:
-        acc = acc * alpha
-    acc = acc + t.float()
-    return (
-        torch.cat([acc.to(out_dtype), i[rows:].to(out_dtype)])
-        if i.shape != b.shape
-        else (acc.to(out_dtype))
-    )
+    if residual is not None:
+        merged = exact_merge(None, None, t, alpha, residual=load_dir(residual)[name][:rows])
+    else:
+        merged = exact_merge(i[:rows], b, t, alpha)
+    return torch.cat([merged, i[rows:].to(out_dtype)]) if i.shape != b.shape else merged
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -53,11 +56,11 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return bool(torch.equal(a.view(torch.uint8), b.view(torch.uint8))) if a.numel() else True
 
 
-def check(root: Path, out: Path, alpha: float, label: str) -> int:
+def check(root: Path, out: Path, alpha: float, label: str, residual: Path | None = None) -> int:
     got = load_dir(out)
     bad = 0
     for name, tensor in got.items():
-        ref = reference(root, name, alpha, tensor.dtype)
+        ref = reference(root, name, alpha, tensor.dtype, residual)
         if not same_bits(tensor, ref):
             bad += 1
             print(f"  MISMATCH {label}: {name}")
@@ -86,7 +89,7 @@ def run_case(tmp: Path, dtype: torch.dtype, extra: int, alpha: float) -> int:
     res = compute(str(root / "base"), str(root / "instruct"), dtype="float32", store=store)
     out = tmp / f"apply-{root.name}-{alpha}"
     apply(res.key, str(root / "new_base"), out, alpha=alpha, store=store)
-    bad += check(root, out, alpha, f"compute(fp32)+apply {tag}")
+    bad += check(root, out, alpha, f"compute(fp32)+apply {tag}", residual=res.path)
     for chunk, shard in ((50_021, 300_000), (7, 10**9)):
         out = tmp / f"small-{root.name}-{alpha}-{chunk}"
         out.mkdir()

@@ -27,6 +27,7 @@ import torch
 from transformers import GenerationConfig, LlamaConfig
 
 from app.demo.tokenizer import write_tokenizer
+from app.residuals.dtypes import BF16
 from app.residuals.shards import ShardedWriter, TensorSpec
 
 HIDDEN = 2048
@@ -72,7 +73,7 @@ def build_config(layers: int) -> LlamaConfig:
 def tensor_specs(layers: int) -> list[TensorSpec]:
     """Tensors in ``save_pretrained`` order (embedding, layers, final norm, head)."""
     kv = HIDDEN // HEADS * KV_HEADS
-    bf16 = torch.bfloat16
+    bf16 = BF16
     specs = [TensorSpec("model.embed_tokens.weight", bf16, (VOCAB, HIDDEN))]
     for i in range(layers):
         p = f"model.layers.{i}."

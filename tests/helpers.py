@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from fractions import Fraction
 from pathlib import Path
 
 import torch
@@ -50,3 +51,69 @@ def tree(path: Path) -> list[str]:
 def stored(store: Path) -> list[str]:
     """What a reader of the store could find: artifacts and leftovers of unfinished work."""
     return [f"{sub}/{p}" for sub in ("residuals", "merged", ".staging") for p in tree(store / sub)]
+
+
+_FORMATS = {torch.float32: (24, -126), torch.bfloat16: (8, -126), torch.float16: (11, -14)}
+
+
+def round_fraction(value: Fraction, dtype: torch.dtype) -> float:
+    """An exact rational rounded once, to nearest-even, to ``dtype`` (as a float)."""
+    p, emin = _FORMATS[dtype]
+    if value == 0:
+        return 0.0
+    mag = abs(value)
+    e = mag.numerator.bit_length() - mag.denominator.bit_length()
+    e = e - 1 if Fraction(2) ** e > mag else e
+    quantum = Fraction(2) ** (max(e, emin) - p + 1)
+    rounded = round(mag / quantum) * quantum  # round() of a Fraction: ties to even
+    top = torch.finfo(dtype).max
+    out = float("inf") if rounded > top else float(rounded)
+    return -out if value < 0 else out
+
+
+def exact_merge(
+    instruct: torch.Tensor | None,
+    base: torch.Tensor | None,
+    target: torch.Tensor,
+    alpha: float,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``target + a * (instruct - base)`` (or ``target + a * residual``), ``a`` = alpha in
+    fp32, computed exactly and rounded once, to nearest-even, to the target's dtype —
+    independently of the engine's code: float64 where it is provably exact, exact
+    rationals for the other elements."""
+    import numpy as np
+
+    a = float(np.float32(alpha))
+    ok = torch.ones(target.shape, dtype=torch.bool)
+
+    def add(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        s = x + y
+        bb = s - x
+        ok.logical_and_(((x - (s - bb)) + (y - bb)) == 0)
+        return s
+
+    if residual is not None:
+        d = residual.double()
+    else:
+        assert instruct is not None and base is not None
+        d = add(instruct.double(), -base.double())
+    dh = d.float().double()
+    x = add(add(target.double(), a * dh), a * (d - dh))
+    if target.dtype == torch.float32:
+        out = x.float()
+    elif target.dtype == torch.float16:
+        out = torch.from_numpy(x.numpy().astype(np.float16))  # numpy rounds float64 once
+    else:
+        bits = x.view(torch.int64)
+        bits = (bits + ((1 << 44) - 1) + ((bits >> 45) & 1)) & -(1 << 45)
+        out = bits.view(torch.float64).float().bfloat16()  # both casts now exact
+    flat, ok_flat = out.view(-1), ok.view(-1)
+    for k in torch.nonzero(~ok_flat).flatten().tolist():
+        if residual is not None:
+            d_k = Fraction(float(residual.view(-1)[k]))
+        else:
+            d_k = Fraction(float(instruct.view(-1)[k])) - Fraction(float(base.view(-1)[k]))  # type: ignore[union-attr]
+        value = Fraction(float(target.view(-1)[k])) + Fraction(a) * d_k
+        flat[k] = round_fraction(value, target.dtype)
+    return out

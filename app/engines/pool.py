@@ -232,7 +232,7 @@ def _expected_checksum(src: ModelSource) -> float | None:
 
         buf = torch.empty(info.nbytes, dtype=torch.uint8)
         ckpt.read_into(info, 0, info.rows, memoryview(buf.numpy()))  # type: ignore[arg-type]
-        return float(buf.view(info.dtype).double().sum())
+        return float(buf.view(info.dtype.torch).double().sum())
 
 
 def describe(pool: EnginePool) -> list[dict[str, Any]]:

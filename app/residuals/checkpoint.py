@@ -20,25 +20,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-import torch
-
 from app.core.errors import CorruptCheckpointError, ModelNotFoundError, UnsafeCheckpointError
+from app.residuals.dtypes import DTYPES, DType
 
-DTYPES: dict[str, torch.dtype] = {
-    "BF16": torch.bfloat16,
-    "F16": torch.float16,
-    "F32": torch.float32,
-    "F64": torch.float64,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-}
-DTYPE_CODES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 INDEX_NAME = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _MAX_HEADER = 100 * 1024 * 1024
@@ -53,7 +37,7 @@ class TensorInfo:
 
     name: str
     file: Path
-    dtype: torch.dtype
+    dtype: DType
     shape: tuple[int, ...]
     offset: int  # absolute byte offset of the data in ``file``
     nbytes: int
@@ -71,9 +55,9 @@ class TensorInfo:
         return self.nbytes // self.rows if self.rows else 0
 
 
-def dtype_size(dtype: torch.dtype) -> int:
+def dtype_size(dtype: DType) -> int:
     """Bytes per element of ``dtype``."""
-    return torch.empty((), dtype=dtype).element_size()
+    return dtype.itemsize
 
 
 def _corrupt(path: Path, what: str) -> CorruptCheckpointError:

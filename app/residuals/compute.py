@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
 import app
 from app.residuals.assets import INSTRUCT_CONFIG, copy_assets, special_tokens
 from app.residuals.checkpoint import Checkpoint
 from app.residuals.compat import check_family, check_tokenizers, family_of, pair_tensors
+from app.residuals.dtypes import BF16, DType
 from app.residuals.hashing import sha256_file
 from app.residuals.manifest import (
     RESIDUAL_MANIFEST,
@@ -41,7 +40,7 @@ def compute_residual(
     *,
     instruct_src: SourceInfo,
     base_src: SourceInfo,
-    dtype: torch.dtype = torch.bfloat16,
+    dtype: DType = BF16,
     method: str = "task_arithmetic",
     key: str | None = None,
     opts: RunOptions | None = None,
@@ -129,6 +128,6 @@ def compute_residual(
     return manifest
 
 
-def manifest_dtype(dtype: torch.dtype) -> str:
-    """``torch.bfloat16`` -> ``bfloat16``."""
-    return str(dtype).removeprefix("torch.")
+def manifest_dtype(dtype: DType) -> str:
+    """``BF16`` -> ``bfloat16``."""
+    return dtype.name

@@ -1,45 +1,50 @@
 """Where the merge math runs: a small registry of math backends.
 
-The CPU backend works on cache-sized sub-chunks so the fp32 temporaries never
-leave L2, split across a few of its own threads; the CUDA backend moves each
-chunk to the GPU from pinned buffers (reads and writes overlap with GPU work
-through the stream pipeline).
+Backends work on raw bytes (memoryviews) and :class:`DType`s, so the streaming
+pipeline never needs torch. ``cpu`` is the native kernel (one pass in C per chunk,
+split across a few threads; ctypes releases the GIL) when it is built, else torch
+on the CPU; ``cuda`` is torch on a GPU, fed from pinned buffers. All of them give
+the same bits: every element correctly rounded once (see :mod:`app.residuals.methods`).
 """
 
 from __future__ import annotations
 
-import threading
+import logging
+import mmap
+import os
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
-import torch
-
 from app.core.errors import DeviceUnavailableError
+from app.residuals import native
+from app.residuals.dtypes import DType
 from app.residuals.methods import MergeMethod
 
-# ATen runs an element-wise op serially when it has at most this many elements
-# (at::internal::GRAIN_SIZE). Sub-chunks of this size keep every op out of the
-# OpenMP pool: on a loaded machine an OpenMP team synchronising 4 times per
-# sub-chunk against our own reader and writer threads ran the math 10-30x
-# slower. The parallelism is ours instead, coarse-grained: one slice of each
-# chunk per worker thread.
-_SUB_ELEMS = 32 * 1024
+log = logging.getLogger(__name__)
+
+Operand = tuple[memoryview, DType]
 _MAX_WORKERS = 4  # past this the math is memory-bound
+_MIN_SPLIT = 64 * 1024  # elements: below this one thread does the whole chunk
+_NATIVE_CODES = frozenset({"F32", "BF16", "F16"})
 
 
 class MathBackend(Protocol):
     """Combines one chunk of inputs into an output buffer."""
 
     name: str
-    pin_memory: bool
+    maps_inputs: bool  # inputs may be views of the page cache (else read into buffer())
+
+    def buffer(self, nbytes: int) -> memoryview:
+        """A writable byte buffer for chunk inputs or outputs (pinned where that helps)."""
 
     def combine(
         self,
         method: MergeMethod,
         kind: str,
-        inputs: Sequence[torch.Tensor],
-        out: torch.Tensor,
+        inputs: Sequence[Operand],
+        out: memoryview,
+        out_dtype: DType,
         alpha: float,
         *,
         want_stats: bool,
@@ -47,165 +52,110 @@ class MathBackend(Protocol):
         """Write the method's ``kind`` result into ``out``; return (sum of squares,
         max |x|) of the fp32 result when ``want_stats``, else zeros."""
 
-
-def _run(
-    method: MergeMethod, kind: str, acc: torch.Tensor, xs: Sequence[torch.Tensor], alpha: float
-) -> None:
-    if kind == "residual":
-        method.residual(acc, xs[0], xs[1])
-    elif kind == "apply":
-        method.apply(acc, xs[0], xs[1], alpha)
-    elif kind == "fused":
-        method.fused(acc, xs[0], xs[1], xs[2], alpha)
-    else:
-        raise ValueError(f"unknown job kind {kind!r}")
+    def close(self) -> None:
+        """Release threads and device resources."""
 
 
-def _acc_dtype(inputs: Sequence[torch.Tensor]) -> torch.dtype:
-    return torch.float64 if any(x.dtype == torch.float64 for x in inputs) else torch.float32
+def default_workers() -> int:
+    """Math threads for this process: the CPUs it may run on, at most 4."""
+    return max(1, min(_MAX_WORKERS, len(os.sched_getaffinity(0))))
 
 
-def _stats(acc: torch.Tensor) -> tuple[float, float]:
-    # Not torch.dot: BLAS starts its own thread team for it, and on a busy 2-core
-    # machine one call on 32K floats took ~1 ms instead of ~5 us.
-    lo, hi = torch.aminmax(acc)
-    return float(torch.linalg.vector_norm(acc)) ** 2, max(float(hi), -float(lo))
+def host_buffer(nbytes: int) -> memoryview:
+    """Anonymous, page-aligned memory (also right for ``O_DIRECT``)."""
+    return memoryview(mmap.mmap(-1, max(1, nbytes)))
 
 
-class CpuBackend:
-    """fp32 math on the CPU, in L2-sized pieces, on ``workers`` threads.
+def _native_types(out_dtype: DType, inputs: Sequence[Operand]) -> bool:
+    return out_dtype.code in _NATIVE_CODES and all(dt.code in _NATIVE_CODES for _, dt in inputs)
+
+
+class NativeBackend:
+    """The C kernel on the CPU: one pass per chunk, split over ``workers`` threads.
 
     Args:
-        workers: threads sharing each chunk; default ``torch.get_num_threads()``
-            of the creating thread (at most 4), so a process that limits torch's
-            threads limits this backend too.
+        workers: threads sharing each chunk (default :func:`default_workers`).
     """
 
     name = "cpu"
-    pin_memory = False
+    maps_inputs = True
 
     def __init__(self, workers: int | None = None) -> None:
-        n = workers if workers is not None else min(_MAX_WORKERS, torch.get_num_threads())
-        self.workers = max(1, n)
-        self._local = threading.local()
+        self.workers = max(1, workers or default_workers())
         self._pool: ThreadPoolExecutor | None = None
+        self._fallback: MathBackend | None = None
 
-    def _acc(self, dtype: torch.dtype) -> torch.Tensor:
-        accs: dict[torch.dtype, torch.Tensor] | None = getattr(self._local, "accs", None)
-        if accs is None:
-            accs = self._local.accs = {}
-        acc = accs.get(dtype)
-        if acc is None:
-            acc = accs[dtype] = torch.empty(_SUB_ELEMS, dtype=dtype)
-        return acc
+    def buffer(self, nbytes: int) -> memoryview:
+        return host_buffer(nbytes)
 
     def combine(
         self,
         method: MergeMethod,
         kind: str,
-        inputs: Sequence[torch.Tensor],
-        out: torch.Tensor,
+        inputs: Sequence[Operand],
+        out: memoryview,
+        out_dtype: DType,
         alpha: float,
         *,
         want_stats: bool,
     ) -> tuple[float, float]:
-        flat_in = [x.reshape(-1) for x in inputs]
-        flat_out = out.reshape(-1)
-        n = flat_out.numel()
-        parts = min(self.workers, -(-n // _SUB_ELEMS))
-        step = -(-n // max(1, parts) // _SUB_ELEMS) * _SUB_ELEMS
-        bounds = [(s, min(n, s + step)) for s in range(0, n, step)] if n else []
-        if self._pool is None and len(bounds) > 1:
-            self._pool = ThreadPoolExecutor(self.workers - 1, thread_name_prefix="realign-math")
-        args = (method, kind, flat_in, flat_out, alpha, want_stats)
-        futures: list[Future[list[tuple[float, float]]]] = [
-            self._pool.submit(self._combine_range, *args, lo, hi)  # type: ignore[union-attr]
-            for lo, hi in bounds[1:]
-        ]
-        stats = self._combine_range(*args, *bounds[0]) if bounds else []
-        for f in futures:
-            stats += f.result()
-        # Summed in sub-chunk order whatever the worker count: same stats every run.
-        sq, mx = 0.0, 0.0
-        for s, m in stats:
-            sq += s
-            mx = max(mx, m)
-        return sq, mx
+        if not method.native or not _native_types(out_dtype, inputs):
+            if self._fallback is None:
+                from app.residuals.torch_backends import TorchCpuBackend
 
-    def _combine_range(
-        self,
-        method: MergeMethod,
-        kind: str,
-        flat_in: list[torch.Tensor],
-        flat_out: torch.Tensor,
-        alpha: float,
-        want_stats: bool,
-        lo: int,
-        hi: int,
-    ) -> list[tuple[float, float]]:
-        acc_full = self._acc(_acc_dtype(flat_in))
-        stats: list[tuple[float, float]] = []
-        pieces = zip(
-            *(torch.split(x[lo:hi], _SUB_ELEMS) for x in flat_in),
-            torch.split(flat_out[lo:hi], _SUB_ELEMS),
-            strict=True,
-        )
-        for *xs, o in pieces:
-            acc = acc_full if o.numel() == _SUB_ELEMS else acc_full[: o.numel()]
-            _run(method, kind, acc, xs, alpha)
-            if want_stats:
-                stats.append(_stats(acc))
-            o.copy_(acc)
-        return stats
+                self._fallback = TorchCpuBackend()
+            return self._fallback.combine(
+                method, kind, inputs, out, out_dtype, alpha, want_stats=want_stats
+            )
+        n = out.nbytes // out_dtype.itemsize
+        parts = max(1, min(self.workers, n // _MIN_SPLIT))
+        step = -(-n // parts // 4096) * 4096  # whole pages of every operand
+        bounds = [(lo, min(n, lo + step)) for lo in range(0, n, step)] or [(0, 0)]
+
+        def run(lo: int, hi: int) -> tuple[float, float]:
+            return native.combine(
+                kind,
+                out[lo * out_dtype.itemsize : hi * out_dtype.itemsize],
+                out_dtype.code,
+                [(mv[lo * dt.itemsize : hi * dt.itemsize], dt.code) for mv, dt in inputs],
+                alpha,
+                want_stats=want_stats,
+            )
+
+        if len(bounds) > 1 and self._pool is None:
+            self._pool = ThreadPoolExecutor(self.workers - 1, thread_name_prefix="realign-math")
+        futures = [self._pool.submit(run, lo, hi) for lo, hi in bounds[1:]] if self._pool else []
+        stats = [run(*bounds[0]), *(f.result() for f in futures)]
+        # Summed in range order whatever the thread timing: same stats every run.
+        return sum(s for s, _ in stats), max(m for _, m in stats)
 
     def close(self) -> None:
-        """Stop the worker threads (they also end with the process)."""
         if self._pool is not None:
             self._pool.shutdown()
             self._pool = None
+        if self._fallback is not None:
+            self._fallback.close()
 
 
-class CudaBackend:
-    """fp32 math on a CUDA device; chunks arrive from pinned host memory."""
+def _cpu() -> MathBackend:
+    if native.available():
+        return NativeBackend()
+    from app.residuals.torch_backends import TorchCpuBackend
 
-    name = "cuda"
-    pin_memory = True
-
-    def __init__(self, device: str = "cuda") -> None:
-        if not torch.cuda.is_available():
-            raise DeviceUnavailableError(
-                "--device cuda was asked for but torch sees no CUDA device here "
-                f"(torch {torch.__version__}); use --device cpu or install a CUDA build of torch"
-            )
-        self.device = torch.device(device)
-        self.stream = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]
-
-    def combine(
-        self,
-        method: MergeMethod,
-        kind: str,
-        inputs: Sequence[torch.Tensor],
-        out: torch.Tensor,
-        alpha: float,
-        *,
-        want_stats: bool,
-    ) -> tuple[float, float]:
-        with torch.cuda.stream(self.stream):
-            xs = [x.to(self.device, non_blocking=True) for x in inputs]
-            acc = torch.empty(out.shape, dtype=_acc_dtype(inputs), device=self.device)
-            _run(method, kind, acc, xs, alpha)
-            stats = (0.0, 0.0)
-            if want_stats:
-                stats = (
-                    float(torch.dot(acc.reshape(-1), acc.reshape(-1))),
-                    float(acc.abs().max()) if acc.numel() else 0.0,
-                )
-            out.copy_(acc.to(out.dtype), non_blocking=True)
-        self.stream.synchronize()  # the writer thread reads `out` next
-        return stats
+    log.warning("native merge kernel unavailable (%s); using torch on the CPU", native.load_error())
+    return TorchCpuBackend()
 
 
-BACKENDS: dict[str, Callable[[], MathBackend]] = {"cpu": CpuBackend, "cuda": CudaBackend}
+def _cuda(device: str) -> MathBackend:
+    from app.residuals.torch_backends import CudaBackend
+
+    return CudaBackend(device)
+
+
+BACKENDS: dict[str, Callable[[str], MathBackend]] = {
+    "cpu": lambda _device: _cpu(),
+    "cuda": _cuda,
+}
 
 
 def make_backend(device: str) -> MathBackend:
@@ -214,10 +164,7 @@ def make_backend(device: str) -> MathBackend:
     Raises:
         DeviceUnavailableError: unknown device, or CUDA asked for where there is none.
     """
-    kind = device.split(":", 1)[0]
-    if kind == "cuda":
-        return CudaBackend(device)
-    factory = BACKENDS.get(kind)
+    factory = BACKENDS.get(device.split(":", 1)[0])
     if factory is None:
         raise DeviceUnavailableError(f"unknown device {device!r}; use cpu or cuda")
-    return factory()
+    return factory(device)

@@ -16,7 +16,7 @@ from app.residuals.methods import get_method
 def _read(ckpt: Checkpoint, info: TensorInfo) -> torch.Tensor:
     buf = torch.empty(info.nbytes, dtype=torch.uint8)
     ckpt.read_into(info, 0, info.rows, memoryview(buf.numpy()))  # type: ignore[arg-type]
-    return buf.view(info.dtype).reshape(info.shape)
+    return buf.view(info.dtype.torch).reshape(info.shape)
 
 
 def stream_merged(
@@ -53,9 +53,10 @@ def stream_merged(
             r = _read(pack, r_src.info).to(device)
             t = _read(target, t_src.info).to(device)
             common = job.common_rows
-            acc = torch.empty(t.shape, dtype=torch.float32, device=device)
-            method.apply(acc, r[:common], t, alpha)
-            out = torch.empty(job.spec.shape, dtype=job.spec.dtype, device=device)
-            out[:common].copy_(acc)
+            out = torch.empty(job.spec.shape, dtype=job.spec.dtype.torch, device=device)
+            merged, _ = method.combine(
+                "apply", [r[:common].reshape(-1), t.reshape(-1)], alpha, out.dtype
+            )
+            out[:common].copy_(merged.view(t.shape))
             out[common:].copy_(r[common:])  # rows the instruct side added, verbatim
             yield job.spec.name, out

@@ -1,17 +1,25 @@
 """Merge methods: the tensor math, behind a registry.
 
-A method defines three element-wise operations on fp32 accumulators. They run on
-chunks of any size and on any device; the caller casts the accumulator once to
-the output dtype. # fp32 then one cast: alpha-scaling in bf16 would round twice.
+A method defines element-wise operations of a few kinds (``residual``, ``apply``,
+``fused``; ``convert`` is a plain dtype change). Every kind returns each element
+correctly rounded, once, to the output dtype: fp32 math whose double rounding is
+removed (see :mod:`app.residuals.torch_math`). # fp32 then one cast: alpha-scaling in
+bf16 would round twice. Methods that the native kernel implements set ``native``;
+the torch implementation serves the CUDA backend, the CPU fallback and in-engine
+merges, with the same bits.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
-
-import torch
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Protocol
 
 from app.core.errors import InvalidRefError
+
+if TYPE_CHECKING:
+    import torch
+
+KINDS = ("residual", "apply", "fused", "convert")
 
 
 class MergeMethod(Protocol):
@@ -19,59 +27,37 @@ class MergeMethod(Protocol):
 
     name: str
     description: str
+    native: bool  # the native CPU kernel implements this method
 
-    def residual(self, acc: torch.Tensor, instruct: torch.Tensor, base: torch.Tensor) -> None:
-        """acc <- R(instruct, base)."""
+    def combine(
+        self, kind: str, xs: Sequence[torch.Tensor], alpha: float, out_dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One kind of step on 1-D tensors: ``residual`` (instruct, base), ``apply``
+        (residual, target), ``fused`` (instruct, base, target) or ``convert`` (x).
 
-    def apply(
-        self, acc: torch.Tensor, residual: torch.Tensor, target: torch.Tensor, alpha: float
-    ) -> None:
-        """acc <- target + alpha * residual."""
-
-    def fused(
-        self,
-        acc: torch.Tensor,
-        instruct: torch.Tensor,
-        base: torch.Tensor,
-        target: torch.Tensor,
-        alpha: float,
-    ) -> None:
-        """acc <- apply(residual(instruct, base), target), identical to the two-step result
-        with an fp32 residual."""
+        Returns:
+            The result in ``out_dtype`` and the fp32 values its statistics are taken from.
+        """
 
 
 class TaskArithmetic:
-    """Task arithmetic: ``R = instruct - base``; ``new = target + alpha * R``."""
+    """Task arithmetic: ``R = instruct - base``; ``new = target + alpha * R``.
+
+    ``fused`` equals ``residual`` then ``apply`` with an fp32 residual, element for
+    element, whenever ``instruct - base`` is exact in fp32 (bf16 or fp16 weights
+    within a factor 2**15 of each other); both are the exact value rounded once.
+    """
 
     name = "task_arithmetic"
     description = "new = target + alpha * (instruct - base)"
+    native = True
 
-    def residual(self, acc: torch.Tensor, instruct: torch.Tensor, base: torch.Tensor) -> None:
-        acc.copy_(instruct)
-        acc.sub_(base)
+    def combine(
+        self, kind: str, xs: Sequence[torch.Tensor], alpha: float, out_dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        from app.residuals.torch_math import combine
 
-    def apply(
-        self, acc: torch.Tensor, residual: torch.Tensor, target: torch.Tensor, alpha: float
-    ) -> None:
-        acc.copy_(residual)
-        if alpha != 1.0:
-            acc.mul_(alpha)
-        acc.add_(target)
-
-    def fused(
-        self,
-        acc: torch.Tensor,
-        instruct: torch.Tensor,
-        base: torch.Tensor,
-        target: torch.Tensor,
-        alpha: float,
-    ) -> None:
-        # Same operation order as residual() then apply(): bit-identical to the
-        # cached path when the residual is kept in fp32.
-        self.residual(acc, instruct, base)
-        if alpha != 1.0:
-            acc.mul_(alpha)
-        acc.add_(target)
+        return combine(kind, xs, alpha, out_dtype)
 
 
 METHODS: dict[str, MergeMethod] = {}

@@ -25,9 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-import torch
-
-from app.residuals.checkpoint import DTYPE_CODES, dtype_size
+from app.residuals.dtypes import DType
 
 
 @dataclass(frozen=True)
@@ -35,12 +33,12 @@ class TensorSpec:
     """An output tensor: name, dtype and shape."""
 
     name: str
-    dtype: torch.dtype
+    dtype: DType
     shape: tuple[int, ...]
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * dtype_size(self.dtype)
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 _ALIGN = 4096  # O_DIRECT needs block-aligned buffers, file offsets and lengths
@@ -154,7 +152,7 @@ def _header(specs: list[TensorSpec], metadata: dict[str, str]) -> bytes:
     for spec in specs:
         end = offset + spec.nbytes
         entries[spec.name] = {
-            "dtype": DTYPE_CODES[spec.dtype],
+            "dtype": spec.dtype.code,
             "shape": list(spec.shape),
             "data_offsets": [offset, end],
         }

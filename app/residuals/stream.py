@@ -14,12 +14,10 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Literal, cast
-
-import torch
+from typing import Literal
 
 from app.core.errors import OperationCancelledError
-from app.residuals.checkpoint import Checkpoint, TensorInfo, dtype_size
+from app.residuals.checkpoint import Checkpoint, TensorInfo
 from app.residuals.devices import MathBackend
 from app.residuals.methods import MergeMethod
 from app.residuals.progress import CancelFlag, Progress, ProgressCallback
@@ -28,11 +26,6 @@ from app.residuals.shards import ShardedWriter, TensorSpec
 JobKind = Literal["residual", "apply", "fused", "copy"]
 CHUNK_ELEMS = 8 * 1024 * 1024
 _SLOTS = 3
-
-
-def _bytes(t: torch.Tensor) -> memoryview:
-    """A writable byte view of a CPU uint8 tensor (no copy)."""
-    return memoryview(cast(Any, t.numpy()))
 
 
 @dataclass(frozen=True)
@@ -78,13 +71,11 @@ class _Chunk:
 class _Slot:
     """Reusable buffers for one chunk in flight."""
 
-    def __init__(self, in_bytes: int, out_bytes: int, n_inputs: int, pin: bool) -> None:
-        self.inputs = [
-            torch.empty(in_bytes, dtype=torch.uint8, pin_memory=pin) for _ in range(n_inputs)
-        ]
-        self.out = torch.empty(out_bytes, dtype=torch.uint8, pin_memory=pin)
+    def __init__(self, in_bytes: int, out_bytes: int, n_inputs: int, backend: MathBackend) -> None:
+        self.inputs = [backend.buffer(in_bytes) for _ in range(n_inputs)]
+        self.out = backend.buffer(out_bytes)
         self.result = memoryview(b"")
-        self.data: list[torch.Tensor] = []  # this chunk's bytes of each input
+        self.data: list[memoryview] = []  # this chunk's bytes of each input
         self.mapped: list[Source] = []  # inputs whose bytes are page-cache views
 
     def clear(self) -> None:
@@ -152,7 +143,7 @@ class StreamRunner:
         """
         n_in = max((len(j.inputs) for j in jobs), default=1)
         in_size = max((s.info.dtype.itemsize for j in jobs for s in j.inputs), default=4)
-        out_size = max((dtype_size(j.spec.dtype) for j in jobs), default=4)
+        out_size = max((j.spec.dtype.itemsize for j in jobs), default=4)
         # A chunk holds at least one row, however long the rows are.
         elems = max([self.chunk_elems, *(_row_elems(j.spec.shape) for j in jobs)])
         free: queue.Queue[_Slot] = queue.Queue()
@@ -162,7 +153,7 @@ class StreamRunner:
                     elems * in_size,
                     elems * out_size,
                     n_in,
-                    self.backend.pin_memory,
+                    self.backend,
                 )
             )
         ready: queue.Queue[tuple[_Chunk, _Slot] | None] = queue.Queue()
@@ -234,7 +225,7 @@ class StreamRunner:
                 sources = job.inputs if chunk.combine else job.inputs[:1]
                 for src, buf in zip(sources, slot.inputs, strict=False):
                     slot.data.append(self._load(src, chunk, buf, slot))
-                    total += slot.data[-1].numel()
+                    total += slot.data[-1].nbytes
                 if self.max_read_bps:
                     ahead = total / self.max_read_bps - (time.monotonic() - started)
                     self._stop.wait(max(0.0, ahead))
@@ -242,18 +233,18 @@ class StreamRunner:
         finally:
             ready.put(None)
 
-    def _load(self, src: Source, chunk: _Chunk, buf: torch.Tensor, slot: _Slot) -> torch.Tensor:
+    def _load(self, src: Source, chunk: _Chunk, buf: memoryview, slot: _Slot) -> memoryview:
         """One input's bytes for ``chunk``: a view of the page cache when the math runs
         on the CPU (no copy: on 2 cores the copy alone cost a fifth of the CPU time of
         a merge), else read into the slot's (pinned) buffer."""
         info = src.info
         n = (chunk.row1 - chunk.row0) * info.row_bytes
-        if n and not self.backend.pin_memory and info.offset % info.dtype.itemsize == 0:
+        if n and self.backend.maps_inputs and info.offset % info.dtype.itemsize == 0:
             view = src.checkpoint.map_rows(info, chunk.row0, chunk.row1)
             if view is not None:
                 slot.mapped.append(src)
-                return torch.frombuffer(view, dtype=torch.uint8)
-        src.checkpoint.read_into(info, chunk.row0, chunk.row1, _bytes(buf)[:n])
+                return view
+        src.checkpoint.read_into(info, chunk.row0, chunk.row1, buf[:n])
         return buf[:n]
 
     def _compute(
@@ -280,21 +271,25 @@ class StreamRunner:
     def _compute_chunk(self, job: TensorJob, chunk: _Chunk, slot: _Slot) -> tuple[float, float]:
         rows = chunk.row1 - chunk.row0
         sources = job.inputs if chunk.combine else job.inputs[:1]
-        views = [data.view(s.info.dtype) for s, data in zip(sources, slot.data, strict=True)]
         out_bytes = rows * (job.spec.nbytes // max(1, job.spec.shape[0] if job.spec.shape else 1))
+        kind: str = job.kind
         if not chunk.combine or job.kind == "copy":
             if sources[0].info.dtype == job.spec.dtype:  # pass bytes through untouched
-                slot.result = _bytes(slot.data[0][:out_bytes])
+                slot.result = slot.data[0][:out_bytes]
                 return 0.0, 0.0
-            out = slot.out[:out_bytes].view(job.spec.dtype)
-            out.copy_(views[0])
-            slot.result = _bytes(slot.out[:out_bytes])
-            return 0.0, 0.0
-        out = slot.out[:out_bytes].view(job.spec.dtype)
+            kind = "convert"
+        operands = [(data, s.info.dtype) for s, data in zip(sources, slot.data, strict=True)]
+        out = slot.out[:out_bytes]
         stats = self.backend.combine(
-            self.method, job.kind, views, out, job.alpha, want_stats=job.kind == "residual"
+            self.method,
+            kind,
+            operands,
+            out,
+            job.spec.dtype,
+            job.alpha,
+            want_stats=job.kind == "residual",
         )
-        slot.result = _bytes(slot.out[:out_bytes])
+        slot.result = out
         return stats
 
     def _write(

@@ -1,0 +1,77 @@
+"""Tensor element types, named as safetensors names them, without importing torch.
+
+The merge path (checkpoint headers, planning, the native kernel, shard writing)
+only needs an element type's code and size; torch is imported by the backends
+and engines that hold tensors, so ``realign merge`` starts without paying for it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass(frozen=True)
+class DType:
+    """One element type.
+
+    Args:
+        code: the safetensors header name (``BF16``).
+        name: the torch / manifest name (``bfloat16``).
+        itemsize: bytes per element.
+        is_floating_point: whether merges combine it (integers and bools are copied).
+    """
+
+    code: str
+    name: str
+    itemsize: int
+    is_floating_point: bool
+
+    @property
+    def torch(self) -> torch.dtype:
+        """The torch dtype (imports torch)."""
+        import torch
+
+        dtype: torch.dtype = getattr(torch, self.name)
+        return dtype
+
+    def __str__(self) -> str:
+        return self.name
+
+
+_ALL = [
+    DType("BF16", "bfloat16", 2, True),
+    DType("F16", "float16", 2, True),
+    DType("F32", "float32", 4, True),
+    DType("F64", "float64", 8, True),
+    DType("I64", "int64", 8, False),
+    DType("I32", "int32", 4, False),
+    DType("I16", "int16", 2, False),
+    DType("I8", "int8", 1, False),
+    DType("U8", "uint8", 1, False),
+    DType("BOOL", "bool", 1, False),
+    DType("F8_E4M3", "float8_e4m3fn", 1, True),
+    DType("F8_E5M2", "float8_e5m2", 1, True),
+]
+DTYPES: dict[str, DType] = {d.code: d for d in _ALL}
+"""By safetensors code."""
+BY_NAME: dict[str, DType] = {d.name: d for d in _ALL}
+"""By torch / manifest name."""
+
+BF16, F16, F32, F64 = DTYPES["BF16"], DTYPES["F16"], DTYPES["F32"], DTYPES["F64"]
+
+
+def from_torch(dtype: torch.dtype) -> DType:
+    """The :class:`DType` of a torch dtype.
+
+    Raises:
+        ValueError: a dtype safetensors cannot store.
+    """
+    name = str(dtype).removeprefix("torch.")
+    try:
+        return BY_NAME[name]
+    except KeyError:
+        raise ValueError(f"{dtype} has no safetensors encoding") from None
