@@ -3,7 +3,8 @@
 The reference is ``new_base + alpha * (instruct - base)`` computed in float64 (for
 alpha = 1 and bf16 inputs of model-sized magnitudes this is exact) and rounded
 once, to nearest-even, to the output dtype. Each candidate output is compared
-bit for bit; for Realign the fp32 formula it promises is checked too.
+bit for bit; for Realign, the elements where it differs from the plain fp32 formula
+(the formula's double roundings, which Realign resolves) are counted too.
 
     .venv/bin/python bench/accuracy.py DATA_DIR NAME=OUT_DIR [NAME=OUT_DIR ...]
 """

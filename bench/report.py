@@ -258,7 +258,10 @@ def write_report(
             "rounded row shows the error no bf16 output can avoid (at most 0.5 ulp). The "
             "residual "
             f"(instruct - base) has RMS {float(str(accuracy.get('residual_rms', 0))):.3g}: "
-            "an error near that size would mean a different formula.",
+            "an error near that size would mean a different formula. *realign vs fp32 "
+            "formula* counts the elements where Realign differs from the plain fp32 formula "
+            "`(f32(i) - f32(b)) * alpha + f32(t)` cast once: the formula's double roundings, "
+            "which Realign resolves exactly.",
             "",
         ]
     lines += ["## Commands", "", COMMANDS]
