@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from app.demo.tiny import TinyTriple
+
 FORBIDDEN = ("fastapi", "celery", "redis", "vllm", "starlette", "uvicorn")
 
 
@@ -27,3 +29,33 @@ def test_core_and_store_stay_pure() -> None:
     )
     assert res.stdout.strip() == "", f"core imports {res.stdout.strip()}"
     assert len(modules) > 10
+
+
+def test_merge_commands_run_without_torch(llama_triple: TinyTriple, tmp_path: Path) -> None:
+    """`realign merge|compute|apply` never import torch on the CPU path: its import is
+    a third of a small merge's wall time, and the native kernel does the math."""
+    root = Path(__file__).resolve().parents[1]
+    t = llama_triple
+    code = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from app.cli import app\n"
+        "def run(*args):\n"
+        "    try:\n"
+        "        app(list(args))\n"
+        "    except SystemExit as exc:\n"
+        "        assert not exc.code, exc.code\n"
+        f"s = {str(tmp_path / 'store')!r}\n"
+        f"run('merge', '-b', {str(t.base)!r}, '-i', {str(t.instruct)!r}, "
+        f"'-t', {str(t.new_base)!r}, '--out', {str(tmp_path / 'm')!r}, '--store', s, '-q')\n"
+        f"run('merge', '-b', {str(t.base)!r}, '-i', {str(t.instruct)!r}, "
+        f"'-t', {str(t.new_base)!r}, '--out', {str(tmp_path / 'f')!r}, '--store', s, "
+        "'--no-cache', '-q')\n"
+        "heavy = [m for m in ('torch', 'transformers', 'numpy') if m in sys.modules]\n"
+        "print('heavy modules:', ','.join(heavy))\n"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True
+    )
+    assert res.stdout.splitlines()[-1] == "heavy modules: ", res.stdout
+    assert (tmp_path / "m" / "config.json").is_file() and (tmp_path / "f" / "config.json").is_file()

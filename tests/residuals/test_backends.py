@@ -76,3 +76,20 @@ def test_native_and_torch_backends_agree_bit_for_bit(kind: str) -> None:
         if kind == "residual":
             assert sa[0] == pytest.approx(sb[0], rel=1e-6, nan_ok=True), where
     native_be.close()
+
+
+def test_cpu_falls_back_to_torch_when_the_kernel_is_not_built(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from app.residuals import devices
+
+    assert isinstance(devices.make_backend("cpu"), NativeBackend)
+    # what a machine without a C compiler at install time sees
+    monkeypatch.setattr(native, "available", lambda: False)
+    monkeypatch.setattr(native, "load_error", lambda: "the extension was not built")
+    with caplog.at_level("WARNING"):
+        backend = devices.make_backend("cpu")
+    assert isinstance(backend, TorchCpuBackend)
+    assert "the extension was not built" in caplog.text
+    with pytest.raises(Exception, match="unknown device 'tpu'"):
+        devices.make_backend("tpu")
