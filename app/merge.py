@@ -26,6 +26,7 @@ from app.residuals.manifest import (
     read_residual_manifest,
 )
 from app.residuals.methods import get_method
+from app.residuals.onepass import compute_and_apply
 from app.residuals.progress import CancelFlag, ProgressCallback
 from app.residuals.publish import check_output, staging_dir
 from app.residuals.refs import ModelRef, ResolvedModel, resolve_ref
@@ -214,13 +215,16 @@ def merge(
     overwrite: bool = False,
     max_shard_gb: float | None = None,
     hash_outputs: bool = False,
+    method: str = "task_arithmetic",
 ) -> MergeResult:
     """``target + alpha * (instruct - base)`` into ``out``.
 
-    With ``no_cache`` it runs one fused pass and stores nothing; otherwise the
-    residual is computed once (or reused) in the store, then applied.
+    With ``no_cache`` it runs one fused pass and stores nothing. Otherwise a stored
+    residual is applied; when there is none yet, one pass over the three inputs
+    writes the residual into the store and the merged model together.
     """
-    st = open_store(store)
+    st, res_dtype = open_store(store), _dtype(dtype)
+    get_method(method)
     check_output(out, overwrite=overwrite)
     refs = [_resolve(r, st) for r in (instruct, base, target)]
     with contextlib.ExitStack() as stack:
@@ -228,11 +232,44 @@ def merge(
         i_c, b_c, t_c = ckpts
         plan_fused(i_c, b_c, t_c, alpha)  # preflight of the whole triple, headers only
         if not no_cache:
+            i_src, b_src = (describe_source(r, st.hasher) for r in refs[:2])
+            key = residual_key(i_src.digest, b_src.digest, method=method, dtype=dtype)
+            if not st.exists(key):
+                t_src = describe_source(refs[2], st.hasher)
+                opts = _options(device, progress, cancel, max_shard_gb, hash_outputs)
+                made: list[MergeManifest] = []
+                with staging_dir(out, overwrite=overwrite) as tmp:
+
+                    def build(res_dir: Path) -> None:
+                        _, merged = compute_and_apply(
+                            i_c,
+                            b_c,
+                            t_c,
+                            res_dir,
+                            tmp,
+                            sources=(i_src, b_src, t_src),
+                            dtype=res_dtype,
+                            alpha=alpha,
+                            method=method,
+                            key=key,
+                            opts=opts,
+                        )
+                        made.append(merged)
+
+                    if st.get_or_build(key, build):
+                        return MergeResult(out, made[0], key, True)
+                    # built by another process meanwhile: apply its pack
+                    with st.using(key) as pack_dir:
+                        merged = apply_residual(
+                            pack_dir, t_c, tmp, target_src=t_src, alpha=alpha, opts=opts
+                        )
+                    return MergeResult(out, merged, key, False)
             stack.close()
             res = compute(
                 base,
                 instruct,
                 dtype=dtype,
+                method=method,
                 store=st,
                 device=device,
                 progress=progress,
@@ -257,7 +294,14 @@ def merge(
         opts = _options(device, progress, cancel, max_shard_gb, hash_outputs)
         with staging_dir(out, overwrite=overwrite) as tmp:
             merged = merge_fused(
-                i_c, b_c, t_c, tmp, sources=(srcs[0], srcs[1], srcs[2]), alpha=alpha, opts=opts
+                i_c,
+                b_c,
+                t_c,
+                tmp,
+                sources=(srcs[0], srcs[1], srcs[2]),
+                alpha=alpha,
+                method=method,
+                opts=opts,
             )
     return MergeResult(out, merged, None, False)
 

@@ -20,6 +20,7 @@ from app.residuals.compat import (
 )
 from app.residuals.manifest import (
     MERGE_MANIFEST,
+    FamilyInfo,
     FileEntry,
     MergeManifest,
     ResidualManifest,
@@ -61,17 +62,24 @@ def _expected_target_shape(manifest: ResidualManifest, name: str) -> tuple[int, 
     return (r.common_rows, *r.shape[1:]) if r.shape else r.shape
 
 
-def plan_apply(
-    manifest: ResidualManifest, pack: Checkpoint, target: Checkpoint, alpha: float
-) -> list[TensorJob]:
-    """Match the target's tensors against the residual.
+def match_target(
+    family: FamilyInfo,
+    expected: dict[str, tuple[int, ...]],
+    copied: set[str],
+    target: Checkpoint,
+) -> dict[str, TensorInfo]:
+    """Check that ``target`` fits a residual: same family, the residual's tensors (of
+    the ``expected`` target shapes) plus the ``copied`` ones, nothing else.
+
+    Returns:
+        The target's weight tensors by name.
 
     Raises:
         IncompatibleModelsError: family, names or shapes do not match.
     """
-    check_family(manifest.family, family_of(target.config), "the residual's models", "target")
+    check_family(family, family_of(target.config), "the residual's models", "target")
     tensors = weight_tensors(target)
-    covered = set(manifest.tensors) | set(manifest.copied)
+    covered = set(expected) | copied
     if set(tensors) != covered:
         extra, lack = sorted(set(tensors) - covered), sorted(covered - set(tensors))
         where = (
@@ -80,20 +88,36 @@ def plan_apply(
             else (f"target lacks {lack[0]} that the residual has")
         )
         raise IncompatibleModelsError(f"tensor names differ: {where} — not the same architecture")
+    for name, want in expected.items():
+        if tensors[name].shape != want:
+            raise IncompatibleModelsError(
+                f"{name}: target {tensors[name].shape} vs residual expects {want} — not the "
+                "same architecture (or a different vocabulary than the residual's base)"
+            )
+    return tensors
+
+
+def copy_job(target: Checkpoint, t: TensorInfo) -> TensorJob:
+    """A tensor taken from the target as it is (non-float buffers)."""
+    return TensorJob(TensorSpec(t.name, t.dtype, t.shape), "copy", (Source(target, t),), 0)
+
+
+def plan_apply(
+    manifest: ResidualManifest, pack: Checkpoint, target: Checkpoint, alpha: float
+) -> list[TensorJob]:
+    """Match the target's tensors against the residual.
+
+    Raises:
+        IncompatibleModelsError: family, names or shapes do not match.
+    """
+    expected = {name: _expected_target_shape(manifest, name) for name in manifest.tensors}
+    tensors = match_target(manifest.family, expected, set(manifest.copied), target)
     jobs = []
     for name in file_order(tensors):
         t = tensors[name]
         if name in manifest.copied:
-            jobs.append(
-                TensorJob(TensorSpec(name, t.dtype, t.shape), "copy", (Source(target, t),), 0)
-            )
+            jobs.append(copy_job(target, t))
             continue
-        want = _expected_target_shape(manifest, name)
-        if t.shape != want:
-            raise IncompatibleModelsError(
-                f"{name}: target {t.shape} vs residual expects {want} — not the same "
-                "architecture (or a different vocabulary than the residual's base)"
-            )
         r = pack.tensors[name]
         common = manifest.tensors[name].common_rows
         jobs.append(
@@ -126,9 +150,7 @@ def plan_fused(
                 f"{name}: target {t.shape} vs base {got} — not the same architecture"
             )
         if name in pairing.copied:
-            jobs.append(
-                TensorJob(TensorSpec(name, t.dtype, t.shape), "copy", (Source(target, t),), 0)
-            )
+            jobs.append(copy_job(target, t))
             continue
         i = pairing.combine[name][0]
         jobs.append(
@@ -144,29 +166,36 @@ def plan_fused(
     return jobs, vocab
 
 
-def _write_merged(
-    jobs: list[TensorJob], out_dir: Path, method: str, opts: RunOptions
-) -> dict[str, FileEntry]:
-    runner = make_runner(method, "apply", opts)
-    with ShardedWriter(
+def merged_writer(out_dir: Path, specs: list[TensorSpec], opts: RunOptions) -> ShardedWriter:
+    """The shard writer of a merged model (``model*.safetensors``, loadable by transformers)."""
+    return ShardedWriter(
         out_dir,
-        [j.spec for j in jobs],
+        specs,
         prefix="model",
         max_shard_bytes=opts.max_shard_bytes,
         hash_files=opts.hash_outputs,
         metadata={"realign": "merged"},
-    ) as writer:
+    )
+
+
+def _write_merged(
+    jobs: list[TensorJob], out_dir: Path, method: str, opts: RunOptions
+) -> dict[str, FileEntry]:
+    runner = make_runner(method, "apply", opts)
+    with merged_writer(out_dir, [j.spec for j in jobs], opts) as writer:
         runner.run(jobs, writer)
     return {n: FileEntry(size=s, sha256=writer.sha256.get(n)) for n, s in writer.sizes.items()}
 
 
-def _finish(
+def finish_merged(
     out_dir: Path,
     manifest: MergeManifest,
     target: Checkpoint,
     assets_from: Path,
     tokens: dict[str, object],
 ) -> None:
+    """Config (the target's, with the instruct side's tokens and vocabulary), the
+    instruct side's tokenizer and generation files, provenance and model card."""
     rows = manifest.vocab.instruct_rows if manifest.vocab else None
     config = merged_config(target.config, tokens, rows)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -218,7 +247,7 @@ def apply_residual(
         vocab=manifest.vocab,
         files=files,
     )
-    _finish(out_dir, merged, target, pack_dir / "assets", dict(manifest.special_tokens))
+    finish_merged(out_dir, merged, target, pack_dir / "assets", dict(manifest.special_tokens))
     return merged
 
 
@@ -258,5 +287,5 @@ def merge_fused(
         files=files,
     )
     tokens = special_tokens(instruct.path, instruct.config)
-    _finish(out_dir, merged, target, instruct.path, tokens)
+    finish_merged(out_dir, merged, target, instruct.path, tokens)
     return merged

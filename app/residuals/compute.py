@@ -8,7 +8,13 @@ from pathlib import Path
 import app
 from app.residuals.assets import INSTRUCT_CONFIG, copy_assets, special_tokens
 from app.residuals.checkpoint import Checkpoint
-from app.residuals.compat import check_family, check_tokenizers, family_of, pair_tensors
+from app.residuals.compat import (
+    Pairing,
+    check_family,
+    check_tokenizers,
+    family_of,
+    pair_tensors,
+)
 from app.residuals.dtypes import BF16, DType
 from app.residuals.hashing import sha256_file
 from app.residuals.manifest import (
@@ -21,7 +27,7 @@ from app.residuals.manifest import (
 )
 from app.residuals.shards import ShardedWriter, TensorSpec
 from app.residuals.sources import RunOptions, file_order, make_runner
-from app.residuals.stream import Source, TensorJob
+from app.residuals.stream import Source, TensorJob, TensorStats
 
 RESIDUAL_PREFIX = "residual"
 
@@ -66,6 +72,32 @@ def compute_residual(
         OperationCancelledError: cancelled; the caller discards ``out_dir``.
     """
     opts = opts or RunOptions()
+    jobs, pairing = plan_residual(instruct, base, dtype)
+    runner = make_runner(method, "residual", opts)
+    with residual_writer(out_dir, jobs, opts) as writer:
+        stats = runner.run(jobs, writer)
+    return finish_residual(
+        out_dir,
+        writer,
+        jobs,
+        stats,
+        pairing,
+        instruct,
+        sources=(instruct_src, base_src),
+        dtype=dtype,
+        method=method,
+        key=key,
+    )
+
+
+def plan_residual(
+    instruct: Checkpoint, base: Checkpoint, dtype: DType
+) -> tuple[list[TensorJob], Pairing]:
+    """Preflight of (instruct, base) and the residual's tensor jobs, in instruct's order.
+
+    Raises:
+        IncompatibleModelsError: the pair fails preflight.
+    """
     check_family(family_of(instruct.config), family_of(base.config), "instruct", "base")
     pairing = pair_tensors(instruct, base)
     check_tokenizers(instruct.path, base.path)
@@ -82,14 +114,33 @@ def compute_residual(
         )
         for name in order
     ]
-    runner = make_runner(method, "residual", opts)
-    with ShardedWriter(
+    return jobs, pairing
+
+
+def residual_writer(out_dir: Path, jobs: list[TensorJob], opts: RunOptions) -> ShardedWriter:
+    """The shard writer of a residual pack (sha256 of every shard while writing)."""
+    return ShardedWriter(
         out_dir,
         [j.spec for j in jobs],
         prefix=RESIDUAL_PREFIX,
         max_shard_bytes=opts.max_shard_bytes,
-    ) as writer:
-        stats = runner.run(jobs, writer)
+    )
+
+
+def finish_residual(
+    out_dir: Path,
+    writer: ShardedWriter,
+    jobs: list[TensorJob],
+    stats: dict[str, TensorStats],
+    pairing: Pairing,
+    instruct: Checkpoint,
+    *,
+    sources: tuple[SourceInfo, SourceInfo],
+    dtype: DType,
+    method: str,
+    key: str | None,
+) -> ResidualManifest:
+    """Copy the instruct side's assets next to the written shards and write the manifest."""
     files = {n: FileEntry(size=writer.sizes[n], sha256=h) for n, h in writer.sha256.items()}
     index = out_dir / f"{RESIDUAL_PREFIX}.safetensors.index.json"
     assets = copy_assets(instruct.path, out_dir / "assets")
@@ -98,17 +149,16 @@ def compute_residual(
         if extra.is_file():
             rel = extra.relative_to(out_dir).as_posix()
             files[rel] = FileEntry(size=extra.stat().st_size, sha256=sha256_file(extra))
-    vocab = pairing.vocab_info()
     manifest = ResidualManifest(
         key=key,
         method=method,
         dtype=manifest_dtype(dtype),
         tool_version=app.__version__,
-        instruct=instruct_src,
-        base=base_src,
+        instruct=sources[0],
+        base=sources[1],
         family=family_of(instruct.config),
         tied_embeddings=bool(instruct.config.get("tie_word_embeddings")),
-        vocab=vocab,
+        vocab=pairing.vocab_info(),
         tensors={
             j.spec.name: ResidualTensor(
                 shape=j.spec.shape,

@@ -50,6 +50,19 @@ class TensorJob:
     inputs: tuple[Source, ...]
     common_rows: int
     alpha: float = 1.0
+    then: FollowUp | None = None
+
+
+@dataclass(frozen=True)
+class FollowUp:
+    """A second output made from a job's result in the same pass: ``target + alpha *
+    result`` (rows past ``common_rows``: the result itself), for a second writer —
+    the merged model written while its residual is computed, with the same bits as
+    applying the stored residual later."""
+
+    spec: TensorSpec
+    target: Source
+    alpha: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -71,17 +84,27 @@ class _Chunk:
 class _Slot:
     """Reusable buffers for one chunk in flight."""
 
-    def __init__(self, in_bytes: int, out_bytes: int, n_inputs: int, backend: MathBackend) -> None:
+    def __init__(
+        self, in_bytes: int, out_bytes: int, n_inputs: int, backend: MathBackend, follow: bool
+    ) -> None:
         self.inputs = [backend.buffer(in_bytes) for _ in range(n_inputs)]
         self.out = backend.buffer(out_bytes)
+        self.out2 = backend.buffer(out_bytes) if follow else memoryview(b"")
         self.result = memoryview(b"")
+        self.result2 = memoryview(b"")
         self.data: list[memoryview] = []  # this chunk's bytes of each input
         self.mapped: list[Source] = []  # inputs whose bytes are page-cache views
 
     def clear(self) -> None:
         self.result = memoryview(b"")
+        self.result2 = memoryview(b"")
         self.data = []
         self.mapped = []
+
+
+def _sources(job: TensorJob) -> tuple[Source, ...]:
+    """Every input a combined chunk of ``job`` reads (its follow-up's target last)."""
+    return (*job.inputs, job.then.target) if job.then else job.inputs
 
 
 def _row_elems(shape: tuple[int, ...]) -> int:
@@ -132,8 +155,11 @@ class StreamRunner:
         self._error: BaseException | None = None
         self._stop = threading.Event()
 
-    def run(self, jobs: list[TensorJob], writer: ShardedWriter) -> dict[str, TensorStats]:
-        """Produce every job's tensor, in order, through ``writer``.
+    def run(
+        self, jobs: list[TensorJob], writer: ShardedWriter, second: ShardedWriter | None = None
+    ) -> dict[str, TensorStats]:
+        """Produce every job's tensor, in order, through ``writer``; the follow-ups of
+        jobs that have one go to ``second``, in the same order.
 
         Returns:
             Per-tensor statistics for ``residual`` jobs.
@@ -141,9 +167,13 @@ class StreamRunner:
         Raises:
             OperationCancelledError: the cancel flag was set or the callback asked to stop.
         """
-        n_in = max((len(j.inputs) for j in jobs), default=1)
-        in_size = max((s.info.dtype.itemsize for j in jobs for s in j.inputs), default=4)
-        out_size = max((j.spec.dtype.itemsize for j in jobs), default=4)
+        follow = any(j.then for j in jobs)
+        if follow and second is None:
+            raise ValueError("jobs with a follow-up need a second writer")
+        n_in = max((len(j.inputs) + (j.then is not None) for j in jobs), default=1)
+        in_size = max((s.info.dtype.itemsize for j in jobs for s in _sources(j)), default=4)
+        specs = [j.spec for j in jobs] + [j.then.spec for j in jobs if j.then]
+        out_size = max((x.dtype.itemsize for x in specs), default=4)
         # A chunk holds at least one row, however long the rows are.
         elems = max([self.chunk_elems, *(_row_elems(j.spec.shape) for j in jobs)])
         free: queue.Queue[_Slot] = queue.Queue()
@@ -154,6 +184,7 @@ class StreamRunner:
                     elems * out_size,
                     n_in,
                     self.backend,
+                    follow,
                 )
             )
         ready: queue.Queue[tuple[_Chunk, _Slot] | None] = queue.Queue()
@@ -167,7 +198,7 @@ class StreamRunner:
             ),
             threading.Thread(
                 target=self._guard,
-                args=(self._write, jobs, writer, done, free),
+                args=(self._write, jobs, (writer, second), done, free),
                 name="realign-write",
                 daemon=True,
             ),
@@ -222,7 +253,7 @@ class StreamRunner:
                 if slot is None:
                     return
                 job = jobs[chunk.job]
-                sources = job.inputs if chunk.combine else job.inputs[:1]
+                sources = _sources(job) if chunk.combine else job.inputs[:1]
                 for src, buf in zip(sources, slot.inputs, strict=False):
                     slot.data.append(self._load(src, chunk, buf, slot))
                     total += slot.data[-1].nbytes
@@ -262,6 +293,8 @@ class StreamRunner:
             chunk, slot = item
             job = jobs[chunk.job]
             sq, mx = self._compute_chunk(job, chunk, slot)
+            if job.then is not None:
+                self._follow_up(job, chunk, slot)
             if job.kind == "residual":
                 old = sums.get(chunk.job, (0.0, 0.0))
                 sums[chunk.job] = (old[0] + sq, max(old[1], mx))
@@ -278,7 +311,7 @@ class StreamRunner:
                 slot.result = slot.data[0][:out_bytes]
                 return 0.0, 0.0
             kind = "convert"
-        operands = [(data, s.info.dtype) for s, data in zip(sources, slot.data, strict=True)]
+        operands = [(data, s.info.dtype) for s, data in zip(sources, slot.data, strict=False)]
         out = slot.out[:out_bytes]
         stats = self.backend.combine(
             self.method,
@@ -292,13 +325,33 @@ class StreamRunner:
         slot.result = out
         return stats
 
+    def _follow_up(self, job: TensorJob, chunk: _Chunk, slot: _Slot) -> None:
+        """The second output of a chunk, from its first (already in ``slot.result``)."""
+        then = job.then
+        assert then is not None
+        n = slot.result.nbytes // job.spec.dtype.itemsize
+        out = slot.out2[: n * then.spec.dtype.itemsize]
+        if chunk.combine:
+            operands = [(slot.result, job.spec.dtype), (slot.data[-1], then.target.info.dtype)]
+            kind = "apply"
+        elif job.spec.dtype == then.spec.dtype:
+            slot.result2 = slot.result
+            return
+        else:
+            operands, kind = [(slot.result, job.spec.dtype)], "convert"
+        self.backend.combine(
+            self.method, kind, operands, out, then.spec.dtype, then.alpha, want_stats=False
+        )
+        slot.result2 = out
+
     def _write(
         self,
         jobs: list[TensorJob],
-        writer: ShardedWriter,
+        writers: tuple[ShardedWriter, ShardedWriter | None],
         done: queue.Queue[tuple[_Chunk, _Slot] | None],
         free: queue.Queue[_Slot],
     ) -> None:
+        writer, second = writers
         total = sum(j.spec.nbytes for j in jobs)
         written = 0
         finished = 0
@@ -307,6 +360,8 @@ class StreamRunner:
             job = jobs[chunk.job]
             writer.write(job.spec.name, slot.result)
             written += slot.result.nbytes
+            if job.then is not None and second is not None:
+                second.write(job.then.spec.name, slot.result2)
             rows = job.spec.shape[0] if job.spec.shape else 1
             finished += chunk.row1 == rows
             for src in slot.mapped:

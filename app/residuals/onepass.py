@@ -1,0 +1,116 @@
+"""The first merge of a new (instruct, base) pair in one pass: read instruct, base and
+the target once, write the residual pack and the merged model together.
+
+Each chunk's residual is computed, cast to the pack's dtype, then applied to the
+target's rows from those very bytes, so the merged model has the same bits as
+``apply_residual`` of the stored pack would give — without reading the inputs twice
+or the freshly written residual back from disk.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import app
+from app.residuals.apply import copy_job, finish_merged, match_target, merged_writer
+from app.residuals.checkpoint import Checkpoint
+from app.residuals.compat import family_of
+from app.residuals.compute import finish_residual, plan_residual, residual_writer
+from app.residuals.dtypes import DType
+from app.residuals.manifest import (
+    FileEntry,
+    MergeManifest,
+    ResidualManifest,
+    SourceInfo,
+)
+from app.residuals.shards import TensorSpec
+from app.residuals.sources import RunOptions, file_order, make_runner
+from app.residuals.stream import FollowUp, Source, TensorJob
+
+
+def compute_and_apply(
+    instruct: Checkpoint,
+    base: Checkpoint,
+    target: Checkpoint,
+    residual_dir: Path,
+    out_dir: Path,
+    *,
+    sources: tuple[SourceInfo, SourceInfo, SourceInfo],
+    dtype: DType,
+    alpha: float = 1.0,
+    method: str = "task_arithmetic",
+    key: str | None = None,
+    opts: RunOptions | None = None,
+) -> tuple[ResidualManifest, MergeManifest]:
+    """Write the residual pack of (instruct, base) into ``residual_dir`` and ``target +
+    alpha * R`` into ``out_dir`` (both empty staging directories), in one pass.
+
+    Args:
+        sources: identities of (instruct, base, target).
+        dtype: storage dtype of R; the merged model keeps the target's dtypes.
+
+    Returns:
+        The residual's manifest and the merged model's.
+
+    Raises:
+        IncompatibleModelsError: the triple fails preflight.
+        OperationCancelledError: cancelled; the caller discards both directories.
+    """
+    opts = opts or RunOptions()
+    jobs, pairing = plan_residual(instruct, base, dtype)
+    expected = {
+        j.spec.name: (j.common_rows, *j.spec.shape[1:]) if j.spec.shape else () for j in jobs
+    }
+    tensors = match_target(family_of(instruct.config), expected, set(pairing.copied), target)
+    jobs = [
+        TensorJob(
+            j.spec,
+            j.kind,
+            j.inputs,
+            j.common_rows,
+            then=FollowUp(
+                TensorSpec(j.spec.name, tensors[j.spec.name].dtype, j.spec.shape),
+                Source(target, tensors[j.spec.name]),
+                alpha,
+            ),
+        )
+        for j in jobs
+    ]
+    copies = [copy_job(target, tensors[n]) for n in file_order(tensors) if n in pairing.copied]
+    merged_specs = [j.then.spec for j in jobs if j.then] + [c.spec for c in copies]
+    with (
+        residual_writer(residual_dir, jobs, opts) as res_writer,
+        merged_writer(out_dir, merged_specs, opts) as out_writer,
+    ):
+        stats = make_runner(method, "residual+apply", opts).run(jobs, res_writer, out_writer)
+        make_runner(method, "apply", opts).run(copies, out_writer)
+    residual = finish_residual(
+        residual_dir,
+        res_writer,
+        jobs,
+        stats,
+        pairing,
+        instruct,
+        sources=(sources[0], sources[1]),
+        dtype=dtype,
+        method=method,
+        key=key,
+    )
+    files = {
+        n: FileEntry(size=s, sha256=out_writer.sha256.get(n)) for n, s in out_writer.sizes.items()
+    }
+    merged = MergeManifest(
+        method=method,
+        alpha=alpha,
+        fused=False,
+        residual_key=key,
+        residual_dtype=residual.dtype,
+        instruct=sources[0],
+        base=sources[1],
+        target=sources[2],
+        tool_version=app.__version__,
+        vocab=residual.vocab,
+        files=files,
+    )
+    finish_merged(out_dir, merged, target, residual_dir / "assets", dict(residual.special_tokens))
+    return residual, merged
