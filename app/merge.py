@@ -23,6 +23,7 @@ from app.residuals.manifest import (
     RESIDUAL_MANIFEST,
     MergeManifest,
     ResidualManifest,
+    SourceInfo,
     read_residual_manifest,
 )
 from app.residuals.methods import get_method
@@ -237,33 +238,12 @@ def merge(
             if not st.exists(key):
                 t_src = describe_source(refs[2], st.hasher)
                 opts = _options(device, progress, cancel, max_shard_gb, hash_outputs)
-                made: list[MergeManifest] = []
                 with staging_dir(out, overwrite=overwrite) as tmp:
-
-                    def build(res_dir: Path) -> None:
-                        _, merged = compute_and_apply(
-                            i_c,
-                            b_c,
-                            t_c,
-                            res_dir,
-                            tmp,
-                            sources=(i_src, b_src, t_src),
-                            dtype=res_dtype,
-                            alpha=alpha,
-                            method=method,
-                            key=key,
-                            opts=opts,
-                        )
-                        made.append(merged)
-
-                    if st.get_or_build(key, build):
-                        return MergeResult(out, made[0], key, True)
-                    # built by another process meanwhile: apply its pack
-                    with st.using(key) as pack_dir:
-                        merged = apply_residual(
-                            pack_dir, t_c, tmp, target_src=t_src, alpha=alpha, opts=opts
-                        )
-                    return MergeResult(out, merged, key, False)
+                    merged, created = _residual_and_merge(
+                        st, key, (i_c, b_c, t_c), (i_src, b_src, t_src), tmp,
+                        dtype=res_dtype, alpha=alpha, method=method, opts=opts,
+                    )  # fmt: skip
+                return MergeResult(out, merged, key, created)
             stack.close()
             res = compute(
                 base,
@@ -304,6 +284,77 @@ def merge(
                 opts=opts,
             )
     return MergeResult(out, merged, None, False)
+
+
+def _store_first_merge(
+    st: LocalStore,
+    instruct: str,
+    base: str,
+    target: str,
+    alpha: float,
+    dtype: str,
+    opts: RunOptions,
+) -> StoredMerge | None:
+    """``merge_to_store`` when the residual is not stored yet: one pass publishes the
+    residual and the merged model (None when the residual exists: apply it instead)."""
+    refs = [_resolve(r, st) for r in (instruct, base, target)]
+    with contextlib.ExitStack() as stack:
+        i_c, b_c, t_c = (stack.enter_context(Checkpoint.open(r.path)) for r in refs)
+        plan_fused(i_c, b_c, t_c, alpha)
+        i_src, b_src, t_src = (describe_source(r, st.hasher) for r in refs)
+        key = residual_key(i_src.digest, b_src.digest, method="task_arithmetic", dtype=dtype)
+        if st.exists(key):
+            return None
+        mkey = merged_key(key, t_src.digest, alpha=alpha)
+        built: list[bool] = []
+
+        def build(tmp: Path) -> None:
+            _, created = _residual_and_merge(
+                st, key, (i_c, b_c, t_c), (i_src, b_src, t_src), tmp,
+                dtype=_dtype(dtype), alpha=alpha, method="task_arithmetic", opts=opts,
+            )  # fmt: skip
+            built.append(created)
+
+        created = st.get_or_build(mkey, build, kind="merged")
+    path = st.path(mkey, "merged")
+    merged = MergeManifest.model_validate(json.loads((path / MERGE_MANIFEST).read_text()))
+    return StoredMerge(mkey, path, merged, key, bool(built) and built[0], created)
+
+
+def _residual_and_merge(
+    st: LocalStore,
+    key: str,
+    ckpts: tuple[Checkpoint, Checkpoint, Checkpoint],
+    sources: tuple[SourceInfo, SourceInfo, SourceInfo],
+    out_dir: Path,
+    *,
+    dtype: DType,
+    alpha: float,
+    method: str,
+    opts: RunOptions,
+) -> tuple[MergeManifest, bool]:
+    """Build residual ``key`` in the store and write the merged model into ``out_dir``
+    in one pass; if another process stored the residual meanwhile, apply that one.
+
+    Returns:
+        The merged model's manifest, and whether this call built the residual.
+    """
+    made: list[MergeManifest] = []
+
+    def build(res_dir: Path) -> None:
+        _, merged = compute_and_apply(
+            *ckpts, res_dir, out_dir, sources=sources, dtype=dtype, alpha=alpha,
+            method=method, key=key, opts=opts,
+        )  # fmt: skip
+        made.append(merged)
+
+    if st.get_or_build(key, build):
+        return made[0], True
+    with st.using(key) as pack_dir:
+        merged = apply_residual(
+            pack_dir, ckpts[2], out_dir, target_src=sources[2], alpha=alpha, opts=opts
+        )
+    return merged, False
 
 
 def inspect(ref: str, store: LocalStore | Path | None = None) -> ResidualManifest | MergeManifest:
@@ -401,6 +452,10 @@ def merge_to_store(
     if residual is None:
         if base is None or instruct is None:
             raise ValueError("give either a residual key or both base and instruct")
+        opts = _options(device, progress, cancel, None, hash_outputs=True)
+        first = _store_first_merge(st, instruct, base, target, alpha, dtype, opts)
+        if first is not None:
+            return first
         res = compute(
             base, instruct, dtype=dtype, store=st, device=device, progress=progress, cancel=cancel
         )

@@ -28,7 +28,8 @@ class JobReporter:
         self._stage_start = time.monotonic()
 
     def __call__(self, p: Progress) -> None:
-        stage = JobStage.residual if p.stage == "residual" else JobStage.apply
+        # "residual+apply": the first merge of a pair writes both in one pass
+        stage = JobStage.residual if p.stage.startswith("residual") else JobStage.apply
         now = time.monotonic()
         changed = stage != self.rec.stage
         if changed:

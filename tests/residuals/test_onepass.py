@@ -80,3 +80,28 @@ def test_cancelled_one_pass_leaves_neither_residual_nor_model(
     assert list((store_dir / "residuals").iterdir()) == []
     assert list((store_dir / ".staging").iterdir()) == []
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith((".out", "out"))] == []
+
+
+def test_store_merge_builds_both_in_one_pass(llama_triple: TinyTriple, tmp_path: Path) -> None:
+    """The job service's path: residual and merged model both published in the store."""
+    from app.merge import merge_to_store
+
+    t = llama_triple
+    one = merge_to_store(
+        target=str(t.new_base), base=str(t.base), instruct=str(t.instruct), alpha=0.5,
+        store=tmp_path / "one",
+    )  # fmt: skip
+    assert one.created and one.residual_created
+    assert (tmp_path / "one" / "residuals" / one.residual_key).is_dir()
+    assert verify(one.residual_key, tmp_path / "one").key == one.residual_key
+    res = compute(str(t.base), str(t.instruct), store=tmp_path / "two")
+    two = merge_to_store(
+        target=str(t.new_base), residual=res.key, alpha=0.5, store=tmp_path / "two"
+    )
+    assert (one.key, one.residual_key) == (two.key, two.residual_key)  # same content addresses
+    _same(load_dir(one.path), load_dir(two.path))
+    again = merge_to_store(
+        target=str(t.new_base), base=str(t.base), instruct=str(t.instruct), alpha=0.5,
+        store=tmp_path / "one",
+    )  # fmt: skip
+    assert not again.created and not again.residual_created and again.key == one.key
