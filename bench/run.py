@@ -129,7 +129,7 @@ class Bench:
         out = self.fresh("merged")
         rd, wr = self.warm(self.inputs), self.write_bw()
         r = run(self.realign("merge", *self.merge_args(), "--out", out), self.log)
-        self.case("cached-first", 2 * self.in_bytes * 2 // 3, 2 * self.out_bytes).add(r, rd, wr)
+        self.case("cached-first", self.in_bytes, 2 * self.out_bytes).add(r, rd, wr)
         found = re.findall(r"residual ([0-9a-f]+) \(computed\)", self.log.read_text())
         self.key = found[-1]
         shutil.rmtree(out)
