@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,7 @@ from app.store.keys import merged_key, residual_key
 from app.store.local import ArtifactInfo, LocalStore
 
 DTYPES = {name: BY_NAME[name] for name in ("bfloat16", "float16", "float32")}
+_F32_MAX = 3.4028234663852886e38
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,14 @@ def resolve_model(ref: str, store: LocalStore | Path | None = None) -> Path:
 
 def _resolve(ref: str, store: LocalStore) -> ResolvedModel:
     return resolve_ref(ModelRef.parse(ref), store.root / "sources")
+
+
+def _check_alpha(alpha: float) -> None:
+    """Refuse a scale the fp32 math cannot hold, before any heavy work."""
+    if not math.isfinite(alpha) or abs(alpha) > _F32_MAX:
+        raise ValueError(
+            f"alpha must be a finite number of at most {_F32_MAX:.3g} in size, not {alpha!r}"
+        )
 
 
 def _dtype(name: str) -> DType:
@@ -186,6 +196,7 @@ def apply(
 ) -> MergeResult:
     """Apply a stored residual (key, key prefix or pack directory) to ``target``,
     writing a model directory at ``out`` atomically."""
+    _check_alpha(alpha)
     st = open_store(store)
     check_output(out, overwrite=overwrite)
     tgt = _resolve(target, st)
@@ -224,6 +235,7 @@ def merge(
     residual is applied; when there is none yet, one pass over the three inputs
     writes the residual into the store and the merged model together.
     """
+    _check_alpha(alpha)
     st, res_dtype = open_store(store), _dtype(dtype)
     get_method(method)
     check_output(out, overwrite=overwrite)
@@ -315,7 +327,7 @@ def _store_first_merge(
             )  # fmt: skip
             built.append(created)
 
-        created = st.get_or_build(mkey, build, kind="merged")
+        created = st.get_or_build(mkey, build, kind="merged", keep=(key,))
     path = st.path(mkey, "merged")
     merged = MergeManifest.model_validate(json.loads((path / MERGE_MANIFEST).read_text()))
     return StoredMerge(mkey, path, merged, key, bool(built) and built[0], created)
@@ -416,6 +428,7 @@ def preflight(
     Raises:
         RealignError subclasses describing the first problem found.
     """
+    _check_alpha(alpha)
     st = open_store(store)
     tgt = _resolve(target, st)
     with Checkpoint.open(tgt.path) as t_ckpt:
@@ -447,6 +460,7 @@ def merge_to_store(
 ) -> StoredMerge:
     """Compute or reuse the residual, then publish ``target + alpha * R`` as a
     content-addressed merged model in the store (``merged/<key>``); idempotent."""
+    _check_alpha(alpha)
     st = open_store(store)
     created_residual = False
     if residual is None:

@@ -139,3 +139,17 @@ def test_user_mistakes_are_one_line_errors(
     assert stored(store_dir) == []
     res = realign("verify", "deadbeef", "--store", str(store_dir))
     assert res.returncode == 1 and "realign ls" in res.stderr
+
+
+def test_unusable_alpha_is_refused_before_any_work(
+    llama_triple: TinyTriple, tmp_path: Path
+) -> None:
+    t = llama_triple
+    for alpha in ("inf", "nan", "1e39"):
+        res = realign(
+            "merge", "-b", str(t.base), "-i", str(t.instruct), "-t", str(t.new_base),
+            "--out", str(tmp_path / "out"), "--store", str(tmp_path / "s"), "--alpha", alpha,
+        )  # fmt: skip
+        assert res.returncode == 1, res.stderr
+        assert "alpha must be a finite number" in res.stderr and "Traceback" not in res.stderr
+        assert not (tmp_path / "out").exists() and stored(tmp_path / "s") == []

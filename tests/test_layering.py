@@ -6,7 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from app.demo.tiny import TinyTriple
+from app.residuals import native
 
 FORBIDDEN = ("fastapi", "celery", "redis", "vllm", "starlette", "uvicorn")
 
@@ -31,6 +34,9 @@ def test_core_and_store_stay_pure() -> None:
     assert len(modules) > 10
 
 
+@pytest.mark.skipif(
+    not native.available(), reason=f"native kernel not built: {native.load_error()}"
+)
 def test_merge_commands_run_without_torch(llama_triple: TinyTriple, tmp_path: Path) -> None:
     """`realign merge|compute|apply` never import torch on the CPU path: its import is
     a third of a small merge's wall time, and the native kernel does the math."""

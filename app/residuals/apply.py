@@ -97,6 +97,13 @@ def match_target(
     return tensors
 
 
+def merged_order(combined: list[str], copied: set[str], target: dict[str, TensorInfo]) -> list[str]:
+    """The tensor order of every merged model, whichever path writes it (so one content
+    address always holds the same files): the residual's tensors in the instruct
+    model's file order, then the tensors copied from the target, in its order."""
+    return [*combined, *(n for n in file_order(target) if n in copied)]
+
+
 def copy_job(target: Checkpoint, t: TensorInfo) -> TensorJob:
     """A tensor taken from the target as it is (non-float buffers)."""
     return TensorJob(TensorSpec(t.name, t.dtype, t.shape), "copy", (Source(target, t),), 0)
@@ -113,7 +120,7 @@ def plan_apply(
     expected = {name: _expected_target_shape(manifest, name) for name in manifest.tensors}
     tensors = match_target(manifest.family, expected, set(manifest.copied), target)
     jobs = []
-    for name in file_order(tensors):
+    for name in merged_order(list(manifest.tensors), set(manifest.copied), tensors):
         t = tensors[name]
         if name in manifest.copied:
             jobs.append(copy_job(target, t))
@@ -141,14 +148,17 @@ def plan_fused(
     pairing = pair_tensors(instruct, base)
     check_tokenizers(instruct.path, base.path)
     tensors, base_tensors = weight_tensors(target), weight_tensors(base)
-    jobs = []
-    for name in file_order(tensors):
-        t, b = tensors[name], base_tensors.get(name)
-        if b is None or b.shape != t.shape:
-            got = b.shape if b is not None else "nothing"
+    for name in sorted(set(tensors) | set(base_tensors)):
+        t, b = tensors.get(name), base_tensors.get(name)
+        if b is None or t is None or b.shape != t.shape:
             raise IncompatibleModelsError(
-                f"{name}: target {t.shape} vs base {got} — not the same architecture"
+                f"{name}: target {t.shape if t else 'nothing'} vs base "
+                f"{b.shape if b else 'nothing'} — not the same architecture"
             )
+    combined = [n for n in file_order(instruct.tensors) if n in pairing.combine]
+    jobs = []
+    for name in merged_order(combined, set(pairing.copied), tensors):
+        t, b = tensors[name], base_tensors[name]
         if name in pairing.copied:
             jobs.append(copy_job(target, t))
             continue

@@ -58,7 +58,9 @@ class MathBackend(Protocol):
 
 def default_workers() -> int:
     """Math threads for this process: the CPUs it may run on, at most 4."""
-    return max(1, min(_MAX_WORKERS, len(os.sched_getaffinity(0))))
+    affinity = getattr(os, "sched_getaffinity", None)  # Linux; elsewhere all CPUs
+    cpus = len(affinity(0)) if affinity is not None else (os.cpu_count() or 1)
+    return max(1, min(_MAX_WORKERS, cpus))
 
 
 def host_buffer(nbytes: int) -> memoryview:

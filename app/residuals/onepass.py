@@ -12,7 +12,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import app
-from app.residuals.apply import copy_job, finish_merged, match_target, merged_writer
+from app.residuals.apply import (
+    copy_job,
+    finish_merged,
+    match_target,
+    merged_order,
+    merged_writer,
+)
 from app.residuals.checkpoint import Checkpoint
 from app.residuals.compat import family_of
 from app.residuals.compute import finish_residual, plan_residual, residual_writer
@@ -24,7 +30,7 @@ from app.residuals.manifest import (
     SourceInfo,
 )
 from app.residuals.shards import TensorSpec
-from app.residuals.sources import RunOptions, file_order, make_runner
+from app.residuals.sources import RunOptions, make_runner
 from app.residuals.stream import FollowUp, Source, TensorJob
 
 
@@ -76,7 +82,8 @@ def compute_and_apply(
         )
         for j in jobs
     ]
-    copies = [copy_job(target, tensors[n]) for n in file_order(tensors) if n in pairing.copied]
+    order = merged_order([j.spec.name for j in jobs], set(pairing.copied), tensors)
+    copies = [copy_job(target, tensors[n]) for n in order if n in pairing.copied]
     merged_specs = [j.then.spec for j in jobs if j.then] + [c.spec for c in copies]
     with (
         residual_writer(residual_dir, jobs, opts) as res_writer,

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import torch
 
 from app.residuals.dtypes import from_torch
-from app.residuals.exact import exact_value, round_bits
+from app.residuals.exact import element_bits
 
 _F32_MID = 1 << 28  # fp64 bits below fp32 precision: a midpoint of fp32
 _F32_LOW = (1 << 29) - 1
@@ -73,13 +73,42 @@ def _scaled(
     p = d * a
     s = t + p
     hard = p.abs() > s.abs()  # cancellation: the tail may exceed one ulp of s
+    hard |= (s == 0) & (d != 0)  # t == -fl(a*d), or a*d underflowed: the sign of a tiny X
     if out_dtype == torch.float32:
         tail = _err(t, p, s).double() + (d.double() * a - p.double())  # product error: exact
         x = s.double() + tail
         low = x.view(torch.int64) & _F32_LOW
         hard |= (low - _F32_MID).abs() <= 4
-        return s, torch.where(torch.isfinite(s), x.float(), s), hard
+        # an exact zero keeps the sign the fp32 formula gives it
+        return s, torch.where(torch.isfinite(s) & (x != 0), x.float(), s), hard
     return s, s.to(out_dtype), hard | _near_midpoint(s, out_dtype)
+
+
+def _formula(
+    kind: str, f: Sequence[torch.Tensor], alpha: float, out_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """The fp32 formula ``s``, the result so far, the exact tail of ``s`` where it alone
+    decides ties (else None) and the elements that need an exact recomputation."""
+    no = torch.zeros_like(f[0], dtype=torch.bool)
+    if kind == "convert":
+        return f[0], f[0].to(out_dtype), None, no
+    if kind == "residual":
+        s = f[0] - f[1]
+        return s, s, _err(f[0], -f[1], s), no
+    if kind not in ("apply", "fused"):
+        raise ValueError(f"unknown combine kind {kind!r}")
+    hard = no
+    if kind == "fused":
+        d = f[0] - f[1]
+        hard = _err(f[0], -f[1], d) != 0  # inexact in fp32: t + d would round twice
+        t = f[2]
+    else:
+        d, t = f[0], f[1]
+    if alpha == 1.0:
+        s = t + d
+        return s, s, _err(t, d, s), hard
+    s, out, scaled_hard = _scaled(t, d, alpha, out_dtype)
+    return s, out, None, hard | scaled_hard
 
 
 def combine(
@@ -100,29 +129,7 @@ def combine(
     if out_dtype == torch.float64 or any(x.dtype == torch.float64 for x in xs):
         return _combine_f64(kind, xs, alpha, out_dtype)
     f = [x.float() for x in xs]
-    hard: torch.Tensor | None = None
-    tail: torch.Tensor | None = None
-    if kind == "convert":
-        s = f[0]
-        out = s.to(out_dtype)
-    elif kind == "residual":
-        s = f[0] - f[1]
-        tail, out = _err(f[0], -f[1], s), s
-    elif kind in ("apply", "fused"):
-        if kind == "fused":
-            d = f[0] - f[1]
-            hard = _err(f[0], -f[1], d) != 0
-            t = f[2]
-        else:
-            d, t = f[0], f[1]
-        if alpha == 1.0:
-            s = t + d
-            tail, out = _err(t, d, s), s
-        else:
-            s, out, scaled_hard = _scaled(t, d, alpha, out_dtype)
-            hard = scaled_hard if hard is None else hard | scaled_hard
-    else:
-        raise ValueError(f"unknown combine kind {kind!r}")
+    s, out, tail, hard = _formula(kind, f, alpha, out_dtype)
     finite = torch.isfinite(s)
     if tail is not None:
         if out_dtype != torch.float32:
@@ -130,8 +137,11 @@ def combine(
             towards = torch.where(tail > 0, float("inf"), float("-inf"))
             out = torch.where(fix, torch.nextafter(s, towards), s)
         out = out.to(out_dtype)
-    if hard is not None:
-        _redo_exactly(kind, xs, alpha, out, hard & finite)
+    inputs_finite = torch.stack([torch.isfinite(x) for x in f]).all(dim=0)
+    # finite inputs whose fp32 intermediate overflowed: the exact value may be finite
+    _redo_exactly(kind, xs, alpha, out, s, (hard & finite) | (~finite & inputs_finite))
+    if out_dtype == torch.bfloat16:  # one NaN encoding, as the native kernel writes
+        out.view(torch.int16).masked_fill_(torch.isnan(out), 0x7FC0)
     return out, s
 
 
@@ -153,7 +163,12 @@ def _combine_f64(
 
 
 def _redo_exactly(
-    kind: str, xs: Sequence[torch.Tensor], alpha: float, out: torch.Tensor, hard: torch.Tensor
+    kind: str,
+    xs: Sequence[torch.Tensor],
+    alpha: float,
+    out: torch.Tensor,
+    s: torch.Tensor,
+    hard: torch.Tensor,
 ) -> None:
     """Recompute the elements the fp32 pass could not prove: in float64 where that is
     exact (nearly always), else with exact rationals on the host."""
@@ -162,13 +177,16 @@ def _redo_exactly(
         return
     sub = [x[idx].double() for x in xs]
     exact, ok = _exact_f64(kind, sub, alpha)
-    out[idx[ok]] = _round_exact(exact[ok], out.dtype)
+    rounded = _round_exact(exact[ok], out.dtype)
+    formula = s[idx[ok]]  # an exact zero takes the formula's sign when that is zero too
+    zero = torch.where(formula == 0, formula, 0.0).to(out.dtype)
+    out[idx[ok]] = torch.where(exact[ok] == 0, zero, rounded)
     rest = idx[~ok]
     if rest.numel() == 0:
         return
     code = from_torch(out.dtype).code
     cols = [x[rest].double().tolist() for x in xs]
-    bits = [round_bits(exact_value(kind, vals, alpha), code) for vals in zip(*cols, strict=True)]
+    bits = [element_bits(kind, vals, alpha, code) for vals in zip(*cols, strict=True)]
     size = out.element_size()
     width = {1: torch.int8, 2: torch.int16, 4: torch.int32}[size]
     signed = [b - (1 << 8 * size) if b >> (8 * size - 1) else b for b in bits]

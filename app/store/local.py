@@ -13,7 +13,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -111,12 +111,17 @@ class LocalStore:
 
     # -- build ----------------------------------------------------------------------------
     def get_or_build(
-        self, key: str, build: Callable[[Path], object], kind: Kind = "residuals"
+        self,
+        key: str,
+        build: Callable[[Path], object],
+        kind: Kind = "residuals",
+        keep: Collection[str] = (),
     ) -> bool:
         """Make sure ``key`` exists, building it at most once across processes.
 
         ``build`` fills an empty staging directory; it is published atomically when
-        ``build`` returns and discarded when it raises.
+        ``build`` returns and discarded when it raises. Eviction after a build spares
+        the new artifact and the ``keep`` keys (artifacts built alongside it).
 
         Returns:
             True when this call built the artifact, False when it was already there.
@@ -139,7 +144,7 @@ class LocalStore:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
             self.touch(key)
-        self.evict(keep=key)
+        self.evict(keep={key, *keep})
         return True
 
     # -- maintenance ----------------------------------------------------------------------
@@ -181,8 +186,10 @@ class LocalStore:
             shutil.rmtree(trash, ignore_errors=True)
             (self.root / ".access" / key).unlink(missing_ok=True)
 
-    def evict(self, keep: str | None = None) -> list[str]:
-        """Remove least recently used artifacts until the store fits its budget."""
+    def evict(self, keep: str | Collection[str] | None = None) -> list[str]:
+        """Remove least recently used artifacts until the store fits its budget; the
+        ``keep`` key(s) stay whatever their age."""
+        kept = {keep} if isinstance(keep, str) else set(keep or ())
         if self.budget_bytes is None:
             return []
         items = sorted(self.artifacts(), key=lambda a: a.last_used)
@@ -191,7 +198,7 @@ class LocalStore:
         for item in items:
             if total <= self.budget_bytes:
                 break
-            if item.key == keep or item.in_use:
+            if item.key in kept or item.in_use:
                 continue
             with contextlib.suppress(ArtifactInUseError, ArtifactNotFoundError):
                 self.remove(item.key, item.kind)

@@ -39,13 +39,18 @@ def test_one_pass_equals_compute_then_apply(
     one, two = tmp_path / "one", tmp_path / "two"
     got = merge(
         str(t.base), str(t.instruct), str(t.new_base), tmp_path / "m1", alpha=alpha,
-        dtype=dtype, store=one,
+        dtype=dtype, store=one, max_shard_gb=0.0005,
     )  # fmt: skip
     assert got.residual_created and got.residual_key
     res = compute(str(t.base), str(t.instruct), dtype=dtype, store=two)
     assert res.key == got.residual_key  # same inputs, same content address
-    apply(res.key, str(t.new_base), tmp_path / "m2", alpha=alpha, store=two)
+    apply(res.key, str(t.new_base), tmp_path / "m2", alpha=alpha, store=two, max_shard_gb=0.0005)
     _same(load_dir(tmp_path / "m1"), load_dir(tmp_path / "m2"))
+    # one tensor order for every path: the same files, byte for byte
+    shards = sorted(p.name for p in (tmp_path / "m1").glob("model*.safetensors*"))
+    assert shards == sorted(p.name for p in (tmp_path / "m2").glob("model*.safetensors*"))
+    for name in shards:
+        assert (tmp_path / "m1" / name).read_bytes() == (tmp_path / "m2" / name).read_bytes()
     pack_one = one / "residuals" / got.residual_key
     _same(load_dir(pack_one), load_dir(res.path))
     assert verify(got.residual_key, one).key == got.residual_key  # every sha256 recorded
@@ -105,3 +110,18 @@ def test_store_merge_builds_both_in_one_pass(llama_triple: TinyTriple, tmp_path:
         store=tmp_path / "one",
     )  # fmt: skip
     assert not again.created and not again.residual_created and again.key == one.key
+
+
+def test_store_merge_keeps_the_residual_it_just_built(
+    llama_triple: TinyTriple, tmp_path: Path
+) -> None:
+    from app.merge import merge_to_store
+    from app.store.local import LocalStore
+
+    t = llama_triple
+    tight = LocalStore(tmp_path / "s", budget_bytes=1)  # everything else may go
+    got = merge_to_store(
+        target=str(t.new_base), base=str(t.base), instruct=str(t.instruct), store=tight
+    )
+    assert got.residual_created and got.path.is_dir()
+    assert (tmp_path / "s" / "residuals" / got.residual_key).is_dir()
