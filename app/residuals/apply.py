@@ -224,7 +224,7 @@ def apply_residual(
     alpha: float = 1.0,
     opts: RunOptions | None = None,
 ) -> MergeManifest:
-    """Write ``target + alpha * R`` (fp32 math, one cast to the target's dtype) as a
+    """Write ``target + alpha * R`` (each element rounded once to the target's dtype) as a
     model directory into the empty ``out_dir``.
 
     Args:

@@ -29,7 +29,7 @@ tags:
 # Merged with Realign
 
 `new = target + alpha * (instruct - base)` with alpha = {m.alpha}, method `{m.method}`,
-fp32 arithmetic and one cast to the target's dtype. Tokenizer, chat template and
+each element the exact result rounded once to the target's dtype. Tokenizer, chat template and
 generation config come from the instruct model.
 
 | role | reference | commit | content digest |

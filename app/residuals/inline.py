@@ -26,7 +26,7 @@ def stream_merged(
     device: str = "cpu",
     names: set[str] | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``target + alpha * R`` tensor by tensor (fp32 math, one cast to the target's
+    """Yield ``target + alpha * R`` tensor by tensor (each element rounded once to the target's
     dtype), exactly the values :func:`app.residuals.apply.apply_residual` writes.
 
     Args:

@@ -1,7 +1,7 @@
 """The streaming tensor pipeline shared by compute, apply and fused merge.
 
 Three stages overlap: a reader thread fills chunk buffers from the input files,
-the calling thread does the fp32 math, a writer thread appends the result to the
+the calling thread runs the math backend, a writer thread appends the result to the
 output shards. A fixed pool of buffers flows through them, so peak memory is a
 few chunks whatever the model size.
 """
