@@ -13,7 +13,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from app.core.errors import ArtifactNotFoundError, CorruptCheckpointError
+from app.core.errors import (
+    ArtifactNotFoundError,
+    CorruptCheckpointError,
+    InvalidParameterError,
+)
 from app.core.settings import Settings, get_settings
 from app.residuals.apply import apply_residual, merge_fused, open_pack, plan_apply, plan_fused
 from app.residuals.checkpoint import Checkpoint
@@ -101,7 +105,7 @@ def _resolve(ref: str, store: LocalStore) -> ResolvedModel:
 def _check_alpha(alpha: float) -> None:
     """Refuse a scale the fp32 math cannot hold, before any heavy work."""
     if not math.isfinite(alpha) or abs(alpha) > _F32_MAX:
-        raise ValueError(
+        raise InvalidParameterError(
             f"alpha must be a finite number of at most {_F32_MAX:.3g} in size, not {alpha!r}"
         )
 

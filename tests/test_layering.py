@@ -65,3 +65,13 @@ def test_merge_commands_run_without_torch(llama_triple: TinyTriple, tmp_path: Pa
     )
     assert res.stdout.splitlines()[-1] == "heavy modules: ", res.stdout
     assert (tmp_path / "m" / "config.json").is_file() and (tmp_path / "f" / "config.json").is_file()
+
+
+def test_kernel_is_built_where_a_compiler_is() -> None:
+    """Without a compiler the torch fallback is a feature; with one, a kernel that failed
+    to build (missing Python headers, a compiler it does not support) is a defect."""
+    import shutil
+
+    if not any(shutil.which(cc) for cc in ("cc", "gcc", "clang")):
+        pytest.skip("no C compiler here: the torch fallback is what runs")
+    assert native.available(), native.load_error()

@@ -25,6 +25,12 @@ class InvalidRefError(RealignError, ValueError):
     code = "invalid_model_ref"
 
 
+class InvalidParameterError(RealignError, ValueError):
+    """A merge parameter (alpha, dtype) is outside what the math can use."""
+
+    code = "invalid_parameter"
+
+
 class ModelNotFoundError(RealignError, FileNotFoundError):
     """A model reference parses but nothing is there."""
 

@@ -35,8 +35,8 @@
 /* x86-64-v4 brings AVX-512 BW (16-bit lanes in zmm), v3 AVX2 with FMA and F16C.
    GCC learnt arch= clones in version 12. */
 #define RL_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#elif defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 6
-#define RL_CLONES __attribute__((target_clones("avx512bw", "avx2", "default")))
+#elif defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 8
+#define RL_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #elif defined(__x86_64__) && defined(__clang__) && __clang_major__ >= 14
 #define RL_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else

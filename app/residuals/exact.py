@@ -9,7 +9,8 @@ the inputs) are evaluated here with rational arithmetic. The rules are the kerne
   else it is +0;
 * a NaN or inf input gives the plain fp32 formula (:func:`fp32_formula`), cast to the output
   (BF16 NaN is ``0x7FC0`` like c10::BFloat16; torch's vectorised CPU cast writes ``0xFFFF``
-  instead. F16 NaN is quieted with its payload kept, as the hardware cast does).
+  instead. F16 NaN is quieted with its payload kept, as the hardware cast does); the sign
+  and payload of an F32 or F16 NaN are not part of the contract (backends may differ there).
 """
 
 from __future__ import annotations

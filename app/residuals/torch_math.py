@@ -79,6 +79,7 @@ def _scaled(
         x = s.double() + tail
         low = x.view(torch.int64) & _F32_LOW
         hard |= (low - _F32_MID).abs() <= 4
+        hard |= x.abs() < 2.0**-125  # fp32 subnormals round at a higher bit of x
         # an exact zero keeps the sign the fp32 formula gives it
         return s, torch.where(torch.isfinite(s) & (x != 0), x.float(), s), hard
     return s, s.to(out_dtype), hard | _near_midpoint(s, out_dtype)

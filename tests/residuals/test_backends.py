@@ -107,3 +107,22 @@ def test_cpu_falls_back_to_torch_when_the_kernel_is_not_built(
     assert "the extension was not built" in caplog.text
     with pytest.raises(Exception, match="unknown device 'tpu'"):
         devices.make_backend("tpu")
+
+
+def test_fp32_subnormal_results_with_alpha_agree() -> None:
+    # t + a*d lands in the fp32 subnormal range while a*d reaches far below it
+    alpha = 13264529 * 2.0**-48
+    d = torch.tensor([10610063 * 2.0**-149] * 2 + [-10610063 * 2.0**-149] * 2)
+    t = torch.tensor([(2**22 + 1) * 2.0**-149, 0x3FFFFF * 2.0**-149] * 2)
+    t[2:] = -t[2:]
+    ops = [(memoryview(x.numpy()).cast("B"), F32) for x in (d, t)]
+    outs = []
+    for backend in (NativeBackend(workers=1), TorchCpuBackend()):
+        dst = torch.empty(4, dtype=torch.float32)
+        backend.combine(
+            get_method("task_arithmetic"), "apply", ops, memoryview(dst.numpy()).cast("B"),
+            F32, alpha, want_stats=False,
+        )  # fmt: skip
+        outs.append(dst.view(torch.int32).tolist())
+    assert outs[0] == outs[1]
+    assert [abs(b) for b in outs[0][:2]] == [0x400001, 0x3FFFFF]
