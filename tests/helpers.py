@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
+from collections.abc import Callable
 from fractions import Fraction
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from app.residuals.progress import Progress
 
 
 def load_dir(path: Path) -> dict[str, torch.Tensor]:
@@ -117,3 +121,14 @@ def exact_merge(
         value = Fraction(float(target.view(-1)[k])) + Fraction(a) * d_k
         flat[k] = round_fraction(value, target.dtype)
     return out
+
+
+def cancel_after(tensors: int) -> tuple[threading.Event, Callable[[Progress], None]]:
+    """A cancel flag and a progress callback that sets it once ``tensors`` are done."""
+    cancel = threading.Event()
+
+    def on_progress(p: Progress) -> None:
+        if p.tensors_done >= tensors:
+            cancel.set()
+
+    return cancel, on_progress

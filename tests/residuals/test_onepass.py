@@ -3,7 +3,6 @@ with the bits of the two-step path (compute, then apply the stored residual)."""
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import pytest
@@ -12,8 +11,7 @@ import torch
 from app.core.errors import OperationCancelledError
 from app.demo.tiny import TinyTriple
 from app.merge import apply, compute, merge, verify
-from app.residuals.progress import Progress
-from tests.helpers import load_dir
+from tests.helpers import cancel_after, load_dir
 
 
 def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -70,11 +68,7 @@ def test_one_pass_equals_compute_then_apply(
 def test_cancelled_one_pass_leaves_neither_residual_nor_model(
     llama_triple: TinyTriple, store_dir: Path, tmp_path: Path
 ) -> None:
-    cancel = threading.Event()
-
-    def on_progress(p: Progress) -> None:
-        if p.tensors_done >= 3:
-            cancel.set()
+    cancel, on_progress = cancel_after(3)
 
     t = llama_triple
     with pytest.raises(OperationCancelledError):

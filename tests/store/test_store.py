@@ -6,7 +6,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import threading
 from pathlib import Path
 
 import pytest
@@ -20,9 +19,8 @@ from app.core.errors import (
 )
 from app.demo.tiny import TinyTriple
 from app.merge import compute, list_artifacts, merge, open_store, remove, verify
-from app.residuals.progress import Progress
 from app.store.local import LocalStore
-from tests.helpers import stored
+from tests.helpers import cancel_after, stored
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -94,11 +92,7 @@ def test_killed_compute_leaves_nothing_and_next_run_cleans_up(
 def test_cancel_leaves_no_partial_artifact(
     llama_triple: TinyTriple, store_dir: Path, tmp_path: Path
 ) -> None:
-    cancel = threading.Event()
-
-    def on_progress(p: Progress) -> None:
-        if p.tensors_done >= 3:
-            cancel.set()
+    cancel, on_progress = cancel_after(3)
 
     t = llama_triple
     with pytest.raises(OperationCancelledError):
