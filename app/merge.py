@@ -23,6 +23,7 @@ from app.residuals.apply import apply_residual, merge_fused, open_pack, plan_app
 from app.residuals.checkpoint import Checkpoint
 from app.residuals.compute import compute_residual, preflight_residual
 from app.residuals.dtypes import BY_NAME, DType
+from app.residuals.exact import to_f32
 from app.residuals.manifest import (
     MERGE_MANIFEST,
     RESIDUAL_MANIFEST,
@@ -41,7 +42,6 @@ from app.store.keys import merged_key, residual_key
 from app.store.local import ArtifactInfo, LocalStore
 
 DTYPES = {name: BY_NAME[name] for name in ("bfloat16", "float16", "float32")}
-_F32_MAX = 3.4028234663852886e38
 
 
 @dataclass(frozen=True)
@@ -104,9 +104,9 @@ def _resolve(ref: str, store: LocalStore) -> ResolvedModel:
 
 def _check_alpha(alpha: float) -> None:
     """Refuse a scale the fp32 math cannot hold, before any heavy work."""
-    if not math.isfinite(alpha) or abs(alpha) > _F32_MAX:
+    if not math.isfinite(to_f32(alpha)):  # the math scales in fp32
         raise InvalidParameterError(
-            f"alpha must be a finite number of at most {_F32_MAX:.3g} in size, not {alpha!r}"
+            f"alpha must be a finite number within fp32 range (|alpha| < 3.4e38), not {alpha!r}"
         )
 
 

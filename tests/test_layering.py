@@ -6,8 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from app.demo.tiny import TinyTriple
 from app.residuals import native
 
@@ -34,9 +32,6 @@ def test_core_and_store_stay_pure() -> None:
     assert len(modules) > 10
 
 
-@pytest.mark.skipif(
-    not native.available(), reason=f"native kernel not built: {native.load_error()}"
-)
 def test_merge_commands_run_without_torch(llama_triple: TinyTriple, tmp_path: Path) -> None:
     """`realign merge|compute|apply` never import torch on the CPU path: its import is
     a third of a small merge's wall time, and the native kernel does the math."""
@@ -67,11 +62,9 @@ def test_merge_commands_run_without_torch(llama_triple: TinyTriple, tmp_path: Pa
     assert (tmp_path / "m" / "config.json").is_file() and (tmp_path / "f" / "config.json").is_file()
 
 
-def test_kernel_is_built_where_a_compiler_is() -> None:
-    """Without a compiler the torch fallback is a feature; with one, a kernel that failed
-    to build (missing Python headers, a compiler it does not support) is a defect."""
-    import shutil
-
-    if not any(shutil.which(cc) for cc in ("cc", "gcc", "clang")):
-        pytest.skip("no C compiler here: the torch fallback is what runs")
+def test_kernel_is_built() -> None:
+    """The test command needs the kernel (a C compiler and Python's headers are part of
+    the set-up): a kernel that silently failed to build would leave its tests proving
+    nothing. Installs without a compiler run on the torch fallback, tested through
+    TorchCpuBackend in tests/residuals/test_backends.py."""
     assert native.available(), native.load_error()

@@ -55,11 +55,6 @@ class TensorInfo:
         return self.nbytes // self.rows if self.rows else 0
 
 
-def dtype_size(dtype: DType) -> int:
-    """Bytes per element of ``dtype``."""
-    return dtype.itemsize
-
-
 def _corrupt(path: Path, what: str) -> CorruptCheckpointError:
     return CorruptCheckpointError(
         f"{path}: {what} — the file is truncated or not a safetensors file; "
@@ -106,7 +101,7 @@ def _tensor_info(path: Path, name: str, entry: Any, base: int, size: int) -> Ten
         begin, end = (int(x) for x in entry["data_offsets"])
     except (KeyError, TypeError, ValueError) as exc:
         raise _corrupt(path, f"tensor {name!r} has a malformed header entry ({exc!r})") from exc
-    nbytes = math.prod(shape) * dtype_size(dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
     if end - begin != nbytes or begin < 0:
         raise _corrupt(path, f"tensor {name!r}: offsets {begin}..{end} do not hold {shape}")
     if base + end > size:

@@ -34,9 +34,7 @@ RESIDUAL_PREFIX = "residual"
 
 def preflight_residual(instruct: Checkpoint, base: Checkpoint) -> None:
     """All checks of a residual computation that need no tensor data."""
-    check_family(family_of(instruct.config), family_of(base.config), "instruct", "base")
-    pair_tensors(instruct, base)
-    check_tokenizers(instruct.path, base.path)
+    plan_residual(instruct, base, BF16)
 
 
 def compute_residual(

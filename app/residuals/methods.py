@@ -19,8 +19,6 @@ from app.core.errors import InvalidRefError
 if TYPE_CHECKING:
     import torch
 
-KINDS = ("residual", "apply", "fused", "convert")
-
 
 class MergeMethod(Protocol):
     """How a residual is formed from (instruct, base) and applied to a target."""

@@ -214,9 +214,7 @@ class StreamRunner:
             self._stop.set() if self._error else None
             for t in threads:
                 t.join()
-            close = getattr(self.backend, "close", None)
-            if close is not None:
-                close()
+            self.backend.close()
         if self._error is not None:
             raise self._error
         return stats

@@ -14,22 +14,15 @@ host with :mod:`app.residuals.exact`.
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Sequence
 
 import torch
 
 from app.residuals.dtypes import from_torch
-from app.residuals.exact import element_bits
+from app.residuals.exact import element_bits, to_f32
 
 _F32_MID = 1 << 28  # fp64 bits below fp32 precision: a midpoint of fp32
 _F32_LOW = (1 << 29) - 1
-
-
-def fp32(alpha: float) -> float:
-    """``alpha`` rounded to fp32 (the scale the fp32 formula multiplies by)."""
-    value: float = struct.unpack("<f", struct.pack("<f", alpha))[0]
-    return value
 
 
 def _err(a: torch.Tensor, b: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -69,7 +62,7 @@ def _scaled(
     t: torch.Tensor, d: torch.Tensor, alpha: float, out_dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``t + a*d`` for alpha != 1: (fp32 formula, rounded result, elements to redo)."""
-    a = fp32(alpha)
+    a = to_f32(alpha)
     p = d * a
     s = t + p
     hard = p.abs() > s.abs()  # cancellation: the tail may exceed one ulp of s
@@ -213,7 +206,7 @@ def _exact_f64(
     d, t = (add(f[0], -f[1]), f[2]) if kind == "fused" else (f[0], f[1])
     if alpha == 1.0:
         return add(t, d), ok
-    a = fp32(alpha)
+    a = to_f32(alpha)
     dh = d.float().double()  # <= 24 significant bits, so a * dh is exact
     dl = d - dh  # exact; <= 29 significant bits, so a * dl is exact too
     return add(add(t, a * dh), a * dl), ok

@@ -15,8 +15,6 @@ from app.residuals.dtypes import BF16, F16, F32, DType, from_torch
 from app.residuals.methods import get_method
 from app.residuals.torch_backends import TorchCpuBackend
 
-pytestmark = pytest.mark.skipif(not native.available(), reason=str(native.load_error()))
-
 ARITY = {"residual": 2, "apply": 2, "fused": 3, "convert": 1}
 N = 300_000
 

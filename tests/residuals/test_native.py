@@ -25,10 +25,6 @@ from hypothesis import strategies as st
 
 from app.residuals import exact, native
 
-pytestmark = pytest.mark.skipif(
-    not native.available(), reason=f"native kernel not built: {native.load_error()}"
-)
-
 NP = {"F32": np.float32, "BF16": ml_dtypes.bfloat16, "F16": np.float16}
 UINT = {"F32": np.uint32, "BF16": np.uint16, "F16": np.uint16}
 PREC_EMIN = {"F32": (24, -126), "BF16": (8, -126), "F16": (11, -14)}
