@@ -38,6 +38,7 @@ from app.residuals.progress import CancelFlag, ProgressCallback
 from app.residuals.publish import check_output, staging_dir
 from app.residuals.refs import ModelRef, ResolvedModel, resolve_ref
 from app.residuals.sources import RunOptions, describe_source
+from app.residuals.space import ensure_space, merged_bytes, reports_disk_full, residual_bytes
 from app.store.keys import merged_key, residual_key
 from app.store.local import ArtifactInfo, LocalStore
 
@@ -99,7 +100,8 @@ def resolve_model(ref: str, store: LocalStore | Path | None = None) -> Path:
 
 
 def _resolve(ref: str, store: LocalStore) -> ResolvedModel:
-    return resolve_ref(ModelRef.parse(ref), store.root / "sources")
+    trusted = get_settings().trusted_code_sha256  # admin allowlist of model code hashes
+    return resolve_ref(ModelRef.parse(ref), store.root / "sources", trusted_code=trusted)
 
 
 def _check_alpha(alpha: float) -> None:
@@ -117,6 +119,7 @@ def _dtype(name: str) -> DType:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {name!r}") from None
 
 
+@reports_disk_full("store")
 def compute(
     base: str,
     instruct: str,
@@ -142,6 +145,8 @@ def compute(
         i_src, b_src = describe_source(ins, st.hasher), describe_source(bas, st.hasher)
         key = residual_key(i_src.digest, b_src.digest, method=method, dtype=dtype)
         opts = _options(device, progress, cancel, max_shard_gb)
+        if not st.exists(key):  # free space for the pack, before writing
+            ensure_space([(st.root / ".staging", residual_bytes(i_ckpt, torch_dtype))])
         created = st.get_or_build(
             key,
             lambda tmp: compute_residual(
@@ -184,6 +189,7 @@ def _quick_check(path: Path) -> None:
             )
 
 
+@reports_disk_full("out", "store")
 def apply(
     residual: str,
     target: str,
@@ -209,12 +215,14 @@ def apply(
         with pack:
             plan_apply(manifest, pack, t_ckpt, alpha)  # preflight before hashing the target
         t_src = describe_source(tgt, st.hasher)
+        ensure_space([(out, merged_bytes(t_ckpt, pack, pack_dir / "assets"))])
         opts = _options(device, progress, cancel, max_shard_gb, hash_outputs)
         with staging_dir(out, overwrite=overwrite) as tmp:
             merged = apply_residual(pack_dir, t_ckpt, tmp, target_src=t_src, alpha=alpha, opts=opts)
     return MergeResult(out, merged, manifest.key, False)
 
 
+@reports_disk_full("out", "store")
 def merge(
     base: str,
     instruct: str,
@@ -248,11 +256,16 @@ def merge(
         ckpts = [stack.enter_context(Checkpoint.open(r.path)) for r in refs]
         i_c, b_c, t_c = ckpts
         plan_fused(i_c, b_c, t_c, alpha)  # preflight of the whole triple, headers only
+        ensure_space([(out, merged_bytes(t_c, i_c, i_c.path))])  # before hashing or writing
         if not no_cache:
             i_src, b_src = (describe_source(r, st.hasher) for r in refs[:2])
             key = residual_key(i_src.digest, b_src.digest, method=method, dtype=dtype)
             if not st.exists(key):
                 t_src = describe_source(refs[2], st.hasher)
+                ensure_space(
+                    [(st.root / ".staging", residual_bytes(i_c, res_dtype)),
+                     (out, merged_bytes(t_c, i_c, i_c.path))]
+                )  # fmt: skip
                 opts = _options(device, progress, cancel, max_shard_gb, hash_outputs)
                 with staging_dir(out, overwrite=overwrite) as tmp:
                     merged, created = _residual_and_merge(
@@ -322,6 +335,9 @@ def _store_first_merge(
         if st.exists(key):
             return None
         mkey = merged_key(key, t_src.digest, alpha=alpha)
+        if not st.exists(mkey, "merged"):  # free space for pack and model, before writing
+            need = residual_bytes(i_c, _dtype(dtype)) + merged_bytes(t_c, i_c, i_c.path)
+            ensure_space([(st.root / ".staging", need)])
         built: list[bool] = []
 
         def build(tmp: Path) -> None:
@@ -449,6 +465,7 @@ def preflight(
             plan_fused(i_ckpt, b_ckpt, t_ckpt, alpha)
 
 
+@reports_disk_full("store")
 def merge_to_store(
     *,
     target: str,
@@ -486,6 +503,8 @@ def merge_to_store(
             plan_apply(manifest, pack, t_ckpt, alpha)
         t_src = describe_source(tgt, st.hasher)
         key = merged_key(manifest.key or pack_dir.name, t_src.digest, alpha=alpha)
+        if not st.exists(key, "merged"):  # free space for the model, before writing
+            ensure_space([(st.root / ".staging", merged_bytes(t_ckpt, pack, pack_dir / "assets"))])
         created = st.get_or_build(
             key,
             lambda tmp: apply_residual(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import threading
@@ -83,9 +84,20 @@ def friendly(fn: F) -> F:
         except (RealignError, ValueError) as exc:
             raise _fail(str(exc), 1) from None
         except OSError as exc:
-            raise _fail(f"{exc.filename or ''}: {exc.strerror or exc}", 1) from None
+            raise _fail(os_error_message(exc), 1) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def os_error_message(exc: OSError) -> str:
+    """One line: the file(s) involved when known, what the OS said, and for a full
+    disk what to do."""
+    reason = exc.strerror or str(exc) or exc.__class__.__name__
+    files = [str(f) for f in (exc.filename, exc.filename2) if f not in (None, "")]
+    text = f"{' -> '.join(files)}: {reason}" if files else reason
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        text += " — free space there or choose another --out / REALIGN_MODELS_CACHE_DIR"
+    return text
 
 
 @contextmanager

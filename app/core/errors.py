@@ -169,3 +169,37 @@ class UnsafeSettingsError(RealignError, RuntimeError):
     """The configuration would expose the service unsafely; refused at start-up."""
 
     code = "unsafe_settings"
+
+
+class RemoteCodeError(RealignError, ValueError):
+    """A model ships code (``auto_map`` or ``*.py`` files) that loading it would run."""
+
+    code = "remote_code_refused"
+
+
+class InsufficientStorageError(RealignError, OSError):
+    """Not enough free space to write an output (before writing, or mid-write).
+
+    Also an ``OSError`` with ``errno`` ENOSPC (or the original EDQUOT/EFBIG), so
+    code that handles disk-full as an ``OSError`` keeps working.
+    """
+
+    code = "insufficient_storage"
+    http_status = 507
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str | None = None,
+        needed: int | None = None,
+        free: int | None = None,
+        err: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.path, self.needed, self.free = path, needed, free
+        self.errno = err if err is not None else 28  # ENOSPC
+        self.filename = path
+
+    def __str__(self) -> str:  # OSError would prefix "[Errno 28]"
+        return self.message

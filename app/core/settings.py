@@ -75,6 +75,15 @@ class Settings(BaseSettings):
         description='Extra vLLM engine arguments as JSON, e.g. {"enforce_eager": true}.',
     )
 
+    # -- remote code (model inputs) --------------------------------------------------------
+    trusted_code_sha256: list[str] = Field(
+        default_factory=list,
+        description="Code hashes (sha256 hex) of models an administrator allows although "
+        "they ship code (auto_map in a config, *.py files); every other such model is "
+        "refused. The refusal message prints the hash. Realign never runs the code, and "
+        "merged models never carry it.",
+    )
+
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:

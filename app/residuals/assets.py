@@ -2,7 +2,7 @@
 
 A merged model must speak like the instruct model (e.g. Llama 3 instruct stops
 on ``<|eot_id|>``), so these files travel with the residual pack and into every
-merged directory.
+merged directory — without ``auto_map``: an output never asks to run code.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ import json
 import shutil
 from pathlib import Path
 from typing import Any
+
+from app.residuals.remote_code import AUTO_MAP, CONFIG_NAMES, strip_auto_map
 
 ASSET_NAMES = (
     "tokenizer.json",
@@ -37,13 +39,29 @@ def asset_files(model_dir: Path) -> list[Path]:
 
 
 def copy_assets(src: Path, dest: Path) -> list[str]:
-    """Copy the asset files of ``src`` into ``dest``; return their names."""
+    """Copy the asset files of ``src`` into ``dest`` (JSON ones without ``auto_map``);
+    return their names."""
     dest.mkdir(parents=True, exist_ok=True)
     names = []
     for f in asset_files(src):
-        shutil.copyfile(f, dest / f.name)
+        if not _copy_without_auto_map(f, dest / f.name):
+            shutil.copyfile(f, dest / f.name)  # byte for byte: most files carry no code
         names.append(f.name)
     return names
+
+
+def _copy_without_auto_map(src: Path, dest: Path) -> bool:
+    """Write ``src`` minus its ``auto_map`` to ``dest``; False when it has none."""
+    if src.name not in CONFIG_NAMES or AUTO_MAP.encode() not in src.read_bytes():
+        return False
+    try:
+        data = json.loads(src.read_text(encoding="utf-8"))
+    except ValueError:
+        return False
+    if not isinstance(data, dict) or AUTO_MAP not in data:
+        return False
+    dest.write_text(json.dumps(strip_auto_map(data), indent=2, ensure_ascii=False) + "\n")
+    return True
 
 
 def special_tokens(instruct_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
@@ -61,8 +79,8 @@ def merged_config(
     target: dict[str, Any], instruct_tokens: dict[str, Any], vocab_rows: int | None
 ) -> dict[str, Any]:
     """The merged model's config: the target's, with the instruct side's token ids
-    and, when the instruct side added tokens, its vocabulary size."""
-    config = dict(target)
+    and, when the instruct side added tokens, its vocabulary size; never ``auto_map``."""
+    config = strip_auto_map(target)
     config.update(instruct_tokens)
     if vocab_rows is not None:
         config["vocab_size"] = vocab_rows

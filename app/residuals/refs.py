@@ -2,12 +2,14 @@
 
 A reference is parsed without IO; :func:`resolve_ref` turns it into a local
 directory, pinning Hub revisions to commit hashes and fetching only safetensors,
-JSON, tokenizer and chat-template files.
+JSON, tokenizer and chat-template files. A model that ships code (``auto_map``,
+``*.py``) is refused there, before any weight is read or downloaded.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,6 +17,7 @@ from pydantic import BaseModel, ConfigDict
 
 from app.core.errors import InvalidRefError, ModelNotFoundError, UnsafeCheckpointError
 from app.residuals.checkpoint import PICKLE_SUFFIXES
+from app.residuals.remote_code import CODE_SUFFIX, check_remote_code
 
 _REPO = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _REV = re.compile(r"^[\w./-]+$")
@@ -102,28 +105,38 @@ def refuse_pickle_only(filenames: list[str], where: str) -> None:
         )
 
 
-def resolve_ref(ref: ModelRef, sources_dir: Path, token: str | None = None) -> ResolvedModel:
+def resolve_ref(
+    ref: ModelRef,
+    sources_dir: Path,
+    token: str | None = None,
+    trusted_code: Collection[str] = (),
+) -> ResolvedModel:
     """Make a reference local.
 
     Args:
         ref: the parsed reference.
         sources_dir: where Hub downloads are cached (``models_cache/sources``).
         token: Hub token for gated repositories.
+        trusted_code: code hashes an administrator allowed (see ``remote_code``).
 
     Raises:
         ModelNotFoundError: the directory or repository does not exist.
         UnsafeCheckpointError: the repository has only pickled weights.
+        RemoteCodeError: the model ships code (``auto_map``, ``*.py``) not allowed.
     """
     if ref.kind == "local":
         assert ref.path is not None
         path = ref.path.resolve()
         if not path.exists():
             raise ModelNotFoundError(f"{ref.path}: no such directory")
+        check_remote_code(path, str(ref), trusted_code)
         return ResolvedModel(ref=str(ref), path=path)
-    return _resolve_hub(ref, sources_dir, token)
+    return _resolve_hub(ref, sources_dir, token, trusted_code)
 
 
-def _resolve_hub(ref: ModelRef, sources_dir: Path, token: str | None) -> ResolvedModel:
+def _resolve_hub(
+    ref: ModelRef, sources_dir: Path, token: str | None, trusted_code: Collection[str]
+) -> ResolvedModel:
     from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub.errors import (
         HfHubHTTPError,
@@ -141,11 +154,21 @@ def _resolve_hub(ref: ModelRef, sources_dir: Path, token: str | None) -> Resolve
     files = [s.rfilename for s in info.siblings or []]
     refuse_pickle_only(files, str(ref))
     commit = str(info.sha)
-    path = snapshot_download(
-        ref.repo,
-        revision=commit,  # pinned: the files cannot move under us mid-merge
-        allow_patterns=HUB_PATTERNS,
-        cache_dir=sources_dir,
-        token=token,
-    )
-    return ResolvedModel(ref=f"hf:{ref.repo}@{commit}", path=Path(path), commit=commit)
+    pinned = ModelRef(kind="hf", repo=ref.repo, revision=commit)
+
+    def download(patterns: list[str]) -> Path:
+        return Path(
+            snapshot_download(
+                ref.repo or "",
+                revision=commit,  # pinned: the files cannot move under us mid-merge
+                allow_patterns=patterns,
+                cache_dir=sources_dir,
+                token=token,
+            )
+        )
+
+    # Configs (and the code, to hash it; never run) first: refuse before the weights.
+    code = [f"*{CODE_SUFFIX}"] if any(f.endswith(CODE_SUFFIX) for f in files) else []
+    check_remote_code(download(["*.json", *code]), str(pinned), trusted_code)
+    path = download(HUB_PATTERNS)
+    return ResolvedModel(ref=f"hf:{ref.repo}@{commit}", path=path, commit=commit)

@@ -8,6 +8,10 @@ Where the file system allows it, shards are written with ``O_DIRECT`` from an
 aligned staging buffer: the bytes go from that buffer to the device with no
 page-cache copy and no dirty-page build-up, so writing a model neither costs
 CPU for the kernel's copy nor evicts the input models from the page cache.
+
+A full disk (ENOSPC, EDQUOT, EFBIG), whether met by the IO thread or by the final
+fsync, is raised as ``InsufficientStorageError`` naming the shard file and the
+bytes still to write.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from pathlib import Path
 from types import TracebackType
 
 from app.residuals.dtypes import DType
+from app.residuals.space import disk_full_error, is_disk_full
 
 
 @dataclass(frozen=True)
@@ -220,10 +225,23 @@ class ShardedWriter:
             raise RuntimeError(f"write order: expected {spec.name!r}, got {name!r}")
         if data.nbytes > self._left:
             raise RuntimeError(f"{name!r}: {data.nbytes} bytes exceed the {self._left} left")
-        if shard != self._shard:
-            self._open_shard(shard)
-        self._write_all(data)
+        try:
+            if shard != self._shard:
+                self._open_shard(shard)
+            self._write_all(data)
+        except OSError as exc:
+            self._raise_disk_full(exc)
+            raise
         self._left -= data.nbytes
+
+    def _raise_disk_full(self, exc: OSError) -> None:
+        """Raise the typed error if ``exc`` is a full disk (else return)."""
+        if not is_disk_full(exc):
+            return
+        path = self.directory / self.files[max(self._shard, 0)]
+        later = sum(s.nbytes for _, s in self._order[self._pos + 1 :])
+        staged = self._file._staged if self._file is not None else 0
+        raise disk_full_error(path, exc, needed=self._left + later + staged or None) from exc
 
     def _advance(self) -> None:
         self._pos += 1
@@ -267,9 +285,16 @@ class ShardedWriter:
         if self._pos < len(self._order):
             raise RuntimeError(f"tensor {self._order[self._pos][1].name!r} is incomplete")
         try:
-            self._finish_shard()
-        finally:
-            self._stop_io()
+            try:
+                self._finish_shard()
+            finally:
+                self._stop_io()
+            self._write_index()
+        except OSError as exc:
+            self._raise_disk_full(exc)
+            raise
+
+    def _write_index(self) -> None:
         if len(self.files) > 1:
             weight_map = {s.name: self.files[i] for i, s in self._order}
             total = sum(s.nbytes for _, s in self._order)
