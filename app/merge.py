@@ -146,7 +146,7 @@ def compute(
         key = residual_key(i_src.digest, b_src.digest, method=method, dtype=dtype)
         opts = _options(device, progress, cancel, max_shard_gb)
         if not st.exists(key):  # free space for the pack, before writing
-            ensure_space([(st.root / ".staging", residual_bytes(i_ckpt, torch_dtype))])
+            ensure_space([(st.root, residual_bytes(i_ckpt, torch_dtype))])
         created = st.get_or_build(
             key,
             lambda tmp: compute_residual(
@@ -263,7 +263,7 @@ def merge(
             if not st.exists(key):
                 t_src = describe_source(refs[2], st.hasher)
                 ensure_space(
-                    [(st.root / ".staging", residual_bytes(i_c, res_dtype)),
+                    [(st.root, residual_bytes(i_c, res_dtype)),
                      (out, merged_bytes(t_c, i_c, i_c.path))]
                 )  # fmt: skip
                 opts = _options(device, progress, cancel, max_shard_gb, hash_outputs)
@@ -337,7 +337,7 @@ def _store_first_merge(
         mkey = merged_key(key, t_src.digest, alpha=alpha)
         if not st.exists(mkey, "merged"):  # free space for pack and model, before writing
             need = residual_bytes(i_c, _dtype(dtype)) + merged_bytes(t_c, i_c, i_c.path)
-            ensure_space([(st.root / ".staging", need)])
+            ensure_space([(st.root, need)])
         built: list[bool] = []
 
         def build(tmp: Path) -> None:
@@ -504,7 +504,7 @@ def merge_to_store(
         t_src = describe_source(tgt, st.hasher)
         key = merged_key(manifest.key or pack_dir.name, t_src.digest, alpha=alpha)
         if not st.exists(key, "merged"):  # free space for the model, before writing
-            ensure_space([(st.root / ".staging", merged_bytes(t_ckpt, pack, pack_dir / "assets"))])
+            ensure_space([(st.root, merged_bytes(t_ckpt, pack, pack_dir / "assets"))])
         created = st.get_or_build(
             key,
             lambda tmp: apply_residual(

@@ -33,6 +33,11 @@ ADVICE = (
     "free space there, set REALIGN_STORE_BUDGET_GB so the store evicts least recently "
     "used artifacts, or choose another --out"
 )
+_ADVICE_BY_ERRNO = {
+    errno.EDQUOT: "raise the disk quota, free space under it, or choose another --out",
+    errno.EFBIG: "the file exceeds the file size limit (ulimit -f) or the file system's "
+    "largest file — raise the limit or lower REALIGN_MAX_SHARD_GB",
+}
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -120,8 +125,9 @@ def disk_full_error(
         numbers.append(f"{_size(free)} free")
     detail = f" ({', '.join(numbers)})" if numbers else ""
     target = f"writing {where}" if where is not None else "writing the output"
+    advice = _ADVICE_BY_ERRNO.get(code, ADVICE) if isinstance(code, int) else ADVICE
     return InsufficientStorageError(
-        f"{reason} while {target}{detail}; nothing was published — {ADVICE}",
+        f"{reason} while {target}{detail}; nothing was published — {advice}",
         path=str(where) if where is not None else None,
         needed=needed,
         free=free,
