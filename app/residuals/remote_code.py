@@ -119,6 +119,8 @@ def check_remote_code(model_dir: Path, where: str, trusted: Collection[str] = ()
     Raises:
         RemoteCodeError: the model ships code that is not allowed.
     """
+    if not (model_dir / "config.json").is_file():
+        return  # not a model directory (never walk a stray path); the reader says so
     code = find_code(model_dir)
     if code is None or code.digest in {t.strip().lower() for t in trusted}:
         return

@@ -4,6 +4,7 @@ with the path and the numbers, leaves no staging directory and publishes nothing
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import resource
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from app.cli.common import os_error_message
 from app.core.errors import InsufficientStorageError
 from app.demo.tiny import TinyTriple
 from app.merge import merge_to_store
@@ -162,3 +164,13 @@ def test_file_size_limit_mid_write(
     assert f"{tmp_path}/.merged.partial-" in line and "model.safetensors" in line
     assert numbers(line)  # bytes still to write / free are stated
     assert not out.exists() and leftovers(tmp_path) == [] and stored(store_dir) == []
+
+
+def test_cli_os_errors_never_print_an_empty_file_name() -> None:
+    bare = os_error_message(OSError(errno.ENOSPC, "No space left on device"))
+    assert bare.startswith("No space left on device — free space") and not bare.startswith(":")
+    named = os_error_message(OSError(errno.EDQUOT, "Disk quota exceeded", "/data/out"))
+    assert named.startswith("/data/out: Disk quota exceeded — ")
+    assert os_error_message(OSError(errno.EACCES, "Permission denied", "/x")) == (
+        "/x: Permission denied"
+    )

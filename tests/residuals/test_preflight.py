@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -15,11 +17,14 @@ from app.core.errors import (
     ModelNotFoundError,
     OutputExistsError,
     OutputNotWritableError,
+    RemoteCodeError,
     UnsafeCheckpointError,
 )
 from app.demo.tiny import TinyTriple, write_pickle_only
 from app.merge import compute, merge
+from app.residuals.assets import copy_assets, merged_config
 from app.residuals.refs import ModelRef, refuse_pickle_only
+from app.residuals.remote_code import check_remote_code, find_code
 from tests.helpers import copy_model, edit_config, rewrite_tensor, stored, tree
 
 
@@ -190,3 +195,40 @@ def test_ref_parsing() -> None:
     for bad in ["", "hf:noslash", "hf:a/b@bad rev", "s3://bucket/model"]:
         with pytest.raises(InvalidRefError):
             ModelRef.parse(bad)
+
+
+def test_code_hash_follows_its_documented_definition(
+    llama_triple: TinyTriple, tmp_path: Path
+) -> None:
+    model = copy_model(llama_triple.instruct, tmp_path / "m")
+    auto_map = {"AutoModel": "modeling_x.X", "AutoConfig": "configuration_x.XConfig"}
+    edit_config(model, auto_map=auto_map)
+    (model / "sub").mkdir()
+    (model / "sub" / "modeling_x.py").write_bytes(b"class X: ...\n")
+    code = find_code(model)
+    assert code is not None and code.files == ["sub/modeling_x.py"]
+    lines = sorted(
+        [
+            "auto_map config.json " + json.dumps(auto_map, sort_keys=True, separators=(",", ":")),
+            "file sub/modeling_x.py " + hashlib.sha256(b"class X: ...\n").hexdigest(),
+        ]
+    )
+    assert code.digest == hashlib.sha256("".join(f"{x}\n" for x in lines).encode()).hexdigest()
+    with pytest.raises(RemoteCodeError, match=code.digest):
+        check_remote_code(model, "m")
+    check_remote_code(model, "m", trusted=[code.digest.upper()])  # allowed: no error
+    assert find_code(llama_triple.instruct) is None
+
+
+def test_outputs_drop_auto_map(llama_triple: TinyTriple, tmp_path: Path) -> None:
+    src = copy_model(llama_triple.instruct, tmp_path / "src")
+    tok = json.loads((src / "tokenizer_config.json").read_text())
+    tok["auto_map"] = {"AutoTokenizer": ["tok_x.T", None]}
+    (src / "tokenizer_config.json").write_text(json.dumps(tok))
+    copy_assets(src, tmp_path / "dest")
+    copied = json.loads((tmp_path / "dest" / "tokenizer_config.json").read_text())
+    assert "auto_map" not in copied and copied == {k: v for k, v in tok.items() if k != "auto_map"}
+    assert (tmp_path / "dest" / "tokenizer.json").read_bytes() == (
+        src / "tokenizer.json"
+    ).read_bytes()
+    assert "auto_map" not in merged_config({"auto_map": {"AutoModel": "x.X"}, "a": 1}, {}, None)
