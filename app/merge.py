@@ -99,6 +99,11 @@ def resolve_model(ref: str, store: LocalStore | Path | None = None) -> Path:
     return _resolve(ref, open_store(store)).path
 
 
+def _store_root() -> Path:
+    """Where a full disk is reported when no store was given."""
+    return get_settings().models_cache_dir
+
+
 def _resolve(ref: str, store: LocalStore) -> ResolvedModel:
     trusted = get_settings().trusted_code_sha256  # admin allowlist of model code hashes
     return resolve_ref(ModelRef.parse(ref), store.root / "sources", trusted_code=trusted)
@@ -119,7 +124,7 @@ def _dtype(name: str) -> DType:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {name!r}") from None
 
 
-@reports_disk_full("store")
+@reports_disk_full("store", fallback=_store_root)
 def compute(
     base: str,
     instruct: str,
@@ -189,7 +194,7 @@ def _quick_check(path: Path) -> None:
             )
 
 
-@reports_disk_full("out", "store")
+@reports_disk_full("out", "store", fallback=_store_root)
 def apply(
     residual: str,
     target: str,
@@ -222,7 +227,7 @@ def apply(
     return MergeResult(out, merged, manifest.key, False)
 
 
-@reports_disk_full("out", "store")
+@reports_disk_full("out", "store", fallback=_store_root)
 def merge(
     base: str,
     instruct: str,
@@ -465,7 +470,7 @@ def preflight(
             plan_fused(i_ckpt, b_ckpt, t_ckpt, alpha)
 
 
-@reports_disk_full("store")
+@reports_disk_full("store", fallback=_store_root)
 def merge_to_store(
     *,
     target: str,

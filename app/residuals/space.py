@@ -144,10 +144,13 @@ def is_disk_full(exc: BaseException) -> bool:
     return isinstance(exc, sqlite3.OperationalError) and "disk is full" in str(exc)
 
 
-def reports_disk_full(*path_params: str) -> Callable[[F], F]:
+def reports_disk_full(
+    *path_params: str, fallback: Callable[[], Path] | None = None
+) -> Callable[[F], F]:
     """Decorate an engine verb so a full disk anywhere inside it raises
     :class:`InsufficientStorageError`, naming the file when the OS said which one,
-    else the first of ``path_params`` (argument names) given a value."""
+    else the fullest of the ``path_params`` (argument names; ``fallback()`` stands
+    for one given as None, e.g. the configured store)."""
 
     def wrap(fn: F) -> F:
         signature = inspect.signature(fn)
@@ -159,8 +162,11 @@ def reports_disk_full(*path_params: str) -> Callable[[F], F]:
             except Exception as exc:
                 if not is_disk_full(exc):
                     raise
-                given = signature.bind_partial(*args, **kwargs).arguments
-                path = getattr(exc, "filename", None) or _first_path(given, path_params)
+                given = signature.bind(*args, **kwargs)
+                given.apply_defaults()
+                path = getattr(exc, "filename", None) or _fullest(
+                    given.arguments, path_params, fallback
+                )
                 raise disk_full_error(path, exc) from exc
 
         return wrapper  # type: ignore[return-value]
@@ -168,9 +174,14 @@ def reports_disk_full(*path_params: str) -> Callable[[F], F]:
     return wrap
 
 
-def _first_path(given: dict[str, Any], names: tuple[str, ...]) -> Path | None:
+def _fullest(
+    given: dict[str, Any], names: tuple[str, ...], fallback: Callable[[], Path] | None
+) -> Path | None:
+    paths = []
     for name in names:
         value = getattr(given.get(name), "root", given.get(name))  # a LocalStore: its root
         if isinstance(value, str | Path):
-            return Path(value)
-    return None
+            paths.append(Path(value))
+        elif value is None and fallback is not None:
+            paths.append(fallback())
+    return min(paths, key=free_bytes) if paths else None

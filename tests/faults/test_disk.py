@@ -21,6 +21,8 @@ from app.cli.common import os_error_message
 from app.core.errors import InsufficientStorageError
 from app.demo.tiny import TinyTriple
 from app.merge import merge_to_store
+from app.residuals.dtypes import BF16
+from app.residuals.shards import ShardedWriter, TensorSpec
 from tests.helpers import stored, tree
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -174,3 +176,35 @@ def test_cli_os_errors_never_print_an_empty_file_name() -> None:
     assert os_error_message(OSError(errno.EACCES, "Permission denied", "/x")) == (
         "/x: Permission denied"
     )
+
+
+def test_full_default_store_names_it(
+    llama_triple: TinyTriple, tmp_path: Path, tmpfs: Mount
+) -> None:
+    disk = tmpfs("1M")
+    subprocess.run(["dd", "if=/dev/zero", f"of={disk / 'filler'}", "bs=64k"], capture_output=True)
+    store, out = disk / "store", tmp_path / "merged"
+    env = {"REALIGN_MODELS_CACHE_DIR": str(store)}  # no --store: the configured one
+    args = ["-b", str(llama_triple.base), "-i", str(llama_triple.instruct)]
+    for cmd in (
+        ["compute", *args],
+        ["merge", *args, "-t", str(llama_triple.new_base), "-o", str(out)],
+    ):
+        code, stderr = finish(realign(*cmd, **env))
+        assert code == 1, stderr
+        assert len(stderr.strip().splitlines()) == 1, stderr
+        assert f"while writing {store} (0.0 MB (0 bytes) free)" in stderr
+    assert stored(store) == [] and not out.exists() and leftovers(tmp_path) == []
+
+
+def test_shard_writer_io_thread_reports_the_file(tmpfs: Mount) -> None:
+    disk = tmpfs("4M")
+    spec = TensorSpec("w", BF16, (12 * 1024 * 1024,))  # 24 MB: several 8 MB stages
+    chunk = memoryview(bytearray(1024 * 1024))
+    with pytest.raises(InsufficientStorageError) as exc, ShardedWriter(disk, [spec]) as writer:
+        for _ in range(spec.nbytes // chunk.nbytes):
+            writer.write("w", chunk)
+    err = exc.value
+    assert err.path == str(disk / "model.safetensors") and err.errno == errno.ENOSPC
+    assert err.needed is not None and 0 < err.needed < spec.nbytes and err.free == 0
+    assert f"No space left on device while writing {disk / 'model.safetensors'}" in str(err)
