@@ -208,3 +208,14 @@ def test_shard_writer_io_thread_reports_the_file(tmpfs: Mount) -> None:
     assert err.path == str(disk / "model.safetensors") and err.errno == errno.ENOSPC
     assert err.needed is not None and 0 < err.needed < spec.nbytes and err.free == 0
     assert f"No space left on device while writing {disk / 'model.safetensors'}" in str(err)
+
+
+def test_store_and_out_on_one_file_system_add_up(llama_triple: TinyTriple, tmpfs: Mount) -> None:
+    disk = tmpfs("5M")  # residual or merged model alone fits (3.3 MB each), both do not
+    store, out = disk / "store", disk / "merged"
+    code, stderr = finish(realign(*merge_args(llama_triple, out, store)))
+    assert code == 1, stderr
+    assert f"to write {store} and {out}: needs" in stderr
+    needed, free = numbers(stderr)
+    assert needed > 6_000_000 and 3_400_000 < free < needed
+    assert stored(store) == [] and not out.exists()
