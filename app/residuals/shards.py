@@ -9,9 +9,8 @@ aligned staging buffer: the bytes go from that buffer to the device with no
 page-cache copy and no dirty-page build-up, so writing a model neither costs
 CPU for the kernel's copy nor evicts the input models from the page cache.
 
-A full disk (ENOSPC, EDQUOT, EFBIG), whether met by the IO thread or by the final
-fsync, is raised as ``InsufficientStorageError`` naming the shard file and the
-bytes still to write.
+A full disk (ENOSPC, EDQUOT, EFBIG), met by the IO thread or the final fsync,
+raises ``InsufficientStorageError`` naming the shard and the bytes still to write.
 """
 
 from __future__ import annotations
@@ -29,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from app.core.errors import InsufficientStorageError
 from app.residuals.dtypes import DType
 from app.residuals.space import disk_full_error, is_disk_full
 
@@ -230,18 +230,20 @@ class ShardedWriter:
                 self._open_shard(shard)
             self._write_all(data)
         except OSError as exc:
-            self._raise_disk_full(exc)
-            raise
+            error = self._disk_full(exc)
+            if error is None:
+                raise
+            raise error from exc
         self._left -= data.nbytes
 
-    def _raise_disk_full(self, exc: OSError) -> None:
-        """Raise the typed error if ``exc`` is a full disk (else return)."""
+    def _disk_full(self, exc: OSError) -> InsufficientStorageError | None:
+        """The typed error when ``exc`` is a full disk: the shard, the bytes left."""
         if not is_disk_full(exc):
-            return
+            return None
         path = self.directory / self.files[max(self._shard, 0)]
         later = sum(s.nbytes for _, s in self._order[self._pos + 1 :])
         staged = self._file._staged if self._file is not None else 0
-        raise disk_full_error(path, exc, needed=self._left + later + staged or None) from exc
+        return disk_full_error(path, exc, needed=self._left + later + staged or None)
 
     def _advance(self) -> None:
         self._pos += 1
@@ -277,6 +279,16 @@ class ShardedWriter:
 
     def close(self) -> None:
         """Check every byte arrived, fsync the shards and write the index."""
+        try:
+            self._close()
+        except BaseException as exc:
+            error = self._disk_full(exc) if isinstance(exc, OSError) else None
+            self.abort()  # never leave a shard's descriptor open
+            if error is None:
+                raise
+            raise error from exc
+
+    def _close(self) -> None:
         while self._pos < len(self._order) and self._left == 0:
             shard, _ = self._order[self._pos]
             if shard != self._shard:  # zero-byte tensors still need their shard's header
@@ -285,16 +297,9 @@ class ShardedWriter:
         if self._pos < len(self._order):
             raise RuntimeError(f"tensor {self._order[self._pos][1].name!r} is incomplete")
         try:
-            try:
-                self._finish_shard()
-            finally:
-                self._stop_io()
-            self._write_index()
-        except OSError as exc:
-            self._raise_disk_full(exc)
-            raise
-
-    def _write_index(self) -> None:
+            self._finish_shard()
+        finally:
+            self._stop_io()
         if len(self.files) > 1:
             weight_map = {s.name: self.files[i] for i, s in self._order}
             total = sum(s.nbytes for _, s in self._order)
