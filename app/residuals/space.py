@@ -30,8 +30,9 @@ DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 _PER_TENSOR = 256  # safetensors header and index entry, generously
 _PER_OUTPUT = 64 * 1024  # config, manifest, model card
 ADVICE = (
-    "free space there, set REALIGN_STORE_BUDGET_GB so the store evicts least recently "
-    "used artifacts, or choose another --out"
+    "free space there (`realign rm <key>` deletes stored artifacts), set "
+    "REALIGN_STORE_BUDGET_GB so the store evicts least recently used ones, or choose "
+    "another --out"
 )
 _ADVICE_BY_ERRNO = {
     errno.EDQUOT: "raise the disk quota, free space under it, or choose another --out",
