@@ -95,7 +95,10 @@ def code_digest(model_dir: Path, auto_maps: dict[str, Any], files: list[str]) ->
         for name, value in auto_maps.items()
     ]
     for rel in files:
-        digest = hashlib.sha256((model_dir / rel).read_bytes()).hexdigest()
+        try:
+            digest = hashlib.sha256((model_dir / rel).read_bytes()).hexdigest()
+        except OSError:  # a dangling link or unreadable file is still refused as code
+            digest = "unreadable"
         lines.append(f"file {rel} {digest}\n")
     return hashlib.sha256("".join(sorted(lines)).encode()).hexdigest()
 
