@@ -8,15 +8,21 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from app.core.errors import (
+    ArtifactCorruptError,
+    ArtifactInUseError,
     ArtifactNotFoundError,
     CorruptCheckpointError,
+    IncompatibleModelsError,
     InvalidParameterError,
+    RealignError,
 )
 from app.core.settings import Settings, get_settings
 from app.residuals.apply import apply_residual, merge_fused, open_pack, plan_apply, plan_fused
@@ -24,6 +30,7 @@ from app.residuals.checkpoint import Checkpoint
 from app.residuals.compute import compute_residual, preflight_residual
 from app.residuals.dtypes import BY_NAME, DType
 from app.residuals.exact import to_f32
+from app.residuals.hashing import mismatch_message
 from app.residuals.manifest import (
     MERGE_MANIFEST,
     RESIDUAL_MANIFEST,
@@ -42,6 +49,9 @@ from app.store.keys import merged_key, residual_key
 from app.store.local import ArtifactInfo, LocalStore
 
 DTYPES = {name: BY_NAME[name] for name in ("bfloat16", "float16", "float32")}
+Notice = Callable[[str], object]  # told when a corrupt artifact was rebuilt
+T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -69,7 +79,10 @@ def open_store(
     settings = settings or get_settings()
     budget = settings.store_budget_gb
     return LocalStore(
-        store or settings.models_cache_dir, int(budget * 1024**3) if budget is not None else None
+        store or settings.models_cache_dir,
+        int(budget * 1024**3) if budget is not None else None,
+        locking=settings.store_locking,
+        lease_s=settings.store_lease_s,
     )
 
 
@@ -162,6 +175,7 @@ def compute(
 
 @contextlib.contextmanager
 def _open_residual(residual: str, st: LocalStore) -> Iterator[Path]:
+    """A pack directory given as a path, or a stored one by key (pinned meanwhile)."""
     candidate = Path(residual).expanduser()
     if (candidate / RESIDUAL_MANIFEST).is_file():
         yield candidate
@@ -169,19 +183,126 @@ def _open_residual(residual: str, st: LocalStore) -> Iterator[Path]:
     if candidate.exists():
         raise CorruptCheckpointError(f"{candidate} is not a residual pack (no {RESIDUAL_MANIFEST})")
     with st.using(st.resolve(residual)) as path:
-        _quick_check(path)
         yield path
 
 
-def _quick_check(path: Path) -> None:
-    """Sizes of every file (cheap); `realign verify` does the full sha256 check."""
-    manifest = read_residual_manifest(path)
-    for name, entry in manifest.files.items():
-        f = path / name
-        if not f.is_file() or f.stat().st_size != entry.size:
-            raise CorruptCheckpointError(
-                f"{path}: {name} is missing or resized — run `realign verify {path.name}`"
-            )
+def _stored_key(residual: str, st: LocalStore) -> str | None:
+    """The full store key of ``residual``, or None when it names a pack directory."""
+    if (Path(residual).expanduser() / RESIDUAL_MANIFEST).is_file():
+        return None
+    return st.resolve(residual)
+
+
+def _notify(notice: Notice | None, message: str) -> None:
+    log.warning("%s", message)
+    if notice is not None:
+        notice(message)
+
+
+def _with_pack(
+    st: LocalStore,
+    residual: str,
+    use: Callable[[Path], T],
+    notice: Notice | None,
+    opts: RunOptions | None = None,
+) -> T:
+    """Run ``use`` on a residual pack; ``use`` reads the pack, which verifies it.
+
+    A stored pack found corrupt is quarantined, rebuilt from its base and instruct
+    when they are at hand (then ``use`` runs again and ``notice`` hears of it), or the
+    error says what to do. ``use`` must publish nothing when it raises.
+    """
+    key = _stored_key(residual, st)
+    if key is None:
+        return use(Path(residual).expanduser())
+    try:
+        with st.using(key) as pack_dir:
+            return use(pack_dir)
+    except (ArtifactCorruptError, CorruptCheckpointError, IncompatibleModelsError) as exc:
+        bad = _corruption(st, key, exc)
+        if bad is None:
+            raise
+    _recover_pack(st, key, bad, notice, opts)
+    with st.using(key) as pack_dir:
+        return use(pack_dir)
+
+
+def _corruption(st: LocalStore, key: str, exc: RealignError) -> ArtifactCorruptError | None:
+    """``exc`` as an integrity error of pack ``key``; a malformed header (or shapes
+    that make no sense) gets a full check first, since a flipped byte can cause it."""
+    if isinstance(exc, ArtifactCorruptError):
+        return exc
+    try:
+        st.verify(key)
+    except ArtifactCorruptError as found:
+        return found
+    except (RealignError, OSError, ValueError):
+        return None
+    return None
+
+
+def _pack_message(
+    key: str, exc: ArtifactCorruptError, moved: Path | None, m: ResidualManifest | None
+) -> str:
+    where = f"moved aside to {moved}" if moved else "moved aside"
+    redo = (
+        f"`realign compute --base {m.base.ref} --instruct {m.instruct.ref} --dtype {m.dtype}`"
+        if m
+        else "`realign compute` from its base and instruct"
+    )
+    return f"{mismatch_message(key, exc.file)}; the pack was {where}; compute it again: {redo}"
+
+
+def _recover_pack(
+    st: LocalStore,
+    key: str,
+    exc: ArtifactCorruptError,
+    notice: Notice | None,
+    opts: RunOptions | None,
+) -> None:
+    """Quarantine corrupt pack ``key`` and rebuild it from its sources.
+
+    Raises:
+        ArtifactCorruptError: the sources are not available (or no longer give ``key``).
+    """
+    manifest = _manifest_or_none(st.path(key))
+    moved = st.quarantine(key, "residuals", str(exc))
+    if manifest is None or not _rebuild_pack(st, key, manifest, opts or RunOptions()):
+        raise ArtifactCorruptError(_pack_message(key, exc, moved, manifest), file=exc.file)
+    _notify(
+        notice,
+        f"residual {key}: {exc.file} did not match its recorded sha256; the pack was moved "
+        f"aside to {moved} and rebuilt from {manifest.instruct.ref} and {manifest.base.ref}",
+    )
+
+
+def _manifest_or_none(pack_dir: Path) -> ResidualManifest | None:
+    try:
+        return read_residual_manifest(pack_dir)
+    except (OSError, ValueError):
+        return None
+
+
+def _rebuild_pack(st: LocalStore, key: str, m: ResidualManifest, opts: RunOptions) -> bool:
+    """Build pack ``key`` again from the sources its manifest records; False when they
+    are gone or changed (they would give another key)."""
+    try:
+        ins, bas = _resolve(m.instruct.ref, st), _resolve(m.base.ref, st)
+        with Checkpoint.open(ins.path) as i_ckpt, Checkpoint.open(bas.path) as b_ckpt:
+            i_src, b_src = describe_source(ins, st.hasher), describe_source(bas, st.hasher)
+            if residual_key(i_src.digest, b_src.digest, method=m.method, dtype=m.dtype) != key:
+                return False
+            st.get_or_build(
+                key,
+                lambda tmp: compute_residual(
+                    i_ckpt, b_ckpt, tmp, instruct_src=i_src, base_src=b_src,
+                    dtype=_dtype(m.dtype), method=m.method, key=key, opts=opts,
+                ),
+            )  # fmt: skip
+    except (RealignError, OSError) as exc:
+        log.warning("residual %s cannot be rebuilt: %s", key, exc)
+        return False
+    return True
 
 
 def apply(
@@ -197,22 +318,33 @@ def apply(
     overwrite: bool = False,
     max_shard_gb: float | None = None,
     hash_outputs: bool = False,
+    notice: Notice | None = None,
 ) -> MergeResult:
     """Apply a stored residual (key, key prefix or pack directory) to ``target``,
-    writing a model directory at ``out`` atomically."""
+    writing a model directory at ``out`` atomically.
+
+    The pack is verified as it is read; a stored pack found corrupt is quarantined
+    and rebuilt from its sources (``notice`` is told), else the error says what to do.
+    Nothing is written to ``out`` from a corrupt pack."""
     _check_alpha(alpha)
     st = open_store(store)
     check_output(out, overwrite=overwrite)
     tgt = _resolve(target, st)
-    with _open_residual(residual, st) as pack_dir, Checkpoint.open(tgt.path) as t_ckpt:
-        manifest, pack = open_pack(pack_dir)
-        with pack:
-            plan_apply(manifest, pack, t_ckpt, alpha)  # preflight before hashing the target
-        t_src = describe_source(tgt, st.hasher)
-        opts = _options(device, progress, cancel, max_shard_gb, hash_outputs)
-        with staging_dir(out, overwrite=overwrite) as tmp:
-            merged = apply_residual(pack_dir, t_ckpt, tmp, target_src=t_src, alpha=alpha, opts=opts)
-    return MergeResult(out, merged, manifest.key, False)
+    opts = _options(device, progress, cancel, max_shard_gb, hash_outputs)
+
+    def use(pack_dir: Path) -> MergeResult:
+        with Checkpoint.open(tgt.path) as t_ckpt:
+            manifest, pack = open_pack(pack_dir)
+            with pack:
+                plan_apply(manifest, pack, t_ckpt, alpha)  # preflight before hashing the target
+            t_src = describe_source(tgt, st.hasher)
+            with staging_dir(out, overwrite=overwrite) as tmp:
+                merged = apply_residual(
+                    pack_dir, t_ckpt, tmp, target_src=t_src, alpha=alpha, opts=opts
+                )
+        return MergeResult(out, merged, manifest.key, False)
+
+    return _with_pack(st, residual, use, notice, opts)
 
 
 def merge(
@@ -232,6 +364,7 @@ def merge(
     max_shard_gb: float | None = None,
     hash_outputs: bool = False,
     method: str = "task_arithmetic",
+    notice: Notice | None = None,
 ) -> MergeResult:
     """``target + alpha * (instruct - base)`` into ``out``.
 
@@ -284,6 +417,7 @@ def merge(
                 overwrite=overwrite,
                 max_shard_gb=max_shard_gb,
                 hash_outputs=hash_outputs,
+                notice=notice,
             )
             return MergeResult(out, done.manifest, res.key, res.created)
         srcs = [describe_source(r, st.hasher) for r in refs]
@@ -387,9 +521,22 @@ def inspect(ref: str, store: LocalStore | Path | None = None) -> ResidualManifes
 
 
 def verify(key: str, store: LocalStore | Path | None = None) -> ResidualManifest:
-    """Check every file of a stored residual against its recorded sha256."""
+    """Check every file of a stored residual against its recorded sha256; a corrupt
+    one is quarantined (moved aside, kept) and the error says how to compute it again.
+
+    Raises:
+        ArtifactCorruptError: a file is missing or does not match.
+    """
     st = open_store(store)
-    return st.verify(st.resolve(key))
+    full = st.resolve(key)
+    try:
+        return st.verify(full)
+    except ArtifactCorruptError as exc:
+        manifest = _manifest_or_none(st.path(full))
+        moved = st.quarantine(full, "residuals", str(exc))
+        raise ArtifactCorruptError(
+            _pack_message(full, exc, moved, manifest), file=exc.file
+        ) from None
 
 
 def list_artifacts(store: LocalStore | Path | None = None) -> list[ArtifactInfo]:
@@ -398,10 +545,17 @@ def list_artifacts(store: LocalStore | Path | None = None) -> list[ArtifactInfo]
 
 
 def remove(key: str, store: LocalStore | Path | None = None) -> str:
-    """Delete a stored residual (refused while in use); returns the full key."""
+    """Delete a stored residual (refused while in use) and the merged models made from
+    it (a residual removed because it was bad leaves nothing made from it to reuse);
+    returns the full key."""
     st = open_store(store)
     full = st.resolve(key)
     st.remove(full)
+    for item in st.artifacts("merged"):
+        with contextlib.suppress(OSError, ValueError, ArtifactNotFoundError, ArtifactInUseError):
+            made = MergeManifest.model_validate_json((item.path / MERGE_MANIFEST).read_text())
+            if made.residual_key == full:
+                st.remove(item.key, "merged")
     return full
 
 
@@ -438,7 +592,10 @@ def preflight(
     with Checkpoint.open(tgt.path) as t_ckpt:
         if residual is not None:
             with _open_residual(residual, st) as pack_dir:
-                manifest, pack = open_pack(pack_dir)
+                try:
+                    manifest, pack = open_pack(pack_dir)
+                except ArtifactCorruptError:
+                    return  # the job quarantines and rebuilds it, or says what to do
                 with pack:
                     plan_apply(manifest, pack, t_ckpt, alpha)
             return
@@ -461,38 +618,81 @@ def merge_to_store(
     device: str = "cpu",
     progress: ProgressCallback | None = None,
     cancel: CancelFlag | None = None,
+    notice: Notice | None = None,
 ) -> StoredMerge:
     """Compute or reuse the residual, then publish ``target + alpha * R`` as a
-    content-addressed merged model in the store (``merged/<key>``); idempotent."""
+    content-addressed merged model in the store (``merged/<key>``); idempotent.
+
+    Every stored input is verified: a pack as it is read, a merged model that is
+    reused by hashing its shards before it is handed out. A corrupt one is
+    quarantined and rebuilt from its sources, and ``notice`` hears of it.
+
+    Raises:
+        ArtifactCorruptError: a corrupt pack whose sources are not available.
+    """
     _check_alpha(alpha)
     st = open_store(store)
+
+    def again() -> StoredMerge:
+        return merge_to_store(
+            target=target, base=base, instruct=instruct, residual=residual, alpha=alpha,
+            dtype=dtype, store=st, device=device, progress=progress, cancel=cancel,
+            notice=notice,
+        )  # fmt: skip
+
     created_residual = False
-    if residual is None:
+    opts = _options(device, progress, cancel, None, hash_outputs=True)
+    res_key = residual
+    if res_key is None:
         if base is None or instruct is None:
             raise ValueError("give either a residual key or both base and instruct")
-        opts = _options(device, progress, cancel, None, hash_outputs=True)
         first = _store_first_merge(st, instruct, base, target, alpha, dtype, opts)
         if first is not None:
-            return first
+            return _checked_reuse(st, first, again, notice)
         res = compute(
             base, instruct, dtype=dtype, store=st, device=device, progress=progress, cancel=cancel
         )
-        residual, created_residual = res.key, res.created
+        res_key, created_residual = res.key, res.created
     tgt = _resolve(target, st)
-    opts = _options(device, progress, cancel, None, hash_outputs=True)
-    with _open_residual(residual, st) as pack_dir, Checkpoint.open(tgt.path) as t_ckpt:
-        manifest, pack = open_pack(pack_dir)
-        with pack:
-            plan_apply(manifest, pack, t_ckpt, alpha)
-        t_src = describe_source(tgt, st.hasher)
-        key = merged_key(manifest.key or pack_dir.name, t_src.digest, alpha=alpha)
-        created = st.get_or_build(
-            key,
-            lambda tmp: apply_residual(
-                pack_dir, t_ckpt, tmp, target_src=t_src, alpha=alpha, opts=opts
-            ),
-            kind="merged",
-        )
+
+    def use(pack_dir: Path) -> tuple[str, bool, str]:
+        with Checkpoint.open(tgt.path) as t_ckpt:
+            manifest, pack = open_pack(pack_dir)
+            with pack:
+                plan_apply(manifest, pack, t_ckpt, alpha)
+            t_src = describe_source(tgt, st.hasher)
+            key = merged_key(manifest.key or pack_dir.name, t_src.digest, alpha=alpha)
+            created = st.get_or_build(
+                key,
+                lambda tmp: apply_residual(
+                    pack_dir, t_ckpt, tmp, target_src=t_src, alpha=alpha, opts=opts
+                ),
+                kind="merged",
+            )
+        return key, created, manifest.key or res_key
+
+    key, created, rkey = _with_pack(st, res_key, use, notice, opts)
     path = st.path(key, "merged")
     merged = MergeManifest.model_validate(json.loads((path / MERGE_MANIFEST).read_text()))
-    return StoredMerge(key, path, merged, manifest.key or residual, created_residual, created)
+    done = StoredMerge(key, path, merged, rkey, created_residual, created)
+    return _checked_reuse(st, done, again, notice)
+
+
+def _checked_reuse(
+    st: LocalStore, done: StoredMerge, again: Callable[[], StoredMerge], notice: Notice | None
+) -> StoredMerge:
+    """``done`` once its shards match their sha256 (a model built by this call was
+    hashed as it was written); a corrupt one is quarantined and built again."""
+    if done.created:
+        return done
+    try:
+        st.verify_merged(done.key)
+        return done
+    except ArtifactCorruptError as exc:
+        moved = st.quarantine(done.key, "merged", str(exc))
+        _notify(
+            notice,
+            f"merged model {done.key}: {exc.file} did not match its recorded sha256; it was "
+            f"moved aside to {moved} and is being built again",
+        )
+    return again()

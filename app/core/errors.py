@@ -169,3 +169,16 @@ class UnsafeSettingsError(RealignError, RuntimeError):
     """The configuration would expose the service unsafely; refused at start-up."""
 
     code = "unsafe_settings"
+
+
+class ArtifactCorruptError(IntegrityError):
+    """A stored file did not match its recorded sha256 when it was read.
+
+    Args:
+        message: what, where, and what to do.
+        file: the file's name inside its artifact (e.g. ``residual-00001-of-00002.safetensors``).
+    """
+
+    def __init__(self, message: str, *, file: str) -> None:
+        super().__init__(message)
+        self.file = file

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -39,10 +41,11 @@ def _slow_compute_script(t: TinyTriple, store: Path, delay: float) -> str:
     """)
 
 
-def _spawn(script: str) -> subprocess.Popen[str]:
+def _spawn(script: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-c", script],
         cwd=ROOT,
+        env={**os.environ, **(env or {})},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -78,13 +81,16 @@ def test_concurrent_identical_computes_do_the_work_once(
 def test_killed_compute_leaves_nothing_and_next_run_cleans_up(
     llama_triple: TinyTriple, store_dir: Path
 ) -> None:
-    proc = _spawn(_slow_compute_script(llama_triple, store_dir, 0.5))
+    lease = {"REALIGN_STORE_LEASE_S": "1"}
+    proc = _spawn(_slow_compute_script(llama_triple, store_dir, 0.5), env=lease)
     assert proc.stdout is not None
     assert proc.stdout.readline().startswith("progress")
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     assert list(store_dir.glob("residuals/*")) == []  # nothing a reader could find
-    res = compute(str(llama_triple.base), str(llama_triple.instruct), store=store_dir)
+    time.sleep(1.2)  # the dead builder's lease runs out
+    st = LocalStore(store_dir, lease_s=1)
+    res = compute(str(llama_triple.base), str(llama_triple.instruct), store=st)
     assert res.created
     assert list((store_dir / ".staging").iterdir()) == []  # the dead builder's files are gone
 
