@@ -30,7 +30,7 @@ from app.residuals.checkpoint import Checkpoint
 from app.residuals.compute import compute_residual, preflight_residual
 from app.residuals.dtypes import BY_NAME, DType
 from app.residuals.exact import to_f32
-from app.residuals.hashing import mismatch_message
+from app.residuals.integrity import mismatch_message
 from app.residuals.manifest import (
     MERGE_MANIFEST,
     RESIDUAL_MANIFEST,

@@ -18,7 +18,7 @@ from app.residuals.compat import (
     pair_tensors,
     weight_tensors,
 )
-from app.residuals.hashing import ReadVerifier, mismatch_message
+from app.residuals.integrity import ReadVerifier, mismatch_message
 from app.residuals.manifest import (
     MERGE_MANIFEST,
     FamilyInfo,

@@ -22,7 +22,7 @@ from typing import Any
 
 from app.core.errors import CorruptCheckpointError, ModelNotFoundError, UnsafeCheckpointError
 from app.residuals.dtypes import DTYPES, DType
-from app.residuals.hashing import ReadVerifier
+from app.residuals.integrity import ReadVerifier
 
 INDEX_NAME = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -251,7 +251,7 @@ class Checkpoint:
                     raise
                 raise _corrupt(info.file, f"{info.name!r} lies past the end of file") from exc
         if self.verifier is not None:
-            self.verifier.consume(info.file, start, view[start:end])
+            self.verifier.consume(info.file, start, view[start:end], stable=True)
         return view[start:end]
 
     def release_rows(self, info: TensorInfo, row0: int, row1: int) -> None:
@@ -260,9 +260,13 @@ class Checkpoint:
         entry = self._maps.get(info.file)
         if entry is not None:
             start = info.offset + row0 * info.row_bytes
+            if self.verifier is not None:  # hashed first, else it would fault them back in
+                self.verifier.wait_hashed(info.file, start + (row1 - row0) * info.row_bytes)
             _advise(entry[0], mmap.MADV_DONTNEED, start, start + (row1 - row0) * info.row_bytes)
 
     def close(self) -> None:
+        if self.verifier is not None:
+            self.verifier.close()  # no verdict after this; finish() comes before close
         for mm, view in self._maps.values():
             try:
                 view.release()

@@ -13,10 +13,7 @@ import sqlite3
 import threading
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
-
-from app.core.errors import ArtifactCorruptError
 
 _BUF = 4 * 1024 * 1024
 
@@ -82,85 +79,3 @@ class FileHasher:
         workers = max(1, min(len(items), os.cpu_count() or 1))
         with ThreadPoolExecutor(workers) as pool:
             return dict(zip(items, pool.map(self.sha256, items), strict=True))
-
-
-def mismatch_message(label: str, name: str) -> str:
-    """What every reader says about a file that does not match its recorded sha256."""
-    return f"{label}: {name} does not match its recorded sha256 — the file changed on disk"
-
-
-@dataclass
-class _Track:
-    size: int
-    sha256: str
-    digest: hashlib._Hash = field(default_factory=hashlib.sha256)
-    pos: int = 0  # bytes [0, pos) are hashed
-    broken: bool = False  # shorter than a read said it was
-
-
-class ReadVerifier:
-    """Checks files against their recorded sha256 using the bytes a pipeline reads anyway.
-
-    Every file is hashed in byte order: a read that starts where the hash stands is
-    hashed from the caller's own view (no extra IO); bytes the pipeline skips (a
-    shard's header) are read here; bytes read twice are hashed once. :meth:`finish`
-    hashes whatever was never read and compares. Call it before publishing anything
-    derived from the files.
-
-    Args:
-        expected: (size, sha256) of each file to check, by path.
-        label: how errors name the artifact (its key or directory).
-    """
-
-    def __init__(self, expected: dict[Path, tuple[int, str]], label: str) -> None:
-        self.label = label
-        self._tracks = {Path(p): _Track(size, sha) for p, (size, sha) in expected.items()}
-        self._lock = threading.Lock()
-
-    def consume(self, file: Path, start: int, data: memoryview) -> None:
-        """Account for ``data``, the bytes of ``file`` from offset ``start``."""
-        track = self._tracks.get(file)
-        end = start + data.nbytes
-        if track is None or end <= track.pos:
-            return
-        if data.format != "B" or data.ndim != 1:
-            data = data.cast("B")
-        with self._lock:
-            if start > track.pos and not self._fill(file, track, start):
-                track.broken = True
-                return
-            track.digest.update(data[track.pos - start :])
-            track.pos = end
-
-    def finish(self) -> None:
-        """Hash the bytes nobody read and compare every file.
-
-        Raises:
-            ArtifactCorruptError: a file is missing, resized or altered.
-        """
-        with self._lock:
-            for file, track in self._tracks.items():
-                try:
-                    size = file.stat().st_size
-                    self._fill(file, track, size)
-                except OSError:
-                    size = -1
-                if track.broken or size != track.size or track.digest.hexdigest() != track.sha256:
-                    raise ArtifactCorruptError(
-                        mismatch_message(self.label, file.name), file=file.name
-                    )
-
-    @staticmethod
-    def _fill(file: Path, track: _Track, upto: int) -> bool:
-        """Hash ``file`` from where its hash stands up to ``upto``; False at a short file."""
-        if track.pos >= upto:
-            return True
-        with file.open("rb", buffering=0) as fh:
-            fh.seek(track.pos)
-            while track.pos < upto:
-                chunk = fh.read(min(_BUF, upto - track.pos))
-                if not chunk:
-                    return False
-                track.digest.update(chunk)
-                track.pos += len(chunk)
-        return True

@@ -30,7 +30,8 @@ from app.core.errors import (
     ArtifactNotFoundError,
     OutputExistsError,
 )
-from app.residuals.hashing import FileHasher, ReadVerifier
+from app.residuals.hashing import FileHasher
+from app.residuals.integrity import ReadVerifier
 from app.residuals.manifest import (
     MERGE_MANIFEST,
     FileEntry,
