@@ -241,3 +241,37 @@ def test_in_engine_merge_refuses_a_corrupt_pack(llama_triple: TinyTriple, tmp_pa
     with pytest.raises(ArtifactCorruptError):
         for _ in stream_merged(res.path, t.new_base):
             pass
+
+
+def test_api_job_on_a_corrupt_pack_succeeds_with_an_event_and_a_metric(
+    llama_triple: TinyTriple, tmp_path: Path
+) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from app.api.app import create_app
+    from app.core.settings import Settings
+    from tests.api.live import LiveServer, merge_body, wait_for
+
+    t = llama_triple
+    store, clean = tmp_path / "store", tmp_path / "clean"
+    good = weights(merge_to_store(base=str(t.base), instruct=str(t.instruct),
+                                  target=str(t.new_base), alpha=0.5, store=clean).path)  # fmt: skip
+    key = compute(str(t.base), str(t.instruct), store=store).key
+    flip_byte(pack_shards(store, key)[0])
+    app = create_app(Settings(models_cache_dir=store, allowed_roots=[t.base.parent]))
+    with LiveServer(app) as server, server.client() as client:
+        job = client.post("/v1/merges", json=merge_body(t, alpha=0.5)).json()
+        done = wait_for(client, job["id"])
+        assert done["status"] == "succeeded", done
+        events = client.get(f"/v1/merges/{job['id']}/events").json()
+        metrics = client.get("/metrics").text
+    said = [e["message"] for e in events if "rebuilt" in (e.get("message") or "")]
+    assert len(said) == 1 and key in said[0]
+    (merged,) = (store / "merged").iterdir()
+    assert weights(merged) == good
+    counts = {
+        s.name: s.value
+        for family in text_string_to_metric_families(metrics)
+        for s in family.samples
+    }
+    assert counts["realign_store_quarantined_total"] == 1
