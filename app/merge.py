@@ -46,7 +46,7 @@ from app.residuals.publish import check_output, staging_dir
 from app.residuals.refs import ModelRef, ResolvedModel, resolve_ref
 from app.residuals.sources import RunOptions, describe_source
 from app.store.keys import merged_key, residual_key
-from app.store.local import ArtifactInfo, LocalStore
+from app.store.local import QUARANTINE, ArtifactInfo, LocalStore
 
 DTYPES = {name: BY_NAME[name] for name in ("bfloat16", "float16", "float32")}
 Notice = Callable[[str], object]  # told when a corrupt artifact was rebuilt
@@ -244,13 +244,17 @@ def _corruption(st: LocalStore, key: str, exc: RealignError) -> ArtifactCorruptE
 def _pack_message(
     key: str, exc: ArtifactCorruptError, moved: Path | None, m: ResidualManifest | None
 ) -> str:
-    where = f"moved aside to {moved}" if moved else "moved aside"
+    where = _where(moved)
     redo = (
         f"`realign compute --base {m.base.ref} --instruct {m.instruct.ref} --dtype {m.dtype}`"
         if m
         else "`realign compute` from its base and instruct"
     )
     return f"{mismatch_message(key, exc.file)}; the pack was {where}; compute it again: {redo}"
+
+
+def _where(moved: Path | None) -> str:
+    return f"moved aside to {moved}" if moved else "moved aside by another process"
 
 
 def _recover_pack(
@@ -265,15 +269,25 @@ def _recover_pack(
     Raises:
         ArtifactCorruptError: the sources are not available (or no longer give ``key``).
     """
-    manifest = _manifest_or_none(st.path(key))
+    manifest = _pack_manifest(st, key)
     moved = st.quarantine(key, "residuals", str(exc))
     if manifest is None or not _rebuild_pack(st, key, manifest, opts or RunOptions()):
         raise ArtifactCorruptError(_pack_message(key, exc, moved, manifest), file=exc.file)
     _notify(
         notice,
-        f"residual {key}: {exc.file} did not match its recorded sha256; the pack was moved "
-        f"aside to {moved} and rebuilt from {manifest.instruct.ref} and {manifest.base.ref}",
+        f"residual {key}: {exc.file} did not match its recorded sha256; the pack was "
+        f"{_where(moved)} and rebuilt from {manifest.instruct.ref} and {manifest.base.ref}",
     )
+
+
+def _pack_manifest(st: LocalStore, key: str) -> ResidualManifest | None:
+    """The manifest of pack ``key``, or of its latest quarantined copy (when another
+    process moved it aside first)."""
+    quarantined = sorted(st.root.glob(f"{QUARANTINE}/{key}.*"), reverse=True)
+    for where in (st.path(key), *quarantined):
+        if (found := _manifest_or_none(where)) is not None:
+            return found
+    return None
 
 
 def _manifest_or_none(pack_dir: Path) -> ResidualManifest | None:
@@ -693,6 +707,6 @@ def _checked_reuse(
         _notify(
             notice,
             f"merged model {done.key}: {exc.file} did not match its recorded sha256; it was "
-            f"moved aside to {moved} and is being built again",
+            f"{_where(moved)} and is being built again",
         )
     return again()
