@@ -18,6 +18,7 @@ from app.residuals.compat import (
     pair_tensors,
     weight_tensors,
 )
+from app.residuals.hashing import sha256_file
 from app.residuals.integrity import ReadVerifier, mismatch_message
 from app.residuals.manifest import (
     MERGE_MANIFEST,
@@ -233,16 +234,27 @@ def finish_merged(
     target: Checkpoint,
     assets_from: Path,
     tokens: dict[str, object],
-) -> None:
+) -> MergeManifest:
     """Config (the target's, with the instruct side's tokens and vocabulary), the
-    instruct side's tokenizer and generation files, provenance and model card."""
+    instruct side's tokenizer and generation files, provenance and model card.
+
+    Returns:
+        ``manifest`` with the sha256 of those files (``other_files``), as written.
+    """
     rows = manifest.vocab.instruct_rows if manifest.vocab else None
     config = merged_config(target.config, tokens, rows)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     copy_assets(assets_from, out_dir)
     (out_dir / INSTRUCT_CONFIG).unlink(missing_ok=True)
+    other = {
+        f.name: FileEntry(size=f.stat().st_size, sha256=sha256_file(f))
+        for f in sorted(out_dir.iterdir())
+        if f.is_file() and f.name not in manifest.files
+    }
+    manifest = manifest.model_copy(update={"other_files": other})
     write_json(out_dir / MERGE_MANIFEST, manifest)
     (out_dir / "README.md").write_text(render_card(manifest))
+    return manifest
 
 
 def apply_residual(
@@ -288,8 +300,9 @@ def apply_residual(
         vocab=manifest.vocab,
         files=files,
     )
-    finish_merged(out_dir, merged, target, pack_dir / "assets", dict(manifest.special_tokens))
-    return merged
+    return finish_merged(
+        out_dir, merged, target, pack_dir / "assets", dict(manifest.special_tokens)
+    )
 
 
 def merge_fused(
@@ -328,5 +341,4 @@ def merge_fused(
         files=files,
     )
     tokens = special_tokens(instruct.path, instruct.config)
-    finish_merged(out_dir, merged, target, instruct.path, tokens)
-    return merged
+    return finish_merged(out_dir, merged, target, instruct.path, tokens)

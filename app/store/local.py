@@ -209,14 +209,15 @@ class LocalStore:
         return manifest
 
     def verify_merged(self, key: str) -> MergeManifest:
-        """Check a stored merged model's weight shards against its ``realign.json``.
+        """Check a stored merged model's files (weights, config, tokenizer) against the
+        sha256 in its ``realign.json``.
 
         Raises:
-            ArtifactCorruptError: a shard is missing, resized or altered.
+            ArtifactCorruptError: a file is missing, resized or altered.
         """
         with self.using(key, "merged") as path:
             manifest = MergeManifest.model_validate_json((path / MERGE_MANIFEST).read_text())
-            self.verify_files(key, "merged", manifest.files)
+            self.verify_files(key, "merged", {**manifest.files, **manifest.other_files})
         return manifest
 
     def quarantine(self, key: str, kind: Kind, reason: str) -> Path | None:

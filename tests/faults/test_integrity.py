@@ -275,3 +275,18 @@ def test_api_job_on_a_corrupt_pack_succeeds_with_an_event_and_a_metric(
         for s in family.samples
     }
     assert counts["realign_store_quarantined_total"] == 1
+
+
+def test_reused_merged_model_config_is_verified(llama_triple: TinyTriple, tmp_path: Path) -> None:
+    t = llama_triple
+    store = tmp_path / "store"
+    req = {"base": str(t.base), "instruct": str(t.instruct), "target": str(t.new_base)}
+    first = merge_to_store(**req, store=store)
+    config = (first.path / "config.json").read_text()
+    assert '"silu"' in config
+    (first.path / "config.json").write_text(config.replace('"silu"', '"gelu"'))  # same size
+
+    notices: list[str] = []
+    again = merge_to_store(**req, store=store, notice=notices.append)
+    assert again.created and (again.path / "config.json").read_text() == config
+    assert len(notices) == 1 and "config.json" in notices[0]
