@@ -86,6 +86,7 @@ class LocalStore:
         for sub in ("residuals", "merged", "sources", ".locks", ".access", QUARANTINE):
             (root / sub).mkdir(parents=True, exist_ok=True)
         self.staging = StagingArea(root / ".staging", lease_s)
+        self.staging.sweep()  # what builders that died left, once their lease ran out
         self.hasher = FileHasher(root / ".hashes.sqlite")
 
     # -- lookup ---------------------------------------------------------------------------
