@@ -214,7 +214,14 @@ def _with_pack(
     """
     key = _stored_key(residual, st)
     if key is None:
-        return use(Path(residual).expanduser())
+        try:
+            return use(Path(residual).expanduser())
+        except ArtifactCorruptError as exc:
+            raise ArtifactCorruptError(
+                f"{exc}; nothing was written — copy the pack again or compute it anew "
+                "(`realign compute`)",
+                file=exc.file,
+            ) from None
     try:
         with st.using(key) as pack_dir:
             return use(pack_dir)
