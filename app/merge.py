@@ -9,11 +9,13 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from app.core.errors import (
+    ArtifactCorruptError,
+    ArtifactInUseError,
     ArtifactNotFoundError,
     CorruptCheckpointError,
     InvalidParameterError,
@@ -41,6 +43,14 @@ from app.residuals.sources import RunOptions, describe_source
 from app.residuals.space import ensure_space, merged_bytes, reports_disk_full, residual_bytes
 from app.store.keys import merged_key, residual_key
 from app.store.local import ArtifactInfo, LocalStore
+from app.store.recovery import (
+    Notice,
+    manifest_or_none,
+    moved_to,
+    notify,
+    pack_message,
+    with_pack,
+)
 
 DTYPES = {name: BY_NAME[name] for name in ("bfloat16", "float16", "float32")}
 
@@ -70,7 +80,10 @@ def open_store(
     settings = settings or get_settings()
     budget = settings.store_budget_gb
     return LocalStore(
-        store or settings.models_cache_dir, int(budget * 1024**3) if budget is not None else None
+        store or settings.models_cache_dir,
+        int(budget * 1024**3) if budget is not None else None,
+        locking=settings.store_locking,
+        lease_s=settings.store_lease_s,
     )
 
 
@@ -172,6 +185,7 @@ def compute(
 
 @contextlib.contextmanager
 def _open_residual(residual: str, st: LocalStore) -> Iterator[Path]:
+    """A pack directory given as a path, or a stored one by key (pinned meanwhile)."""
     candidate = Path(residual).expanduser()
     if (candidate / RESIDUAL_MANIFEST).is_file():
         yield candidate
@@ -179,19 +193,7 @@ def _open_residual(residual: str, st: LocalStore) -> Iterator[Path]:
     if candidate.exists():
         raise CorruptCheckpointError(f"{candidate} is not a residual pack (no {RESIDUAL_MANIFEST})")
     with st.using(st.resolve(residual)) as path:
-        _quick_check(path)
         yield path
-
-
-def _quick_check(path: Path) -> None:
-    """Sizes of every file (cheap); `realign verify` does the full sha256 check."""
-    manifest = read_residual_manifest(path)
-    for name, entry in manifest.files.items():
-        f = path / name
-        if not f.is_file() or f.stat().st_size != entry.size:
-            raise CorruptCheckpointError(
-                f"{path}: {name} is missing or resized — run `realign verify {path.name}`"
-            )
 
 
 @reports_disk_full("out", "store", fallback=_store_root)
@@ -208,23 +210,34 @@ def apply(
     overwrite: bool = False,
     max_shard_gb: float | None = None,
     hash_outputs: bool = False,
+    notice: Notice | None = None,
 ) -> MergeResult:
     """Apply a stored residual (key, key prefix or pack directory) to ``target``,
-    writing a model directory at ``out`` atomically."""
+    writing a model directory at ``out`` atomically.
+
+    The pack is verified as it is read; a stored pack found corrupt is quarantined
+    and rebuilt from its sources (``notice`` is told), else the error says what to do.
+    Nothing is written to ``out`` from a corrupt pack."""
     _check_alpha(alpha)
     st = open_store(store)
     check_output(out, overwrite=overwrite)
     tgt = _resolve(target, st)
-    with _open_residual(residual, st) as pack_dir, Checkpoint.open(tgt.path) as t_ckpt:
-        manifest, pack = open_pack(pack_dir)
-        with pack:
-            plan_apply(manifest, pack, t_ckpt, alpha)  # preflight before hashing the target
-        t_src = describe_source(tgt, st.hasher)
-        ensure_space([(out, merged_bytes(t_ckpt, pack, pack_dir / "assets"))])
-        opts = _options(device, progress, cancel, max_shard_gb, hash_outputs)
-        with staging_dir(out, overwrite=overwrite) as tmp:
-            merged = apply_residual(pack_dir, t_ckpt, tmp, target_src=t_src, alpha=alpha, opts=opts)
-    return MergeResult(out, merged, manifest.key, False)
+    opts = _options(device, progress, cancel, max_shard_gb, hash_outputs)
+
+    def use(pack_dir: Path) -> MergeResult:
+        with Checkpoint.open(tgt.path) as t_ckpt:
+            manifest, pack = open_pack(pack_dir)
+            with pack:
+                plan_apply(manifest, pack, t_ckpt, alpha)  # preflight before hashing the target
+            t_src = describe_source(tgt, st.hasher)
+            ensure_space([(out, merged_bytes(t_ckpt, pack, pack_dir / "assets"))])
+            with staging_dir(out, overwrite=overwrite) as tmp:
+                merged = apply_residual(
+                    pack_dir, t_ckpt, tmp, target_src=t_src, alpha=alpha, opts=opts
+                )
+        return MergeResult(out, merged, manifest.key, False)
+
+    return with_pack(st, residual, use, notice, opts)
 
 
 @reports_disk_full("out", "store", fallback=_store_root)
@@ -245,6 +258,7 @@ def merge(
     max_shard_gb: float | None = None,
     hash_outputs: bool = False,
     method: str = "task_arithmetic",
+    notice: Notice | None = None,
 ) -> MergeResult:
     """``target + alpha * (instruct - base)`` into ``out``.
 
@@ -302,6 +316,7 @@ def merge(
                 overwrite=overwrite,
                 max_shard_gb=max_shard_gb,
                 hash_outputs=hash_outputs,
+                notice=notice,
             )
             return MergeResult(out, done.manifest, res.key, res.created)
         srcs = [describe_source(r, st.hasher) for r in refs]
@@ -408,9 +423,22 @@ def inspect(ref: str, store: LocalStore | Path | None = None) -> ResidualManifes
 
 
 def verify(key: str, store: LocalStore | Path | None = None) -> ResidualManifest:
-    """Check every file of a stored residual against its recorded sha256."""
+    """Check every file of a stored residual against its recorded sha256; a corrupt
+    one is quarantined (moved aside, kept) and the error says how to compute it again.
+
+    Raises:
+        ArtifactCorruptError: a file is missing or does not match.
+    """
     st = open_store(store)
-    return st.verify(st.resolve(key))
+    full = st.resolve(key)
+    try:
+        return st.verify(full)
+    except ArtifactCorruptError as exc:
+        manifest = manifest_or_none(st.path(full))
+        moved = st.quarantine(full, "residuals", str(exc))
+        raise ArtifactCorruptError(
+            pack_message(full, exc, moved, manifest), file=exc.file
+        ) from None
 
 
 def list_artifacts(store: LocalStore | Path | None = None) -> list[ArtifactInfo]:
@@ -419,10 +447,17 @@ def list_artifacts(store: LocalStore | Path | None = None) -> list[ArtifactInfo]
 
 
 def remove(key: str, store: LocalStore | Path | None = None) -> str:
-    """Delete a stored residual (refused while in use); returns the full key."""
+    """Delete a stored residual (refused while in use) and the merged models made from
+    it (a residual removed because it was bad leaves nothing made from it to reuse);
+    returns the full key."""
     st = open_store(store)
     full = st.resolve(key)
     st.remove(full)
+    for item in st.artifacts("merged"):
+        with contextlib.suppress(OSError, ValueError, ArtifactNotFoundError, ArtifactInUseError):
+            made = MergeManifest.model_validate_json((item.path / MERGE_MANIFEST).read_text())
+            if made.residual_key == full:
+                st.remove(item.key, "merged")
     return full
 
 
@@ -459,7 +494,10 @@ def preflight(
     with Checkpoint.open(tgt.path) as t_ckpt:
         if residual is not None:
             with _open_residual(residual, st) as pack_dir:
-                manifest, pack = open_pack(pack_dir)
+                try:
+                    manifest, pack = open_pack(pack_dir)
+                except ArtifactCorruptError:
+                    return  # the job quarantines and rebuilds it, or says what to do
                 with pack:
                     plan_apply(manifest, pack, t_ckpt, alpha)
             return
@@ -483,40 +521,83 @@ def merge_to_store(
     device: str = "cpu",
     progress: ProgressCallback | None = None,
     cancel: CancelFlag | None = None,
+    notice: Notice | None = None,
 ) -> StoredMerge:
     """Compute or reuse the residual, then publish ``target + alpha * R`` as a
-    content-addressed merged model in the store (``merged/<key>``); idempotent."""
+    content-addressed merged model in the store (``merged/<key>``); idempotent.
+
+    Every stored input is verified: a pack as it is read, a merged model that is
+    reused by hashing its shards before it is handed out. A corrupt one is
+    quarantined and rebuilt from its sources, and ``notice`` hears of it.
+
+    Raises:
+        ArtifactCorruptError: a corrupt pack whose sources are not available.
+    """
     _check_alpha(alpha)
     st = open_store(store)
+
+    def again() -> StoredMerge:
+        return merge_to_store(
+            target=target, base=base, instruct=instruct, residual=residual, alpha=alpha,
+            dtype=dtype, store=st, device=device, progress=progress, cancel=cancel,
+            notice=notice,
+        )  # fmt: skip
+
     created_residual = False
-    if residual is None:
+    opts = _options(device, progress, cancel, None, hash_outputs=True)
+    res_key = residual
+    if res_key is None:
         if base is None or instruct is None:
             raise ValueError("give either a residual key or both base and instruct")
-        opts = _options(device, progress, cancel, None, hash_outputs=True)
         first = _store_first_merge(st, instruct, base, target, alpha, dtype, opts)
         if first is not None:
-            return first
+            return _checked_reuse(st, first, again, notice)
         res = compute(
             base, instruct, dtype=dtype, store=st, device=device, progress=progress, cancel=cancel
         )
-        residual, created_residual = res.key, res.created
+        res_key, created_residual = res.key, res.created
     tgt = _resolve(target, st)
-    opts = _options(device, progress, cancel, None, hash_outputs=True)
-    with _open_residual(residual, st) as pack_dir, Checkpoint.open(tgt.path) as t_ckpt:
-        manifest, pack = open_pack(pack_dir)
-        with pack:
-            plan_apply(manifest, pack, t_ckpt, alpha)
-        t_src = describe_source(tgt, st.hasher)
-        key = merged_key(manifest.key or pack_dir.name, t_src.digest, alpha=alpha)
-        if not st.exists(key, "merged"):  # free space for the model, before writing
-            ensure_space([(st.root, merged_bytes(t_ckpt, pack, pack_dir / "assets"))])
-        created = st.get_or_build(
-            key,
-            lambda tmp: apply_residual(
-                pack_dir, t_ckpt, tmp, target_src=t_src, alpha=alpha, opts=opts
-            ),
-            kind="merged",
-        )
+
+    def use(pack_dir: Path) -> tuple[str, bool, str]:
+        with Checkpoint.open(tgt.path) as t_ckpt:
+            manifest, pack = open_pack(pack_dir)
+            with pack:
+                plan_apply(manifest, pack, t_ckpt, alpha)
+            t_src = describe_source(tgt, st.hasher)
+            key = merged_key(manifest.key or pack_dir.name, t_src.digest, alpha=alpha)
+            if not st.exists(key, "merged"):  # free space for the model, before writing
+                ensure_space([(st.root, merged_bytes(t_ckpt, pack, pack_dir / "assets"))])
+            created = st.get_or_build(
+                key,
+                lambda tmp: apply_residual(
+                    pack_dir, t_ckpt, tmp, target_src=t_src, alpha=alpha, opts=opts
+                ),
+                kind="merged",
+            )
+        return key, created, manifest.key or res_key
+
+    key, created, rkey = with_pack(st, res_key, use, notice, opts)
     path = st.path(key, "merged")
     merged = MergeManifest.model_validate(json.loads((path / MERGE_MANIFEST).read_text()))
-    return StoredMerge(key, path, merged, manifest.key or residual, created_residual, created)
+    done = StoredMerge(key, path, merged, rkey, created_residual, created)
+    return _checked_reuse(st, done, again, notice)
+
+
+def _checked_reuse(
+    st: LocalStore, done: StoredMerge, again: Callable[[], StoredMerge], notice: Notice | None
+) -> StoredMerge:
+    """``done`` once its shards match their sha256 (a model built by this call was
+    hashed as it was written); a corrupt one is quarantined and built again."""
+    if done.created:
+        return done
+    try:
+        st.verify_merged(done.key)
+        return done
+    except ArtifactCorruptError as exc:
+        moved = st.quarantine(done.key, "merged", str(exc))
+        notify(
+            notice,
+            f"merged model {done.key}: {exc.file} did not match its recorded sha256; it was "
+            f"{moved_to(moved)} and is being built again",
+        )
+    return again()

@@ -59,6 +59,11 @@ class JobMetricsCollector(Collector):
         for queue, n in sorted(snapshot.get("queue_depths", {}).items()):
             depth.add_metric([queue], float(n))
         yield depth
+        yield CounterMetricFamily(
+            "realign_store_quarantined",
+            "Stored artifacts found corrupt when read and moved to .quarantine/.",
+            value=float(self.service.store.quarantine_count()),
+        )
 
 
 def metrics_registry(service: JobService) -> CollectorRegistry:

@@ -203,3 +203,16 @@ class InsufficientStorageError(RealignError, OSError):
 
     def __str__(self) -> str:  # OSError would prefix "[Errno 28]"
         return self.message
+
+
+class ArtifactCorruptError(IntegrityError):
+    """A stored file did not match its recorded sha256 when it was read.
+
+    Args:
+        message: what, where, and what to do.
+        file: the file's name inside its artifact (e.g. ``residual-00001-of-00002.safetensors``).
+    """
+
+    def __init__(self, message: str, *, file: str) -> None:
+        super().__init__(message)
+        self.file = file

@@ -84,6 +84,22 @@ class Settings(BaseSettings):
         "merged models never carry it.",
     )
 
+    # -- store: locking and builder leases ---------------------------------------------
+    store_locking: Literal["flock", "none"] = Field(
+        default="flock",
+        description="How builders of one artifact coordinate: flock (they wait for each "
+        "other; readers pin artifacts against eviction) or none, for stores on NFS or "
+        "volumes where flock does not work (still correct: concurrent builds of one key "
+        "each do the work, the first to publish wins).",
+    )
+    store_lease_s: float = Field(
+        default=120.0,
+        gt=0,
+        description="Lease of a builder on its staging directory, renewed every third of "
+        "it while the build runs; staging left by a dead builder is removed once its "
+        "lease has run out.",
+    )
+
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:

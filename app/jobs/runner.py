@@ -183,6 +183,7 @@ class JobRunner:
             device=self.settings.device,
             progress=reporter,
             cancel=cancel,
+            notice=lambda msg: self.records.add_event(reporter.rec, "status", msg),
         )
         rec = self._move(reporter.rec, JobStatus.running, JobStage.publish)
         model_id = s.name or f"realign-{done.key[:12]}"

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import app
-from app.core.errors import CorruptCheckpointError, IncompatibleModelsError
+from app.core.errors import ArtifactCorruptError, CorruptCheckpointError, IncompatibleModelsError
 from app.residuals.assets import INSTRUCT_CONFIG, copy_assets, merged_config, special_tokens
 from app.residuals.card import render_card
 from app.residuals.checkpoint import Checkpoint, TensorInfo, read_header
@@ -18,6 +18,8 @@ from app.residuals.compat import (
     pair_tensors,
     weight_tensors,
 )
+from app.residuals.hashing import sha256_file
+from app.residuals.integrity import ReadVerifier, mismatch_message
 from app.residuals.manifest import (
     MERGE_MANIFEST,
     FamilyInfo,
@@ -34,11 +36,20 @@ from app.residuals.sources import RunOptions, file_order, make_runner
 from app.residuals.stream import Source, TensorJob
 
 
-def open_pack(pack_dir: Path) -> tuple[ResidualManifest, Checkpoint]:
-    """Read a residual pack's manifest and shard headers.
+def open_pack(pack_dir: Path, label: str | None = None) -> tuple[ResidualManifest, Checkpoint]:
+    """Read a residual pack's manifest and shard headers, and check its small files.
+
+    The returned checkpoint hashes its shards as they are read: call
+    :func:`check_pack` once they have been read, before publishing anything made
+    from them.
+
+    Args:
+        pack_dir: the pack directory.
+        label: how integrity errors name the pack (default: its key or directory).
 
     Raises:
-        CorruptCheckpointError: the manifest or a shard is missing or malformed.
+        CorruptCheckpointError: the manifest is missing or malformed.
+        ArtifactCorruptError: a file is missing or does not match its sha256.
     """
     try:
         manifest = read_residual_manifest(pack_dir)
@@ -46,15 +57,35 @@ def open_pack(pack_dir: Path) -> tuple[ResidualManifest, Checkpoint]:
         raise CorruptCheckpointError(
             f"{pack_dir}: not a readable residual pack ({exc.__class__.__name__}: {exc})"
         ) from exc
+    label = label or manifest.key or str(pack_dir)
+    shards = {n: e for n, e in manifest.files.items() if n.endswith(".safetensors")}
+    small = {pack_dir / n: (e.size, e.sha256) for n, e in manifest.files.items() if n not in shards}
+    ReadVerifier({p: (s, h) for p, (s, h) in small.items() if h}, label).finish()
     tensors: dict[str, TensorInfo] = {}
-    for name in manifest.files:
-        if name.endswith(".safetensors"):
+    for name in shards:
+        try:
             tensors.update(read_header(pack_dir / name)[0])
+        except (OSError, CorruptCheckpointError) as exc:
+            raise ArtifactCorruptError(
+                f"{mismatch_message(label, name)} ({exc})", file=name
+            ) from exc
     missing = set(manifest.tensors) - set(tensors)
     if missing:
         raise CorruptCheckpointError(f"{pack_dir}: shards lack {sorted(missing)[0]}")
     config = json.loads((pack_dir / "assets" / INSTRUCT_CONFIG).read_text())
-    return manifest, Checkpoint(pack_dir, config, tensors)
+    expected = {pack_dir / n: (e.size, e.sha256) for n, e in shards.items() if e.sha256}
+    return manifest, Checkpoint(pack_dir, config, tensors, verifier=ReadVerifier(expected, label))
+
+
+def check_pack(pack: Checkpoint) -> None:
+    """Finish the integrity check of a pack opened by :func:`open_pack` (hashes the
+    bytes nobody read, usually none).
+
+    Raises:
+        ArtifactCorruptError: a shard does not match its recorded sha256.
+    """
+    if pack.verifier is not None:
+        pack.verifier.finish()
 
 
 def _expected_target_shape(manifest: ResidualManifest, name: str) -> tuple[int, ...]:
@@ -203,16 +234,27 @@ def finish_merged(
     target: Checkpoint,
     assets_from: Path,
     tokens: dict[str, object],
-) -> None:
+) -> MergeManifest:
     """Config (the target's, with the instruct side's tokens and vocabulary), the
-    instruct side's tokenizer and generation files, provenance and model card."""
+    instruct side's tokenizer and generation files, provenance and model card.
+
+    Returns:
+        ``manifest`` with the sha256 of those files (``other_files``), as written.
+    """
     rows = manifest.vocab.instruct_rows if manifest.vocab else None
     config = merged_config(target.config, tokens, rows)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     copy_assets(assets_from, out_dir)
     (out_dir / INSTRUCT_CONFIG).unlink(missing_ok=True)
+    other = {
+        f.name: FileEntry(size=f.stat().st_size, sha256=sha256_file(f))
+        for f in sorted(out_dir.iterdir())
+        if f.is_file() and f.name not in manifest.files
+    }
+    manifest = manifest.model_copy(update={"other_files": other})
     write_json(out_dir / MERGE_MANIFEST, manifest)
     (out_dir / "README.md").write_text(render_card(manifest))
+    return manifest
 
 
 def apply_residual(
@@ -244,6 +286,7 @@ def apply_residual(
     with pack:
         jobs = plan_apply(manifest, pack, target, alpha)
         files = _write_merged(jobs, out_dir, manifest.method, opts)
+        check_pack(pack)  # nothing made from a corrupt pack gets published
     merged = MergeManifest(
         method=manifest.method,
         alpha=alpha,
@@ -257,8 +300,9 @@ def apply_residual(
         vocab=manifest.vocab,
         files=files,
     )
-    finish_merged(out_dir, merged, target, pack_dir / "assets", dict(manifest.special_tokens))
-    return merged
+    return finish_merged(
+        out_dir, merged, target, pack_dir / "assets", dict(manifest.special_tokens)
+    )
 
 
 def merge_fused(
@@ -297,5 +341,4 @@ def merge_fused(
         files=files,
     )
     tokens = special_tokens(instruct.path, instruct.config)
-    finish_merged(out_dir, merged, target, instruct.path, tokens)
-    return merged
+    return finish_merged(out_dir, merged, target, instruct.path, tokens)

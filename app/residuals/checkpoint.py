@@ -22,6 +22,7 @@ from typing import Any
 
 from app.core.errors import CorruptCheckpointError, ModelNotFoundError, UnsafeCheckpointError
 from app.residuals.dtypes import DTYPES, DType
+from app.residuals.integrity import ReadVerifier
 
 INDEX_NAME = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -155,6 +156,7 @@ class Checkpoint:
     tensors: dict[str, TensorInfo]
     _fds: dict[Path, int] = field(default_factory=dict, repr=False)
     _maps: dict[Path, tuple[mmap.mmap, memoryview]] = field(default_factory=dict, repr=False)
+    verifier: ReadVerifier | None = field(default=None, repr=False)  # hashes what is read
 
     @classmethod
     def open(cls, path: Path) -> Checkpoint:
@@ -197,6 +199,8 @@ class Checkpoint:
             if got == 0:
                 raise _corrupt(info.file, f"unexpected end of file in {info.name!r}")
             done += got
+        if self.verifier is not None:
+            self.verifier.consume(info.file, offset, view)
 
     def _fd(self, file: Path) -> int:
         fd = self._fds.get(file)
@@ -246,6 +250,8 @@ class Checkpoint:
                 if exc.errno != errno.EFAULT:
                     raise
                 raise _corrupt(info.file, f"{info.name!r} lies past the end of file") from exc
+        if self.verifier is not None:
+            self.verifier.consume(info.file, start, view[start:end], stable=True)
         return view[start:end]
 
     def release_rows(self, info: TensorInfo, row0: int, row1: int) -> None:
@@ -254,9 +260,13 @@ class Checkpoint:
         entry = self._maps.get(info.file)
         if entry is not None:
             start = info.offset + row0 * info.row_bytes
+            if self.verifier is not None:  # hashed first, else it would fault them back in
+                self.verifier.wait_hashed(info.file, start + (row1 - row0) * info.row_bytes)
             _advise(entry[0], mmap.MADV_DONTNEED, start, start + (row1 - row0) * info.row_bytes)
 
     def close(self) -> None:
+        if self.verifier is not None:
+            self.verifier.close()  # no verdict after this; finish() comes before close
         for mm, view in self._maps.values():
             try:
                 view.release()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from app.residuals.apply import open_pack, plan_apply
+from app.residuals.apply import check_pack, open_pack, plan_apply
 from app.residuals.checkpoint import Checkpoint, TensorInfo
 from app.residuals.methods import get_method
 
@@ -38,6 +38,9 @@ def stream_merged(
 
     Raises:
         IncompatibleModelsError: the target does not fit the residual (checked first).
+        ArtifactCorruptError: after the last tensor, when the pack's bytes did not match
+            their recorded sha256 (hashed as they were read; not checked for ``names``):
+            the caller must not mark the engine ready.
     """
     manifest, pack = open_pack(pack_dir)
     method = get_method(manifest.method)
@@ -60,3 +63,5 @@ def stream_merged(
             out[:common].copy_(merged.view(t.shape))
             out[common:].copy_(r[common:])  # rows the instruct side added, verbatim
             yield job.spec.name, out
+        if names is None:
+            check_pack(pack)

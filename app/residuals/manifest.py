@@ -102,6 +102,11 @@ class MergeManifest(_Frozen):
     created_at: datetime = Field(default_factory=_now)
     vocab: VocabInfo | None = None
     files: dict[str, FileEntry] = Field(default_factory=dict)
+    other_files: dict[str, FileEntry] = Field(
+        default_factory=dict,
+        description="Config, tokenizer and generation files with their sha256 (all but "
+        "the weights, this manifest and README.md), checked when the model is reused.",
+    )
 
 
 def write_json(path: Path, model: BaseModel) -> None:

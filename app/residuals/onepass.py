@@ -119,5 +119,7 @@ def compute_and_apply(
         vocab=residual.vocab,
         files=files,
     )
-    finish_merged(out_dir, merged, target, residual_dir / "assets", dict(residual.special_tokens))
+    merged = finish_merged(
+        out_dir, merged, target, residual_dir / "assets", dict(residual.special_tokens)
+    )
     return residual, merged

@@ -1,14 +1,20 @@
 """LocalStore: residual packs and merged models under ``models_cache/``.
 
-Publication is atomic (staging dir on the same filesystem, fsync, rename); a
-per-key lock makes concurrent builders of one key do the work once; readers hold
-a shared lock that eviction and removal respect; last use drives LRU eviction.
+Publication is atomic (a leased staging dir on the same filesystem, fsync, rename;
+the first rename wins, a later builder discards only its own dir and uses the
+winner's). With ``flock`` a per-key lock makes concurrent builders do the work
+once, and readers hold a shared lock that eviction and removal respect; without
+it (NFS, some container volumes) builds stay correct, only not deduplicated.
+Artifacts found corrupt are moved to ``.quarantine/`` (kept, not deleted) and
+counted. Last use drives LRU eviction.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
+import json
 import os
 import shutil
 import time
@@ -22,13 +28,24 @@ from app.core.errors import (
     AmbiguousKeyError,
     ArtifactInUseError,
     ArtifactNotFoundError,
-    IntegrityError,
+    OutputExistsError,
 )
-from app.residuals.hashing import FileHasher, sha256_file
-from app.residuals.manifest import ResidualManifest, read_residual_manifest
+from app.residuals.hashing import FileHasher
+from app.residuals.integrity import ReadVerifier
+from app.residuals.manifest import (
+    MERGE_MANIFEST,
+    FileEntry,
+    MergeManifest,
+    ResidualManifest,
+    read_residual_manifest,
+)
 from app.residuals.publish import publish
+from app.store.staging import DEFAULT_LEASE_S, StagingArea
 
 Kind = Literal["residuals", "merged"]
+Locking = Literal["flock", "none"]
+QUARANTINE = ".quarantine"
+_QUARANTINE_LOG = "quarantine.log"
 
 
 @dataclass(frozen=True)
@@ -49,13 +66,27 @@ class LocalStore:
     Args:
         root: store directory (created if missing).
         budget_bytes: evict least recently used artifacts beyond this size.
+        locking: ``flock`` (builders of one key wait for each other, readers pin
+            artifacts against eviction) or ``none`` where file locks do not work
+            (NFS): builds are still correct, concurrent ones just do the work twice.
+        lease_s: how long a builder's claim on its staging dir holds unrenewed.
     """
 
-    def __init__(self, root: Path, budget_bytes: int | None = None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        budget_bytes: int | None = None,
+        *,
+        locking: Locking = "flock",
+        lease_s: float = DEFAULT_LEASE_S,
+    ) -> None:
         self.root = root
         self.budget_bytes = budget_bytes
-        for sub in ("residuals", "merged", "sources", ".locks", ".access", ".staging"):
+        self.locking = locking
+        for sub in ("residuals", "merged", "sources", ".locks", ".access", QUARANTINE):
             (root / sub).mkdir(parents=True, exist_ok=True)
+        self.staging = StagingArea(root / ".staging", lease_s)
+        self.staging.sweep()  # what builders that died left, once their lease ran out
         self.hasher = FileHasher(root / ".hashes.sqlite")
 
     # -- lookup ---------------------------------------------------------------------------
@@ -85,6 +116,9 @@ class LocalStore:
     # -- locks ----------------------------------------------------------------------------
     @contextlib.contextmanager
     def _flock(self, name: str, mode: int) -> Iterator[bool]:
+        if self.locking == "none":
+            yield True
+            return
         fd = os.open(self.root / ".locks" / name, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             try:
@@ -133,19 +167,85 @@ class LocalStore:
             if self.exists(key, kind):  # somebody else built it while we waited
                 self.touch(key)
                 return False
-            for stale in (self.root / ".staging").glob(f"{key}.*"):
-                shutil.rmtree(stale, ignore_errors=True)  # left by a killed builder
-            tmp = self.root / ".staging" / f"{key}.{uuid.uuid4().hex[:8]}"
-            tmp.mkdir()
-            try:
+            self.staging.sweep()  # what dead builders left, once their lease ran out
+            with self.staging.claim(key) as tmp:
                 build(tmp)
-                publish(tmp, self.path(key, kind))
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
+                self._publish(tmp, key, kind)
             self.touch(key)
         self.evict(keep={key, *keep})
         return True
+
+    def _publish(self, tmp: Path, key: str, kind: Kind) -> None:
+        """Rename ``tmp`` into place; when a concurrent builder got there first (no
+        working lock), keep the winner's artifact (same key, same content) and let
+        ``tmp`` be discarded."""
+        try:
+            publish(tmp, self.path(key, kind))
+        except OutputExistsError:
+            pass
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not self.exists(key, kind):
+                raise
+
+    # -- integrity ------------------------------------------------------------------------
+    def verify_files(self, key: str, kind: Kind, files: dict[str, FileEntry]) -> None:
+        """Hash every file listed in ``files`` (those with a recorded sha256).
+
+        Raises:
+            ArtifactCorruptError: a file is missing, resized or altered.
+        """
+        path = self.path(key, kind)
+        expected = {path / n: (e.size, e.sha256) for n, e in files.items() if e.sha256}
+        ReadVerifier(expected, key).finish()
+
+    def verify(self, key: str) -> ResidualManifest:
+        """Check every file of a residual pack against the sha256 in its manifest.
+
+        Raises:
+            ArtifactCorruptError: a file is missing, resized or altered.
+        """
+        with self.using(key) as path:
+            manifest = read_residual_manifest(path)
+            self.verify_files(key, "residuals", manifest.files)
+        return manifest
+
+    def verify_merged(self, key: str) -> MergeManifest:
+        """Check a stored merged model's files (weights, config, tokenizer) against the
+        sha256 in its ``realign.json``.
+
+        Raises:
+            ArtifactCorruptError: a file is missing, resized or altered.
+        """
+        with self.using(key, "merged") as path:
+            manifest = MergeManifest.model_validate_json((path / MERGE_MANIFEST).read_text())
+            self.verify_files(key, "merged", {**manifest.files, **manifest.other_files})
+        return manifest
+
+    def quarantine(self, key: str, kind: Kind, reason: str) -> Path | None:
+        """Move a corrupt artifact out of view into ``.quarantine/<key>.<time>`` (kept
+        for inspection) and log it.
+
+        Returns:
+            Where it went; None when it was no longer there (another process moved it).
+        """
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        dest = self.root / QUARANTINE / f"{key}.{stamp}.{uuid.uuid4().hex[:6]}"
+        try:
+            os.replace(self.path(key, kind), dest)
+        except FileNotFoundError:
+            return None
+        (self.root / ".access" / key).unlink(missing_ok=True)
+        line = {"time": time.time(), "key": key, "kind": kind, "path": str(dest)}
+        with (self.root / QUARANTINE / _QUARANTINE_LOG).open("a") as log:
+            log.write(json.dumps({**line, "reason": reason}) + "\n")
+        return dest
+
+    def quarantine_count(self) -> int:
+        """How many artifacts were ever quarantined in this store (a counter)."""
+        log = self.root / QUARANTINE / _QUARANTINE_LOG
+        with contextlib.suppress(FileNotFoundError), log.open() as fh:
+            return sum(1 for _ in fh)
+        return 0
 
     # -- maintenance ----------------------------------------------------------------------
     def artifacts(self, kind: Kind | None = None) -> list[ArtifactInfo]:
@@ -181,7 +281,7 @@ class LocalStore:
             path = self.path(key, kind)
             if not path.is_dir():
                 raise ArtifactNotFoundError(f"no {kind[:-1]} {key} in {self.root}")
-            trash = self.root / ".staging" / f"trash.{key}.{uuid.uuid4().hex[:8]}"
+            trash = self.root / ".staging" / f"trash.{key}.{uuid.uuid4().hex}"
             os.replace(path, trash)  # gone from view at once, then deleted
             shutil.rmtree(trash, ignore_errors=True)
             (self.root / ".access" / key).unlink(missing_ok=True)
@@ -205,28 +305,6 @@ class LocalStore:
                 total -= item.size
                 removed.append(item.key)
         return removed
-
-    def verify(self, key: str) -> ResidualManifest:
-        """Check every file of a residual pack against the sha256 in its manifest.
-
-        Raises:
-            IntegrityError: a file is missing, resized or altered.
-        """
-        with self.using(key) as path:
-            manifest = read_residual_manifest(path)
-            for name, entry in manifest.files.items():
-                f = path / name
-                if not f.is_file():
-                    raise IntegrityError(
-                        f"{key}: {name} is missing; `realign rm {key}` and compute it again"
-                    )
-                if f.stat().st_size != entry.size or sha256_file(f) != entry.sha256:
-                    raise IntegrityError(
-                        f"{key}: {name} does not match its recorded sha256 — "
-                        f"the file changed on disk; `realign rm {key}` and "
-                        "compute it again"
-                    )
-        return manifest
 
     def age(self, key: str) -> float:
         access = self.root / ".access" / key

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -39,10 +41,11 @@ def _slow_compute_script(t: TinyTriple, store: Path, delay: float) -> str:
     """)
 
 
-def _spawn(script: str) -> subprocess.Popen[str]:
+def _spawn(script: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-c", script],
         cwd=ROOT,
+        env={**os.environ, **(env or {})},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -78,13 +81,16 @@ def test_concurrent_identical_computes_do_the_work_once(
 def test_killed_compute_leaves_nothing_and_next_run_cleans_up(
     llama_triple: TinyTriple, store_dir: Path
 ) -> None:
-    proc = _spawn(_slow_compute_script(llama_triple, store_dir, 0.5))
+    lease = {"REALIGN_STORE_LEASE_S": "1"}
+    proc = _spawn(_slow_compute_script(llama_triple, store_dir, 0.5), env=lease)
     assert proc.stdout is not None
     assert proc.stdout.readline().startswith("progress")
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     assert list(store_dir.glob("residuals/*")) == []  # nothing a reader could find
-    res = compute(str(llama_triple.base), str(llama_triple.instruct), store=store_dir)
+    time.sleep(1.2)  # the dead builder's lease runs out
+    st = LocalStore(store_dir, lease_s=1)
+    res = compute(str(llama_triple.base), str(llama_triple.instruct), store=st)
     assert res.created
     assert list((store_dir / ".staging").iterdir()) == []  # the dead builder's files are gone
 
@@ -160,3 +166,29 @@ def test_prefix_resolution(store_dir: Path) -> None:
         store.resolve("abc")
     with pytest.raises(ArtifactNotFoundError, match="realign ls"):
         store.resolve("fff")
+
+
+def test_read_verifier_hashes_each_byte_once_in_order(tmp_path: Path) -> None:
+    """Reads with gaps, repeats and an unread tail give the file's sha256; a flipped
+    byte where the pipeline never looked (a header) is still caught."""
+    import hashlib
+
+    from app.residuals.integrity import ReadVerifier
+
+    data = os.urandom(1 << 20)
+    f = tmp_path / "shard.safetensors"
+    f.write_bytes(data)
+    view = memoryview(data)
+    check = ReadVerifier({f: (len(data), hashlib.sha256(data).hexdigest())}, "pack")
+    check.consume(f, 1000, view[1000:5000], stable=True)  # [0, 1000) is read by the verifier
+    check.consume(f, 2000, view[2000:3000])  # read again: hashed once
+    check.consume(f, 5000, view[5000:600_000], stable=True)
+    check.finish()  # the tail is read by the verifier
+
+    bad = bytearray(data)
+    bad[10] ^= 1
+    f.write_bytes(bytes(bad))
+    check = ReadVerifier({f: (len(data), hashlib.sha256(data).hexdigest())}, "pack")
+    check.consume(f, 1000, memoryview(bytes(bad))[1000:], stable=True)
+    with pytest.raises(IntegrityError, match=r"pack: shard\.safetensors does not match"):
+        check.finish()

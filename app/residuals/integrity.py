@@ -1,0 +1,162 @@
+"""Integrity on every read: files checked against their recorded sha256 from the very
+bytes a pipeline reads, while it reads them — no second pass over the data."""
+
+from __future__ import annotations
+
+import hashlib
+import queue
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from app.core.errors import ArtifactCorruptError
+
+_BUF = 4 * 1024 * 1024
+_Item = tuple[Path, int, memoryview]
+
+
+def mismatch_message(label: str, name: str) -> str:
+    """What every reader says about a file that does not match its recorded sha256."""
+    return f"{label}: {name} does not match its recorded sha256 — the file changed on disk"
+
+
+@dataclass
+class _Track:
+    size: int
+    sha256: str
+    digest: hashlib._Hash = field(default_factory=hashlib.sha256)
+    pos: int = 0  # bytes [0, pos) are hashed
+    broken: bool = False  # shorter than a read said it was
+
+
+class ReadVerifier:
+    """Checks files against their recorded sha256 using the bytes a pipeline reads anyway.
+
+    Every file is hashed in byte order: a read that starts where the hash stands is
+    hashed from the caller's own view (no extra IO); bytes the pipeline skips (a
+    shard's header) are read here; bytes read twice are hashed once. Views of a file
+    mapping (``stable``) are hashed by a thread of this verifier, so the hash runs
+    beside the pipeline instead of in its reader's path; a reused buffer is hashed at
+    once. :meth:`finish` hashes whatever was never read and compares: call it before
+    publishing anything derived from the files.
+
+    Args:
+        expected: (size, sha256) of each file to check, by path.
+        label: how errors name the artifact (its key or directory).
+    """
+
+    def __init__(self, expected: dict[Path, tuple[int, str]], label: str) -> None:
+        self.label = label
+        self._tracks = {Path(p): _Track(size, sha) for p, (size, sha) in expected.items()}
+        self._lock = threading.Lock()
+        self._hashed = threading.Condition(self._lock)
+        self._queue: queue.Queue[_Item | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._closed = False
+
+    def consume(self, file: Path, start: int, data: memoryview, *, stable: bool = False) -> None:
+        """Account for ``data``, the bytes of ``file`` from offset ``start``.
+
+        Args:
+            stable: ``data`` stays valid and unchanged after the call (a view of a
+                file mapping), so it may be hashed later, by the verifier's thread.
+        """
+        if file not in self._tracks or self._closed:
+            return
+        if data.format != "B" or data.ndim != 1:
+            data = data.cast("B")
+        if stable:
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="realign-verify", daemon=True
+                )
+                self._thread.start()
+            self._queue.put((file, start, data))
+            return
+        self._queue.join()  # earlier views first: each file is hashed in byte order
+        self._hash(file, start, data)
+
+    def wait_hashed(self, file: Path, upto: int) -> None:
+        """Block until bytes ``[0, upto)`` of ``file`` are hashed (or hashing stopped),
+        so a caller may drop those pages: the lag, and the memory it holds, stay small."""
+        track = self._tracks.get(file)
+        if track is None:
+            return
+        with self._hashed:
+            while track.pos < upto and not track.broken and self._busy():
+                self._hashed.wait(0.05)
+
+    def _busy(self) -> bool:
+        return self._thread is not None and not self._closed and self._error is None
+
+    def finish(self) -> None:
+        """Hash the bytes nobody read and compare every file.
+
+        Raises:
+            ArtifactCorruptError: a file is missing, resized or altered.
+        """
+        self._drain()
+        if self._error is not None:
+            raise self._error
+        with self._lock:
+            for file, track in self._tracks.items():
+                try:
+                    size = file.stat().st_size
+                    self._fill(file, track, size)
+                except OSError:
+                    size = -1
+                if track.broken or size != track.size or track.digest.hexdigest() != track.sha256:
+                    raise ArtifactCorruptError(
+                        mismatch_message(self.label, file.name), file=file.name
+                    )
+
+    def close(self) -> None:
+        """Stop without a verdict (the reads were abandoned)."""
+        self._closed = True
+        self._drain()
+
+    def _drain(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            try:
+                if not self._closed and self._error is None:
+                    self._hash(*item)
+            except BaseException as exc:  # reported by finish()
+                self._error = exc
+            finally:
+                self._queue.task_done()
+        self._queue.task_done()
+
+    def _hash(self, file: Path, start: int, data: memoryview) -> None:
+        track = self._tracks[file]
+        end = start + data.nbytes
+        with self._lock:
+            if end <= track.pos:
+                return
+            if start > track.pos and not self._fill(file, track, start):
+                track.broken = True
+                return
+            track.digest.update(data[track.pos - start :])
+            track.pos = end
+            self._hashed.notify_all()
+
+    @staticmethod
+    def _fill(file: Path, track: _Track, upto: int) -> bool:
+        """Hash ``file`` from where its hash stands up to ``upto``; False at a short file."""
+        if track.pos >= upto:
+            return True
+        with file.open("rb", buffering=0) as fh:
+            fh.seek(track.pos)
+            while track.pos < upto:
+                chunk = fh.read(min(_BUF, upto - track.pos))
+                if not chunk:
+                    return False
+                track.digest.update(chunk)
+                track.pos += len(chunk)
+        return True

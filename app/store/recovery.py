@@ -1,0 +1,178 @@
+"""Recovery from corrupt stored artifacts: a pack read by a pipeline is verified as it
+is read; one found corrupt is quarantined (moved aside, kept) and rebuilt from the
+sources its manifest records, or the error says what to do."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+from app.core.errors import (
+    ArtifactCorruptError,
+    CorruptCheckpointError,
+    IncompatibleModelsError,
+    RealignError,
+)
+from app.residuals.checkpoint import Checkpoint
+from app.residuals.compute import compute_residual
+from app.residuals.dtypes import BY_NAME
+from app.residuals.integrity import mismatch_message
+from app.residuals.manifest import RESIDUAL_MANIFEST, ResidualManifest, read_residual_manifest
+from app.residuals.refs import ModelRef, ResolvedModel, resolve_ref
+from app.residuals.sources import RunOptions, describe_source
+from app.store.keys import residual_key
+from app.store.local import QUARANTINE, LocalStore
+
+Notice = Callable[[str], object]  # told when a corrupt artifact was rebuilt
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+
+def _resolve(ref: str, st: LocalStore) -> ResolvedModel:
+    return resolve_ref(ModelRef.parse(ref), st.root / "sources")
+
+
+def _stored_key(residual: str, st: LocalStore) -> str | None:
+    """The full store key of ``residual``, or None when it names a pack directory."""
+    if (Path(residual).expanduser() / RESIDUAL_MANIFEST).is_file():
+        return None
+    return st.resolve(residual)
+
+
+def notify(notice: Notice | None, message: str) -> None:
+    """Log ``message`` (a warning: an operator wants to know) and tell ``notice``."""
+    log.warning("%s", message)
+    if notice is not None:
+        notice(message)
+
+
+def with_pack(
+    st: LocalStore,
+    residual: str,
+    use: Callable[[Path], T],
+    notice: Notice | None,
+    opts: RunOptions | None = None,
+) -> T:
+    """Run ``use`` on a residual pack; ``use`` reads the pack, which verifies it.
+
+    A stored pack found corrupt is quarantined, rebuilt from its base and instruct
+    when they are at hand (then ``use`` runs again and ``notice`` hears of it), or the
+    error says what to do. ``use`` must publish nothing when it raises.
+    """
+    key = _stored_key(residual, st)
+    if key is None:
+        try:
+            return use(Path(residual).expanduser())
+        except ArtifactCorruptError as exc:
+            raise ArtifactCorruptError(
+                f"{exc}; nothing was written — copy the pack again or compute it anew "
+                "(`realign compute`)",
+                file=exc.file,
+            ) from None
+    try:
+        with st.using(key) as pack_dir:
+            return use(pack_dir)
+    except (ArtifactCorruptError, CorruptCheckpointError, IncompatibleModelsError) as exc:
+        bad = _corruption(st, key, exc)
+        if bad is None:
+            raise
+    _recover_pack(st, key, bad, notice, opts)
+    with st.using(key) as pack_dir:
+        return use(pack_dir)
+
+
+def _corruption(st: LocalStore, key: str, exc: RealignError) -> ArtifactCorruptError | None:
+    """``exc`` as an integrity error of pack ``key``; a malformed header (or shapes
+    that make no sense) gets a full check first, since a flipped byte can cause it."""
+    if isinstance(exc, ArtifactCorruptError):
+        return exc
+    try:
+        st.verify(key)
+    except ArtifactCorruptError as found:
+        return found
+    except (RealignError, OSError, ValueError):
+        return None
+    return None
+
+
+def pack_message(
+    key: str, exc: ArtifactCorruptError, moved: Path | None, m: ResidualManifest | None
+) -> str:
+    """What `realign verify`, `realign apply` and a job say about a corrupt pack that
+    was not rebuilt: which file, where the pack went, the command that makes it again."""
+    where = moved_to(moved)
+    redo = (
+        f"`realign compute --base {m.base.ref} --instruct {m.instruct.ref} --dtype {m.dtype}`"
+        if m
+        else "`realign compute` from its base and instruct"
+    )
+    return f"{mismatch_message(key, exc.file)}; the pack was {where}; compute it again: {redo}"
+
+
+def moved_to(moved: Path | None) -> str:
+    """Where a quarantined artifact went, in words."""
+    return f"moved aside to {moved}" if moved else "moved aside by another process"
+
+
+def _recover_pack(
+    st: LocalStore,
+    key: str,
+    exc: ArtifactCorruptError,
+    notice: Notice | None,
+    opts: RunOptions | None,
+) -> None:
+    """Quarantine corrupt pack ``key`` and rebuild it from its sources.
+
+    Raises:
+        ArtifactCorruptError: the sources are not available (or no longer give ``key``).
+    """
+    manifest = _pack_manifest(st, key)
+    moved = st.quarantine(key, "residuals", str(exc))
+    if manifest is None or not _rebuild_pack(st, key, manifest, opts or RunOptions()):
+        raise ArtifactCorruptError(pack_message(key, exc, moved, manifest), file=exc.file)
+    notify(
+        notice,
+        f"residual {key}: {exc.file} did not match its recorded sha256; the pack was "
+        f"{moved_to(moved)} and rebuilt from {manifest.instruct.ref} and {manifest.base.ref}",
+    )
+
+
+def _pack_manifest(st: LocalStore, key: str) -> ResidualManifest | None:
+    """The manifest of pack ``key``, or of its latest quarantined copy (when another
+    process moved it aside first)."""
+    quarantined = sorted(st.root.glob(f"{QUARANTINE}/{key}.*"), reverse=True)
+    for where in (st.path(key), *quarantined):
+        if (found := manifest_or_none(where)) is not None:
+            return found
+    return None
+
+
+def manifest_or_none(pack_dir: Path) -> ResidualManifest | None:
+    try:
+        return read_residual_manifest(pack_dir)
+    except (OSError, ValueError):
+        return None
+
+
+def _rebuild_pack(st: LocalStore, key: str, m: ResidualManifest, opts: RunOptions) -> bool:
+    """Build pack ``key`` again from the sources its manifest records; False when they
+    are gone or changed (they would give another key)."""
+    try:
+        ins, bas = _resolve(m.instruct.ref, st), _resolve(m.base.ref, st)
+        with Checkpoint.open(ins.path) as i_ckpt, Checkpoint.open(bas.path) as b_ckpt:
+            i_src, b_src = describe_source(ins, st.hasher), describe_source(bas, st.hasher)
+            if residual_key(i_src.digest, b_src.digest, method=m.method, dtype=m.dtype) != key:
+                return False
+            st.get_or_build(
+                key,
+                lambda tmp: compute_residual(
+                    i_ckpt, b_ckpt, tmp, instruct_src=i_src, base_src=b_src,
+                    dtype=BY_NAME[m.dtype], method=m.method, key=key, opts=opts,
+                ),
+            )  # fmt: skip
+    except (RealignError, OSError) as exc:
+        log.warning("residual %s cannot be rebuilt: %s", key, exc)
+        return False
+    return True

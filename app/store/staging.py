@@ -1,0 +1,129 @@
+"""Builders' staging directories, each under a lease.
+
+A builder works in ``.staging/<key>.<token>`` (a name no other builder can pick)
+next to ``<key>.<token>.lease``: its host, pid, token and when the lease runs out.
+A thread renews the lease while the build runs. Anyone may remove a staging
+directory whose lease has run out (its builder died: SIGKILL, OOM, power loss);
+nobody touches one whose lease is current. No file lock is involved, so this holds
+on NFS and on volumes where ``flock`` does nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+LEASE_SUFFIX = ".lease"
+DEFAULT_LEASE_S = 120.0
+
+
+@dataclass(frozen=True)
+class Lease:
+    """Who builds in a staging directory, and until when that claim holds."""
+
+    host: str
+    pid: int
+    token: str
+    expires_at: float
+
+
+class StagingArea:
+    """The ``.staging`` directory of a store.
+
+    Args:
+        root: the staging directory.
+        lease_s: how long a claim holds without renewal; renewed every third of it.
+    """
+
+    def __init__(self, root: Path, lease_s: float = DEFAULT_LEASE_S) -> None:
+        self.root = root
+        self.lease_s = lease_s
+        root.mkdir(parents=True, exist_ok=True)
+
+    @contextlib.contextmanager
+    def claim(self, key: str) -> Iterator[Path]:
+        """A new, empty staging directory for ``key``, leased while the block runs; it
+        and its lease are removed on exit (the caller publishes it by renaming it
+        away first)."""
+        token = uuid.uuid4().hex
+        tmp = self.root / f"{key}.{token}"
+        lease = self.lease_path(tmp)
+        self._write_lease(lease, token)  # the lease first: never a staging dir without one
+        stop = threading.Event()
+        renew = threading.Thread(
+            target=self._renew, args=(lease, token, stop), name="realign-lease", daemon=True
+        )
+        try:
+            tmp.mkdir()
+            renew.start()
+            yield tmp
+        finally:
+            stop.set()
+            if renew.is_alive():
+                renew.join()
+            shutil.rmtree(tmp, ignore_errors=True)
+            lease.unlink(missing_ok=True)
+
+    @staticmethod
+    def lease_path(tmp: Path) -> Path:
+        return tmp.with_name(tmp.name + LEASE_SUFFIX)
+
+    def read_lease(self, tmp: Path) -> Lease | None:
+        """The lease of a staging directory; None when it has none or it is unreadable."""
+        try:
+            return Lease(**json.loads(self.lease_path(tmp).read_text()))
+        except (OSError, ValueError, TypeError):
+            return None
+
+    def sweep(self, now: float | None = None) -> list[Path]:
+        """Remove staging directories whose lease ran out (and leases without a
+        directory); current ones stay. A directory without a readable lease counts
+        from its last change.
+
+        Returns:
+            The directories removed.
+        """
+        now = time.time() if now is None else now
+        removed = []
+        for entry in sorted(self.root.iterdir()):
+            if not entry.is_dir():  # a lease, or a lease being written
+                owner = entry.name.split(LEASE_SUFFIX)[0]
+                if not (self.root / owner).exists():
+                    with contextlib.suppress(OSError):
+                        if entry.stat().st_mtime + self.lease_s < now:
+                            entry.unlink()
+                continue
+            if self._expired(entry, now):
+                shutil.rmtree(entry, ignore_errors=True)
+                self.lease_path(entry).unlink(missing_ok=True)
+                removed.append(entry)
+        return removed
+
+    def _expired(self, tmp: Path, now: float) -> bool:
+        lease = self.read_lease(tmp)
+        if lease is not None:
+            return lease.expires_at < now
+        try:
+            return tmp.lstat().st_mtime + self.lease_s < now
+        except OSError:
+            return False
+
+    def _write_lease(self, lease: Path, token: str) -> None:
+        info = Lease(socket.gethostname(), os.getpid(), token, time.time() + self.lease_s)
+        part = lease.with_name(f"{lease.name}.{token[:8]}.part")
+        part.write_text(json.dumps(asdict(info)))
+        os.replace(part, lease)  # readers see the old lease or the new one, never half
+
+    def _renew(self, lease: Path, token: str, stop: threading.Event) -> None:
+        while not stop.wait(self.lease_s / 3):
+            with contextlib.suppress(OSError):
+                self._write_lease(lease, token)

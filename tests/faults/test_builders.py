@@ -1,0 +1,140 @@
+"""Builders of one artifact: correct without a working flock (NFS), and the staging
+left by a dead builder is reclaimed once its lease runs out — never a live one's."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+from app.demo.tiny import TinyTriple
+from app.merge import compute
+from app.store.local import LocalStore
+from app.store.staging import StagingArea
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def builder(
+    t: TinyTriple, store: Path, *, delay: float, dtype: str = "bfloat16", **env: str
+) -> subprocess.Popen[str]:
+    """A process computing the residual of ``t`` into ``store``, ``delay`` s per tensor."""
+    script = textwrap.dedent(f"""
+        import time
+        from pathlib import Path
+        from app.merge import compute
+        def slow(p):
+            print("progress", p.tensors_done, flush=True)
+            time.sleep({delay})
+        res = compute({str(t.base)!r}, {str(t.instruct)!r}, store=Path({str(store)!r}),
+                      dtype={dtype!r}, progress=slow)
+        print("result", res.key, res.created, flush=True)
+    """)
+    return subprocess.Popen(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        env={**os.environ, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def artifact(path: Path) -> dict[str, object]:
+    """Every file of a pack; the manifest without its creation time."""
+    out: dict[str, object] = {}
+    for f in sorted(path.rglob("*")):
+        if f.is_file():
+            rel = f.relative_to(path).as_posix()
+            out[rel] = f.read_bytes()
+    manifest = json.loads(out.pop("manifest.json"))  # type: ignore[arg-type]
+    manifest.pop("created_at")
+    out["manifest.json"] = manifest
+    return out
+
+
+def staging_of(store: Path, pid: int) -> list[Path]:
+    """The staging dirs whose lease names process ``pid``."""
+    area = StagingArea(store / ".staging")
+    return [
+        p
+        for p in (store / ".staging").iterdir()
+        if p.is_dir() and (lease := area.read_lease(p)) is not None and lease.pid == pid
+    ]
+
+
+def test_eight_builders_without_flock_all_succeed_with_one_artifact(
+    llama_triple: TinyTriple, tmp_path: Path
+) -> None:
+    t = llama_triple
+    store, single = tmp_path / "store", tmp_path / "single"
+    procs = [builder(t, store, delay=0.2, REALIGN_STORE_LOCKING="none") for _ in range(8)]
+    results = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=600)
+        assert p.returncode == 0, stderr
+        results.append(stdout.strip().splitlines()[-1].split())
+    assert sum(r[2] == "True" for r in results) >= 2  # the publish race really ran
+    keys = {r[1] for r in results}
+    assert len(keys) == 1
+    (key,) = keys
+    assert [p.name for p in (store / "residuals").iterdir()] == [key]
+    assert list((store / ".staging").iterdir()) == []  # each discarded only its own
+    ref = compute(str(t.base), str(t.instruct), store=single)
+    assert artifact(store / "residuals" / key) == artifact(ref.path)
+
+
+def test_publish_race_loser_keeps_the_winners_artifact(tmp_path: Path) -> None:
+    """Two builders without a lock build at once; both succeed, one artifact stays."""
+    stores = [LocalStore(tmp_path / "s", locking="none") for _ in range(2)]
+    both = threading.Barrier(2)
+    dirs: list[Path] = []
+
+    def build(tmp: Path) -> None:
+        dirs.append(tmp)
+        (tmp / "data").write_text(f"built in {tmp.name}")
+        both.wait(timeout=30)  # both are building now: no lock kept either out
+
+    threads = [threading.Thread(target=s.get_or_build, args=("k" * 32, build)) for s in stores]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=60)
+    assert len(dirs) == 2 and dirs[0] != dirs[1]  # unique staging names
+    text = (tmp_path / "s" / "residuals" / ("k" * 32) / "data").read_text()
+    assert text in {f"built in {d.name}" for d in dirs}
+    assert list((tmp_path / "s" / ".staging").iterdir()) == []
+
+
+def test_dead_builders_staging_is_reclaimed_after_its_lease_live_ones_never(
+    llama_triple: TinyTriple, tmp_path: Path
+) -> None:
+    t = llama_triple
+    store = tmp_path / "store"
+    lease = {"REALIGN_STORE_LEASE_S": "1"}
+    dead = builder(t, store, delay=0.5, **lease)
+    live = builder(t, store, delay=0.4, dtype="float32", **lease)  # another key
+    for p in (dead, live):
+        assert p.stdout is not None and p.stdout.readline().startswith("progress")
+    dead.send_signal(signal.SIGKILL)
+    dead.wait(timeout=30)
+    (dead_dir,) = staging_of(store, dead.pid)
+    (live_dir,) = staging_of(store, live.pid)
+
+    time.sleep(1.5)  # the dead builder's lease runs out; the live one renews its own
+    assert StagingArea(store / ".staging", lease_s=1).sweep() == [dead_dir]
+    assert not dead_dir.exists() and live_dir.exists()
+    res = compute(str(t.base), str(t.instruct), store=LocalStore(store, lease_s=1))
+    assert res.created  # the next builder of the dead one's key
+    assert live_dir.exists() and live.poll() is None  # still building, untouched
+
+    stdout, stderr = live.communicate(timeout=300)
+    assert live.returncode == 0, stderr
+    assert stdout.strip().splitlines()[-1].endswith("True")  # built and published
+    assert list((store / ".staging").iterdir()) == []

@@ -1,0 +1,292 @@
+"""Integrity on every read: one flipped byte in a stored residual pack or merged model
+never reaches a published model. The entry is quarantined (kept aside), rebuilt from
+its sources when they exist (same bytes as an undisturbed run), and otherwise the
+read fails with the message `realign verify` gives."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from app.core.errors import ArtifactCorruptError
+from app.demo.tiny import TinyTriple
+from app.merge import compute, merge_to_store, remove, verify
+from app.residuals.inline import stream_merged
+from app.store.local import LocalStore
+from tests.helpers import copy_model
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def realign(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "app.cli", *args],
+        cwd=ROOT,
+        env={**os.environ, "COLUMNS": "400"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def flip_byte(file: Path) -> None:
+    """Flip one bit of one byte in the middle of a safetensors file's tensor data."""
+    data = bytearray(file.read_bytes())
+    start = 8 + int.from_bytes(data[:8], "little")
+    at = start + (len(data) - start) // 2
+    data[at] ^= 0x01
+    file.write_bytes(bytes(data))
+
+
+def weights(model: Path) -> dict[str, bytes]:
+    """The files that carry a model's values (manifests hold a creation time)."""
+    return {
+        p.name: p.read_bytes()
+        for p in sorted(model.iterdir())
+        if p.suffix == ".safetensors" or p.name == "config.json"
+    }
+
+
+def pack_shards(store: Path, key: str) -> list[Path]:
+    return sorted((store / "residuals" / key).glob("residual*.safetensors"))
+
+
+def quarantined(store: Path) -> list[str]:
+    return sorted(p.name for p in (store / ".quarantine").iterdir() if p.is_dir())
+
+
+def one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def no_path(message: str) -> str:
+    return re.sub(r"moved aside to \S+;", "moved aside to Q;", one_line(message))
+
+
+@pytest.fixture
+def triple_copy(llama_triple: TinyTriple, tmp_path: Path) -> TinyTriple:
+    """Copies of the triple that a test may delete (to take the sources away)."""
+    root = tmp_path / "models"
+    return TinyTriple(
+        base=copy_model(llama_triple.base, root / "base"),
+        instruct=copy_model(llama_triple.instruct, root / "instruct"),
+        new_base=copy_model(llama_triple.new_base, root / "new_base"),
+    )
+
+
+def test_cli_apply_rebuilds_a_corrupt_pack(llama_triple: TinyTriple, tmp_path: Path) -> None:
+    t = llama_triple
+    clean, store = tmp_path / "clean", tmp_path / "store"
+    ref = realign(
+        "merge", "-b", str(t.base), "-i", str(t.instruct), "-t", str(t.new_base),
+        "-o", str(tmp_path / "ref"), "--store", str(clean),
+    )  # fmt: skip
+    assert ref.returncode == 0, ref.stderr
+    key = compute(str(t.base), str(t.instruct), store=store).key
+    original = [p.read_bytes() for p in pack_shards(store, key)]
+    flip_byte(pack_shards(store, key)[-1])
+
+    res = realign(
+        "apply", "-r", key[:10], "-t", str(t.new_base), "-o", str(tmp_path / "out"),
+        "--store", str(store),
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert "rebuilt" in res.stdout + res.stderr  # the notice reaches the user (log)
+    assert weights(tmp_path / "out") == weights(tmp_path / "ref")
+    assert [p.read_bytes() for p in pack_shards(store, key)] == original
+    assert len(quarantined(store)) == 1 and quarantined(store)[0].startswith(key)
+    assert LocalStore(store).quarantine_count() == 1
+    verify(key, store=store)  # the rebuilt pack is whole
+
+
+def test_cli_apply_without_sources_fails_like_verify(
+    triple_copy: TinyTriple, tmp_path: Path
+) -> None:
+    t = triple_copy
+    store = tmp_path / "store"
+    key = compute(str(t.base), str(t.instruct), store=store).key
+    flip_byte(pack_shards(store, key)[0])
+    twin = tmp_path / "twin"
+    shutil.copytree(store, twin)
+    shutil.rmtree(t.base)  # the sources are gone
+    shutil.rmtree(t.instruct)
+
+    said = realign("verify", key, "--store", str(twin))
+    res = realign(
+        "apply", "-r", key, "-t", str(t.new_base), "-o", str(tmp_path / "out"),
+        "--store", str(store),
+    )  # fmt: skip
+    assert res.returncode == 1 and said.returncode == 1
+    assert not (tmp_path / "out").exists()
+    assert not list(tmp_path.glob(".out*"))  # no staging left beside it either
+    message = no_path(res.stderr)
+    assert message == no_path(said.stderr)
+    assert "residual.safetensors does not match its recorded sha256" in message
+    assert f"realign compute --base {t.base} --instruct {t.instruct}" in message
+    assert quarantined(store) and not (store / "residuals" / key).exists()
+    assert "ok" not in realign("ls", "--store", str(store)).stdout
+
+
+def test_cli_merge_reusing_a_corrupt_pack(llama_triple: TinyTriple, tmp_path: Path) -> None:
+    t = llama_triple
+    store = tmp_path / "store"
+    args = ("merge", "-b", str(t.base), "-i", str(t.instruct), "-t", str(t.new_base))
+    first = realign(*args, "-o", str(tmp_path / "first"), "--store", str(store))
+    assert first.returncode == 0, first.stderr
+    (key,) = (p.name for p in (store / "residuals").iterdir())
+    flip_byte(pack_shards(store, key)[0])
+
+    again = realign(*args, "-o", str(tmp_path / "again"), "--store", str(store))
+    assert again.returncode == 0, again.stderr
+    assert "reused" in again.stderr and "rebuilt" in again.stdout + again.stderr
+    assert weights(tmp_path / "again") == weights(tmp_path / "first")
+    assert len(quarantined(store)) == 1
+
+
+def test_merge_to_store_rebuilds_a_corrupt_pack_with_a_notice(
+    llama_triple: TinyTriple, tmp_path: Path
+) -> None:
+    t = llama_triple
+    store, clean = tmp_path / "store", tmp_path / "clean"
+    req = {"base": str(t.base), "instruct": str(t.instruct), "target": str(t.new_base)}
+    ref = merge_to_store(**req, alpha=0.5, store=clean)
+    merge_to_store(**req, store=store)  # residual and first merged model, one pass
+    key = ref.residual_key
+    flip_byte(pack_shards(store, key)[-1])
+
+    notices: list[str] = []
+    done = merge_to_store(**req, alpha=0.5, store=store, notice=notices.append)
+    assert done.created and done.key == ref.key
+    assert weights(done.path) == weights(ref.path)
+    assert len(notices) == 1 and "rebuilt" in notices[0] and key in notices[0]
+    assert LocalStore(store).quarantine_count() == 1
+    verify(key, store=store)
+
+
+def test_merge_to_store_with_a_residual_key_and_no_sources_publishes_nothing(
+    triple_copy: TinyTriple, tmp_path: Path
+) -> None:
+    t = triple_copy
+    store = tmp_path / "store"
+    key = compute(str(t.base), str(t.instruct), store=store).key
+    flip_byte(pack_shards(store, key)[0])
+    shutil.rmtree(t.instruct)
+    with pytest.raises(ArtifactCorruptError, match="does not match its recorded sha256"):
+        merge_to_store(residual=key, target=str(t.new_base), store=store)
+    assert list((store / "merged").iterdir()) == []
+    assert [p.name for p in (store / ".staging").iterdir()] == []
+    assert LocalStore(store).quarantine_count() == 1
+
+
+def test_reused_merged_model_is_verified(llama_triple: TinyTriple, tmp_path: Path) -> None:
+    t = llama_triple
+    store = tmp_path / "store"
+    req = {"base": str(t.base), "instruct": str(t.instruct), "target": str(t.new_base)}
+    first = merge_to_store(**req, store=store)
+    good = weights(first.path)
+    flip_byte(sorted(first.path.glob("model*.safetensors"))[0])
+
+    notices: list[str] = []
+    again = merge_to_store(**req, store=store, notice=notices.append)
+    assert again.key == first.key and again.created
+    assert weights(again.path) == good
+    assert len(notices) == 1 and "merged model" in notices[0]
+    assert quarantined(store)[0].startswith(first.key)
+
+
+def test_rm_and_recompute_never_hand_out_a_wrong_merged_model(
+    llama_triple: TinyTriple, tmp_path: Path
+) -> None:
+    """The reported sequence: a corrupt pack, a job, `realign rm`, a recompute, the
+    same job again — every model handed out has the undisturbed bytes."""
+    t = llama_triple
+    store, clean = tmp_path / "store", tmp_path / "clean"
+    req = {"base": str(t.base), "instruct": str(t.instruct), "target": str(t.new_base)}
+    good = weights(merge_to_store(**req, alpha=0.5, store=clean).path)
+    key = compute(str(t.base), str(t.instruct), store=store).key
+    flip_byte(pack_shards(store, key)[0])
+
+    assert weights(merge_to_store(**req, alpha=0.5, store=store).path) == good
+    remove(key, store=store)
+    assert list((store / "merged").iterdir()) == []  # nothing made from it stays
+    compute(str(t.base), str(t.instruct), store=store)
+    assert weights(merge_to_store(**req, alpha=0.5, store=store).path) == good
+
+
+def test_pack_directory_outside_the_store_is_checked(
+    llama_triple: TinyTriple, tmp_path: Path
+) -> None:
+    from app.merge import apply
+
+    t = llama_triple
+    res = compute(str(t.base), str(t.instruct), store=tmp_path / "store")
+    pack = shutil.copytree(res.path, tmp_path / "pack")
+    flip_byte(sorted(pack.glob("residual*.safetensors"))[0])
+    with pytest.raises(ArtifactCorruptError, match="does not match its recorded sha256"):
+        apply(str(pack), str(t.new_base), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_in_engine_merge_refuses_a_corrupt_pack(llama_triple: TinyTriple, tmp_path: Path) -> None:
+    t = llama_triple
+    res = compute(str(t.base), str(t.instruct), store=tmp_path / "store")
+    assert len(list(stream_merged(res.path, t.new_base))) > 0  # whole: streams through
+    flip_byte(pack_shards(tmp_path / "store", res.key)[0])
+    with pytest.raises(ArtifactCorruptError):
+        for _ in stream_merged(res.path, t.new_base):
+            pass
+
+
+def test_api_job_on_a_corrupt_pack_succeeds_with_an_event_and_a_metric(
+    llama_triple: TinyTriple, tmp_path: Path
+) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from app.api.app import create_app
+    from app.core.settings import Settings
+    from tests.api.live import LiveServer, merge_body, wait_for
+
+    t = llama_triple
+    store, clean = tmp_path / "store", tmp_path / "clean"
+    good = weights(merge_to_store(base=str(t.base), instruct=str(t.instruct),
+                                  target=str(t.new_base), alpha=0.5, store=clean).path)  # fmt: skip
+    key = compute(str(t.base), str(t.instruct), store=store).key
+    flip_byte(pack_shards(store, key)[0])
+    app = create_app(Settings(models_cache_dir=store, allowed_roots=[t.base.parent]))
+    with LiveServer(app) as server, server.client() as client:
+        job = client.post("/v1/merges", json=merge_body(t, alpha=0.5)).json()
+        done = wait_for(client, job["id"])
+        assert done["status"] == "succeeded", done
+        events = client.get(f"/v1/merges/{job['id']}/events").json()
+        metrics = client.get("/metrics").text
+    said = [e["message"] for e in events if "rebuilt" in (e.get("message") or "")]
+    assert len(said) == 1 and key in said[0]
+    (merged,) = (store / "merged").iterdir()
+    assert weights(merged) == good
+    counts = {
+        s.name: s.value
+        for family in text_string_to_metric_families(metrics)
+        for s in family.samples
+    }
+    assert counts["realign_store_quarantined_total"] == 1
+
+
+def test_reused_merged_model_config_is_verified(llama_triple: TinyTriple, tmp_path: Path) -> None:
+    t = llama_triple
+    store = tmp_path / "store"
+    req = {"base": str(t.base), "instruct": str(t.instruct), "target": str(t.new_base)}
+    first = merge_to_store(**req, store=store)
+    config = (first.path / "config.json").read_text()
+    assert '"silu"' in config
+    (first.path / "config.json").write_text(config.replace('"silu"', '"gelu"'))  # same size
+
+    notices: list[str] = []
+    again = merge_to_store(**req, store=store, notice=notices.append)
+    assert again.created and (again.path / "config.json").read_text() == config
+    assert len(notices) == 1 and "config.json" in notices[0]
