@@ -169,3 +169,9 @@ class UnsafeSettingsError(RealignError, RuntimeError):
     """The configuration would expose the service unsafely; refused at start-up."""
 
     code = "unsafe_settings"
+
+
+class RecordsUnavailableError(ServiceUnavailableError):
+    """The job records (Redis, or SQLite in embedded mode) cannot be read or written."""
+
+    code = "records_unavailable"
