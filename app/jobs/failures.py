@@ -45,16 +45,17 @@ def _storage_error(exc: OSError, stage: JobStage | None, store: Path) -> JobErro
     path = Path(str(exc.filename)) if exc.filename else store
     space = free_space(path)
     numbers = (
-        f"{_gb(space[0])} free of {_gb(space[1])} there now (the partial output was removed)"
+        f"{_gb(space[0])} free of {_gb(space[1])} on that filesystem once the partial "
+        "output was removed"
         if space
         else "free space unknown"
     )
     what = "disk quota exceeded" if exc.errno == errno.EDQUOT else "no space left on device"
     return JobError(
         code=INSUFFICIENT_STORAGE,
-        message=f"{_where(stage)}: {what} writing {path} ({numbers}); nothing was "
-        "published — free space on that filesystem (or lower REALIGN_STORE_BUDGET_GB) "
-        "and submit the job again",
+        message=f"{_where(stage)}: {what} writing to {path}; {numbers}; nothing was "
+        "published — free space there (or lower REALIGN_STORE_BUDGET_GB) and submit "
+        "the job again",
     )
 
 
@@ -80,6 +81,7 @@ def job_error(exc: BaseException, stage: JobStage | None, store: Path, job_id: s
         )
     if isinstance(exc, OSError):
         where = f" on {exc.filename}" if exc.filename else ""
+        where += f" -> {exc.filename2}" if exc.filename2 else ""
         return JobError(
             code="internal_error",
             message=f"{_where(stage)} failed: {exc.__class__.__name__} "

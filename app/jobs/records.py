@@ -78,16 +78,23 @@ class JobRecords:
         self.kv.write({f"{P}job:{rec.id}": rec.model_dump_json()}, rec.id, add, remove)
 
     def get(self, job_id: str) -> JobRecord | None:
-        raw, cancel, deliveries = self.kv.mget(
-            [f"{P}job:{job_id}", f"{P}job:{job_id}:cancel", f"{P}job:{job_id}:deliveries"]
-        )
-        if not raw:
-            return None
-        rec = JobRecord.model_validate_json(raw)
-        update: dict[str, Any] = {"deliveries": int(deliveries or 0)}
-        if cancel is not None:
-            update["cancel_requested"] = True
-        return rec.model_copy(update=update)
+        return self._load([job_id])[0]
+
+    def _load(self, ids: list[str]) -> list[JobRecord | None]:
+        """Records with their live flags (cancel, deliveries), which are kept apart."""
+        keys = [f"{P}job:{i}{suffix}" for i in ids for suffix in ("", ":cancel", ":deliveries")]
+        values = self.kv.mget(keys)
+        out: list[JobRecord | None] = []
+        for n in range(len(ids)):
+            raw, cancel, deliveries = values[3 * n : 3 * n + 3]
+            if not raw:
+                out.append(None)
+                continue
+            update: dict[str, Any] = {"deliveries": int(deliveries or 0)}
+            if cancel is not None:
+                update["cancel_requested"] = True
+            out.append(JobRecord.model_validate_json(raw).model_copy(update=update))
+        return out
 
     def save(self, rec: JobRecord) -> JobRecord:
         """Write ``rec`` and move it between the status indexes, in one transaction."""
@@ -104,8 +111,7 @@ class JobRecords:
         if status is not None:  # realign:jobs:status:<s> or realign:jobs:owner:<o>:status:<s>
             index = f"{index}:status:{status.value}"
         ids = self.kv.zrevrange(index, offset, offset + limit - 1)
-        raws = self.kv.mget([f"{P}job:{i}" for i in ids])
-        return [JobRecord.model_validate_json(r) for r in raws if r], self.kv.zcard(index)
+        return [r for r in self._load(ids) if r is not None], self.kv.zcard(index)
 
     def count_by_status(self) -> dict[str, int]:
         return {s.value: self.kv.zcard(f"{P}jobs:status:{s.value}") for s in JobStatus}

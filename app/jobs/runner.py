@@ -9,13 +9,14 @@ that kills its worker fails instead of looping.
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
 from collections.abc import Callable
 from datetime import timedelta
 
-from app.core.errors import IncompatibleModelsError, OperationCancelledError
+from app.core.errors import IncompatibleModelsError, OperationCancelledError, RealignError
 from app.core.settings import Settings
 from app.jobs.failures import job_error
 from app.jobs.models import (
@@ -362,9 +363,14 @@ class JobRunner:
 
     def _fail_on(self, rec: JobRecord, exc: Exception) -> None:
         """End the job failed for ``exc``; the traceback goes to the log, not the record."""
+        if not isinstance(exc, RealignError):
+            log.error("job %s: stage %s raised", rec.id, rec.stage, exc_info=exc)
+        # The traceback's frames may still hold the partial output's open files: on a
+        # full disk their space comes back only once those are gone, before the numbers
+        # are measured and the record is written.
+        _drop_tracebacks(exc)
+        gc.collect()
         error = job_error(exc, rec.stage, self.settings.models_cache_dir, rec.id)
-        if error.code == "internal_error":
-            log.error("job %s: %s", rec.id, error.message, exc_info=exc)
         self._finish(rec, JobStatus.failed, error=error)
 
     def _pin(self, rec: JobRecord) -> JobRecord:
@@ -439,6 +445,14 @@ class JobRunner:
                     log.warning("job %s: lease taken over by another holder", job_id)
             except Exception as exc:  # Redis restarting: keep working, retry next beat
                 log.warning("job %s: lease renewal failed (%s)", job_id, exc)
+
+
+def _drop_tracebacks(exc: BaseException | None) -> None:
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        exc.__traceback__ = None
+        exc = exc.__cause__ or exc.__context__
 
 
 def _lost_message(deliveries: int) -> str:
