@@ -44,6 +44,10 @@ class KeyValue(Protocol):
         is its 1-based position, atomically; return n."""
         ...
 
+    def take(self, key: str) -> list[str]:
+        """Remove and return every element of list ``key``, atomically."""
+        ...
+
     def acquire(self, key: str, holder: str, ttl: float) -> bool:
         """Set ``key`` to ``holder`` for ``ttl`` s if it is free or already ``holder``'s."""
         ...
@@ -205,6 +209,13 @@ class RedisKV:
     @_guarded
     def append_numbered(self, key: str, obj: str) -> int:
         return int(self._append(keys=[key], args=[obj]))
+
+    @_guarded
+    def take(self, key: str) -> list[str]:
+        pipe = self.client.pipeline(transaction=True)
+        pipe.lrange(key, 0, -1)
+        pipe.delete(key)
+        return list(pipe.execute()[0])
 
     @_guarded
     def acquire(self, key: str, holder: str, ttl: float) -> bool:

@@ -216,11 +216,7 @@ class JobRecords:
         self.kv.rpush(f"{P}serve:pending", job_id)
 
     def take_load_requests(self) -> list[str]:
-        key = f"{P}serve:pending"
-        ids = self.kv.lrange(key, 0, -1)
-        if ids:
-            self.kv.ltrim(key, len(ids), -1)
-        return ids
+        return self.kv.take(f"{P}serve:pending")  # atomic: two API replicas never both get one
 
     # -- workers and stats ----------------------------------------------------------------
     def heartbeat(self, info: WorkerInfo) -> None:

@@ -164,6 +164,13 @@ class SqliteKV:
         )
         return sorted(r[0] for r in rows if r[1] is None or r[1] >= now)
 
+    def take(self, key: str) -> list[str]:
+        with self._tx() as db:
+            rows = db.execute("SELECT value FROM lists WHERE key = ? ORDER BY idx", (key,))
+            values = [r[0] for r in rows.fetchall()]
+            db.execute("DELETE FROM lists WHERE key = ?", (key,))
+            return values
+
     def acquire(self, key: str, holder: str, ttl: float) -> bool:
         with self._tx() as db:
             current = self.get(key)

@@ -171,3 +171,20 @@ def test_record_shows_the_true_delivery_count(records: JobRecords) -> None:
         records.count_delivery(rec.id)
         got = records.get(rec.id)
         assert got is not None and got.deliveries == n
+
+
+def test_load_requests_go_to_exactly_one_taker(records: JobRecords) -> None:
+    """Several serving replicas take pending loads at once: each job goes to exactly one."""
+    for i in range(200):
+        records.request_load(f"mrg_{i}")
+    taken: list[str] = []
+    lock = threading.Lock()
+
+    def take(_: int) -> None:
+        for _ in range(20):
+            got = records.take_load_requests()
+            with lock:
+                taken.extend(got)
+
+    _hammer(6, take)
+    assert sorted(taken) == sorted(f"mrg_{i}" for i in range(200))
