@@ -93,3 +93,19 @@ def job_error(exc: BaseException, stage: JobStage | None, store: Path, job_id: s
         message=f"{_where(stage)} failed with an unexpected {exc.__class__.__name__}; "
         f"the worker log has the traceback (job {job_id})",
     )
+
+
+def drop_tracebacks(exc: BaseException | None) -> None:
+    """Forget the frames of ``exc`` and its causes (they can hold open files)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        exc.__traceback__ = None
+        exc = exc.__cause__ or exc.__context__
+
+
+def lost_message(deliveries: int) -> str:
+    return (
+        f"the merge was delivered {deliveries} times and its worker died each time "
+        "(out of memory? killed?) — check worker logs and resources before resubmitting"
+    )

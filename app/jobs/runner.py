@@ -12,13 +12,13 @@ from __future__ import annotations
 import gc
 import logging
 import threading
-import time
 from collections.abc import Callable
 from datetime import timedelta
 
 from app.core.errors import IncompatibleModelsError, OperationCancelledError, RealignError
 from app.core.settings import Settings
-from app.jobs.failures import job_error
+from app.jobs.failures import drop_tracebacks, job_error, lost_message
+from app.jobs.finals import FinalWriter
 from app.jobs.models import (
     JobError,
     JobRecord,
@@ -33,7 +33,6 @@ from app.jobs.reporter import JobReporter
 
 log = logging.getLogger("app.jobs")
 Enqueue = Callable[[str, str], None]  # (task name, job id)
-_WRITE_RETRIES_S = (0.2, 1.0, 3.0)  # a failed final write is retried after these pauses
 
 
 class LeaseHeldError(RuntimeError):
@@ -59,9 +58,7 @@ class JobRunner:
         self.enqueue = enqueue
         self.lease_s = settings.job_lease_s
         self.current_job: str | None = None
-        # final states whose write failed (records down, disk full): flushed by the beat
-        self._unwritten: dict[str, JobRecord] = {}
-        self._unwritten_lock = threading.Lock()
+        self.finals = FinalWriter(records)  # final states survive a records outage
 
     # -- steps ----------------------------------------------------------------------------
     def validate(self, job_id: str) -> None:
@@ -112,7 +109,7 @@ class JobRunner:
             # allowed delivery died fails here (or earlier, in reap) without running again.
             done = self.records.deliveries(job_id)
             if done >= self.settings.max_deliveries:
-                self._fail(rec, "worker_lost", _lost_message(done))
+                self._fail(rec, "worker_lost", lost_message(done))
                 return
             self.records.count_delivery(job_id)
             self._run_merge(rec)
@@ -144,7 +141,7 @@ class JobRunner:
                 rec = self.records.get(job_id)
                 dead = rec is not None and rec.status == JobStatus.running
                 if rec is not None and dead and rec.stage != JobStage.load:
-                    self._fail(rec, "worker_lost", _lost_message(rec.deliveries))
+                    self._fail(rec, "worker_lost", lost_message(rec.deliveries))
                     reaped.append(job_id)
             finally:
                 self.records.release_lease(job_id, holder)
@@ -153,7 +150,7 @@ class JobRunner:
     def housekeeping(self) -> None:
         """Periodic duties of a worker: write final states that failed to be written,
         fail jobs of dead workers, drop records past their retention."""
-        self.flush_unwritten()
+        self.finals.flush()
         self.reap()
         cutoff = utcnow() - timedelta(days=self.settings.job_retention_days)
         while self.records.purge_finished(cutoff) > 0:
@@ -368,7 +365,7 @@ class JobRunner:
         # The traceback's frames may still hold the partial output's open files: on a
         # full disk their space comes back only once those are gone, before the numbers
         # are measured and the record is written.
-        _drop_tracebacks(exc)
+        drop_tracebacks(exc)
         gc.collect()
         error = job_error(exc, rec.stage, self.settings.models_cache_dir, rec.id)
         self._finish(rec, JobStatus.failed, error=error)
@@ -401,42 +398,7 @@ class JobRunner:
             update={"status": status, "result": result, "error": error, "finished_at": utcnow()}
         )
         log.info("job %s %s%s", rec.id, status.value, f": {error.message}" if error else "")
-        for pause in (*_WRITE_RETRIES_S, None):
-            try:
-                self._write_final(rec)
-                break
-            except Exception as exc:
-                if pause is None:
-                    log.error("job %s: its final state (%s) could not be recorded (%s); "
-                              "retrying on every heartbeat", rec.id, status.value, exc)  # fmt: skip
-                    with self._unwritten_lock:
-                        self._unwritten[rec.id] = rec
-                    return
-                time.sleep(pause)
-        try:
-            self.records.record_finish(rec, nbytes)
-        except Exception as exc:  # statistics only
-            log.warning("job %s: statistics not recorded (%s)", rec.id, exc)
-
-    def _write_final(self, rec: JobRecord) -> None:
-        saved = self.records.save(rec)
-        message = rec.error.message if rec.error else rec.status.value
-        self.records.add_event(saved, "status", message)
-        self.records.unclaim(f"inflight:{rec.owner}:{rec.fingerprint}", rec.id)
-
-    def flush_unwritten(self) -> None:
-        """Write the final states that could not be written when their job ended."""
-        with self._unwritten_lock:
-            pending = list(self._unwritten.values())
-        for rec in pending:
-            try:
-                self._write_final(rec)
-            except Exception as exc:
-                log.warning("job %s: final state still not recorded (%s)", rec.id, exc)
-                continue
-            with self._unwritten_lock:
-                self._unwritten.pop(rec.id, None)
-            log.info("job %s: final state %s recorded", rec.id, rec.status.value)
+        self.finals.write(rec, nbytes)
 
     def _keep_lease(self, job_id: str, stop: threading.Event) -> None:
         while not stop.wait(self.lease_s / 3):
@@ -445,18 +407,3 @@ class JobRunner:
                     log.warning("job %s: lease taken over by another holder", job_id)
             except Exception as exc:  # Redis restarting: keep working, retry next beat
                 log.warning("job %s: lease renewal failed (%s)", job_id, exc)
-
-
-def _drop_tracebacks(exc: BaseException | None) -> None:
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        exc.__traceback__ = None
-        exc = exc.__cause__ or exc.__context__
-
-
-def _lost_message(deliveries: int) -> str:
-    return (
-        f"the merge was delivered {deliveries} times and its worker died each time "
-        "(out of memory? killed?) — check worker logs and resources before resubmitting"
-    )
