@@ -7,6 +7,7 @@ on every delivery."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import shutil
 import subprocess
@@ -19,7 +20,8 @@ import pytest
 from app.api.app import create_app
 from app.core.settings import Settings
 from app.demo.tiny import TinyTriple
-from app.jobs.models import Caller, JobRecord, JobStatus, MergeSpec
+from app.jobs.failures import job_error
+from app.jobs.models import Caller, JobRecord, JobStage, JobStatus, MergeSpec
 from app.jobs.records import JobRecords
 from app.jobs.runner import JobRunner
 from app.jobs.service import JobService
@@ -363,3 +365,31 @@ def test_the_api_shows_deliveries(llama_triple: TinyTriple, tmp_path: Path) -> N
         )
         assert job["status"] == "succeeded" and job["deliveries"] == 1
         assert client.get("/v1/merges").json()["data"][0]["deliveries"] == 1
+
+
+def test_redis_down_answers_503_not_500(redis_server: RedisServer, tmp_path: Path) -> None:
+    """Records unreachable: job reads and writes answer 503 'records_unavailable',
+    /readyz names Redis, liveness stays up."""
+    settings = Settings(redis_url=redis_server.url, models_cache_dir=tmp_path / "store")
+    with LiveServer(create_app(settings)) as server, server.client() as client:
+        assert client.get("/v1/merges").status_code == 200
+        redis_server.stop()
+        for response in (client.get("/v1/merges"), client.get("/v1/merges/mrg_x")):
+            assert "Redis" in assert_error(response, 503, "records_unavailable")["message"]
+        assert "Redis" in assert_error(client.get("/readyz"), 503)["message"]
+        assert client.get("/healthz").status_code == 200
+        redis_server.start()
+
+
+@pytest.mark.parametrize(
+    ("err", "code", "words"),
+    [
+        (OSError(errno.EDQUOT, "Disk quota exceeded"), "insufficient_storage", "quota"),
+        (OSError(errno.EROFS, "Read-only file system", "/s/x"), "output_not_writable", "/s/x"),
+        (KeyError("secret-token"), "internal_error", "KeyError"),
+    ],
+)
+def test_error_mapping(err: Exception, code: str, words: str, tmp_path: Path) -> None:
+    error = job_error(err, JobStage.apply, tmp_path, "mrg_1")
+    assert error.code == code and words in error.message and "'apply'" in error.message
+    assert "secret-token" not in error.message  # the text of unexpected errors stays in logs
