@@ -9,18 +9,19 @@ from typing import Any
 
 from celery import signals
 
+from app.core.errors import RecordsUnavailableError
 from app.core.settings import get_settings
 from app.jobs.broker import QUEUES, TASK_MERGE, TASK_VALIDATE
 from app.jobs.dispatch import HEARTBEAT_S
 from app.jobs.kv import RedisKV
 from app.jobs.models import WorkerInfo
 from app.jobs.records import JobRecords
-from app.jobs.runner import LEASE_TTL_S, JobRunner, LeaseHeldError
+from app.jobs.runner import JobRunner, LeaseHeldError
 from workers.celery_app import celery_app
 
 log = logging.getLogger("app.workers")
 _state: dict[str, Any] = {}
-TRANSIENT = (ConnectionError, TimeoutError)
+TRANSIENT = (ConnectionError, TimeoutError, RecordsUnavailableError)
 
 
 def runner(hostname: str = "") -> JobRunner:
@@ -56,7 +57,8 @@ def merge(self: Any, job_id: str) -> None:
         # when the lease would have expired rather than running the merge twice at once.
         # The countdown stays well below the visibility timeout: a delayed message held
         # past it would be redelivered again by Redis.
-        wait = min(LEASE_TTL_S / 2, get_settings().visibility_timeout_s / 4)
+        settings = get_settings()
+        wait = min(settings.job_lease_s / 2, settings.visibility_timeout_s / 4)
         raise self.retry(countdown=wait, max_retries=None) from None
 
 
@@ -76,6 +78,10 @@ def _beat(hostname: str, queues: list[str], stop: threading.Event) -> None:
             )
         except Exception as exc:  # Redis restarting: try again next beat
             log.warning("heartbeat failed: %s", exc)
+        try:
+            runner(hostname).housekeeping()
+        except Exception as exc:
+            log.warning("job housekeeping failed: %s", exc)
         stop.wait(HEARTBEAT_S)
 
 

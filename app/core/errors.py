@@ -216,3 +216,9 @@ class ArtifactCorruptError(IntegrityError):
     def __init__(self, message: str, *, file: str) -> None:
         super().__init__(message)
         self.file = file
+
+
+class RecordsUnavailableError(ServiceUnavailableError):
+    """The job records (Redis, or SQLite in embedded mode) cannot be read or written."""
+
+    code = "records_unavailable"

@@ -100,6 +100,27 @@ class Settings(BaseSettings):
         "lease has run out.",
     )
 
+    # -- job records, leases and disk readiness ----------------------------------------
+    job_retention_days: float = Field(
+        default=30.0,
+        gt=0,
+        description="Finished jobs (succeeded, failed, cancelled) are deleted, with their "
+        "events, this many days after they ended; queued and running jobs never are.",
+    )
+    job_lease_s: float = Field(
+        default=20.0,
+        gt=0,
+        description="A running merge renews its lease every third of this; a worker that "
+        "dies is noticed once its lease expires (redelivery, or the job fails after "
+        "max_deliveries).",
+    )
+    min_free_disk_gb: float = Field(
+        default=1.0,
+        ge=0,
+        description="/readyz answers 503 when the store's filesystem has less free space "
+        "than this, in GB (0 = no disk check).",
+    )
+
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:

@@ -90,9 +90,8 @@ class ThreadDispatcher:
 
     def _requeue_unfinished(self) -> None:
         # Embedded jobs live only in this process: after a restart, pick them up again.
-        for rec in self.records.all_jobs():
-            if not rec.status.terminal:
-                self.send(TASK_VALIDATE, rec.id)
+        for job_id in self.records.unfinished():
+            self.send(TASK_VALIDATE, job_id)
 
     def _work(self) -> None:
         while (item := self._q.get()) is not None:
@@ -120,4 +119,8 @@ class ThreadDispatcher:
                 )
             except Exception as exc:
                 log.warning("worker heartbeat failed: %s", exc)
+            try:
+                self.runner.housekeeping()
+            except Exception as exc:  # records unavailable: next beat
+                log.warning("job housekeeping failed: %s", exc)
             self._stop.wait(HEARTBEAT_S)

@@ -1,18 +1,24 @@
 """The few key-value operations job records need, on Redis or on SQLite.
 
 Redis backs the distributed service; the embedded default (no Redis configured)
-keeps the same records in a SQLite file in the store, so a laptop run survives a
-restart just the same. Both expose identical semantics (NX/EX sets, counters,
-lists, sorted sets).
+keeps the same records in a SQLite file in the store (:mod:`app.jobs.sqlite_kv`),
+so a laptop run survives a restart just the same. Both expose identical semantics
+(NX/EX sets, counters, lists, sorted sets) and the same atomic compound operations
+(numbered appends, compare-and-set leases, index moves): Lua scripts on Redis, one
+transaction on SQLite. A backend that cannot serve a call (down, disk full) raises
+:class:`RecordsUnavailableError`, which the API answers with a 503.
 """
 
 from __future__ import annotations
 
-import sqlite3
-import threading
-import time
-from pathlib import Path
-from typing import Any, Protocol
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any, ParamSpec, Protocol, TypeVar
+
+from app.core.errors import RecordsUnavailableError
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
 
 
 class KeyValue(Protocol):
@@ -25,11 +31,94 @@ class KeyValue(Protocol):
     def rpush(self, key: str, value: str) -> int: ...
     def lrange(self, key: str, start: int, stop: int) -> list[str]: ...
     def ltrim(self, key: str, start: int, stop: int) -> None: ...
+    def llen(self, key: str) -> int: ...
     def zadd(self, key: str, member: str, score: float) -> None: ...
     def zrevrange(self, key: str, start: int, stop: int) -> list[str]: ...
+    def zrange_upto(self, key: str, max_score: float, limit: int) -> list[str]: ...
+    def zcard(self, key: str) -> int: ...
     def zrem(self, key: str, member: str) -> None: ...
     def scan(self, prefix: str) -> list[str]: ...
-    def llen(self, key: str) -> int: ...
+
+    def append_numbered(self, key: str, obj: str) -> int:
+        """Append the JSON object ``obj`` to list ``key`` as ``{"seq": n, ...}`` where n
+        is its 1-based position, atomically; return n."""
+        ...
+
+    def take(self, key: str) -> list[str]:
+        """Remove and return every element of list ``key``, atomically."""
+        ...
+
+    def acquire(self, key: str, holder: str, ttl: float) -> bool:
+        """Set ``key`` to ``holder`` for ``ttl`` s if it is free or already ``holder``'s."""
+        ...
+
+    def release(self, key: str, holder: str) -> bool:
+        """Delete ``key`` only if ``holder`` holds it."""
+        ...
+
+    def write(
+        self, sets: dict[str, str], member: str, add: dict[str, float], remove: Sequence[str]
+    ) -> None:
+        """In one transaction: set ``sets``, add ``member`` to the ``add`` sorted sets
+        (with their scores), remove it from the ``remove`` ones."""
+        ...
+
+
+def numbered(obj: str, seq: int) -> str:
+    """``obj`` (a JSON object) with ``"seq": seq`` as its first member."""
+    rest = obj.strip()[1:]
+    return '{"seq":' + str(seq) + ("," + rest if rest.strip() != "}" else "}")
+
+
+_APPEND = """
+local n = redis.call('LLEN', KEYS[1]) + 1
+local rest = string.sub(ARGV[1], 2)
+if rest == '}' then
+  redis.call('RPUSH', KEYS[1], '{"seq":' .. n .. '}')
+else
+  redis.call('RPUSH', KEYS[1], '{"seq":' .. n .. ',' .. rest)
+end
+return n
+"""
+_ACQUIRE = """
+local cur = redis.call('GET', KEYS[1])
+if cur == false or cur == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0
+"""
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  return 1
+end
+return 0
+"""
+
+
+def _guarded(fn: Callable[_P, _T]) -> Callable[_P, _T]:
+    """Turn the client's connection and server errors into RecordsUnavailableError."""
+
+    @functools.wraps(fn)
+    def call(*args: _P.args, **kwargs: _P.kwargs) -> _T:
+        import redis.exceptions as rex
+
+        try:
+            return fn(*args, **kwargs)
+        except (rex.ConnectionError, rex.TimeoutError) as exc:
+            raise RecordsUnavailableError(
+                f"job records: Redis is not reachable ({exc.__class__.__name__}); "
+                "check REALIGN_REDIS_URL and the Redis server, then retry"
+            ) from exc
+        except rex.ResponseError as exc:  # MISCONF (cannot persist), OOM, READONLY replica
+            first = str(exc).split(".")[0][:160]
+            raise RecordsUnavailableError(
+                f"job records: Redis refused the write ({first}); check the Redis "
+                "server's disk and memory, then retry"
+            ) from exc
+
+    return call
 
 
 class RedisKV:
@@ -45,6 +134,9 @@ class RedisKV:
             socket_connect_timeout=5,
             health_check_interval=30,
         )
+        self._append = self.client.register_script(_APPEND)
+        self._acquire = self.client.register_script(_ACQUIRE)
+        self._release = self.client.register_script(_RELEASE)
 
     def ping(self) -> bool:
         try:
@@ -52,147 +144,96 @@ class RedisKV:
         except Exception:
             return False
 
+    @_guarded
     def get(self, key: str) -> str | None:
         return self.client.get(key)  # type: ignore[no-any-return]
 
+    @_guarded
     def mget(self, keys: list[str]) -> list[str | None]:
         return list(self.client.mget(keys)) if keys else []
 
+    @_guarded
     def set(self, key: str, value: str, *, nx: bool = False, ex: float | None = None) -> bool:
         px = int(ex * 1000) if ex is not None else None
         return bool(self.client.set(key, value, nx=nx, px=px))
 
+    @_guarded
     def delete(self, *keys: str) -> None:
         if keys:
             self.client.delete(*keys)
 
+    @_guarded
     def incr(self, key: str, by: int = 1) -> int:
         return int(self.client.incrby(key, by))
 
+    @_guarded
     def rpush(self, key: str, value: str) -> int:
         return int(self.client.rpush(key, value))
 
+    @_guarded
     def lrange(self, key: str, start: int, stop: int) -> list[str]:
         return list(self.client.lrange(key, start, stop))
 
+    @_guarded
     def ltrim(self, key: str, start: int, stop: int) -> None:
         self.client.ltrim(key, start, stop)
 
+    @_guarded
     def llen(self, key: str) -> int:
         return int(self.client.llen(key))
 
+    @_guarded
     def zadd(self, key: str, member: str, score: float) -> None:
         self.client.zadd(key, {member: score})
 
+    @_guarded
     def zrevrange(self, key: str, start: int, stop: int) -> list[str]:
         return list(self.client.zrevrange(key, start, stop))
 
+    @_guarded
+    def zrange_upto(self, key: str, max_score: float, limit: int) -> list[str]:
+        return list(self.client.zrangebyscore(key, "-inf", max_score, start=0, num=limit))
+
+    @_guarded
+    def zcard(self, key: str) -> int:
+        return int(self.client.zcard(key))
+
+    @_guarded
     def zrem(self, key: str, member: str) -> None:
         self.client.zrem(key, member)
 
+    @_guarded
     def scan(self, prefix: str) -> list[str]:
         return sorted(self.client.scan_iter(match=f"{prefix}*", count=500))
 
+    @_guarded
+    def append_numbered(self, key: str, obj: str) -> int:
+        return int(self._append(keys=[key], args=[obj]))
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT, expires REAL);
-CREATE TABLE IF NOT EXISTS lists (key TEXT, idx INTEGER, value TEXT, PRIMARY KEY (key, idx));
-CREATE TABLE IF NOT EXISTS zsets (key TEXT, member TEXT, score REAL, PRIMARY KEY (key, member));
-"""
+    @_guarded
+    def take(self, key: str) -> list[str]:
+        pipe = self.client.pipeline(transaction=True)
+        pipe.lrange(key, 0, -1)
+        pipe.delete(key)
+        return list(pipe.execute()[0])
 
+    @_guarded
+    def acquire(self, key: str, holder: str, ttl: float) -> bool:
+        return bool(self._acquire(keys=[key], args=[holder, max(1, int(ttl * 1000))]))
 
-class SqliteKV:
-    """KeyValue in one SQLite file (embedded mode; safe across threads and processes)."""
+    @_guarded
+    def release(self, key: str, holder: str) -> bool:
+        return bool(self._release(keys=[key], args=[holder]))
 
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, timeout=30, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.executescript(_SCHEMA)
-        self._lock = threading.RLock()
-
-    def _q(self, sql: str, *args: Any) -> list[Any]:
-        with self._lock:
-            return self._db.execute(sql, args).fetchall()
-
-    def ping(self) -> bool:
-        return True
-
-    def get(self, key: str) -> str | None:
-        rows = self._q("SELECT value, expires FROM kv WHERE key = ?", key)
-        if not rows or (rows[0][1] is not None and rows[0][1] < time.time()):
-            return None
-        return str(rows[0][0])
-
-    def mget(self, keys: list[str]) -> list[str | None]:
-        return [self.get(k) for k in keys]
-
-    def set(self, key: str, value: str, *, nx: bool = False, ex: float | None = None) -> bool:
-        expires = time.time() + ex if ex is not None else None
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                if nx and self.get(key) is not None:
-                    return False
-                self._db.execute(
-                    "INSERT OR REPLACE INTO kv VALUES (?, ?, ?)", (key, value, expires)
-                )
-                return True
-            finally:
-                self._db.execute("COMMIT")
-
-    def delete(self, *keys: str) -> None:
-        with self._lock:
-            for key in keys:
-                for table in ("kv", "lists", "zsets"):
-                    self._db.execute(f"DELETE FROM {table} WHERE key = ?", (key,))
-
-    def incr(self, key: str, by: int = 1) -> int:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                value = int(self.get(key) or 0) + by
-                self._db.execute("INSERT OR REPLACE INTO kv VALUES (?, ?, NULL)", (key, str(value)))
-                return value
-            finally:
-                self._db.execute("COMMIT")
-
-    def rpush(self, key: str, value: str) -> int:
-        with self._lock:
-            n = self.llen(key)
-            top = self._q("SELECT COALESCE(MAX(idx), -1) FROM lists WHERE key = ?", key)[0][0]
-            self._q("INSERT INTO lists VALUES (?, ?, ?)", key, int(top) + 1, value)
-            return n + 1
-
-    def llen(self, key: str) -> int:
-        return int(self._q("SELECT COUNT(*) FROM lists WHERE key = ?", key)[0][0])
-
-    def lrange(self, key: str, start: int, stop: int) -> list[str]:
-        values = [r[0] for r in self._q("SELECT value FROM lists WHERE key = ? ORDER BY idx", key)]
-        return values[start:] if stop == -1 else values[start : stop + 1]
-
-    def ltrim(self, key: str, start: int, stop: int) -> None:
-        with self._lock:
-            keep = self.lrange(key, start, stop)
-            self._q("DELETE FROM lists WHERE key = ?", key)
-            for i, v in enumerate(keep):
-                self._q("INSERT INTO lists VALUES (?, ?, ?)", key, i, v)
-
-    def zadd(self, key: str, member: str, score: float) -> None:
-        self._q("INSERT OR REPLACE INTO zsets VALUES (?, ?, ?)", key, member, score)
-
-    def zrevrange(self, key: str, start: int, stop: int) -> list[str]:
-        rows = self._q("SELECT member FROM zsets WHERE key = ? ORDER BY score DESC", key)
-        values = [r[0] for r in rows]
-        return values[start:] if stop == -1 else values[start : stop + 1]
-
-    def zrem(self, key: str, member: str) -> None:
-        self._q("DELETE FROM zsets WHERE key = ? AND member = ?", key, member)
-
-    def scan(self, prefix: str) -> list[str]:
-        now = time.time()
-        rows = self._q(
-            "SELECT key, expires FROM kv WHERE key LIKE ? ESCAPE '\\'",
-            prefix.replace("%", "\\%").replace("_", "\\_") + "%",
-        )
-        return sorted(r[0] for r in rows if r[1] is None or r[1] >= now)
+    @_guarded
+    def write(
+        self, sets: dict[str, str], member: str, add: dict[str, float], remove: Sequence[str]
+    ) -> None:
+        pipe = self.client.pipeline(transaction=True)  # MULTI/EXEC
+        for key, value in sets.items():
+            pipe.set(key, value)
+        for key in remove:
+            pipe.zrem(key, member)
+        for key, score in add.items():
+            pipe.zadd(key, {member: score})
+        pipe.execute()

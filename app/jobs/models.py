@@ -109,6 +109,11 @@ class JobRecord(BaseModel):
     cancel_requested: bool = False
     idempotency_key: str | None = None
     fingerprint: str = ""
+    resolved: dict[str, str] = Field(
+        default_factory=dict,
+        description="Refs pinned at validation (hf:...@<commit>, full residual key), by "
+        "spec field; the merge uses these, so one job sees one version of each input.",
+    )
 
 
 EventKind = Literal["status", "progress", "log"]

@@ -19,6 +19,9 @@ from app.jobs.models import EventKind, JobEvent, JobRecord, JobStatus, WorkerInf
 
 P = "realign:"
 WORKER_TTL_S = 30.0
+INDEX_VERSION = "2"
+# per-job keys beside the record itself (suffixes of ``job:<id>``)
+_JOB_KEYS = ("", ":events", ":cancel", ":deliveries", ":lease")
 
 
 class ModelEntry(BaseModel):
@@ -47,54 +50,128 @@ class JobRecords:
         self.kv = kv
 
     # -- jobs -----------------------------------------------------------------------------
+    # Indexes (sorted sets scored by creation time): ``jobs``, ``jobs:owner:<o>``,
+    # ``jobs:status:<s>``, ``jobs:owner:<o>:status:<s>``; terminal jobs also sit in
+    # ``jobs:finished`` scored by finish time, which retention sweeps.
+    def _indexes(self, rec: JobRecord) -> tuple[dict[str, float], list[str]]:
+        created = rec.created_at.timestamp()
+        add = {
+            f"{P}jobs": created,
+            f"{P}jobs:owner:{rec.owner}": created,
+            f"{P}jobs:status:{rec.status.value}": created,
+            f"{P}jobs:owner:{rec.owner}:status:{rec.status.value}": created,
+        }
+        remove = [
+            key
+            for s in JobStatus
+            if s != rec.status
+            for key in (f"{P}jobs:status:{s.value}", f"{P}jobs:owner:{rec.owner}:status:{s.value}")
+        ]
+        if rec.status.terminal:
+            add[f"{P}jobs:finished"] = (rec.finished_at or rec.updated_at).timestamp()
+        else:
+            remove.append(f"{P}jobs:finished")
+        return add, remove
+
     def create(self, rec: JobRecord) -> None:
-        self.kv.set(f"{P}job:{rec.id}", rec.model_dump_json())
-        score = rec.created_at.timestamp()
-        self.kv.zadd(f"{P}jobs", rec.id, score)
-        self.kv.zadd(f"{P}jobs:owner:{rec.owner}", rec.id, score)
+        add, remove = self._indexes(rec)
+        self.kv.write({f"{P}job:{rec.id}": rec.model_dump_json()}, rec.id, add, remove)
 
     def get(self, job_id: str) -> JobRecord | None:
-        raw = self.kv.get(f"{P}job:{job_id}")
-        if not raw:
-            return None
-        rec = JobRecord.model_validate_json(raw)
-        if not rec.cancel_requested and self.cancel_requested(job_id):
-            rec = rec.model_copy(update={"cancel_requested": True})
-        return rec
+        return self._load([job_id])[0]
+
+    def _load(self, ids: list[str]) -> list[JobRecord | None]:
+        """Records with their live flags (cancel, deliveries), which are kept apart."""
+        keys = [f"{P}job:{i}{suffix}" for i in ids for suffix in ("", ":cancel", ":deliveries")]
+        values = self.kv.mget(keys)
+        out: list[JobRecord | None] = []
+        for n in range(len(ids)):
+            raw, cancel, deliveries = values[3 * n : 3 * n + 3]
+            if not raw:
+                out.append(None)
+                continue
+            update: dict[str, Any] = {"deliveries": int(deliveries or 0)}
+            if cancel is not None:
+                update["cancel_requested"] = True
+            out.append(JobRecord.model_validate_json(raw).model_copy(update=update))
+        return out
 
     def save(self, rec: JobRecord) -> JobRecord:
+        """Write ``rec`` and move it between the status indexes, in one transaction."""
         rec = rec.model_copy(update={"updated_at": utcnow()})
-        self.kv.set(f"{P}job:{rec.id}", rec.model_dump_json())
+        add, remove = self._indexes(rec)
+        self.kv.write({f"{P}job:{rec.id}": rec.model_dump_json()}, rec.id, add, remove)
         return rec
 
     def page(
         self, owner: str | None, status: JobStatus | None, offset: int, limit: int
     ) -> tuple[list[JobRecord], int]:
+        """One page, newest first, read from the index of (owner, status): no scan."""
         index = f"{P}jobs" if owner is None else f"{P}jobs:owner:{owner}"
-        ids = self.kv.zrevrange(index, 0, -1)
-        raws = self.kv.mget([f"{P}job:{i}" for i in ids])
-        recs = [JobRecord.model_validate_json(r) for r in raws if r]
-        if status is not None:
-            recs = [r for r in recs if r.status == status]
-        return recs[offset : offset + limit], len(recs)
+        if status is not None:  # realign:jobs:status:<s> or realign:jobs:owner:<o>:status:<s>
+            index = f"{index}:status:{status.value}"
+        ids = self.kv.zrevrange(index, offset, offset + limit - 1)
+        return [r for r in self._load(ids) if r is not None], self.kv.zcard(index)
 
-    def all_jobs(self) -> list[JobRecord]:
-        return self.page(None, None, 0, 1_000_000)[0]
+    def count_by_status(self) -> dict[str, int]:
+        return {s.value: self.kv.zcard(f"{P}jobs:status:{s.value}") for s in JobStatus}
+
+    def unfinished(self) -> list[str]:
+        """Ids of every job not yet terminal (from the status indexes)."""
+        return [
+            job_id
+            for s in JobStatus
+            if not s.terminal
+            for job_id in reversed(self.kv.zrevrange(f"{P}jobs:status:{s.value}", 0, -1))
+        ]
+
+    def running(self) -> list[str]:
+        return self.kv.zrevrange(f"{P}jobs:status:{JobStatus.running.value}", 0, -1)
+
+    def purge_finished(self, older_than: datetime, batch: int = 500) -> int:
+        """Delete terminal jobs finished before ``older_than``: record, events, flags and
+        index entries. Returns how many went."""
+        ids = self.kv.zrange_upto(f"{P}jobs:finished", older_than.timestamp(), batch)
+        raws = self.kv.mget([f"{P}job:{i}" for i in ids])
+        for job_id, raw in zip(ids, raws, strict=True):
+            owner = JobRecord.model_validate_json(raw).owner if raw else None
+            self.kv.delete(*(f"{P}job:{job_id}{s}" for s in _JOB_KEYS))
+            indexes = [f"{P}jobs", f"{P}jobs:finished"]
+            indexes += [f"{P}jobs:status:{s.value}" for s in JobStatus]
+            if owner is not None:
+                indexes.append(f"{P}jobs:owner:{owner}")
+                indexes += [f"{P}jobs:owner:{owner}:status:{s.value}" for s in JobStatus]
+            self.kv.write({}, job_id, {}, indexes)
+        return len(ids)
+
+    def ensure_indexes(self) -> None:
+        """Build the status indexes of records written before they existed (once)."""
+        marker = f"{P}index:version"
+        if self.kv.get(marker) == INDEX_VERSION:
+            return
+        ids = self.kv.zrevrange(f"{P}jobs", 0, -1)
+        for raw in self.kv.mget([f"{P}job:{i}" for i in ids]):
+            if raw:
+                rec = JobRecord.model_validate_json(raw)
+                add, remove = self._indexes(rec)
+                self.kv.write({}, rec.id, add, remove)
+        self.kv.set(marker, INDEX_VERSION)
 
     # -- events ---------------------------------------------------------------------------
     def add_event(self, rec: JobRecord, kind: EventKind, message: str = "") -> JobEvent:
-        key = f"{P}job:{rec.id}:events"
-        seq = self.kv.llen(key) + 1
+        """Append an event; its ``seq`` is its position, taken atomically with the append
+        (concurrent writers never share one, so SSE resume by ``seq`` is exact)."""
         event = JobEvent(
-            seq=seq,
+            seq=0,
             kind=kind,
             status=rec.status,
             stage=rec.stage,
             progress=rec.progress if kind == "progress" else None,
             message=message,
         )
-        self.kv.rpush(key, event.model_dump_json())
-        return event
+        body = event.model_dump_json(exclude={"seq"})
+        seq = self.kv.append_numbered(f"{P}job:{rec.id}:events", body)
+        return event.model_copy(update={"seq": seq})
 
     def events(self, job_id: str, after: int = 0) -> list[JobEvent]:
         raws = self.kv.lrange(f"{P}job:{job_id}:events", after, -1)
@@ -110,16 +187,18 @@ class JobRecords:
     def count_delivery(self, job_id: str) -> int:
         return self.kv.incr(f"{P}job:{job_id}:deliveries")
 
+    def deliveries(self, job_id: str) -> int:
+        return int(self.kv.get(f"{P}job:{job_id}:deliveries") or 0)
+
     def acquire_lease(self, job_id: str, holder: str, ttl: float) -> bool:
-        key = f"{P}job:{job_id}:lease"
-        if self.kv.get(key) == holder:
-            return self.kv.set(key, holder, ex=ttl)
-        return self.kv.set(key, holder, nx=True, ex=ttl)
+        """Take or renew the job's lease (compare-and-set: never over another holder)."""
+        return self.kv.acquire(f"{P}job:{job_id}:lease", holder, ttl)
 
     def release_lease(self, job_id: str, holder: str) -> None:
-        key = f"{P}job:{job_id}:lease"
-        if self.kv.get(key) == holder:
-            self.kv.delete(key)
+        self.kv.release(f"{P}job:{job_id}:lease", holder)
+
+    def lease_holder(self, job_id: str) -> str | None:
+        return self.kv.get(f"{P}job:{job_id}:lease")
 
     def claim(self, name: str, job_id: str, ttl: float | None = None) -> str:
         """Point ``name`` (an idempotency key, an in-flight fingerprint) at a job unless it
@@ -130,20 +209,14 @@ class JobRecords:
         return self.kv.get(key) or job_id
 
     def unclaim(self, name: str, job_id: str) -> None:
-        key = f"{P}claim:{name}"
-        if self.kv.get(key) == job_id:
-            self.kv.delete(key)
+        self.kv.release(f"{P}claim:{name}", job_id)
 
     def request_load(self, job_id: str) -> None:
         """Hand a finished merge to the serving front end for loading."""
         self.kv.rpush(f"{P}serve:pending", job_id)
 
     def take_load_requests(self) -> list[str]:
-        key = f"{P}serve:pending"
-        ids = self.kv.lrange(key, 0, -1)
-        if ids:
-            self.kv.ltrim(key, len(ids), -1)
-        return ids
+        return self.kv.take(f"{P}serve:pending")  # atomic: two API replicas never both get one
 
     # -- workers and stats ----------------------------------------------------------------
     def heartbeat(self, info: WorkerInfo) -> None:

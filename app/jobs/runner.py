@@ -9,18 +9,29 @@ that kills its worker fails instead of looping.
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 from collections.abc import Callable
+from datetime import timedelta
 
-from app.core.errors import OperationCancelledError, RealignError
+from app.core.errors import IncompatibleModelsError, OperationCancelledError, RealignError
 from app.core.settings import Settings
-from app.jobs.models import JobError, JobRecord, JobResult, JobStage, JobStatus, utcnow
+from app.jobs.failures import drop_tracebacks, job_error, lost_message
+from app.jobs.finals import FinalWriter
+from app.jobs.models import (
+    JobError,
+    JobRecord,
+    JobResult,
+    JobStage,
+    JobStatus,
+    MergeSpec,
+    utcnow,
+)
 from app.jobs.records import JobRecords, ModelEntry
 from app.jobs.reporter import JobReporter
 
 log = logging.getLogger("app.jobs")
-LEASE_TTL_S = 20.0
 Enqueue = Callable[[str, str], None]  # (task name, job id)
 
 
@@ -45,7 +56,9 @@ class JobRunner:
         self.settings = settings
         self.worker = worker
         self.enqueue = enqueue
+        self.lease_s = settings.job_lease_s
         self.current_job: str | None = None
+        self.finals = FinalWriter(records)  # final states survive a records outage
 
     # -- steps ----------------------------------------------------------------------------
     def validate(self, job_id: str) -> None:
@@ -56,8 +69,9 @@ class JobRunner:
         if rec is None:
             return
         rec = self._move(rec, JobStatus.validating, JobStage.preflight)
-        s = rec.spec
         try:
+            rec = self._pin(rec)
+            s = self._spec(rec)
             if s.target is not None:
                 preflight(
                     target=s.target,
@@ -67,8 +81,8 @@ class JobRunner:
                     alpha=s.alpha,
                     store=self.settings.models_cache_dir,
                 )
-        except (RealignError, ValueError) as exc:
-            self._fail(rec, getattr(exc, "code", "invalid_request"), str(exc))
+        except Exception as exc:
+            self._fail_on(rec, exc)
             return
         self._move(rec, JobStatus.queued, JobStage.preflight, "preflight passed")
         self.enqueue("realign.merge", job_id)
@@ -83,7 +97,7 @@ class JobRunner:
         rec = self._live(job_id)
         if rec is None:
             return
-        if not self.records.acquire_lease(job_id, self.worker, LEASE_TTL_S):
+        if not self.records.acquire_lease(job_id, self.worker, self.lease_s):
             raise LeaseHeldError(job_id)
         stop = threading.Event()
         keeper = threading.Thread(target=self._keep_lease, args=(job_id, stop), daemon=True)
@@ -91,23 +105,56 @@ class JobRunner:
         self.current_job = job_id
         try:
             # Counted only once the lease is ours: retries while another delivery holds
-            # it are not deliveries; a worker that died mid-merge is.
-            deliveries = self.records.count_delivery(job_id)
-            if deliveries > self.settings.max_deliveries:
-                self._fail(
-                    rec,
-                    "worker_lost",
-                    f"the merge was delivered {deliveries} times; "
-                    "its worker died each time (out of memory? killed?) — check worker "
-                    "logs and resources before resubmitting",
-                )
+            # it are not deliveries; a worker that died mid-merge is. A job whose last
+            # allowed delivery died fails here (or earlier, in reap) without running again.
+            done = self.records.deliveries(job_id)
+            if done >= self.settings.max_deliveries:
+                self._fail(rec, "worker_lost", lost_message(done))
                 return
+            self.records.count_delivery(job_id)
             self._run_merge(rec)
         finally:
             stop.set()
             keeper.join()
             self.current_job = None
-            self.records.release_lease(job_id, self.worker)
+            try:
+                self.records.release_lease(job_id, self.worker)
+            except Exception as exc:  # it expires on its own
+                log.warning("job %s: lease not released (%s)", job_id, exc)
+
+    def reap(self) -> list[str]:
+        """Fail running jobs whose last allowed delivery died with its worker (lease
+        expired, deliveries used up), so none stays ``running`` waiting for a delivery
+        that would only fail it. Called by every worker's heartbeat.
+
+        Returns:
+            The ids of the jobs failed.
+        """
+        reaped = []
+        holder = f"{self.worker}/reaper"  # never the merge's own lease holder
+        for job_id in self.records.running():
+            if self.records.deliveries(job_id) < self.settings.max_deliveries:
+                continue
+            if not self.records.acquire_lease(job_id, holder, self.lease_s):
+                continue  # a live worker is on it
+            try:
+                rec = self.records.get(job_id)
+                dead = rec is not None and rec.status == JobStatus.running
+                if rec is not None and dead and rec.stage != JobStage.load:
+                    self._fail(rec, "worker_lost", lost_message(rec.deliveries))
+                    reaped.append(job_id)
+            finally:
+                self.records.release_lease(job_id, holder)
+        return reaped
+
+    def housekeeping(self) -> None:
+        """Periodic duties of a worker: write final states that failed to be written,
+        fail jobs of dead workers, drop records past their retention."""
+        self.finals.flush()
+        self.reap()
+        cutoff = utcnow() - timedelta(days=self.settings.job_retention_days)
+        while self.records.purge_finished(cutoff) > 0:
+            pass
 
     # -- internals ------------------------------------------------------------------------
     def _run_merge(self, rec: JobRecord) -> None:
@@ -126,8 +173,8 @@ class JobRunner:
             error = JobError(code=exc.code, message=str(exc))
             self._finish(reporter.rec, JobStatus.cancelled, error=error)
             return
-        except (RealignError, ValueError) as exc:
-            self._fail(reporter.rec, getattr(exc, "code", "invalid_request"), str(exc))
+        except Exception as exc:  # every fault ends the job, none leaves it running
+            self._fail_on(reporter.rec, exc)
             return
         rec = (self.records.get(rec.id) or reporter.rec).model_copy(
             update={"progress": reporter.rec.progress, "result": result}
@@ -145,7 +192,7 @@ class JobRunner:
     ) -> tuple[JobResult, int]:
         from app.merge import compute
 
-        s = rec.spec
+        s = self._spec(rec)
         assert s.base is not None and s.instruct is not None
         res = compute(
             s.base,
@@ -170,7 +217,7 @@ class JobRunner:
     ) -> tuple[JobResult, int]:
         from app.merge import merge_to_store
 
-        s = rec.spec
+        s = self._spec(rec)
         assert s.target is not None
         done = merge_to_store(
             target=s.target,
@@ -218,8 +265,9 @@ class JobRunner:
     ) -> tuple[JobResult, int]:
         """Residual only; the engine computes target + alpha * R while loading it."""
         from app.merge import compute, preflight, resolve_model
+        from app.store.local import LocalStore
 
-        s = rec.spec
+        s = self._spec(rec)
         assert s.target is not None
         store = self.settings.models_cache_dir
         if s.residual is None:
@@ -237,10 +285,10 @@ class JobRunner:
         else:
             from app.merge import inspect
 
-            key = s.residual
+            key = LocalStore(store).resolve(s.residual)  # a key prefix names one pack
             manifest = inspect(key, store)  # type: ignore[assignment]
         if getattr(manifest, "vocab", None) is not None:
-            raise ValueError(
+            raise IncompatibleModelsError(
                 "in_engine serving needs the target's shapes to stay the same, but "
                 "the instruct model added vocabulary rows; use serve_mode "
                 "'checkpoint'"
@@ -311,6 +359,33 @@ class JobRunner:
     def _fail(self, rec: JobRecord, code: str, message: str) -> None:
         self._finish(rec, JobStatus.failed, error=JobError(code=code, message=message))
 
+    def _fail_on(self, rec: JobRecord, exc: Exception) -> None:
+        """End the job failed for ``exc``; the traceback goes to the log, not the record."""
+        if not isinstance(exc, RealignError):
+            log.error("job %s: stage %s raised", rec.id, rec.stage, exc_info=exc)
+        # The traceback's frames may still hold the partial output's open files: on a
+        # full disk their space comes back only once those are gone, before the numbers
+        # are measured and the record is written.
+        drop_tracebacks(exc)
+        gc.collect()
+        error = job_error(exc, rec.stage, self.settings.models_cache_dir, rec.id)
+        self._finish(rec, JobStatus.failed, error=error)
+
+    def _pin(self, rec: JobRecord) -> JobRecord:
+        """Resolve the job's refs once (Hub revisions to commits, a residual key prefix
+        to its full key) and keep them on the record: the merge uses these."""
+        from app.jobs.pins import pin_refs
+
+        pins = pin_refs(rec.spec, self.settings.models_cache_dir)
+        if pins == rec.resolved:
+            return rec
+        return self.records.save(rec.model_copy(update={"resolved": pins}))
+
+    @staticmethod
+    def _spec(rec: JobRecord) -> MergeSpec:
+        """The job's spec with its pinned refs."""
+        return rec.spec.model_copy(update=rec.resolved) if rec.resolved else rec.spec
+
     def _finish(
         self,
         rec: JobRecord,
@@ -323,15 +398,13 @@ class JobRunner:
         rec = rec.model_copy(
             update={"status": status, "result": result, "error": error, "finished_at": utcnow()}
         )
-        rec = self.records.save(rec)
-        self.records.add_event(rec, "status", error.message if error else status.value)
-        self.records.unclaim(f"inflight:{rec.owner}:{rec.fingerprint}", rec.id)
-        self.records.record_finish(rec, nbytes)
         log.info("job %s %s%s", rec.id, status.value, f": {error.message}" if error else "")
+        self.finals.write(rec, nbytes)
 
     def _keep_lease(self, job_id: str, stop: threading.Event) -> None:
-        while not stop.wait(LEASE_TTL_S / 3):
+        while not stop.wait(self.lease_s / 3):
             try:
-                self.records.acquire_lease(job_id, self.worker, LEASE_TTL_S)
+                if not self.records.acquire_lease(job_id, self.worker, self.lease_s):
+                    log.warning("job %s: lease taken over by another holder", job_id)
             except Exception as exc:  # Redis restarting: keep working, retry next beat
                 log.warning("job %s: lease renewal failed (%s)", job_id, exc)

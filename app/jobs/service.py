@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import uuid
 from pathlib import Path
@@ -14,17 +15,21 @@ from app.core.errors import (
     JobStateError,
     ModelNotFoundError,
     PathNotAllowedError,
+    RecordsUnavailableError,
 )
 from app.core.settings import Settings
 from app.jobs.broker import TASK_VALIDATE, make_celery
 from app.jobs.dispatch import CeleryDispatcher, Dispatcher, ThreadDispatcher
-from app.jobs.kv import RedisKV, SqliteKV
+from app.jobs.failures import free_space
+from app.jobs.kv import RedisKV
 from app.jobs.models import Caller, JobEvent, JobRecord, JobStatus, MergeSpec, WorkerInfo
 from app.jobs.records import JobRecords, ModelEntry
+from app.jobs.sqlite_kv import SqliteKV
 from app.residuals.refs import ModelRef
 from app.store.local import LocalStore
 
 IDEMPOTENCY_TTL_S = 24 * 3600
+log = logging.getLogger("app.jobs")
 
 
 class JobService:
@@ -41,12 +46,19 @@ class JobService:
     def from_settings(cls, settings: Settings) -> JobService:
         """Embedded (SQLite records, in-process worker) without a Redis URL; Redis and
         Celery otherwise."""
+        dispatcher: Dispatcher
         if not settings.redis_url:
             records = JobRecords(SqliteKV(settings.models_cache_dir / ".jobs.sqlite"))
-            return cls(settings, records, ThreadDispatcher(records, settings))
-        kv = RedisKV(settings.redis_url)
-        dispatcher = CeleryDispatcher(make_celery(settings), kv.client)
-        return cls(settings, JobRecords(kv), dispatcher)
+            dispatcher = ThreadDispatcher(records, settings)
+        else:
+            kv = RedisKV(settings.redis_url)
+            records = JobRecords(kv)
+            dispatcher = CeleryDispatcher(make_celery(settings), kv.client)
+        try:
+            records.ensure_indexes()
+        except RecordsUnavailableError as exc:  # the records come back later: serve anyway
+            log.warning("job index check skipped: %s", exc)
+        return cls(settings, records, dispatcher)
 
     def start(self) -> None:
         self.dispatcher.start()
@@ -172,11 +184,26 @@ class JobService:
         return self.records.workers()
 
     def readiness(self) -> tuple[bool, str]:
+        """Whether jobs can run now, and if not, every check that failed."""
         if not self.records.kv.ping():
-            return False, "Redis is not reachable"
+            where = "Redis" if self.settings.redis_url else "the job records database"
+            return False, f"{where} is not reachable"
+        failed = []
         if not self.workers():
-            return False, "no worker is alive"
-        return True, "ready"
+            failed.append("no worker is alive")
+        if (low := self._low_disk()) is not None:
+            failed.append(low)
+        return (False, "; ".join(failed)) if failed else (True, "ready")
+
+    def _low_disk(self) -> str | None:
+        floor_gb = self.settings.min_free_disk_gb
+        space = free_space(self.settings.models_cache_dir) if floor_gb > 0 else None
+        if space is None or space[0] >= floor_gb * 1024**3:
+            return None
+        return (
+            f"low disk: {space[0] / 1024**3:.2f} GB free on the store's filesystem "
+            f"({self.settings.models_cache_dir}), below REALIGN_MIN_FREE_DISK_GB={floor_gb:g}"
+        )
 
     def store_usage(self) -> dict[str, Any]:
         items = self.store.artifacts()
@@ -203,11 +230,8 @@ class JobService:
         return self.records.models()
 
     def metrics(self) -> dict[str, Any]:
-        counts = {s.value: 0 for s in JobStatus}
-        for rec in self.records.all_jobs():
-            counts[rec.status.value] += 1
         return {
-            "jobs_by_status": counts,
+            "jobs_by_status": self.records.count_by_status(),  # index sizes: no record read
             **self.records.stats(),
             "queue_depths": self.queue_depths(),
         }

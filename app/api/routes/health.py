@@ -25,8 +25,13 @@ def healthz() -> Health:
     return Health()
 
 
-@router.get("/readyz", responses=error_responses(503), summary="Readiness: queue and a worker")
+@router.get(
+    "/readyz",
+    responses=error_responses(503),
+    summary="Readiness: job records, a live worker, free disk on the store",
+)
 def readyz(service: ServiceDep) -> Health:
+    """503 naming every failed check (records unreachable, no worker, low disk)."""
     ready, detail = service.readiness()
     if not ready:
         raise ServiceUnavailableError(f"not ready: {detail}")

@@ -131,9 +131,17 @@ class MergePublic(BaseModel):
     updated_at: datetime
     result: JobResult | None
     error: JobError | None
-    deliveries: int
+    deliveries: int = Field(
+        description="How many times a worker started the merge (more than one: a worker "
+        "died and the job was redelivered; it fails after REALIGN_MAX_DELIVERIES)."
+    )
     cancel_requested: bool
     idempotency_key: str | None
+    resolved: dict[str, str] = Field(
+        default_factory=dict,
+        description="Refs pinned at validation: hf:org/name@<commit>, the full residual "
+        "key. The merge used exactly these.",
+    )
 
     @classmethod
     def from_record(cls, record: JobRecord) -> MergePublic:
