@@ -41,6 +41,7 @@ from app.residuals.publish import check_output, staging_dir
 from app.residuals.refs import ModelRef, ResolvedModel, resolve_ref
 from app.residuals.sources import RunOptions, describe_source
 from app.residuals.space import ensure_space, merged_bytes, reports_disk_full, residual_bytes
+from app.store.factory import store_from_settings
 from app.store.keys import merged_key, residual_key
 from app.store.local import ArtifactInfo, LocalStore
 from app.store.recovery import (
@@ -77,14 +78,7 @@ def open_store(
     """The store at ``store``, or the configured ``REALIGN_MODELS_CACHE_DIR``."""
     if isinstance(store, LocalStore):
         return store
-    settings = settings or get_settings()
-    budget = settings.store_budget_gb
-    return LocalStore(
-        store or settings.models_cache_dir,
-        int(budget * 1024**3) if budget is not None else None,
-        locking=settings.store_locking,
-        lease_s=settings.store_lease_s,
-    )
+    return store_from_settings(settings or get_settings(), store)
 
 
 def _options(

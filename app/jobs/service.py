@@ -26,7 +26,7 @@ from app.jobs.models import Caller, JobEvent, JobRecord, JobStatus, MergeSpec, W
 from app.jobs.records import JobRecords, ModelEntry
 from app.jobs.sqlite_kv import SqliteKV
 from app.residuals.refs import ModelRef
-from app.store.local import LocalStore
+from app.store.factory import store_from_settings
 
 IDEMPOTENCY_TTL_S = 24 * 3600
 log = logging.getLogger("app.jobs")
@@ -39,7 +39,7 @@ class JobService:
         self.settings = settings
         self.records = records
         self.dispatcher = dispatcher
-        self.store = LocalStore(settings.models_cache_dir, _budget(settings))
+        self.store = store_from_settings(settings)
         self.embedded = isinstance(dispatcher, ThreadDispatcher)
 
     @classmethod
@@ -248,11 +248,6 @@ class JobService:
     ) -> tuple[list[JobRecord], int]:
         owner = None if (all_callers and caller.is_admin) else caller.name
         return self.records.page(owner, status, offset, limit)
-
-
-def _budget(settings: Settings) -> int | None:
-    gb = settings.store_budget_gb
-    return int(gb * 1024**3) if gb is not None else None
 
 
 def _artifact(a: Any) -> dict[str, Any]:
