@@ -30,7 +30,8 @@ CHAT = {"model": "no-such-model", "messages": [{"role": "user", "content": "hi"}
 
 
 def keys_json() -> str:
-    return json.dumps([{"name": n, "role": "user", "sha256": hash_key(t)} for n, t in TOKENS.items()])
+    entries = [{"name": n, "role": "user", "sha256": hash_key(t)} for n, t in TOKENS.items()]
+    return json.dumps(entries)
 
 
 def settings(store: Path, **extra: Any) -> Settings:
@@ -95,19 +96,22 @@ def assert_429(response: httpx.Response, code: str) -> dict[str, Any]:
 
 
 def test_rate_limit_is_per_key_and_per_bucket(tmp_path: Path) -> None:
-    with serve(settings(tmp_path, rate_limit_chat_rpm=3)) as live:
-        with client(live, "carol") as carol, client(live, "dave") as dave:
-            for _ in range(3):
-                assert_error(carol.post("/v1/chat/completions", json=CHAT), 404)
-            refused = carol.post("/v1/chat/completions", json=CHAT)
-            error = assert_429(refused, "rate_limit_exceeded")
-            assert "'carol'" in error["message"] and "REALIGN_RATE_LIMIT_CHAT_RPM" in error["message"]
-            assert int(refused.headers["Retry-After"]) <= 120  # two windows at most
-            assert_error(carol.post("/v1/completions", json={**CHAT, "prompt": "x"}), 429)
-            # another key, and another bucket of the same key, are not affected
-            assert_error(dave.post("/v1/chat/completions", json=CHAT), 404)
-            assert carol.get("/v1/models").status_code == 200
-            assert carol.get("/healthz").status_code == 200
+    with (
+        serve(settings(tmp_path, rate_limit_chat_rpm=3)) as live,
+        client(live, "carol") as carol,
+        client(live, "dave") as dave,
+    ):
+        for _ in range(3):
+            assert_error(carol.post("/v1/chat/completions", json=CHAT), 404)
+        refused = carol.post("/v1/chat/completions", json=CHAT)
+        message = assert_429(refused, "rate_limit_exceeded")["message"]
+        assert "'carol'" in message and "REALIGN_RATE_LIMIT_CHAT_RPM" in message
+        assert int(refused.headers["Retry-After"]) <= 120  # two windows at most
+        assert_error(carol.post("/v1/completions", json={**CHAT, "prompt": "x"}), 429)
+        # another key, and another bucket of the same key, are not affected
+        assert_error(dave.post("/v1/chat/completions", json=CHAT), 404)
+        assert carol.get("/v1/models").status_code == 200
+        assert carol.get("/healthz").status_code == 200
 
 
 def test_openai_sdk_sees_a_rate_limit_error(tmp_path: Path) -> None:
@@ -122,13 +126,16 @@ def test_openai_sdk_sees_a_rate_limit_error(tmp_path: Path) -> None:
 
 def test_without_auth_callers_count_per_address(tmp_path: Path) -> None:
     s = settings(tmp_path, rate_limit_chat_rpm=2).model_copy(update={"api_keys": None})
-    with serve(s) as live:
-        with client(live, None, "127.0.0.1") as one, client(live, None, "127.0.0.2") as two:
-            for _ in range(2):
-                assert_error(one.post("/v1/chat/completions", json=CHAT), 404)
-            error = assert_429(one.post("/v1/chat/completions", json=CHAT), "rate_limit_exceeded")
-            assert "127.0.0.1" in error["message"]
-            assert_error(two.post("/v1/chat/completions", json=CHAT), 404)
+    with (
+        serve(s) as live,
+        client(live, None, "127.0.0.1") as one,
+        client(live, None, "127.0.0.2") as two,
+    ):
+        for _ in range(2):
+            assert_error(one.post("/v1/chat/completions", json=CHAT), 404)
+        error = assert_429(one.post("/v1/chat/completions", json=CHAT), "rate_limit_exceeded")
+        assert "127.0.0.1" in error["message"]
+        assert_error(two.post("/v1/chat/completions", json=CHAT), 404)
 
 
 # -- concurrency ---------------------------------------------------------------------------
@@ -156,19 +163,24 @@ def test_redis_limits_are_shared_by_api_processes(
     redis_server: RedisServer,  # noqa: F811
 ) -> None:
     s = settings(tmp_path, redis_url=redis_server.url, rate_limit_chat_rpm=3, concurrency_merge=1)
-    with serve(s) as one, serve(s) as two:
-        with client(one, "carol") as a, client(two, "carol") as b, client(two, "dave") as d:
-            assert_error(a.post("/v1/chat/completions", json=CHAT), 404)
-            assert_error(a.post("/v1/chat/completions", json=CHAT), 404)
-            assert_error(b.post("/v1/chat/completions", json=CHAT), 404)
-            assert_429(b.post("/v1/chat/completions", json=CHAT), "rate_limit_exceeded")
-            assert_429(a.post("/v1/chat/completions", json=CHAT), "rate_limit_exceeded")
-            assert_error(d.post("/v1/chat/completions", json=CHAT), 404)
-            held = hold(one.url, "/v1/merges", TOKENS["carol"])
-            eventually(lambda: b.post("/v1/merges", json={}).status_code == 429)
-            assert_error(d.post("/v1/merges", json={}), 422)
-            finish(held)
-            eventually(lambda: b.post("/v1/merges", json={}).status_code == 422)
+    with (
+        serve(s) as one,
+        serve(s) as two,
+        client(one, "carol") as a,
+        client(two, "carol") as b,
+        client(two, "dave") as d,
+    ):
+        assert_error(a.post("/v1/chat/completions", json=CHAT), 404)
+        assert_error(a.post("/v1/chat/completions", json=CHAT), 404)
+        assert_error(b.post("/v1/chat/completions", json=CHAT), 404)
+        assert_429(b.post("/v1/chat/completions", json=CHAT), "rate_limit_exceeded")
+        assert_429(a.post("/v1/chat/completions", json=CHAT), "rate_limit_exceeded")
+        assert_error(d.post("/v1/chat/completions", json=CHAT), 404)
+        held = hold(one.url, "/v1/merges", TOKENS["carol"])
+        eventually(lambda: b.post("/v1/merges", json={}).status_code == 429)
+        assert_error(d.post("/v1/merges", json={}), 422)
+        finish(held)
+        eventually(lambda: b.post("/v1/merges", json={}).status_code == 422)
 
 
 def test_a_killed_api_process_frees_its_slots(
