@@ -93,7 +93,9 @@ class EnginePool:
         self.wait_s = wait_s
         self._slots: list[_Slot] = []
         self._manage = asyncio.Lock()
-        self._failures: dict[str, ModelLoadFailedError] = {}
+        # model id -> (what failed to load, why); a model re-registered with other
+        # weights (another source) is not held to the old failure.
+        self._failures: dict[str, tuple[ModelSource, ModelLoadFailedError]] = {}
 
     def _find(self, model_id: str) -> _Slot | None:
         return next((s for s in self._slots if s.model_id == model_id), None)
@@ -104,9 +106,10 @@ class EnginePool:
         states.update({s.model_id: "ready" if s.ready.is_set() else "loading" for s in self._slots})
         return states
 
-    def failure(self, model_id: str) -> ModelLoadFailedError | None:
-        """Why the last load of ``model_id`` failed, until a new load is requested."""
-        return self._failures.get(model_id)
+    def failure(self, src: ModelSource) -> ModelLoadFailedError | None:
+        """Why the last load of ``src`` failed, until a new load is requested."""
+        failed = self._failures.get(src.model_id)
+        return failed[1] if failed is not None and failed[0] == src else None
 
     @contextlib.asynccontextmanager
     async def use(self, model_id: str) -> AsyncIterator[ChatEngine]:
@@ -122,7 +125,7 @@ class EnginePool:
             if slot is None:
                 failed = self._failures.get(model_id)
                 if failed is not None:
-                    raise ModelLoadFailedError(model_id, failed.reason)
+                    raise ModelLoadFailedError(model_id, failed[1].reason)
                 raise ModelLoadingError(
                     f"model {model_id!r} is not loaded; an admin can load "
                     f"it with POST /admin/models/{model_id}/load"
@@ -150,7 +153,7 @@ class EnginePool:
             return await self._load(src)
         except Exception as exc:
             failed = ModelLoadFailedError(src.model_id, load_reason(exc))
-            self._failures[src.model_id] = failed
+            self._failures[src.model_id] = (src, failed)
             log.warning("loading %s failed: %s", src.model_id, failed.reason, exc_info=exc)
             raise failed from exc
 

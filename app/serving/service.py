@@ -158,15 +158,16 @@ class ServingService:
 
         Raises:
             ModelNotFoundError: no served model has this id.
-            ModelLoadFailedError: its last load failed (no new load is started: only an
-                explicit load, by an admin or a serve job, retries).
+            ModelLoadFailedError: the last load of these weights failed. No new load is
+                started: an explicit load (an admin, a serve job) retries, and a model
+                re-registered with other weights is loaded afresh.
             ModelLoadingError: still loading after ``engine_wait_s``.
         """
         self.tokenizer(model_id)  # 404 for unknown ids, before anything else
         state = self.pool.loaded().get(model_id)
         if state == "ready":
             return
-        failed = self.pool.failure(model_id)
+        failed = self.pool.failure(self.source(self.entry(model_id)))
         if failed is not None and model_id not in self._in_flight():
             raise ModelLoadFailedError(model_id, failed.reason)
         try:

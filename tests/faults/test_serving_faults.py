@@ -156,3 +156,17 @@ def test_job_event_stream_error_after_first_byte(
     if error["code"] == "internal_error":
         request_id = text.split("request id ")[1].rstrip(".")
         assert any(request_id in rec.getMessage() for rec in caplog.records)
+
+
+def test_a_model_merged_again_is_not_held_to_the_old_failure(
+    server: LiveServer, llama_triple_fp32: TinyTriple
+) -> None:
+    out = merged(server, llama_triple_fp32, "remade", alpha=0.3)
+    shard = sorted(out.glob("*.safetensors"))[0]
+    shard.write_bytes(b"\xff" * 8 + shard.read_bytes()[8:])
+    chat = {"model": "remade", "messages": QUESTION, "max_tokens": 3, "temperature": 0}
+    with server.client() as c:
+        assert_error(c.post("/v1/chat/completions", json=chat), 503, "model_load_failed")
+        merged(server, llama_triple_fp32, "remade", alpha=0.6)  # other weights, same name
+        reply = c.post("/v1/chat/completions", json=chat)
+    assert reply.status_code == 200, reply.text
