@@ -70,6 +70,36 @@ def hold(url: str, path: str, token: str) -> socket.socket:
     return sock
 
 
+def saturate(
+    url: str, path: str, token: str, n: int, probe: Callable[[], int]
+) -> list[socket.socket]:
+    """Hold ``n`` requests in flight until ``probe`` answers 429.
+
+    A probe can race a held request that the server has not admitted yet and take its
+    slot, and that held request then gets its own 429: it is sent again.
+    """
+    held = [hold(url, path, token) for _ in range(n)]
+    deadline = time.monotonic() + 15
+    while probe() != 429:
+        assert time.monotonic() < deadline, "the held requests never filled the limit"
+        for i, sock in enumerate(held):
+            if _answered(sock):
+                sock.close()
+                held[i] = hold(url, path, token)
+        time.sleep(0.05)
+    return held
+
+
+def _answered(sock: socket.socket) -> bool:
+    sock.setblocking(False)
+    try:
+        return bool(sock.recv(1, socket.MSG_PEEK))
+    except BlockingIOError:
+        return False
+    finally:
+        sock.settimeout(10)
+
+
 def finish(sock: socket.socket) -> bytes:
     """End a held request's body (it is not valid JSON) and return the status line."""
     sock.sendall(b"0\r\n\r\n")
@@ -142,17 +172,20 @@ def test_without_auth_callers_count_per_address(tmp_path: Path) -> None:
 
 
 def test_concurrency_limit_is_per_key(tmp_path: Path) -> None:
-    with serve(settings(tmp_path, concurrency_merge=2)) as live:
-        held = [hold(live.url, "/v1/merges", TOKENS["carol"]) for _ in range(2)]
-        with client(live, "carol") as carol, client(live, "dave") as dave:
-            eventually(lambda: carol.post("/v1/merges", json={}).status_code == 429)
-            error = assert_429(carol.post("/merge", json={}), "concurrency_limit_exceeded")
-            assert "REALIGN_CONCURRENCY_MERGE" in error["message"]
-            assert_error(dave.post("/v1/merges", json={}), 422)  # another key: unaffected
-            assert carol.get("/v1/merges").status_code == 200  # another bucket: unaffected
-            assert finish(held[0]).endswith(b"422 Unprocessable Entity")
-            eventually(lambda: carol.post("/v1/merges", json={}).status_code == 422)
-            finish(held[1])
+    with (
+        serve(settings(tmp_path, concurrency_merge=2)) as live,
+        client(live, "carol") as carol,
+        client(live, "dave") as dave,
+    ):
+        probe = lambda: carol.post("/v1/merges", json={}).status_code  # noqa: E731
+        held = saturate(live.url, "/v1/merges", TOKENS["carol"], 2, probe)
+        error = assert_429(carol.post("/merge", json={}), "concurrency_limit_exceeded")
+        assert "REALIGN_CONCURRENCY_MERGE" in error["message"]
+        assert_error(dave.post("/v1/merges", json={}), 422)  # another key: unaffected
+        assert carol.get("/v1/merges").status_code == 200  # another bucket: unaffected
+        assert finish(held[0]).endswith(b"422 Unprocessable Entity")
+        eventually(lambda: carol.post("/v1/merges", json={}).status_code == 422)
+        finish(held[1])
 
 
 # -- Redis-backed ------------------------------------------------------------------------
@@ -176,8 +209,8 @@ def test_redis_limits_are_shared_by_api_processes(
         assert_429(b.post("/v1/chat/completions", json=CHAT), "rate_limit_exceeded")
         assert_429(a.post("/v1/chat/completions", json=CHAT), "rate_limit_exceeded")
         assert_error(d.post("/v1/chat/completions", json=CHAT), 404)
-        held = hold(one.url, "/v1/merges", TOKENS["carol"])
-        eventually(lambda: b.post("/v1/merges", json={}).status_code == 429)
+        probe = lambda: b.post("/v1/merges", json={}).status_code  # noqa: E731
+        [held] = saturate(one.url, "/v1/merges", TOKENS["carol"], 1, probe)  # held on one
         assert_error(d.post("/v1/merges", json={}), 422)
         finish(held)
         eventually(lambda: b.post("/v1/merges", json={}).status_code == 422)
@@ -203,18 +236,20 @@ def test_a_killed_api_process_frees_its_slots(
         PYTHONPATH=str(ROOT),
     )
     cmd = [sys.executable, "-m", "app.cli", "serve", "--port", str(port)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.DEVNULL)
+    quiet = subprocess.DEVNULL
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=quiet, stderr=quiet)
     url = f"http://127.0.0.1:{port}"
     try:
         eventually(lambda: _answers(url), timeout=60)
-        held = [hold(url, "/v1/merges", TOKENS["carol"]) for _ in range(2)]
-        time.sleep(1.5 * ttl)  # the live process keeps refreshing its slots past the TTL
         with serve(s) as live, client(live, "carol") as carol:
+            probe = lambda: carol.post("/v1/merges", json={}).status_code  # noqa: E731
+            held = saturate(url, "/v1/merges", TOKENS["carol"], 2, probe)  # held by the child
+            time.sleep(1.5 * ttl)  # the live process keeps refreshing its slots past the TTL
             assert_429(carol.post("/v1/merges", json={}), "concurrency_limit_exceeded")
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=10)
             killed = time.monotonic()
-            eventually(lambda: carol.post("/v1/merges", json={}).status_code == 422, 3 * ttl)
+            eventually(lambda: probe() == 422, 3 * ttl)
             assert time.monotonic() - killed <= 3 * ttl
         for sock in held:
             sock.close()
