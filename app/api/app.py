@@ -14,10 +14,12 @@ from fastapi import FastAPI
 
 import app as package
 from app.api.auth import KeyRing, check_bind
+from app.api.content import JsonBodyMiddleware
 from app.api.errors import install_error_handlers
 from app.api.limits import BodyLimitMiddleware
 from app.api.metrics import metrics_registry
 from app.api.routes import admin, health, merges, models, openai, residuals
+from app.api.throttle import ThrottleMiddleware, limits_from, make_limiter
 from app.core.settings import Settings, get_settings
 from app.jobs.service import JobService
 from app.serving.service import ServingService
@@ -56,6 +58,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     finally:
         await serving.stop()
         service.stop()
+        await app.state.limiter.close()
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -76,7 +79,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.keyring = KeyRing.from_settings(settings)
     install_error_handlers(app)
+    # Added innermost first: the throttle sees every request before its body is read.
+    app.add_middleware(JsonBodyMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.state.limiter = make_limiter(settings)
+    app.add_middleware(
+        ThrottleMiddleware,
+        limiter=app.state.limiter,
+        keyring=app.state.keyring,
+        limits=limits_from(settings),
+    )
     for module in (merges, residuals, openai, models, admin, health):
         app.include_router(module.router)
     return app

@@ -2,7 +2,9 @@
 
 A declared ``Content-Length`` above the limit is refused before the app runs; a
 body without one (chunked) is counted while it streams in and cut off as soon as
-it passes the limit, so no route ever buffers more than ``max_bytes``.
+it passes the limit, so no route ever buffers more than ``max_bytes``. Either way
+the 413 carries ``Connection: close``: the server closes the connection after it
+instead of reading (and discarding) the rest of an oversize upload.
 """
 
 from __future__ import annotations
@@ -18,7 +20,11 @@ class BodyTooLargeError(HTTPException):
     passes it through to the error mapper (413) instead of calling it a parse error."""
 
     def __init__(self, limit: int) -> None:
-        super().__init__(413, f"Request body is larger than the limit of {limit} bytes.")
+        super().__init__(
+            413,
+            f"Request body is larger than the limit of {limit} bytes.",
+            headers={"Connection": "close"},  # stop reading: the server closes after the 413
+        )
 
 
 class BodyLimitMiddleware:

@@ -1,7 +1,9 @@
 """Server-sent events of a job: poll the service, send new events, end when terminal.
 
 After the first byte the status line is gone, so an error becomes an ``error``
-event carrying the OpenAI error body, and the stream ends.
+event carrying the OpenAI error body (from the API's one error mapper, so an
+unexpected failure says only that it was logged, with its request id), and the
+stream ends.
 """
 
 from __future__ import annotations
@@ -12,9 +14,8 @@ from collections.abc import AsyncIterator
 
 import anyio.to_thread
 
-from app.api.errors import error_body
+from app.api.errors import map_exception
 from app.api.schemas.jobs import EventPublic
-from app.core.errors import RealignError
 from app.jobs.models import Caller, JobEvent
 from app.jobs.service import JobService
 
@@ -52,6 +53,6 @@ async def job_event_stream(
                 last_sent = time.monotonic()
             await anyio.sleep(POLL_INTERVAL_S)
             batch = await anyio.to_thread.run_sync(service.events, job_id, caller, after)
-    except RealignError as exc:
-        body = error_body(exc.http_status, exc.message, code=exc.code)
+    except Exception as exc:
+        body = map_exception(exc, where=f"event stream of job {job_id}").body
         yield f"event: error\ndata: {json.dumps(body)}\n\n"

@@ -222,3 +222,37 @@ class RecordsUnavailableError(ServiceUnavailableError):
     """The job records (Redis, or SQLite in embedded mode) cannot be read or written."""
 
     code = "records_unavailable"
+
+
+# -- API limits and serving (issue 8, points 1, 7, 9) -------------------------------------
+
+
+class RateLimitedError(RealignError):
+    """A caller sent more requests (or more at once) than its limits allow."""
+
+    code = "rate_limit_exceeded"
+    http_status = 429
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = max(1, retry_after)
+
+
+class ModelLoadFailedError(ServiceUnavailableError):
+    """A served model's engine failed to load; retrying the request will not help.
+
+    Remembered by the engine pool until a new load is requested, so clients get this
+    answer at once instead of one failed load per request.
+    """
+
+    code = "model_load_failed"
+    retryable = False  # the API tells clients (x-should-retry: false) not to retry
+
+    def __init__(self, model_id: str, reason: str) -> None:
+        super().__init__(
+            f"model {model_id!r} failed to load: {reason}. Retrying will fail the same way; "
+            f"fix the model, then load it again (POST /admin/models/{model_id}/load, or "
+            "merge it again with serve=true)"
+        )
+        self.model_id = model_id
+        self.reason = reason

@@ -121,6 +121,47 @@ class Settings(BaseSettings):
         "than this, in GB (0 = no disk check).",
     )
 
+    # -- API limits (issue 8, point 7): per key, or per client address without auth --------
+    rate_limit_chat_rpm: int = Field(
+        default=600,
+        ge=0,
+        description="Chat and completion requests per minute per API key (sliding "
+        "window; 0 = no limit). Without auth, per client address.",
+    )
+    rate_limit_merge_rpm: int = Field(
+        default=60,
+        ge=0,
+        description="Merge and residual job submissions per minute per API key (0 = no limit).",
+    )
+    rate_limit_api_rpm: int = Field(
+        default=3000,
+        ge=0,
+        description="Every other request per minute per API key (health and metrics are "
+        "exempt; 0 = no limit).",
+    )
+    concurrency_chat: int = Field(
+        default=16,
+        ge=0,
+        description="Chat and completion requests in flight at once per API key (0 = no limit).",
+    )
+    concurrency_merge: int = Field(
+        default=8,
+        ge=0,
+        description="Job submissions in flight at once per API key (0 = no limit).",
+    )
+    concurrency_api: int = Field(
+        default=64,
+        ge=0,
+        description="Other requests in flight at once per API key, event streams included "
+        "(0 = no limit).",
+    )
+    concurrency_slot_ttl_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="Redis concurrency slots expire this long after their last refresh "
+        "(refreshed while the request runs), so a crashed API process frees its slots.",
+    )
+
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:

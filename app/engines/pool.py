@@ -5,6 +5,10 @@ and the engine's loaded model id is the requested one, so no answer can come fro
 the wrong weights. A swap takes the lock exclusively: it waits for in-flight
 generations, reloads in place (same architecture) and verifies a few parameters
 before the model is marked ready.
+
+A load that fails is remembered (:meth:`EnginePool.failure`) until a new load of that
+model is requested, so requests get the reason at once instead of one doomed load
+(or a bare 500) each.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from app.core.errors import ServiceUnavailableError
+from app.core.errors import ModelLoadFailedError, RealignError, ServiceUnavailableError
 from app.engines.base import ChatEngine, InlineMerge
 from app.engines.factory import EngineFactory
 from app.engines.rwlock import RWLock
@@ -89,13 +93,23 @@ class EnginePool:
         self.wait_s = wait_s
         self._slots: list[_Slot] = []
         self._manage = asyncio.Lock()
+        # model id -> (what failed to load, why); a model re-registered with other
+        # weights (another source) is not held to the old failure.
+        self._failures: dict[str, tuple[ModelSource, ModelLoadFailedError]] = {}
 
     def _find(self, model_id: str) -> _Slot | None:
         return next((s for s in self._slots if s.model_id == model_id), None)
 
     def loaded(self) -> dict[str, str]:
-        """Model id -> state (``loading`` or ``ready``)."""
-        return {s.model_id: "ready" if s.ready.is_set() else "loading" for s in self._slots}
+        """Model id -> state (``loading``, ``ready`` or ``failed``)."""
+        states = dict.fromkeys(self._failures, "failed")
+        states.update({s.model_id: "ready" if s.ready.is_set() else "loading" for s in self._slots})
+        return states
+
+    def failure(self, src: ModelSource) -> ModelLoadFailedError | None:
+        """Why the last load of ``src`` failed, until a new load is requested."""
+        failed = self._failures.get(src.model_id)
+        return failed[1] if failed is not None and failed[0] == src else None
 
     @contextlib.asynccontextmanager
     async def use(self, model_id: str) -> AsyncIterator[ChatEngine]:
@@ -103,11 +117,15 @@ class EnginePool:
 
         Raises:
             ModelLoadingError: not ready within ``wait_s`` (or not loaded at all).
+            ModelLoadFailedError: its last load failed.
         """
         deadline = time.monotonic() + self.wait_s
         while True:
             slot = self._find(model_id)
             if slot is None:
+                failed = self._failures.get(model_id)
+                if failed is not None:
+                    raise ModelLoadFailedError(model_id, failed[1].reason)
                 raise ModelLoadingError(
                     f"model {model_id!r} is not loaded; an admin can load "
                     f"it with POST /admin/models/{model_id}/load"
@@ -124,7 +142,22 @@ class EnginePool:
 
     async def load(self, src: ModelSource) -> str:
         """Make ``src`` ready: in place in an engine of the same shape, else in a new engine
-        (evicting the least recently used one beyond the budget). Returns how."""
+        (evicting the least recently used one beyond the budget). Returns how.
+
+        Raises:
+            ModelLoadFailedError: the engine could not load it (also remembered, see
+                :meth:`failure`, until the next call for this model).
+        """
+        self._failures.pop(src.model_id, None)
+        try:
+            return await self._load(src)
+        except Exception as exc:
+            failed = ModelLoadFailedError(src.model_id, load_reason(exc))
+            self._failures[src.model_id] = (src, failed)
+            log.warning("loading %s failed: %s", src.model_id, failed.reason, exc_info=exc)
+            raise failed from exc
+
+    async def _load(self, src: ModelSource) -> str:
         async with self._manage:
             current = self._find(src.model_id)
             if current is not None and src.inline is None:
@@ -189,6 +222,7 @@ class EnginePool:
         log.info("evicted %s (least recently used)", slot.model_id)
 
     async def unload(self, model_id: str) -> bool:
+        self._failures.pop(model_id, None)
         async with self._manage:
             slot = self._find(model_id)
             if slot is None:
@@ -233,6 +267,19 @@ def _expected_checksum(src: ModelSource) -> float | None:
         buf = torch.empty(info.nbytes, dtype=torch.uint8)
         ckpt.read_into(info, 0, info.rows, memoryview(buf.numpy()))  # type: ignore[arg-type]
         return float(buf.view(info.dtype.torch).double().sum())
+
+
+def load_reason(exc: BaseException) -> str:
+    """One line saying why a load failed: our message, or the engine's error and its
+    first line (no traceback), cut to a readable length."""
+    if isinstance(exc, ModelLoadFailedError):
+        return exc.reason
+    if isinstance(exc, RealignError):
+        text = exc.message
+    else:
+        first = (str(exc).strip().splitlines() or [""])[0]
+        text = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    return text if len(text) <= 400 else text[:397] + "..."
 
 
 def describe(pool: EnginePool) -> list[dict[str, Any]]:

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from app.api.errors import map_exception
 from app.api.schemas.openai import (
     AssistantMessage,
     ChatChoice,
@@ -20,7 +21,7 @@ from app.api.schemas.openai import (
     CompletionRequest,
     Usage,
 )
-from app.core.errors import RealignError
+from app.core.errors import InvalidParameterError, RealignError
 from app.engines.base import GenerationRequest
 from app.engines.pool import EnginePool
 from app.serving.tokens import Detokenizer, ServedTokenizer
@@ -62,6 +63,20 @@ class ContextLengthError(RealignError):
 
     code = "context_length_exceeded"
 
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class UnsupportedParameterError(InvalidParameterError):
+    """A request parameter has a value this server does not serve (OpenAI's 400)."""
+
+    code = "unsupported_value"
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
 
 class ChatService:
     """OpenAI chat/completions on top of an :class:`EnginePool`.
@@ -87,9 +102,11 @@ class ChatService:
         budget: int,
     ) -> GenerationRequest:
         if len(prompt) >= self.max_model_len:
+            what = "messages" if isinstance(body, ChatCompletionRequest) else "prompt"
             raise ContextLengthError(
                 f"the prompt has {len(prompt)} tokens; this model accepts at most "
-                f"{self.max_model_len} tokens in total — shorten the messages"
+                f"{self.max_model_len} tokens in total — shorten the {what}",
+                param=what,
             )
         return GenerationRequest(
             prompt,
@@ -133,7 +150,11 @@ class ChatService:
         tok: ServedTokenizer = self.tokenizer_for(body.model)
         prompts = body.prompts()
         if len(prompts) != 1:
-            raise RealignError("one prompt per request is supported; send several requests")
+            raise UnsupportedParameterError(
+                f"'prompt' holds {len(prompts)} prompts; this server takes one prompt per "
+                "request — send several requests",
+                param="prompt",
+            )
         prompt = tok.encode(prompts[0])
         req = self._request(body, tok, prompt, body.max_tokens or 16)
         run = _Run(
@@ -221,18 +242,9 @@ class ChatService:
                 yield _event({**head, "choices": [], "usage": run.usage().model_dump()})
         except asyncio.CancelledError:
             raise
-        except Exception as exc:
-            code = getattr(exc, "code", "internal_error")
-            yield _event(
-                {
-                    "error": {
-                        "message": str(exc),
-                        "type": "server_error",
-                        "param": None,
-                        "code": code,
-                    }
-                }
-            )
+        except Exception as exc:  # the status line is sent: the error becomes an event
+            where = f"{run.kind} stream {run.id} of {run.model!r}"
+            yield _event(map_exception(exc, openai_route=True, where=where).body)
         yield "data: [DONE]\n\n"
 
 

@@ -17,24 +17,17 @@ from app.api.schemas.openai import (
     CompletionRequest,
     ModelCard,
 )
-from app.core.errors import RealignError
+from app.core.errors import ModelLoadFailedError, ModelNotFoundError, RealignError
 from app.core.settings import Settings
 from app.engines.base import InlineMerge
 from app.engines.factory import make_factory
-from app.engines.pool import EnginePool, ModelLoadingError, ModelSource, describe
+from app.engines.pool import EnginePool, ModelLoadingError, ModelSource, describe, load_reason
 from app.jobs.records import JobRecords, ModelEntry
 from app.jobs.runner import JobRunner
 from app.serving.chat import ChatService
 from app.serving.tokens import ServedTokenizer
 
 log = logging.getLogger("app.serving")
-
-
-class ModelNotFoundError(RealignError, LookupError):
-    """No served model has this id."""
-
-    code = "model_not_found"
-    http_status = 404
 
 
 class ServingService:
@@ -86,7 +79,8 @@ class ServingService:
             log.info("job %s: %s %s", job_id, rec.result.model_id, how)
             await asyncio.to_thread(self._finisher.finish_load, job_id)
         except Exception as exc:
-            await asyncio.to_thread(self._finisher.finish_load, job_id, str(exc))
+            reason = exc.message if isinstance(exc, RealignError) else load_reason(exc)
+            await asyncio.to_thread(self._finisher.finish_load, job_id, reason)
 
     # -- registry -------------------------------------------------------------------------
     def entry(self, model_id: str) -> ModelEntry:
@@ -102,7 +96,12 @@ class ServingService:
         where = Path(entry.residual_dir) / "assets" if entry.residual_dir else Path(entry.path)
         key = (model_id, str(where))
         if key not in self._tokenizers:
-            self._tokenizers[key] = ServedTokenizer.load(where)
+            try:
+                self._tokenizers[key] = ServedTokenizer.load(where)
+            except RealignError:
+                raise
+            except Exception as exc:  # broken tokenizer files: say so, not a bare 500
+                raise ModelLoadFailedError(model_id, f"tokenizer: {load_reason(exc)}") from exc
         return self._tokenizers[key]
 
     def source(self, entry: ModelEntry) -> ModelSource:
@@ -144,6 +143,9 @@ class ServingService:
             self._loading[model_id] = task
         return task
 
+    def _in_flight(self) -> set[str]:
+        return {m for m, task in self._loading.items() if not task.done()}
+
     async def load(self, model_id: str) -> str:
         return await asyncio.shield(self._loading_task(model_id))
 
@@ -152,9 +154,22 @@ class ServingService:
         return await self.pool.unload(model_id)
 
     async def _ready(self, model_id: str) -> None:
+        """Wait (up to ``engine_wait_s``) for ``model_id``, loading it on first use.
+
+        Raises:
+            ModelNotFoundError: no served model has this id.
+            ModelLoadFailedError: the last load of these weights failed. No new load is
+                started: an explicit load (an admin, a serve job) retries, and a model
+                re-registered with other weights is loaded afresh.
+            ModelLoadingError: still loading after ``engine_wait_s``.
+        """
         self.tokenizer(model_id)  # 404 for unknown ids, before anything else
-        if self.pool.loaded().get(model_id) == "ready":
+        state = self.pool.loaded().get(model_id)
+        if state == "ready":
             return
+        failed = self.pool.failure(self.source(self.entry(model_id)))
+        if failed is not None and model_id not in self._in_flight():
+            raise ModelLoadFailedError(model_id, failed.reason)
         try:
             await asyncio.wait_for(
                 asyncio.shield(self._loading_task(model_id)), self.settings.engine_wait_s

@@ -198,8 +198,10 @@ def test_errors_are_openai_shaped(server: LiveServer, llama_triple_fp32: TinyTri
     with pytest.raises(openai.BadRequestError) as too_long:
         client.chat.completions.create(model="tiny-a", messages=long)  # type: ignore[arg-type]
     assert too_long.value.code == "context_length_exceeded"
-    with pytest.raises(openai.UnprocessableEntityError):  # our validation errors are 422
+    with pytest.raises(openai.BadRequestError) as empty:  # OpenAI's 400, naming the param
         client.chat.completions.create(model="tiny-a", messages=[])  # type: ignore[arg-type]
+    assert empty.value.status_code == 400 and empty.value.param == "messages"
+    assert empty.value.type == "invalid_request_error"
 
 
 def test_in_engine_merge_equals_checkpoint(

@@ -29,7 +29,7 @@ Limit = Annotated[int, Query(ge=1, le=200)]
 
 _SUBMIT_RESPONSES: dict[int | str, dict[str, object]] = {
     200: {"model": MergePublic, "description": "Attached to an identical job already queued."},
-    **error_responses(400, 401, 403, 404, 409, 413, 422),
+    **error_responses(400, 401, 403, 404, 409, 413, 422, 429),
 }
 _SSE_RESPONSE: dict[int | str, dict[str, object]] = {
     200: {

@@ -26,7 +26,7 @@ _STREAM: dict[int | str, dict[str, Any]] = {
         "`data: [DONE]` when `stream` is true.",
         "content": {"text/event-stream": {"schema": {"type": "string"}}},
     },
-    **error_responses(400, 401, 404, 422, 503),
+    **error_responses(400, 401, 404, 429, 503),
 }
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 

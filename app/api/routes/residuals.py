@@ -27,7 +27,7 @@ ResidualKey = Annotated[
     status_code=202,
     responses={
         200: {"model": MergePublic, "description": "Attached to an identical queued job."},
-        **error_responses(400, 401, 403, 404, 409, 413, 422),
+        **error_responses(400, 401, 403, 404, 409, 413, 422, 429),
     },
     summary="Compute a residual pack (instruct - base) as a job",
 )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class _Open(BaseModel):
@@ -45,13 +45,20 @@ class _Sampling(_Open):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
 
-    @model_validator(mode="after")
-    def _unsupported(self) -> _Sampling:
-        if self.logprobs:
-            raise ValueError("logprobs are not supported")
-        if self.presence_penalty or self.frequency_penalty:
-            raise ValueError("presence/frequency penalties are not supported")
-        return self
+    # Field validators, so the 400 names the parameter (OpenAI's ``param``).
+    @field_validator("logprobs")
+    @classmethod
+    def _no_logprobs(cls, value: bool | None) -> bool | None:
+        if value:
+            raise ValueError("logprobs are not supported by this server")
+        return value
+
+    @field_validator("presence_penalty", "frequency_penalty")
+    @classmethod
+    def _no_penalties(cls, value: float) -> float:
+        if value:
+            raise ValueError("presence/frequency penalties are not supported by this server")
+        return value
 
     def stops(self) -> list[str]:
         if self.stop is None:
