@@ -10,6 +10,7 @@ import typer
 from app import __version__
 from app.cli import engine, service  # noqa: F401  (commands register on import)
 from app.cli.common import app, out
+from app.core.errors import InvalidSettingsError
 from app.core.logging import configure_logging
 from app.core.settings import get_settings
 
@@ -30,7 +31,11 @@ def main_options(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logs.")] = False,
 ) -> None:
     """Realign command line."""
-    configure_logging("DEBUG" if verbose else get_settings().log_level)
+    try:
+        level = get_settings().log_level
+    except InvalidSettingsError:
+        level = "INFO"  # the command that reads the settings reports it, in one line
+    configure_logging("DEBUG" if verbose else level)
 
 
 def main() -> None:
