@@ -17,8 +17,7 @@ from typing import Any
 
 from app.core.errors import ContextLengthSettingError, EngineMemoryError, ModelNotFoundError
 
-GB = 10**9
-GIB = 2**30
+GIB = 2**30  # the settings' GB are GiB, as REALIGN_STORE_BUDGET_GB's
 # vLLM rounds the KV cache to blocks (up to 256 tokens on some CPU backends) and keeps
 # one block back; planning one spare block per sequence keeps a start from failing there.
 BLOCK = 256
@@ -189,7 +188,7 @@ def cpu_kv_cache_bytes(
     one = per_token * (math.ceil(max_model_len / BLOCK) + 1) * BLOCK
     room = max(0, free - weights)
     if memory.kv_cache_gb is not None:
-        want = int(memory.kv_cache_gb * GB)
+        want = int(memory.kv_cache_gb * GIB)
         if want < one:
             raise EngineMemoryError(
                 f"REALIGN_ENGINE_KV_CACHE_GB={memory.kv_cache_gb} holds fewer than one "
@@ -238,5 +237,5 @@ def vllm_memory_args(
         return {"kv_cache_memory_bytes": kv}
     args: dict[str, Any] = {"gpu_memory_utilization": gpu_utilization(memory)}
     if memory.kv_cache_gb is not None:
-        args["kv_cache_memory_bytes"] = int(memory.kv_cache_gb * GB)
+        args["kv_cache_memory_bytes"] = int(memory.kv_cache_gb * GIB)
     return args
