@@ -12,6 +12,8 @@ from app.cli.common import _fail, app, err, friendly, out
 from app.cli.extras import missing, report, require
 from app.core.settings import get_settings
 
+DEFAULT_STEPS = 300  # app.demo.train.DEFAULT_STEPS, without importing torch for --help
+
 
 def _import_failure(command: str, extra: str, exc: ImportError) -> NoReturn:
     """A missing third-party module names the extra (one line, exit 1); our own import
@@ -36,6 +38,9 @@ def demo(
         int | None,
         typer.Option(help="Port of the demo's server (default: $REALIGN_PORT if free, else any)."),
     ] = None,
+    steps: Annotated[
+        int, typer.Option(hidden=True, help="Pre-training steps (tests use a few).")
+    ] = DEFAULT_STEPS,
 ) -> None:
     """Run the service path on tiny trained models: start `realign serve`, POST /merge
     with serve=true, follow the job, chat through the OpenAI SDK.
@@ -46,7 +51,7 @@ def demo(
     require("demo", "demo")
     from app.demo.run import run_demo
 
-    run_demo(workdir, console=err, stdout=out, port=port)
+    run_demo(workdir, console=err, stdout=out, port=port, steps=steps)
 
 
 @app.command()

@@ -18,7 +18,7 @@ from transformers.utils import logging as hf_logging
 from app.core.settings import get_settings
 from app.demo.server import DemoError, ServeProcess, chat, follow, free_port
 from app.demo.tiny import TinyTriple
-from app.demo.train import cached_triple, make_trained_triple, news_facts
+from app.demo.train import DEFAULT_STEPS, cached_triple, make_trained_triple, news_facts
 
 MODEL = "demo-news"
 
@@ -66,8 +66,8 @@ def greedy_reply(model_dir: Path, prompt_ids: torch.Tensor, max_new_tokens: int 
     return str(tok.decode(out[0, prompt_ids.shape[1] :]))
 
 
-def _trained_triple(models: Path, console: Console) -> TinyTriple:
-    triple = cached_triple(models)
+def _trained_triple(models: Path, console: Console, steps: int = DEFAULT_STEPS) -> TinyTriple:
+    triple = cached_triple(models, steps=steps)
     if triple is not None:
         console.print(f"reusing the trained tiny models in {models}", soft_wrap=True)
         return triple
@@ -75,7 +75,9 @@ def _trained_triple(models: Path, console: Console) -> TinyTriple:
     shutil.rmtree(models, ignore_errors=True)
     console.print(f"training tiny Llama base / instruct / new_base in {models}", soft_wrap=True)
     console.print("  (once; about a minute on two free cores)")
-    return make_trained_triple(models, progress=lambda line: console.print(f"  {line}"))
+    return make_trained_triple(
+        models, steps=steps, progress=lambda line: console.print(f"  {line}")
+    )
 
 
 def _allowed_roots(models: Path) -> dict[str, str]:
@@ -127,7 +129,12 @@ def _merge_and_serve(server: ServeProcess, triple: TinyTriple, console: Console)
 
 
 def run_demo(
-    workdir: Path, *, console: Console, stdout: Console, port: int | None = None
+    workdir: Path,
+    *,
+    console: Console,
+    stdout: Console,
+    port: int | None = None,
+    steps: int = DEFAULT_STEPS,
 ) -> dict[str, str]:
     """Train (or reuse) a tiny Llama triple under ``workdir``, then go through the service:
     start ``realign serve`` with the environment's settings, ``POST /merge`` with
@@ -138,6 +145,7 @@ def run_demo(
         console: Receives each step.
         stdout: Receives the result: the question and two replies.
         port: The server's port (default: ``REALIGN_PORT`` when free, else any free one).
+        steps: Pre-training steps of the tiny base (fewer train faster and learn nothing).
 
     Returns:
         The replies, by label.
@@ -146,7 +154,7 @@ def run_demo(
         DemoError: a step failed; the message names it and the server's log.
     """
     hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
-    triple = _trained_triple(workdir / "models", console)
+    triple = _trained_triple(workdir / "models", console, steps)
     port = free_port(port or get_settings().port)
     log = workdir / "serve.log"
     console.print(f"realign serve --port {port}   (default settings; log in {log})")
