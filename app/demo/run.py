@@ -157,7 +157,7 @@ def run_demo(
     triple = _trained_triple(workdir / "models", console, steps)
     port = free_port(port or get_settings().port)
     log = workdir / "serve.log"
-    console.print(f"realign serve --port {port}   (default settings; log in {log})")
+    console.print(f"realign serve --port {port}   (default settings; log in {log})", soft_wrap=True)
     started = time.perf_counter()
     with ServeProcess(port, log, _allowed_roots(triple.base.parent)) as server:
         console.print(f"  up at {server.url} in {time.perf_counter() - started:.1f} s")
