@@ -57,7 +57,9 @@ DType = Annotated[
 Store = Annotated[
     Path | None,
     typer.Option(
-        "--store", help="Store directory [default: $REALIGN_MODELS_CACHE_DIR].", show_default=False
+        "--store",
+        help="Store directory (default: $REALIGN_MODELS_CACHE_DIR, else models_cache).",
+        show_default=False,
     ),
 ]
 Device = Annotated[str, typer.Option("--device", help="cpu or cuda[:N].")]

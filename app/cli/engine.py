@@ -44,7 +44,13 @@ def merge(
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
-    """Merge: out = target + alpha * (instruct - base), reusing a cached residual."""
+    """Merge: out = target + alpha * (instruct - base), reusing a cached residual.
+
+    Models are local Hugging Face directories or hf:org/name@rev. The residual is
+    computed once and stored (unless --no-cache); prints the output directory last.
+
+    Example: realign merge -b base/ -i instruct/ -t new_base/ -o merged/
+    """
     from app.merge import merge as run
 
     with progress_bar(quiet) as (cb, cancel):
@@ -79,7 +85,10 @@ def compute(
     device: Device = "cpu",
     quiet: Quiet = False,
 ) -> None:
-    """Compute (or reuse) the residual instruct - base; prints its key last."""
+    """Compute (or reuse) the residual instruct - base; prints its key last.
+
+    Example: KEY=$(realign compute -b base/ -i instruct/ | tail -1)
+    """
     from app.merge import compute as run
 
     with progress_bar(quiet) as (cb, cancel):
@@ -105,7 +114,10 @@ def apply(
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
-    """Apply a residual to a new base: out = target + alpha * R."""
+    """Apply a residual to a new base: out = target + alpha * R.
+
+    Example: realign apply -r "$KEY" -t new_base/ -o merged/ --alpha 0.8
+    """
     from app.merge import apply as run
 
     with progress_bar(quiet) as (cb, cancel):
@@ -131,7 +143,11 @@ def inspect(
     store: Store = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the manifest.")] = False,
 ) -> None:
-    """Show what a residual pack or a merged model is made of."""
+    """Show what a residual pack or a merged model is made of: sources and their hashes,
+    dtype, the largest per-tensor norms, the vocabulary policy.
+
+    Example: realign inspect "$KEY" --json
+    """
     from app.merge import inspect as run
     from app.residuals.manifest import ResidualManifest
 
@@ -164,7 +180,10 @@ def inspect(
 def verify(
     key: Annotated[str, typer.Argument(help="Residual key or prefix.")], store: Store = None
 ) -> None:
-    """Check every file of a stored residual against its sha256."""
+    """Check every file of a stored residual against its sha256; exits 1 on a mismatch.
+
+    Example: realign verify "$KEY"
+    """
     from app.merge import verify as run
 
     m = run(key, store)
@@ -174,7 +193,7 @@ def verify(
 @app.command("ls")
 @friendly
 def list_(store: Store = None) -> None:
-    """List stored residuals and merged models."""
+    """List stored residuals and merged models: key, kind, size, last use, in use."""
     from app.merge import list_artifacts
 
     table = Table("key", "kind", "size", "last used", "in use")
@@ -190,7 +209,10 @@ def list_(store: Store = None) -> None:
 def rm(
     key: Annotated[str, typer.Argument(help="Residual key or prefix.")], store: Store = None
 ) -> None:
-    """Delete a stored residual (refused while a job uses it)."""
+    """Delete a stored residual (refused while a job uses it).
+
+    Example: realign rm "$KEY"
+    """
     from app.merge import remove
 
     out.print(f"removed {remove(key, store)}")

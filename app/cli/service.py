@@ -3,74 +3,133 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 
 from app import __version__
 from app.cli.common import _fail, app, err, friendly, out
+from app.cli.extras import missing, report, require
 from app.core.settings import get_settings
+
+DEFAULT_STEPS = 300  # app.demo.train.DEFAULT_STEPS, without importing torch for --help
+
+
+def _import_failure(command: str, extra: str, exc: ImportError) -> NoReturn:
+    """A missing third-party module names the extra (one line, exit 1); our own import
+    errors stay bugs."""
+    name = exc.name or ""
+    if name.split(".")[0] in ("app", "workers"):
+        raise exc
+    report(missing(command, extra, name or str(exc)))
 
 
 @app.command()
 @friendly
 def demo(
-    workdir: Annotated[Path, typer.Option(help="Where to build the demo models.")] = Path(
-        "models_cache/demo"
-    ),
+    workdir: Annotated[
+        Path,
+        typer.Option(
+            help="Where the demo's trained models live; the service's store stays "
+            "$REALIGN_MODELS_CACHE_DIR."
+        ),
+    ] = Path("models_cache/demo"),
+    port: Annotated[
+        int | None,
+        typer.Option(help="Port of the demo's server (default: $REALIGN_PORT if free, else any)."),
+    ] = None,
+    steps: Annotated[
+        int, typer.Option(hidden=True, help="Pre-training steps (tests use a few).")
+    ] = DEFAULT_STEPS,
 ) -> None:
-    """Build tiny Llama models, merge them and chat with the result."""
+    """Run the service path on tiny trained models: start `realign serve`, POST /merge
+    with serve=true, follow the job, chat through the OpenAI SDK.
+
+    The first run trains a tiny base, instruct and new base (about a minute on two
+    cores); later runs reuse them. Needs the 'demo' extra (`make demo` installs it).
+    """
+    require("demo", "demo")
     from app.demo.run import run_demo
 
-    run_demo(workdir, console=err, stdout=out)
+    run_demo(workdir, console=err, stdout=out, port=port, steps=steps)
 
 
 @app.command()
 @friendly
 def serve(
-    host: Annotated[str | None, typer.Option(help="Bind address [default: $REALIGN_HOST].")] = None,
-    port: Annotated[int | None, typer.Option(help="Port [default: $REALIGN_PORT].")] = None,
+    host: Annotated[
+        str | None,
+        typer.Option(
+            help="Bind address (default: $REALIGN_HOST, else 127.0.0.1); any other than "
+            "loopback needs REALIGN_API_KEYS.",
+            show_default=False,
+        ),
+    ] = None,
+    port: Annotated[
+        int | None,
+        typer.Option(help="Port (default: $REALIGN_PORT, else 8000).", show_default=False),
+    ] = None,
 ) -> None:
-    """Run the REST service: POST /merge, jobs, chat, admin (embedded worker without Redis).
+    """Run the REST service: POST /merge, jobs, OpenAI-compatible chat, admin.
 
-    Without REALIGN_REDIS_URL one process runs the API, an in-process worker and the CPU
-    engine; with it, `realign worker` processes take the merges.
+    Without REALIGN_REDIS_URL one process runs the API, an in-process worker and the
+    engine (vLLM when installed, else transformers on the CPU); with it, `realign worker`
+    processes take the merges. Settings come from REALIGN_* variables (see the README).
+
+    Example: realign serve --port 8000, then open http://127.0.0.1:8000/docs
     """
-    import uvicorn
-
-    from app.api.app import create_app
-
     settings = get_settings()
+    require("serve", "serve")
+    try:
+        import uvicorn
+
+        from app.api.app import create_app
+    except ImportError as exc:
+        _import_failure("serve", "serve", exc)
+
     settings = settings.model_copy(
         update={"host": host or settings.host, "port": port or settings.port}
     )
     mode = f"Redis at {settings.redis_url}" if settings.redis_url else "embedded (no Redis)"
+    application = create_app(settings)
     err.print(
         f"realign {__version__} serving on http://{settings.host}:{settings.port} — {mode}; "
-        f"API docs at /docs, admin page at /admin"
+        f"API docs at /docs, admin page at /admin",
+        soft_wrap=True,
     )
     uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level.lower(),
+        application, host=settings.host, port=settings.port, log_level=settings.log_level.lower()
     )
 
 
 @app.command()
 @friendly
 def worker(
-    queues: Annotated[str, typer.Option("--queues", "-Q", help="Queues to consume.")] = "gpu,cpu",
-    name: Annotated[str, typer.Option(help="Worker name (Celery hostname).")] = "realign@%h",
+    queues: Annotated[
+        str, typer.Option("--queues", "-Q", help="Queues to consume, comma-separated.")
+    ] = "gpu,cpu",
+    name: Annotated[
+        str, typer.Option(help="Worker name (Celery hostname; %h = this host).")
+    ] = "realign@%h",
 ) -> None:
-    """Run a Celery worker (one per GPU) for the distributed service; needs REALIGN_REDIS_URL."""
+    """Run a Celery worker (one per GPU) for the distributed service; needs REALIGN_REDIS_URL.
+
+    It takes merge jobs from Redis, writes into the store (REALIGN_MODELS_CACHE_DIR, shared
+    with the API) and reports progress in the job records.
+
+    Example: REALIGN_REDIS_URL=redis://redis:6379/0 REALIGN_DEVICE=cuda realign worker -Q gpu
+    """
     if not get_settings().redis_url:
         raise _fail(
             "set REALIGN_REDIS_URL: workers take jobs from Redis (without it, "
             "`realign serve` runs an in-process worker)",
             2,
         )
-    from workers.celery_app import celery_app
+    require("worker", "serve")
+    try:
+        from workers.celery_app import celery_app
+    except ImportError as exc:
+        _import_failure("worker", "serve", exc)
 
     celery_app.worker_main(
         [
@@ -90,15 +149,24 @@ def worker(
 
 
 @app.command()
+@friendly
 def keygen(
     name: Annotated[str, typer.Argument(help="Who the key is for.")],
     role: Annotated[str, typer.Option(help="user or admin.")] = "user",
 ) -> None:
-    """Make an API key: prints the secret once, and the REALIGN_API_KEYS entry to store."""
+    """Make an API key: prints the secret once, and the REALIGN_API_KEYS entry to store.
+
+    Only the key's sha256 goes into REALIGN_API_KEYS (a JSON list of the printed entries).
+
+    Example: realign keygen alice --role admin
+    """
     import json
     import secrets
 
-    from app.api.auth import hash_key
+    try:
+        from app.api.auth import hash_key
+    except ImportError as exc:
+        _import_failure("keygen", "serve", exc)
 
     token = f"rk-{secrets.token_urlsafe(32)}"
     err.print("give this key to its owner (it is not stored anywhere):")

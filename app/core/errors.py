@@ -256,3 +256,28 @@ class ModelLoadFailedError(ServiceUnavailableError):
         )
         self.model_id = model_id
         self.reason = reason
+
+
+class InvalidSettingsError(RealignError, ValueError):
+    """An environment variable of the settings does not parse or is out of range."""
+
+    code = "invalid_settings"
+
+
+class MissingExtraError(RealignError, RuntimeError):
+    """A command needs an optional dependency group that is not installed."""
+
+    code = "missing_extra"
+
+
+class ContextLengthSettingError(RealignError, ValueError):
+    """The configured context length is above what the model supports."""
+
+    code = "context_length_setting"
+
+
+class EngineMemoryError(RealignError, RuntimeError):
+    """The engine's KV cache does not fit in the memory available."""
+
+    code = "engine_memory"
+    http_status = 507

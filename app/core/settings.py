@@ -2,18 +2,61 @@
 
 from __future__ import annotations
 
+import json
+import sys
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
+
+from app.core.envparse import (
+    ListFriendlyDotEnvSource,
+    ListFriendlyEnvSource,
+    explain,
+    markdown_table,
+)
+from app.core.errors import InvalidSettingsError
 
 
 class Settings(BaseSettings):
     """Process-wide configuration, built once and passed into factories."""
 
     model_config = SettingsConfigDict(env_prefix="REALIGN_", frozen=True, extra="ignore")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """List settings also take ``/a:/b`` and ``/a,/b`` (see ``app.core.envparse``)."""
+        return (
+            init_settings,
+            ListFriendlyEnvSource(settings_cls),
+            ListFriendlyDotEnvSource(settings_cls),
+            file_secret_settings,
+        )
+
+    @field_validator("vllm_args")
+    @classmethod
+    def _json_object(cls, value: str) -> str:
+        try:
+            parsed = json.loads(value or "{}")
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"not valid JSON ({exc})") from None
+        if not isinstance(parsed, dict):
+            raise ValueError("must be a JSON object of vLLM engine arguments")
+        return value
 
     models_cache_dir: Path = Field(
         default=Path("models_cache"),
@@ -22,18 +65,24 @@ class Settings(BaseSettings):
     store_budget_gb: float | None = Field(
         default=None,
         description="Size budget of the store in GB; least recently used artifacts are "
-        "evicted beyond it (artifacts in use never are). None = unlimited.",
+        "evicted beyond it (artifacts in use never are). Unset = unlimited.",
+        examples=["500"],
     )
     device: Literal["cpu", "cuda"] = Field(default="cpu", description="Where merge math runs.")
-    residual_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    residual_dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        default="bfloat16", description="Storage dtype of residuals computed by the service."
+    )
     max_shard_gb: float = Field(default=5.0, gt=0, description="Largest output shard in GB.")
     max_read_mbps: float | None = Field(
         default=None,
         gt=0,
         description="Cap on input MB read per second by one merge (shared storage); "
         "unset = as fast as the disk allows.",
+        examples=["200"],
     )
-    log_level: str = "INFO"
+    log_level: str = Field(
+        default="INFO", description="DEBUG, INFO, WARNING or ERROR.", examples=["DEBUG"]
+    )
 
     # -- job service -------------------------------------------------------------------
     redis_url: str | None = Field(
@@ -43,36 +92,84 @@ class Settings(BaseSettings):
     )
     allowed_roots: list[Path] = Field(
         default_factory=list,
-        description="Local model paths must resolve under one of these (JSON list). Empty = "
-        "only the store's sources/ and merged/ directories.",
+        description="Directories local model paths must resolve into (symlinks followed): "
+        "`/a:/b`, `/a,/b` or a JSON list. Empty = only the store (`REALIGN_MODELS_CACHE_DIR`).",
+        examples=["/data/models:/srv/models"],
     )
     api_keys: str | None = Field(
         default=None,
         description='API keys as JSON: [{"name": ..., "role": "user"|"admin", '
         '"sha256": <hex of the key>}]. Unset = no auth, loopback only.',
     )
-    host: str = "127.0.0.1"
-    port: int = 8000
+    host: str = Field(
+        default="127.0.0.1",
+        description="Address `realign serve` binds; any other than loopback needs API keys.",
+        examples=["0.0.0.0"],
+    )
+    port: int = Field(default=8000, ge=0, le=65535, description="Port `realign serve` binds.")
     max_body_bytes: int = Field(default=64 * 1024, description="Request body limit (413).")
     job_time_limit_s: int = Field(default=6 * 3600, description="Hard limit of one merge job.")
     visibility_timeout_s: int = Field(
         default=7 * 3600, description="Redis redelivery timeout; must exceed the job limit."
     )
     max_deliveries: int = Field(default=3, description="A job redelivered more often fails.")
-    worker_queues: list[str] = Field(default_factory=lambda: ["gpu", "cpu"])
+    worker_queues: list[str] = Field(
+        default_factory=lambda: ["gpu", "cpu"],
+        description="Queues merge jobs go to, by preference: `gpu,cpu` or a JSON list.",
+        examples=["gpu,cpu"],
+    )
 
     # -- serving -----------------------------------------------------------------------
     engine: Literal["auto", "vllm", "torch"] = Field(
         default="auto", description="auto = vLLM when it is installed, else transformers."
     )
     max_engines: int = Field(default=1, ge=1, description="Engines kept loaded (memory budget).")
-    engine_max_model_len: int = Field(default=2048, ge=64)
+    engine_max_model_len: int | None = Field(
+        default=None,
+        ge=16,
+        description="Context length (prompt + completion tokens) of served models. Unset = "
+        "each model's own limit (`max_position_embeddings` etc. in its config); a lower "
+        "value saves KV-cache memory, a higher one is refused.",
+        examples=["4096"],
+    )
     engine_wait_s: float = Field(
         default=30.0, description="How long a request waits for a loading model before 503."
     )
     vllm_args: str = Field(
         default="{}",
-        description='Extra vLLM engine arguments as JSON, e.g. {"enforce_eager": true}.',
+        description='Extra vLLM engine arguments as JSON, e.g. {"enforce_eager": true}; '
+        "they override the `REALIGN_ENGINE_*` settings.",
+        examples=['{"enforce_eager": true}'],
+    )
+    engine_kv_cache_gb: float | None = Field(
+        default=None,
+        gt=0,
+        description="vLLM KV-cache size in GB. Unset = room for "
+        "`REALIGN_ENGINE_KV_SEQUENCES` full-length sequences, capped at "
+        "`REALIGN_ENGINE_MEMORY_FRACTION` of the memory free when the engine starts (RAM on "
+        "the CPU build; on GPUs unset leaves the KV cache to the GPU memory share).",
+        examples=["2"],
+    )
+    engine_kv_sequences: int = Field(
+        default=4,
+        ge=1,
+        description="Full-length sequences the automatic KV cache holds at once.",
+    )
+    engine_memory_fraction: float = Field(
+        default=0.5,
+        gt=0,
+        le=1,
+        description="Share of the free RAM (after the weights) the automatic KV cache "
+        "may take on the CPU build.",
+    )
+    engine_gpu_memory_utilization: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        description="Share of the GPU's memory vLLM may use (weights + KV cache). Unset = "
+        "0.9 of what is free when the engine starts, so other processes on the GPU keep "
+        "theirs.",
+        examples=["0.8"],
     )
 
     # -- remote code (model inputs) --------------------------------------------------------
@@ -121,7 +218,7 @@ class Settings(BaseSettings):
         "than this, in GB (0 = no disk check).",
     )
 
-    # -- API limits (issue 8, point 7): per key, or per client address without auth --------
+    # -- API limits: per key, or per client address without auth ----------------------
     rate_limit_chat_rpm: int = Field(
         default=600,
         ge=0,
@@ -163,7 +260,37 @@ class Settings(BaseSettings):
     )
 
 
+def load_settings() -> Settings:
+    """Read the settings from the environment.
+
+    Raises:
+        InvalidSettingsError: a variable does not parse; one line naming it, what is
+            wrong and an example.
+    """
+    try:
+        return Settings()
+    except (ValidationError, SettingsError) as exc:
+        raise InvalidSettingsError(explain(Settings, exc)) from None
+
+
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    """Return the process settings (read from the environment once)."""
-    return Settings()
+    """Return the process settings (read from the environment once).
+
+    Raises:
+        InvalidSettingsError: see :func:`load_settings`.
+    """
+    return load_settings()
+
+
+def main(argv: list[str]) -> int:
+    """``python -m app.core.settings --markdown``: the README's settings table."""
+    if argv != ["--markdown"]:
+        print("usage: python -m app.core.settings --markdown", file=sys.stderr)
+        return 2
+    sys.stdout.write(markdown_table(Settings))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

@@ -50,6 +50,7 @@ class ChatEngine(Protocol):
     kind: str
     model_dir: Path
     architecture: str
+    max_model_len: int  # context length it serves (prompt + completion tokens)
 
     async def start(self) -> None:
         """Load the model (may take seconds to minutes)."""

@@ -19,6 +19,7 @@ import torch
 from app.core.errors import IncompatibleModelsError
 from app.engines.base import GenerationChunk, GenerationRequest, InlineMerge
 from app.engines.rwlock import RWLock
+from app.engines.sizing import context_length
 
 
 def architecture_of(model_dir: Path) -> str:
@@ -28,13 +29,31 @@ def architecture_of(model_dir: Path) -> str:
 
 
 class TorchEngine:
-    """A transformers model on the CPU (or one CUDA device) behind the engine protocol."""
+    """A transformers model on the CPU (or one CUDA device) behind the engine protocol.
+
+    Args:
+        model_dir: the checkpoint to load.
+        device: ``cpu`` or ``cuda[:N]``.
+        dtype: ``auto`` (the checkpoint's) or a torch dtype name.
+        max_model_len: context length; ``None`` = the model's own limit.
+
+    Raises:
+        ContextLengthSettingError: ``max_model_len`` is above the model's limit.
+    """
 
     kind = "torch"
 
-    def __init__(self, model_dir: Path, *, device: str = "cpu", dtype: str = "auto") -> None:
+    def __init__(
+        self,
+        model_dir: Path,
+        *,
+        device: str = "cpu",
+        dtype: str = "auto",
+        max_model_len: int | None = None,
+    ) -> None:
         self.model_dir = model_dir
         self.architecture = architecture_of(model_dir)
+        self.max_model_len = context_length(model_dir, max_model_len)
         self.device = device
         self.dtype = dtype
         self.model: Any = None

@@ -11,6 +11,7 @@ callable would need ``VLLM_ALLOW_INSECURE_SERIALIZATION=1`` on the engine's sock
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import importlib.util
 import json
 import uuid
@@ -21,6 +22,7 @@ from typing import Any
 from app.core.errors import IncompatibleModelsError, ModelNotFoundError, ServiceUnavailableError
 from app.engines.base import GenerationChunk, GenerationRequest, InlineMerge
 from app.engines.rwlock import RWLock
+from app.engines.sizing import EngineMemory, context_length, vllm_memory_args
 
 EXTENSION = "app.engines.vllm.VllmWorkerExtension"
 PROBE_TOKENS = 4
@@ -149,16 +151,18 @@ class VllmEngine:
     Args:
         model_dir: the checkpoint to start from; its tokenizer stays vLLM's.
         dtype: weight and activation dtype (``auto``, ``bfloat16``, ``float32``...).
-        max_model_len: context length.
-        gpu_memory_utilization: share of GPU memory for vLLM (on the CPU build: of RAM,
-            unless ``kv_cache_memory_bytes`` is given in ``extra_args``).
+        max_model_len: context length; ``None`` = the model's own limit.
+        memory: KV-cache and GPU-share settings, applied when the engine starts
+            (see :mod:`app.engines.sizing`).
+        gpu_memory_utilization: overrides ``memory.gpu_memory_utilization``.
         enforce_eager: skip CUDA graphs / compilation (faster start, slower decode).
         max_num_seqs: most sequences decoded at once.
-        extra_args: further ``AsyncEngineArgs`` fields, e.g. ``kv_cache_memory_bytes``.
+        extra_args: further ``AsyncEngineArgs`` fields; they win over the sizing above.
 
     Raises:
         VllmUnavailableError: vLLM is not installed (names the extra to install).
         ModelNotFoundError: ``model_dir`` has no config.json.
+        ContextLengthSettingError: ``max_model_len`` is above the model's limit.
     """
 
     kind = "vllm"
@@ -168,8 +172,9 @@ class VllmEngine:
         model_dir: Path,
         *,
         dtype: str = "auto",
-        max_model_len: int = 2048,
-        gpu_memory_utilization: float = 0.85,
+        max_model_len: int | None = None,
+        memory: EngineMemory | None = None,
+        gpu_memory_utilization: float | None = None,
         enforce_eager: bool = False,
         max_num_seqs: int = 32,
         extra_args: dict[str, Any] | None = None,
@@ -181,11 +186,17 @@ class VllmEngine:
             raise ValueError(f"worker_extension_cls is reserved for {EXTENSION}")
         self.model_dir = model_dir
         self.architecture = _architecture(model_dir)
+        self.max_model_len = int(extra.pop("max_model_len", 0)) or context_length(
+            model_dir, max_model_len
+        )
+        memory = memory or EngineMemory()
+        if gpu_memory_utilization is not None:
+            memory = dataclasses.replace(memory, gpu_memory_utilization=gpu_memory_utilization)
+        self.memory = memory
         self.engine_args: dict[str, Any] = {
             "model": str(model_dir),
             "dtype": dtype,
-            "max_model_len": max_model_len,
-            "gpu_memory_utilization": gpu_memory_utilization,
+            "max_model_len": self.max_model_len,
             "enforce_eager": enforce_eager,
             "max_num_seqs": max_num_seqs,
             **extra,
@@ -202,13 +213,24 @@ class VllmEngine:
 
         Raises:
             VllmUnavailableError: vLLM cannot be imported.
+            EngineMemoryError: the KV cache cannot fit; names the setting to change.
         """
         if self._engine is None:
             self._shapes = await asyncio.to_thread(_checkpoint_shapes, self.model_dir)
+            await asyncio.to_thread(self._size_memory)
             # Off the event loop (~20 s). Importing in a call of its own keeps frames that
             # import-time code retains from holding on to the engine.
             llm, args = await asyncio.to_thread(_engine_classes)
             self._engine = await asyncio.to_thread(llm.from_engine_args, args(**self.engine_args))
+
+    def _size_memory(self) -> None:
+        """KV cache and GPU share from the settings and the memory free right now;
+        ``extra_args`` given by hand win."""
+        args = self.engine_args
+        if "kv_cache_memory_bytes" in args or "gpu_memory_utilization" in args:
+            return
+        sized = vllm_memory_args(self.model_dir, self.max_model_len, args["dtype"], self.memory)
+        args.update(sized)
 
     async def close(self) -> None:
         """Wait for in-flight generations, then stop vLLM's processes."""

@@ -6,7 +6,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,11 +84,14 @@ class ChatService:
     Args:
         pool: the engines.
         tokenizer_for: model id -> its :class:`ServedTokenizer` (raises for unknown ids).
-        max_model_len: prompt + completion tokens an engine accepts.
+        max_model_len: prompt + completion tokens an engine accepts, or model id -> that.
     """
 
     def __init__(
-        self, pool: EnginePool, tokenizer_for: TokenizerLookup, max_model_len: int = 2048
+        self,
+        pool: EnginePool,
+        tokenizer_for: TokenizerLookup,
+        max_model_len: int | Callable[[str], int] = 2048,
     ) -> None:
         self.pool = pool
         self.tokenizer_for = tokenizer_for
@@ -101,16 +104,18 @@ class ChatService:
         prompt: list[int],
         budget: int,
     ) -> GenerationRequest:
-        if len(prompt) >= self.max_model_len:
+        limit = self.max_model_len
+        limit = limit(body.model) if callable(limit) else limit
+        if len(prompt) >= limit:
             what = "messages" if isinstance(body, ChatCompletionRequest) else "prompt"
             raise ContextLengthError(
                 f"the prompt has {len(prompt)} tokens; this model accepts at most "
-                f"{self.max_model_len} tokens in total — shorten the {what}",
+                f"{limit} tokens in total — shorten the {what}",
                 param=what,
             )
         return GenerationRequest(
             prompt,
-            max_tokens=min(budget, self.max_model_len - len(prompt)),
+            max_tokens=min(budget, limit - len(prompt)),
             temperature=body.temperature,
             top_p=body.top_p,
             seed=body.seed,

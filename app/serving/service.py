@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -20,8 +19,9 @@ from app.api.schemas.openai import (
 from app.core.errors import ModelLoadFailedError, ModelNotFoundError, RealignError
 from app.core.settings import Settings
 from app.engines.base import InlineMerge
-from app.engines.factory import make_factory
+from app.engines.factory import factory_from_settings
 from app.engines.pool import EnginePool, ModelLoadingError, ModelSource, describe, load_reason
+from app.engines.sizing import context_length
 from app.jobs.records import JobRecords, ModelEntry
 from app.jobs.runner import JobRunner
 from app.serving.chat import ChatService
@@ -36,14 +36,9 @@ class ServingService:
     def __init__(self, settings: Settings, records: JobRecords) -> None:
         self.settings = settings
         self.records = records
-        factory = make_factory(
-            settings.engine,
-            device=settings.device,
-            max_model_len=settings.engine_max_model_len,
-            extra=json.loads(settings.vllm_args or "{}"),
-        )
+        factory = factory_from_settings(settings)
         self.pool = EnginePool(factory, settings.max_engines, settings.engine_wait_s)
-        self.chat_service = ChatService(self.pool, self.tokenizer, settings.engine_max_model_len)
+        self.chat_service = ChatService(self.pool, self.tokenizer, self.context_length)
         self._tokenizers: dict[tuple[str, str], ServedTokenizer] = {}
         self._loading: dict[str, asyncio.Task[str]] = {}
         self._finisher = JobRunner(records, settings, "serving", lambda task, job: None)
@@ -103,6 +98,12 @@ class ServingService:
             except Exception as exc:  # broken tokenizer files: say so, not a bare 500
                 raise ModelLoadFailedError(model_id, f"tokenizer: {load_reason(exc)}") from exc
         return self._tokenizers[key]
+
+    def context_length(self, model_id: str) -> int:
+        """Prompt + completion tokens ``model_id`` is served with (the model's own limit
+        unless REALIGN_ENGINE_MAX_MODEL_LEN lowers it)."""
+        path = Path(self.entry(model_id).path)
+        return context_length(path, self.settings.engine_max_model_len)
 
     def source(self, entry: ModelEntry) -> ModelSource:
         inline = None
