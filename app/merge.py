@@ -128,7 +128,9 @@ def _dtype(name: str) -> DType:
     try:
         return DTYPES[name]
     except KeyError:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {name!r}") from None
+        raise InvalidParameterError(
+            f"dtype must be one of {', '.join(DTYPES)}, not {name!r}"
+        ) from None
 
 
 @reports_disk_full("store", fallback=_store_root)
@@ -496,7 +498,7 @@ def preflight(
                     plan_apply(manifest, pack, t_ckpt, alpha)
             return
         if base is None or instruct is None:
-            raise ValueError("give either a residual key or both base and instruct")
+            raise InvalidParameterError("give either a residual key or both base and instruct")
         ins, bas = _resolve(instruct, st), _resolve(base, st)
         with Checkpoint.open(ins.path) as i_ckpt, Checkpoint.open(bas.path) as b_ckpt:
             plan_fused(i_ckpt, b_ckpt, t_ckpt, alpha)
@@ -542,7 +544,7 @@ def merge_to_store(
     res_key = residual
     if res_key is None:
         if base is None or instruct is None:
-            raise ValueError("give either a residual key or both base and instruct")
+            raise InvalidParameterError("give either a residual key or both base and instruct")
         first = _store_first_merge(st, instruct, base, target, alpha, dtype, opts)
         if first is not None:
             return _checked_reuse(st, first, again, notice)

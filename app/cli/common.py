@@ -21,6 +21,7 @@ from rich.progress import (
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
+from rich.text import Text
 
 from app.core.errors import OperationCancelledError, RealignError
 from app.residuals.progress import Progress as Snapshot
@@ -67,8 +68,9 @@ Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existin
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
 
 
-def _fail(message: str, code: int) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+def fail(message: str, code: int) -> typer.Exit:
+    # The message is plain text: `[serve]` in it is an extra's name, not markup.
+    err.print(Text.assemble(("error:", "bold red"), " ", message), highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -80,13 +82,13 @@ def friendly(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except OperationCancelledError as exc:
-            raise _fail(str(exc), 130) from None
+            raise fail(str(exc), 130) from None
         except KeyboardInterrupt:
-            raise _fail("interrupted; nothing was published", 130) from None
+            raise fail("interrupted; nothing was published", 130) from None
         except (RealignError, ValueError) as exc:
-            raise _fail(str(exc), 1) from None
+            raise fail(str(exc), 1) from None
         except OSError as exc:
-            raise _fail(os_error_message(exc), 1) from None
+            raise fail(os_error_message(exc), 1) from None
 
     return wrapper  # type: ignore[return-value]
 

@@ -5,9 +5,6 @@ from __future__ import annotations
 import importlib
 from typing import NoReturn
 
-import typer
-from rich.text import Text
-
 from app.core.errors import MissingExtraError
 
 # The modules each extra of pyproject.toml provides that commands import.
@@ -33,10 +30,9 @@ def require(command: str, extra: str) -> None:
 
 def report(error: MissingExtraError) -> NoReturn:
     """Print ``error`` as one line (verbatim: ``[serve]`` is no markup) and exit 1."""
-    from app.cli.common import err
+    from app.cli.common import fail
 
-    err.print(Text.assemble(("error:", "bold red"), " ", error.message), soft_wrap=True)
-    raise typer.Exit(1)
+    raise fail(error.message, 1)
 
 
 def missing(command: str, extra: str, module: str) -> MissingExtraError:

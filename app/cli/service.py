@@ -8,7 +8,7 @@ from typing import Annotated, NoReturn
 import typer
 
 from app import __version__
-from app.cli.common import _fail, app, err, friendly, out
+from app.cli.common import app, err, fail, friendly, out
 from app.cli.extras import missing, report, require
 from app.core.settings import get_settings
 
@@ -120,7 +120,7 @@ def worker(
     Example: REALIGN_REDIS_URL=redis://redis:6379/0 REALIGN_DEVICE=cuda realign worker -Q gpu
     """
     if not get_settings().redis_url:
-        raise _fail(
+        raise fail(
             "set REALIGN_REDIS_URL: workers take jobs from Redis (without it, "
             "`realign serve` runs an in-process worker)",
             2,

@@ -97,6 +97,13 @@ return 0
 """
 
 
+def _why(exc: BaseException) -> str:
+    """A cause for an operator, without the client's internals (class names, addresses)."""
+    import redis.exceptions as rex
+
+    return "timed out" if isinstance(exc, rex.TimeoutError) else "no answer"
+
+
 def _guarded(fn: Callable[_P, _T]) -> Callable[_P, _T]:
     """Turn the client's connection and server errors into RecordsUnavailableError."""
 
@@ -108,7 +115,7 @@ def _guarded(fn: Callable[_P, _T]) -> Callable[_P, _T]:
             return fn(*args, **kwargs)
         except (rex.ConnectionError, rex.TimeoutError) as exc:
             raise RecordsUnavailableError(
-                f"job records: Redis is not reachable ({exc.__class__.__name__}); "
+                f"job records: Redis is not reachable ({_why(exc)}); "
                 "check REALIGN_REDIS_URL and the Redis server, then retry"
             ) from exc
         except rex.ResponseError as exc:  # MISCONF (cannot persist), OOM, READONLY replica

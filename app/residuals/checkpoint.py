@@ -121,7 +121,9 @@ def weight_files(directory: Path) -> list[Path]:
     if index.is_file():
         try:
             weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-        except (KeyError, json.JSONDecodeError) as exc:
+            if not isinstance(weight_map, dict):
+                raise TypeError("weight_map is not an object")
+        except (KeyError, TypeError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise CorruptCheckpointError(f"{index}: not a valid safetensors index ({exc})") from exc
         names = sorted(set(weight_map.values()))
         missing = [n for n in names if not (directory / n).is_file()]
@@ -172,8 +174,13 @@ class Checkpoint:
             raise ModelNotFoundError(f"{path} has no config.json — not a Hugging Face model dir")
         try:
             config = json.loads(config_path.read_text())
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise CorruptCheckpointError(f"{config_path}: invalid JSON ({exc})") from exc
+        if not isinstance(config, dict):
+            raise CorruptCheckpointError(
+                f"{config_path}: expected a JSON object of model settings, found a "
+                f"{type(config).__name__} — restore the model's config.json"
+            )
         tensors: dict[str, TensorInfo] = {}
         for file in weight_files(path):
             found, _ = read_header(file)

@@ -25,6 +25,7 @@ from app.residuals.manifest import (
     SourceInfo,
     write_json,
 )
+from app.residuals.remote_code import strip_auto_map
 from app.residuals.shards import ShardedWriter, TensorSpec
 from app.residuals.sources import RunOptions, file_order, make_runner
 from app.residuals.stream import Source, TensorJob, TensorStats
@@ -142,7 +143,9 @@ def finish_residual(
     files = {n: FileEntry(size=writer.sizes[n], sha256=h) for n, h in writer.sha256.items()}
     index = out_dir / f"{RESIDUAL_PREFIX}.safetensors.index.json"
     assets = copy_assets(instruct.path, out_dir / "assets")
-    (out_dir / "assets" / INSTRUCT_CONFIG).write_text(json.dumps(instruct.config, indent=2))
+    # A trusted (allowlisted) instruct side may carry auto_map; the pack never does.
+    config = strip_auto_map(instruct.config)
+    (out_dir / "assets" / INSTRUCT_CONFIG).write_text(json.dumps(config, indent=2))
     for extra in [index, *(out_dir / "assets").iterdir()]:
         if extra.is_file():
             rel = extra.relative_to(out_dir).as_posix()

@@ -142,10 +142,12 @@ def test_residual_input_truncated_after_validation(triple: TinyTriple, tmp_path:
     assert stored(h.store) == []  # nothing published, staging cleaned
 
 
-def test_apply_disk_full_mid_write(triple: TinyTriple, tmpfs: Path, tmp_path: Path) -> None:
-    """The residual is stored; the tmpfs then has 1 MB left for a 3 MB merged model:
-    ENOSPC mid-write ends the job 'insufficient_storage' with the path and the numbers,
-    and the partial model is gone."""
+def test_apply_without_room_fails_insufficient_storage(
+    triple: TinyTriple, tmpfs: Path, tmp_path: Path
+) -> None:
+    """The residual is stored; the tmpfs then has 1 MB left for a 3 MB merged model: the
+    check before writing ends the job 'insufficient_storage' with the path and the
+    numbers, and nothing partial is left (ENOSPC mid-write: tests/faults/test_disk.py)."""
     h = Harness(tmpfs, tmp_path / "jobs.sqlite")
     residual = h.run(MergeSpec(base=str(triple.base), instruct=str(triple.instruct)))
     assert residual.status == JobStatus.succeeded and residual.result is not None
@@ -154,7 +156,7 @@ def test_apply_disk_full_mid_write(triple: TinyTriple, tmpfs: Path, tmp_path: Pa
         f.write(b"\0" * (shutil.disk_usage(tmpfs).free - 1024**2))
     rec = h.run(MergeSpec(residual=key[:10], target=str(triple.new_base)))
     message = assert_failed(rec, "insufficient_storage")
-    assert str(tmpfs) in message and "free of 8.0 MB" in message
+    assert str(tmpfs) in message and "needs 3." in message and "bytes) free" in message
     assert stored(tmpfs) == [f"residuals/{key}"] + [
         p for p in stored(tmpfs) if p.startswith(f"residuals/{key}/")
     ]

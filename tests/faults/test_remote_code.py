@@ -157,8 +157,7 @@ def test_allowlisted_code_is_accepted_and_never_reaches_outputs(
     for produced in (out, *sorted((store_dir / "residuals").iterdir())):
         assert list(produced.rglob("*.py")) == []
         for f in produced.rglob("*.json"):
-            if f.name != "instruct_config.json":  # the pack's record of its input
-                assert "auto_map" not in json.loads(f.read_text()), f
+            assert "auto_map" not in json.loads(f.read_text()), f
 
     (instruct / "modeling_evil.py").write_text("print('changed')\n")  # same name, new code
     res = realign("merge", *args, "-o", str(tmp_path / "out2"), "-q",

@@ -116,6 +116,18 @@ def test_corrupt_safetensors(
     assert stored(store_dir) == before
 
 
+@pytest.mark.parametrize("text", ["[]", "null", '"llama"', "\xff"])
+def test_config_that_is_not_an_object(
+    llama_triple: TinyTriple, store_dir: Path, tmp_path: Path, text: str
+) -> None:
+    bad = copy_model(llama_triple.instruct, tmp_path / "bad")
+    (bad / "config.json").write_bytes(text.encode("latin-1"))
+    with pytest.raises(CorruptCheckpointError, match=r"config\.json") as exc:
+        compute(str(llama_triple.base), str(bad), store=store_dir)
+    assert str(bad) in str(exc.value)
+    assert stored(store_dir) == []
+
+
 def test_missing_config_and_missing_shard(
     llama_triple: TinyTriple, store_dir: Path, tmp_path: Path
 ) -> None:
