@@ -122,13 +122,28 @@ def assert_failed(rec: JobRecord, code: str, stage: str | None = None) -> str:
 
 
 # -- a fault at each stage --------------------------------------------------------------
-def test_preflight_unexpected_exception_fails_the_job(triple: TinyTriple, tmp_path: Path) -> None:
-    """A target config that is JSON but not an object raises a plain AttributeError deep
-    in preflight: the job fails (it used to stay 'validating'), naming stage and type."""
-    (triple.new_base / "config.json").write_text("[]")
+def test_preflight_unexpected_exception_fails_the_job(
+    triple: TinyTriple, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug deep in preflight (an AttributeError nobody expected): the job fails (it
+    used to stay 'validating'), naming stage and type, and pointing at the log."""
+    import app.merge
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise AttributeError("'list' object has no attribute 'get'")
+
+    monkeypatch.setattr(app.merge, "preflight", broken)
     h = Harness(tmp_path / "store", tmp_path / "jobs.sqlite")
     message = assert_failed(h.run(pair(triple)), "internal_error", "preflight")
     assert "preflight" in message and "AttributeError" in message and "log" in message
+    assert h.queued == [] and stored(h.store) == []
+
+
+def test_config_that_is_not_an_object_fails_as_corrupt(triple: TinyTriple, tmp_path: Path) -> None:
+    (triple.new_base / "config.json").write_text("[]")
+    h = Harness(tmp_path / "store", tmp_path / "jobs.sqlite")
+    message = assert_failed(h.run(pair(triple)), "corrupt_checkpoint", "preflight")
+    assert str(triple.new_base / "config.json") in message and "found a list" in message
     assert h.queued == [] and stored(h.store) == []
 
 
