@@ -50,14 +50,15 @@ def validate(self: Any, job_id: str) -> None:
     name=TASK_MERGE, bind=True, autoretry_for=TRANSIENT, retry_backoff=True, max_retries=5
 )
 def merge(self: Any, job_id: str) -> None:
+    r = runner(self.request.hostname)
     try:
-        runner(self.request.hostname).merge(job_id)
+        r.merge(job_id)
     except LeaseHeldError:
         # A previous delivery may still be running (or died holding the lease): come back
         # when the lease would have expired rather than running the merge twice at once.
         # The countdown stays well below the visibility timeout: a delayed message held
         # past it would be redelivered again by Redis.
-        settings = get_settings()
+        settings = r.settings  # the runner's, not read again
         wait = min(settings.job_lease_s / 2, settings.visibility_timeout_s / 4)
         raise self.retry(countdown=wait, max_retries=None) from None
 

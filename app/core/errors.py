@@ -281,3 +281,9 @@ class EngineMemoryError(RealignError, RuntimeError):
 
     code = "engine_memory"
     http_status = 507
+
+
+class StoreUnavailableError(ServiceUnavailableError):
+    """The object store (S3, MinIO, GCS interop) cannot be reached or refused a request."""
+
+    code = "store_unavailable"

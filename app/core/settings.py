@@ -47,6 +47,14 @@ class Settings(BaseSettings):
             file_secret_settings,
         )
 
+    @field_validator("store_url")
+    @classmethod
+    def _store_url(cls, value: str) -> str:
+        value = value.strip()
+        if value and not (value.startswith("s3://") and len(value) > 5 and value[5] != "/"):
+            raise ValueError("must be empty (local store) or s3://bucket/prefix")
+        return value
+
     @field_validator("vllm_args")
     @classmethod
     def _json_object(cls, value: str) -> str:
@@ -195,6 +203,29 @@ class Settings(BaseSettings):
         description="Lease of a builder on its staging directory, renewed every third of "
         "it while the build runs; staging left by a dead builder is removed once its "
         "lease has run out.",
+    )
+
+    # -- object store (S3, MinIO, GCS interop) ----------------------------------------
+    store_url: str = Field(
+        default="",
+        description="Where artifacts are published: empty = the local store "
+        "(`REALIGN_MODELS_CACHE_DIR`); `s3://bucket/prefix` = an S3-compatible object "
+        "store (extra `s3`), with `REALIGN_MODELS_CACHE_DIR` as this node's read-through "
+        "cache. Credentials come from the standard AWS chain (AWS_ACCESS_KEY_ID / "
+        "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, an instance or pod role). With "
+        "`REALIGN_REDIS_URL` set, builders on every machine share one build lock.",
+    )
+    s3_endpoint_url: str | None = Field(
+        default=None,
+        description="S3 endpoint for the object store and `s3://` model refs: MinIO, "
+        "GCS interop (https://storage.googleapis.com), a test server. Unset = AWS S3.",
+    )
+    store_cache_budget_gb: float | None = Field(
+        default=None,
+        gt=0,
+        description="Size budget in GB of this node's read-through cache of an object "
+        "store; least recently used artifacts not being read are evicted. Unset = "
+        "unbounded.",
     )
 
     # -- job records, leases and disk readiness ----------------------------------------

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Collection
 
 from app.jobs.models import MergeSpec
-from app.residuals.refs import ModelRef, resolve_ref
-from app.store.local import LocalStore
+from app.residuals.refs import ModelRef
+from app.store.base import Store
+from app.store.inputs import resolve_input
 
 PINNED_FIELDS = ("base", "instruct", "target")
 
 
-def pin_refs(spec: MergeSpec, store_root: Path) -> dict[str, str]:
+def pin_refs(spec: MergeSpec, store: Store, trusted_code: Collection[str] = ()) -> dict[str, str]:
     """The spec's refs that can move, resolved: ``hf:org/name@main`` to
-    ``hf:org/name@<commit>`` (downloading it into the store's sources), a residual key
-    prefix to the full key. Local directories are identified by content later.
+    ``hf:org/name@<commit>``, ``s3://bucket/prefix`` to
+    ``s3://bucket/prefix@sha256:<content digest>`` (downloading them into the store's
+    sources), a residual key prefix to the full key. Local directories are identified
+    by content later.
 
     Raises:
         RealignError subclasses: a ref that does not resolve.
@@ -24,9 +27,8 @@ def pin_refs(spec: MergeSpec, store_root: Path) -> dict[str, str]:
         text = getattr(spec, field)
         if text is None:
             continue
-        ref = ModelRef.parse(text)
-        if ref.kind == "hf":
-            pins[field] = resolve_ref(ref, store_root / "sources").ref
+        if ModelRef.parse(text).kind in ("hf", "s3"):
+            pins[field] = resolve_input(text, store, trusted_code).ref
     if spec.residual is not None and "/" not in spec.residual:
-        pins["residual"] = LocalStore(store_root).resolve(spec.residual)
+        pins["residual"] = store.resolve(spec.residual)
     return pins

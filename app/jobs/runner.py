@@ -30,6 +30,7 @@ from app.jobs.models import (
 )
 from app.jobs.records import JobRecords, ModelEntry
 from app.jobs.reporter import JobReporter
+from app.store.base import Store
 
 log = logging.getLogger("app.jobs")
 Enqueue = Callable[[str, str], None]  # (task name, job id)
@@ -59,6 +60,16 @@ class JobRunner:
         self.lease_s = settings.job_lease_s
         self.current_job: str | None = None
         self.finals = FinalWriter(records)  # final states survive a records outage
+        self._store: Store | None = None
+
+    @property
+    def store(self) -> Store:
+        """The store these settings configure (built on first use, then kept)."""
+        if self._store is None:
+            from app.store.factory import store_from_settings
+
+            self._store = store_from_settings(self.settings)
+        return self._store
 
     # -- steps ----------------------------------------------------------------------------
     def validate(self, job_id: str) -> None:
@@ -79,7 +90,8 @@ class JobRunner:
                     instruct=s.instruct,
                     residual=s.residual,
                     alpha=s.alpha,
-                    store=self.settings.models_cache_dir,
+                    store=self.store,
+                    settings=self.settings,
                 )
         except Exception as exc:
             self._fail_on(rec, exc)
@@ -198,7 +210,8 @@ class JobRunner:
             s.base,
             s.instruct,
             dtype=s.dtype,
-            store=self.settings.models_cache_dir,
+            store=self.store,
+            settings=self.settings,
             device=self.settings.device,
             progress=reporter,
             cancel=cancel,
@@ -226,7 +239,8 @@ class JobRunner:
             residual=s.residual,
             alpha=s.alpha,
             dtype=s.dtype,
-            store=self.settings.models_cache_dir,
+            store=self.store,
+            settings=self.settings,
             device=self.settings.device,
             progress=reporter,
             cancel=cancel,
@@ -265,11 +279,10 @@ class JobRunner:
     ) -> tuple[JobResult, int]:
         """Residual only; the engine computes target + alpha * R while loading it."""
         from app.merge import compute, preflight, resolve_model
-        from app.store.local import LocalStore
 
         s = self._spec(rec)
         assert s.target is not None
-        store = self.settings.models_cache_dir
+        store, settings = self.store, self.settings
         if s.residual is None:
             assert s.base is not None and s.instruct is not None
             res = compute(
@@ -277,6 +290,7 @@ class JobRunner:
                 s.instruct,
                 dtype=s.dtype,
                 store=store,
+                settings=settings,
                 device=self.settings.device,
                 progress=reporter,
                 cancel=cancel,
@@ -285,16 +299,16 @@ class JobRunner:
         else:
             from app.merge import inspect
 
-            key = LocalStore(store).resolve(s.residual)  # a key prefix names one pack
-            manifest = inspect(key, store)  # type: ignore[assignment]
+            key = store.resolve(s.residual)  # a key prefix names one pack
+            manifest = inspect(key, store, settings)  # type: ignore[assignment]
         if getattr(manifest, "vocab", None) is not None:
             raise IncompatibleModelsError(
                 "in_engine serving needs the target's shapes to stay the same, but "
                 "the instruct model added vocabulary rows; use serve_mode "
                 "'checkpoint'"
             )
-        preflight(target=s.target, residual=key, alpha=s.alpha, store=store)
-        target = resolve_model(s.target, store)
+        preflight(target=s.target, residual=key, alpha=s.alpha, store=store, settings=settings)
+        target = resolve_model(s.target, store, settings)
         model_id = s.name or f"realign-{key[:8]}-inline"
         self.records.register_model(
             ModelEntry(
@@ -302,7 +316,7 @@ class JobRunner:
                 path=str(target),
                 merged_key="",
                 residual_key=key,
-                residual_dir=str(store / "residuals" / key),
+                residual_dir=str(store.path(key)),
                 alpha=s.alpha,
                 base=manifest.base.ref,
                 instruct=manifest.instruct.ref,
@@ -376,7 +390,7 @@ class JobRunner:
         to its full key) and keep them on the record: the merge uses these."""
         from app.jobs.pins import pin_refs
 
-        pins = pin_refs(rec.spec, self.settings.models_cache_dir)
+        pins = pin_refs(rec.spec, self.store, self.settings.trusted_code_sha256)
         if pins == rec.resolved:
             return rec
         return self.records.save(rec.model_copy(update={"resolved": pins}))

@@ -221,7 +221,10 @@ class JobService:
         from app.merge import inspect
 
         full = self.store.resolve(key)
-        return {"key": full, "manifest": inspect(full, self.store).model_dump(mode="json")}
+        return {
+            "key": full,
+            "manifest": inspect(full, self.store, self.settings).model_dump(mode="json"),
+        }
 
     def delete_residual(self, key: str) -> None:
         self.store.remove(self.store.resolve(key))

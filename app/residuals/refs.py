@@ -1,4 +1,4 @@
-"""Model references: ``/local/dir``, ``hf:org/name@revision``.
+"""Model references: ``/local/dir``, ``hf:org/name@revision``, ``s3://bucket/prefix``.
 
 A reference is parsed without IO; :func:`resolve_ref` turns it into a local
 directory, pinning Hub revisions to commit hashes and fetching only safetensors,
@@ -21,6 +21,8 @@ from app.residuals.remote_code import CODE_SUFFIX, check_remote_code
 
 _REPO = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _REV = re.compile(r"^[\w./-]+$")
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_S3_PIN = re.compile(r"^sha256:[0-9a-f]{64}$")
 HUB_PATTERNS = [
     "*.safetensors",
     "*.json",
@@ -37,7 +39,7 @@ class ModelRef(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    kind: Literal["local", "hf"]
+    kind: Literal["local", "hf", "s3"]
     path: Path | None = None
     repo: str | None = None
     revision: str | None = None
@@ -61,20 +63,38 @@ class ModelRef(BaseModel):
             if rev and not _REV.match(rev):
                 raise InvalidRefError(f"{text!r}: invalid revision {rev!r}")
             return cls(kind="hf", repo=repo, revision=rev or "main")
+        if text.startswith("s3://"):
+            return cls._parse_s3(text)
         if "://" in text:
             scheme = text.split("://", 1)[0]
             raise InvalidRefError(
                 f"{text!r}: {scheme}:// references are not supported; copy the model to a "
-                "local directory or use hf:org/name@revision"
+                "local directory, or use hf:org/name@revision or s3://bucket/prefix"
             )
         try:
             return cls(kind="local", path=Path(text).expanduser())
         except RuntimeError as exc:  # ~user that does not exist
             raise InvalidRefError(f"{text!r}: {exc}") from None
 
+    @classmethod
+    def _parse_s3(cls, text: str) -> ModelRef:
+        """``s3://bucket/prefix`` (a model directory in a bucket), optionally pinned to
+        its content by ``@sha256:<digest>``."""
+        where, _, pin = text[5:].partition("@")
+        bucket, _, prefix = where.partition("/")
+        if not _BUCKET.match(bucket) or not prefix.strip("/"):
+            raise InvalidRefError(
+                f"{text!r}: object store references look like s3://bucket/path/to/model"
+            )
+        if pin and not _S3_PIN.match(pin):
+            raise InvalidRefError(f"{text!r}: a pin looks like @sha256:<64 hex digits>")
+        return cls(kind="s3", repo=f"{bucket}/{prefix.strip('/')}", revision=pin or None)
+
     def __str__(self) -> str:
         if self.kind == "hf":
             return f"hf:{self.repo}@{self.revision}"
+        if self.kind == "s3":
+            return f"s3://{self.repo}" + (f"@{self.revision}" if self.revision else "")
         return str(self.path)
 
 
@@ -131,6 +151,8 @@ def resolve_ref(
             raise ModelNotFoundError(f"{ref.path}: no such directory")
         check_remote_code(path, str(ref), trusted_code)
         return ResolvedModel(ref=str(ref), path=path)
+    if ref.kind == "s3":
+        raise InvalidRefError(f"{ref}: object store references are resolved by the store")
     return _resolve_hub(ref, sources_dir, token, trusted_code)
 
 

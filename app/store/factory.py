@@ -5,23 +5,62 @@ from __future__ import annotations
 from pathlib import Path
 
 from app.core.settings import Settings
+from app.store.base import Store
 from app.store.local import LocalStore
+from app.store.locks import BuildLock
+from app.store.objects import ObjectStore
+from app.store.s3 import S3Config
 
 
-def store_from_settings(settings: Settings, root: Path | None = None) -> LocalStore:
-    """The configured store (``root`` overrides only the directory, e.g. ``--store``).
+def store_from_settings(settings: Settings, root: Path | None = None) -> Store:
+    """The configured store (``root`` overrides it with a local directory, e.g.
+    ``--store``).
 
     Args:
-        settings: process settings; budget, locking and builder lease come from here.
-        root: a store directory other than ``settings.models_cache_dir``.
+        settings: process settings; location, budgets, locking and builder lease come
+            from here, and nowhere below.
+        root: a local store directory instead of the configured store.
 
     Returns:
-        A ``LocalStore`` honouring every store setting.
+        A ``LocalStore`` (``REALIGN_STORE_URL`` empty, or ``root`` given) or an
+        ``ObjectStore`` whose node cache is ``REALIGN_MODELS_CACHE_DIR``; with
+        ``REALIGN_REDIS_URL`` set its build lock is shared through Redis.
     """
-    budget = settings.store_budget_gb
-    return LocalStore(
-        root or settings.models_cache_dir,
-        int(budget * 1024**3) if budget is not None else None,
+    s3 = S3Config(endpoint_url=settings.s3_endpoint_url or None)
+    local = settings.models_cache_dir if root is None else root
+    if root is not None or not settings.store_url:
+        return LocalStore(
+            local,
+            _bytes(settings.store_budget_gb),
+            locking=settings.store_locking,
+            lease_s=settings.store_lease_s,
+            s3=s3,
+        )
+    cache = LocalStore(
+        local,
+        _bytes(settings.store_cache_budget_gb),
         locking=settings.store_locking,
         lease_s=settings.store_lease_s,
+        s3=s3,
     )
+    return ObjectStore(
+        settings.store_url,
+        cache,
+        s3=s3,
+        lock=build_lock(settings),
+        lease_s=settings.store_lease_s,
+        budget_bytes=_bytes(settings.store_budget_gb),
+    )
+
+
+def build_lock(settings: Settings) -> BuildLock | None:
+    """A build lock shared by every machine (Redis), or None without Redis."""
+    if not settings.redis_url:
+        return None
+    from app.jobs.locks import RedisBuildLock  # outside the pure store: imports redis
+
+    return RedisBuildLock(settings.redis_url)
+
+
+def _bytes(gb: float | None) -> int | None:
+    return int(gb * 1024**3) if gb is not None else None

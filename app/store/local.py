@@ -20,7 +20,6 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable, Collection, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -40,24 +39,14 @@ from app.residuals.manifest import (
     read_residual_manifest,
 )
 from app.residuals.publish import publish
+from app.store.base import ArtifactInfo, Kind
+from app.store.s3 import S3Config
 from app.store.staging import DEFAULT_LEASE_S, StagingArea
 
-Kind = Literal["residuals", "merged"]
+__all__ = ["QUARANTINE", "ArtifactInfo", "Kind", "LocalStore", "Locking"]
 Locking = Literal["flock", "none"]
 QUARANTINE = ".quarantine"
 _QUARANTINE_LOG = "quarantine.log"
-
-
-@dataclass(frozen=True)
-class ArtifactInfo:
-    """One stored artifact, as listed by ``realign ls``."""
-
-    key: str
-    kind: Kind
-    path: Path
-    size: int
-    last_used: float
-    in_use: bool
 
 
 class LocalStore:
@@ -70,6 +59,8 @@ class LocalStore:
             artifacts against eviction) or ``none`` where file locks do not work
             (NFS): builds are still correct, concurrent ones just do the work twice.
         lease_s: how long a builder's claim on its staging dir holds unrenewed.
+        s3: how to reach S3 for ``s3://`` model refs (endpoint; credentials come from
+            the standard AWS chain).
     """
 
     def __init__(
@@ -79,8 +70,10 @@ class LocalStore:
         *,
         locking: Locking = "flock",
         lease_s: float = DEFAULT_LEASE_S,
+        s3: S3Config | None = None,
     ) -> None:
         self.root = root
+        self.s3 = s3 or S3Config()
         self.budget_bytes = budget_bytes
         self.locking = locking
         for sub in ("residuals", "merged", "sources", ".locks", ".access", QUARANTINE):
@@ -139,6 +132,10 @@ class LocalStore:
                 raise ArtifactNotFoundError(f"{kind[:-1]} {key} is not in {self.root}")
             self.touch(key)
             yield path
+
+    def pinned(self, key: str) -> contextlib.AbstractContextManager[bool]:
+        """Pin ``key`` against eviction and removal (whether or not it exists yet)."""
+        return self._flock(f"{key}.use", fcntl.LOCK_SH)
 
     def touch(self, key: str) -> None:
         (self.root / ".access" / key).touch()
@@ -228,17 +225,31 @@ class LocalStore:
         Returns:
             Where it went; None when it was no longer there (another process moved it).
         """
+        moved = self.quarantine_dir(self.path(key, kind), key, kind, reason)
+        if moved is not None:
+            (self.root / ".access" / key).unlink(missing_ok=True)
+        return moved
+
+    def quarantine_dir(
+        self, src: Path, key: str, kind: Kind, reason: str, *, log: bool = True
+    ) -> Path | None:
+        """Move directory ``src`` (a corrupt copy of ``key``) into ``.quarantine/``;
+        None when it is gone. ``log`` counts it in the quarantine log."""
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         dest = self.root / QUARANTINE / f"{key}.{stamp}.{uuid.uuid4().hex[:6]}"
         try:
-            os.replace(self.path(key, kind), dest)
+            os.replace(src, dest)
         except FileNotFoundError:
             return None
-        (self.root / ".access" / key).unlink(missing_ok=True)
-        line = {"time": time.time(), "key": key, "kind": kind, "path": str(dest)}
+        if log:
+            self.log_quarantine(key, kind, str(dest), reason)
+        return dest
+
+    def log_quarantine(self, key: str, kind: Kind, where: str, reason: str) -> None:
+        """Count one quarantined artifact (``where`` it went) in the quarantine log."""
+        line = {"time": time.time(), "key": key, "kind": kind, "path": where}
         with (self.root / QUARANTINE / _QUARANTINE_LOG).open("a") as log:
             log.write(json.dumps({**line, "reason": reason}) + "\n")
-        return dest
 
     def quarantine_count(self) -> int:
         """How many artifacts were ever quarantined in this store (a counter)."""

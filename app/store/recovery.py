@@ -20,21 +20,23 @@ from app.residuals.compute import compute_residual
 from app.residuals.dtypes import BY_NAME
 from app.residuals.integrity import mismatch_message
 from app.residuals.manifest import RESIDUAL_MANIFEST, ResidualManifest, read_residual_manifest
-from app.residuals.refs import ModelRef, ResolvedModel, resolve_ref
+from app.residuals.refs import ResolvedModel
 from app.residuals.sources import RunOptions, describe_source
+from app.store.base import Store
+from app.store.inputs import resolve_input
 from app.store.keys import residual_key
-from app.store.local import QUARANTINE, LocalStore
+from app.store.local import QUARANTINE
 
 Notice = Callable[[str], object]  # told when a corrupt artifact was rebuilt
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 
-def _resolve(ref: str, st: LocalStore) -> ResolvedModel:
-    return resolve_ref(ModelRef.parse(ref), st.root / "sources")
+def _resolve(ref: str, st: Store) -> ResolvedModel:
+    return resolve_input(ref, st)
 
 
-def _stored_key(residual: str, st: LocalStore) -> str | None:
+def _stored_key(residual: str, st: Store) -> str | None:
     """The full store key of ``residual``, or None when it names a pack directory."""
     if (Path(residual).expanduser() / RESIDUAL_MANIFEST).is_file():
         return None
@@ -49,7 +51,7 @@ def notify(notice: Notice | None, message: str) -> None:
 
 
 def with_pack(
-    st: LocalStore,
+    st: Store,
     residual: str,
     use: Callable[[Path], T],
     notice: Notice | None,
@@ -83,7 +85,7 @@ def with_pack(
         return use(pack_dir)
 
 
-def _corruption(st: LocalStore, key: str, exc: RealignError) -> ArtifactCorruptError | None:
+def _corruption(st: Store, key: str, exc: RealignError) -> ArtifactCorruptError | None:
     """``exc`` as an integrity error of pack ``key``; a malformed header (or shapes
     that make no sense) gets a full check first, since a flipped byte can cause it."""
     if isinstance(exc, ArtifactCorruptError):
@@ -117,7 +119,7 @@ def moved_to(moved: Path | None) -> str:
 
 
 def _recover_pack(
-    st: LocalStore,
+    st: Store,
     key: str,
     exc: ArtifactCorruptError,
     notice: Notice | None,
@@ -139,7 +141,7 @@ def _recover_pack(
     )
 
 
-def _pack_manifest(st: LocalStore, key: str) -> ResidualManifest | None:
+def _pack_manifest(st: Store, key: str) -> ResidualManifest | None:
     """The manifest of pack ``key``, or of its latest quarantined copy (when another
     process moved it aside first)."""
     quarantined = sorted(st.root.glob(f"{QUARANTINE}/{key}.*"), reverse=True)
@@ -156,7 +158,7 @@ def manifest_or_none(pack_dir: Path) -> ResidualManifest | None:
         return None
 
 
-def _rebuild_pack(st: LocalStore, key: str, m: ResidualManifest, opts: RunOptions) -> bool:
+def _rebuild_pack(st: Store, key: str, m: ResidualManifest, opts: RunOptions) -> bool:
     """Build pack ``key`` again from the sources its manifest records; False when they
     are gone or changed (they would give another key)."""
     try:

@@ -1,0 +1,248 @@
+"""ObjectStore: artifacts in an S3-compatible bucket, read through a node-local cache.
+
+The bucket holds the published artifacts (same content-addressed keys as a
+``LocalStore``: ``residuals/<key>``, ``merged/<key>``), each committed by a marker
+written last (see :mod:`app.store.remote`). Every node reads from its own cache, a
+``LocalStore`` with its own LRU budget: an artifact is downloaded on first use (by
+parallel byte ranges, each file checked against its sha256) and pinned there while it
+is read. Builds happen in the cache, then are published to the bucket under a build
+lock that holds across machines (a :class:`~app.store.locks.BuildLock`, e.g. Redis);
+without one, builders on one node still wait for each other through the cache's
+``flock`` and builders on different nodes may both build (the same bytes; correct,
+only not deduplicated).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Collection, Iterator
+from pathlib import Path
+
+from app.core.errors import (
+    AmbiguousKeyError,
+    ArtifactCorruptError,
+    ArtifactInUseError,
+    ArtifactNotFoundError,
+)
+from app.residuals.manifest import MergeManifest, ResidualManifest
+from app.store.base import ArtifactInfo, Kind
+from app.store.local import LocalStore
+from app.store.locks import BuildLock, Held, hold
+from app.store.remote import Bucket
+from app.store.s3 import S3Config, split_url
+
+log = logging.getLogger(__name__)
+
+
+class ObjectStore:
+    """A content-addressed store in a bucket, with a node-local read-through cache.
+
+    Args:
+        url: ``s3://bucket/prefix`` of the store.
+        cache: this node's cache (a ``LocalStore`` with the cache budget).
+        s3: endpoint and transfer tuning.
+        lock: a build lock shared by every machine; None = the cache's local locking.
+        lease_s: lease of a builder on the build lock.
+        budget_bytes: size budget of the bucket store (None = unbounded; a bucket
+            lifecycle rule can bound it instead).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        cache: LocalStore,
+        *,
+        s3: S3Config,
+        lock: BuildLock | None = None,
+        lease_s: float = 120.0,
+        budget_bytes: int | None = None,
+    ) -> None:
+        self.url = url
+        self.bucket = Bucket(s3, *split_url(url))
+        self.cache = cache
+        self.root = cache.root
+        self.hasher = cache.hasher
+        self.s3 = s3
+        self.lock = lock
+        self.lease_s = lease_s
+        self.budget_bytes = budget_bytes
+
+    # -- lookup ---------------------------------------------------------------------------
+    def path(self, key: str, kind: Kind = "residuals") -> Path:
+        return self.cache.path(key, kind)
+
+    def exists(self, key: str, kind: Kind = "residuals") -> bool:
+        return self.bucket.committed(key, kind) is not None
+
+    def resolve(self, prefix: str, kind: Kind = "residuals") -> str:
+        """Expand a unique key prefix to the full key.
+
+        Raises:
+            ArtifactNotFoundError, AmbiguousKeyError.
+        """
+        matches = self.bucket.keys(kind, prefix)
+        if not matches:
+            raise ArtifactNotFoundError(
+                f"no {kind[:-1]} with key {prefix!r} in {self.url}; `realign ls` lists them"
+            )
+        if len(matches) > 1 and prefix not in matches:
+            raise AmbiguousKeyError(
+                f"key prefix {prefix!r} matches {len(matches)} artifacts; give more characters"
+            )
+        return prefix if prefix in matches else matches[0]
+
+    @contextlib.contextmanager
+    def using(self, key: str, kind: Kind = "residuals") -> Iterator[Path]:
+        """Hold ``key`` for reading from the cache, downloading it first if needed."""
+        with self.cache.pinned(key):
+            self._fetch(key, kind)
+            with self.cache.using(key, kind) as path:
+                yield path
+
+    def touch(self, key: str) -> None:
+        self.cache.touch(key)
+
+    def _fetch(self, key: str, kind: Kind) -> None:
+        """Download ``key`` into the cache unless it is there.
+
+        Raises:
+            ArtifactNotFoundError: not published.
+            ArtifactCorruptError: a downloaded file does not match its sha256; the bad
+                copy is kept in the cache's quarantine (its manifest lets recovery
+                rebuild the artifact).
+        """
+        if self.cache.exists(key, kind):
+            return
+        done = self.bucket.committed(key, kind)
+        if done is None:
+            raise ArtifactNotFoundError(
+                f"{kind[:-1]} {key} is not in {self.url}; `realign ls` lists what is"
+            )
+
+        def download(tmp: Path) -> None:
+            try:
+                self.bucket.fetch(done, tmp)
+            except ArtifactCorruptError as exc:
+                moved = self.cache.quarantine_dir(tmp, key, kind, str(exc), log=False)
+                log.warning("%s %s: corrupt download kept at %s", kind[:-1], key, moved)
+                raise
+
+        self.cache.get_or_build(key, download, kind)
+
+    # -- build ----------------------------------------------------------------------------
+    def get_or_build(
+        self,
+        key: str,
+        build: Callable[[Path], object],
+        kind: Kind = "residuals",
+        keep: Collection[str] = (),
+    ) -> bool:
+        """Make sure ``key`` is published in the bucket and present in the cache,
+        building it at most once across machines (with a shared build lock).
+
+        Returns:
+            True when this call ran ``build``.
+        """
+        if self.exists(key, kind):
+            self._fetch(key, kind)
+            self.touch(key)
+            return False
+        with self._locked(f"{kind}/{key}") as held, self.cache.pinned(key):
+            if self.exists(key, kind):  # another builder published it while we waited
+                self._fetch(key, kind)
+                return False
+            created = self.cache.get_or_build(key, build, kind, keep)
+            held.check(f"{kind}/{key}")
+            self.bucket.publish(self.cache.path(key, kind), key, kind, self.hasher, held.token)
+        self.evict(keep={key, *keep})
+        return created
+
+    @contextlib.contextmanager
+    def _locked(self, name: str) -> Iterator[Held]:
+        if self.lock is None:
+            yield Held(0)  # the cache's flock deduplicates builders on this node
+            return
+        with hold(self.lock, self.bucket.name(name), self.lease_s) as held:
+            yield held
+
+    # -- integrity ------------------------------------------------------------------------
+    def verify(self, key: str) -> ResidualManifest:
+        """Download (checking every file) if needed, then check the cached pack."""
+        self._fetch(key, "residuals")
+        return self.cache.verify(key)
+
+    def verify_merged(self, key: str) -> MergeManifest:
+        """Download (checking every file) if needed, then check the cached model."""
+        self._fetch(key, "merged")
+        return self.cache.verify_merged(key)
+
+    def quarantine(self, key: str, kind: Kind, reason: str) -> Path | None:
+        """Hide a corrupt artifact: the cached copy moves to the cache's quarantine and
+        the bucket's commit marker to ``.quarantine/`` (files kept until rebuilt).
+
+        Returns:
+            The local quarantine directory (of this copy, or of a corrupt download).
+        """
+        moved = self.cache.quarantine(key, kind, reason)
+        remote = ""
+        with contextlib.suppress(ArtifactNotFoundError):
+            remote = self.bucket.uncommit(key, kind, reason)
+        if moved is None and remote:
+            self.cache.log_quarantine(key, kind, remote, reason)
+        if moved is None:
+            found = sorted(self.cache.root.glob(f".quarantine/{key}.*"), reverse=True)
+            moved = next((p for p in found if p.is_dir()), None)
+        return moved
+
+    def quarantine_count(self) -> int:
+        return self.cache.quarantine_count()
+
+    # -- maintenance ----------------------------------------------------------------------
+    def artifacts(self, kind: Kind | None = None) -> list[ArtifactInfo]:
+        """Every published artifact; last use and in-use are as seen from this node."""
+        kinds: list[Kind] = [kind] if kind else ["residuals", "merged"]
+        out = []
+        for k in kinds:
+            cached = {a.key: a for a in self.cache.artifacts(k)}
+            for key, (size, stamp) in self.bucket.listing(k).items():
+                local = cached.get(key)
+                last = max(stamp, local.last_used) if local else stamp
+                in_use = bool(local and local.in_use)
+                out.append(ArtifactInfo(key, k, self.path(key, k), size, last, in_use))
+        return out
+
+    def usage(self) -> int:
+        return sum(a.size for a in self.artifacts())
+
+    def remove(self, key: str, kind: Kind = "residuals") -> None:
+        """Delete an artifact from the bucket and this node's cache; refused while a
+        reader on this node holds it (readers elsewhere keep their cached copy).
+
+        Raises:
+            ArtifactNotFoundError, ArtifactInUseError.
+        """
+        if self.cache.exists(key, kind):
+            self.cache.remove(key, kind)
+        self.bucket.uncommit(key, kind, "removed")
+        self.bucket.delete_prefix(self.bucket.name(kind, key) + "/")
+
+    def evict(self, keep: str | Collection[str] | None = None) -> list[str]:
+        """Trim this node's cache to its budget, and the bucket to ``budget_bytes``
+        (oldest use first; the ``keep`` keys and what this node reads stay)."""
+        kept = {keep} if isinstance(keep, str) else set(keep or ())
+        removed = self.cache.evict(kept)
+        if self.budget_bytes is None:
+            return removed
+        items = sorted(self.artifacts(), key=lambda a: a.last_used)
+        total = sum(a.size for a in items)
+        for item in items:
+            if total <= self.budget_bytes:
+                break
+            if item.key in kept or item.in_use:
+                continue
+            with contextlib.suppress(ArtifactInUseError, ArtifactNotFoundError):
+                self.remove(item.key, item.kind)
+                total -= item.size
+                removed.append(item.key)
+        return removed
