@@ -70,6 +70,7 @@ def split_url(url: str) -> tuple[str, str]:
 def call(what: str, fn: Callable[[], T]) -> T:
     """Run one S3 request, turning connection failures and service errors into
     :class:`StoreUnavailableError` (what failed, where, what to do)."""
+    from boto3.exceptions import Boto3Error
     from botocore.exceptions import BotoCoreError, ClientError
 
     try:
@@ -80,7 +81,7 @@ def call(what: str, fn: Callable[[], T]) -> T:
             f"object store refused {what}: {err.get('Code', '?')} {err.get('Message', '')}"
             " — check the bucket, REALIGN_STORE_URL and the AWS credentials"
         ) from None
-    except BotoCoreError as exc:
+    except (BotoCoreError, Boto3Error) as exc:
         raise StoreUnavailableError(
             f"object store unreachable during {what}: {exc} — check REALIGN_S3_ENDPOINT_URL "
             "and that the store is up; the job can be submitted again once it is"
@@ -162,8 +163,8 @@ def _check(dest: Path, size: int, sha256: str | None, key: str) -> None:
             h.update(chunk)
     if h.hexdigest() != sha256:
         raise ArtifactCorruptError(
-            f"s3 object {key}: sha256 {h.hexdigest()[:12]}… does not match the recorded "
-            f"{sha256[:12]}…",
+            f"s3 object {key} does not match its recorded sha256 (got {h.hexdigest()[:12]}…, "
+            f"recorded {sha256[:12]}…): the copy in the bucket is damaged",
             file=name,
         )
 
