@@ -50,7 +50,7 @@ class S3Config:
                     "the object store needs boto3: pip install 'realign[s3]'"
                 ) from None
             cfg = Config(
-                max_pool_connections=max(10, self.workers * 2),
+                max_pool_connections=max(10, self.workers * 4),
                 retries={"max_attempts": 3, "mode": "standard"},
                 connect_timeout=5,
                 read_timeout=60,

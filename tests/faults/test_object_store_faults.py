@@ -79,6 +79,11 @@ def test_builder_killed_mid_upload_publishes_nothing(
     assert not any("/.staging/" in n for n in left)
 
 
+def _first_shard(s3_server: S3Server, bucket: str, key: str) -> str:
+    listing = s3_server.client().list_objects_v2(Bucket=bucket, Prefix=f"realign/residuals/{key}/")
+    return sorted(o["Key"] for o in listing["Contents"] if o["Key"].endswith(".safetensors"))[0]
+
+
 def _flip_last_byte(s3_server: S3Server, bucket: str, name: str) -> None:
     client = s3_server.client()
     data = bytearray(client.get_object(Bucket=bucket, Key=name)["Body"].read())
@@ -90,17 +95,13 @@ def test_flipped_byte_in_bucket_is_caught_and_rebuilt(
     llama_triple: TinyTriple, s3_server: S3Server, bucket: str, tmp_path: Path
 ) -> None:
     t = llama_triple
-    key = compute(str(t.base), str(t.instruct), store=object_store(s3_server, bucket, tmp_path / "a")).key
-    shard = sorted(
-        o["Key"]
-        for o in s3_server.client().list_objects_v2(Bucket=bucket, Prefix=f"realign/residuals/{key}/")["Contents"]
-        if o["Key"].endswith(".safetensors")
-    )[0]
-    _flip_last_byte(s3_server, bucket, shard)
+    node_a = object_store(s3_server, bucket, tmp_path / "a")
+    key = compute(str(t.base), str(t.instruct), store=node_a).key
+    _flip_last_byte(s3_server, bucket, _first_shard(s3_server, bucket, key))
     node_b = object_store(s3_server, bucket, tmp_path / "b")
-    with pytest.raises(ArtifactCorruptError, match="does not match its recorded sha256"):
-        with node_b.using(key):
-            pass
+    match = "does not match its recorded sha256"
+    with pytest.raises(ArtifactCorruptError, match=match), node_b.using(key):
+        pass
     assert not node_b.cache.exists(key)  # nothing corrupt is handed out
     heard: list[str] = []
     out = apply(key, str(t.new_base), tmp_path / "out", store=node_b, notice=heard.append)
@@ -117,10 +118,9 @@ def test_flipped_byte_without_sources_says_what_to_do(
 
     t = llama_triple
     base, instruct = copy_model(t.base, tmp_path / "base"), copy_model(t.instruct, tmp_path / "ins")
-    key = compute(str(base), str(instruct), store=object_store(s3_server, bucket, tmp_path / "a")).key
-    names = s3_server.client().list_objects_v2(Bucket=bucket, Prefix=f"realign/residuals/{key}/")
-    shard = sorted(o["Key"] for o in names["Contents"] if o["Key"].endswith(".safetensors"))[0]
-    _flip_last_byte(s3_server, bucket, shard)
+    node_a = object_store(s3_server, bucket, tmp_path / "a")
+    key = compute(str(base), str(instruct), store=node_a).key
+    _flip_last_byte(s3_server, bucket, _first_shard(s3_server, bucket, key))
     import shutil
 
     shutil.rmtree(base)
@@ -181,14 +181,32 @@ def test_store_down_is_a_typed_error_and_no_job_stays_running(
     bucket = server.bucket()
     settings = object_settings(server, bucket, tmp_path / "cache", allowed_roots=[t.base.parent])
     server.stop()
-    env = {**os.environ, **S3_ENV, "PYTHONPATH": str(ROOT),
-           "REALIGN_STORE_URL": settings.store_url,
-           "REALIGN_S3_ENDPOINT_URL": server.endpoint,
-           "REALIGN_MODELS_CACHE_DIR": str(tmp_path / "cache")}  # fmt: skip
+    env = {
+        **os.environ,
+        **S3_ENV,
+        "PYTHONPATH": str(ROOT),
+        "REALIGN_STORE_URL": settings.store_url,
+        "REALIGN_S3_ENDPOINT_URL": server.endpoint,
+        "REALIGN_MODELS_CACHE_DIR": str(tmp_path / "cache"),
+    }
     res = subprocess.run(
-        [sys.executable, "-m", "app.cli", "compute", "-b", str(t.base), "-i", str(t.instruct), "-q"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "app.cli",
+            "compute",
+            "-b",
+            str(t.base),
+            "-i",
+            str(t.instruct),
+            "-q",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode != 0
     assert "object store unreachable" in res.stderr and "Traceback" not in res.stderr
     svc = JobService.from_settings(settings)

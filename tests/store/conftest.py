@@ -73,9 +73,7 @@ def bucket(s3_server: S3Server) -> str:
     return s3_server.bucket()
 
 
-def object_settings(
-    s3_server: S3Server, bucket: str, cache: Path, **extra: Any
-) -> Settings:
+def object_settings(s3_server: S3Server, bucket: str, cache: Path, **extra: Any) -> Settings:
     """Settings of a node whose store is ``s3://<bucket>/realign`` cached in ``cache``."""
     return Settings(
         models_cache_dir=cache,

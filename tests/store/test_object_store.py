@@ -84,8 +84,9 @@ def test_budget_from_settings_only_is_enforced_by_jobs(
     try:
         keys = []
         for alpha in (0.5, 0.75):
-            spec = MergeSpec(base=str(t.base), instruct=str(t.instruct), target=str(t.new_base),
-                             alpha=alpha)  # fmt: skip
+            spec = MergeSpec(
+                base=str(t.base), instruct=str(t.instruct), target=str(t.new_base), alpha=alpha
+            )
             rec, _ = svc.submit(spec, Caller(name="alice"))
             done = wait(svc, rec.id)
             assert done.result is not None, done.error
@@ -115,11 +116,13 @@ def test_merge_to_object_store_twice_reuses(
 ) -> None:
     t = llama_triple
     settings = object_settings(s3_server, bucket, tmp_path / "a")
-    one = merge_to_store(base=str(t.base), instruct=str(t.instruct), target=str(t.new_base),
-                         settings=settings)  # fmt: skip
+    one = merge_to_store(
+        base=str(t.base), instruct=str(t.instruct), target=str(t.new_base), settings=settings
+    )
     other = object_settings(s3_server, bucket, tmp_path / "b")
-    two = merge_to_store(base=str(t.base), instruct=str(t.instruct), target=str(t.new_base),
-                         settings=other)  # fmt: skip
+    two = merge_to_store(
+        base=str(t.base), instruct=str(t.instruct), target=str(t.new_base), settings=other
+    )
     assert one.created and not two.created and one.key == two.key
     assert _files(one.path) == _files(two.path)
 
@@ -136,18 +139,47 @@ def test_s3_model_refs_in_realign_merge(
     llama_triple: TinyTriple, s3_server: S3Server, bucket: str, tmp_path: Path
 ) -> None:
     t = llama_triple
-    refs = [_upload(s3_server, bucket, p, f"models/{p.name}") for p in (t.base, t.instruct, t.new_base)]
-    env = {**os.environ, **S3_ENV, "REALIGN_S3_ENDPOINT_URL": s3_server.endpoint,
-           "REALIGN_MODELS_CACHE_DIR": str(tmp_path / "store"), "PYTHONPATH": str(ROOT)}  # fmt: skip
+    refs = [
+        _upload(s3_server, bucket, p, f"models/{p.name}") for p in (t.base, t.instruct, t.new_base)
+    ]
+    env = {
+        **os.environ,
+        **S3_ENV,
+        "REALIGN_S3_ENDPOINT_URL": s3_server.endpoint,
+        "REALIGN_MODELS_CACHE_DIR": str(tmp_path / "store"),
+        "PYTHONPATH": str(ROOT),
+    }
     out = tmp_path / "merged"
     res = subprocess.run(
-        [sys.executable, "-m", "app.cli", "merge", "-b", refs[0], "-i", refs[1], "-t", refs[2],
-         "-o", str(out), "-q"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "app.cli",
+            "merge",
+            "-b",
+            refs[0],
+            "-i",
+            refs[1],
+            "-t",
+            refs[2],
+            "-o",
+            str(out),
+            "-q",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr
-    local = merge(str(t.base), str(t.instruct), str(t.new_base), tmp_path / "local",
-                  store=tmp_path / "local-store")  # fmt: skip
+    local = merge(
+        str(t.base),
+        str(t.instruct),
+        str(t.new_base),
+        tmp_path / "local",
+        store=tmp_path / "local-store",
+    )
     weights = {n: b for n, b in _files(out).items() if n.endswith(".safetensors")}
     assert weights and weights == {
         n: b for n, b in _files(local.out).items() if n.endswith(".safetensors")
