@@ -81,6 +81,11 @@ class Store(Protocol):
         leased build lock; True when this call built it."""
         ...
 
+    def publish(self, src: Path, key: str, kind: Kind = "residuals") -> bool:
+        """Publish a finished directory as ``key`` (an artifact already there wins);
+        True when this call published it."""
+        ...
+
     def verify(self, key: str) -> ResidualManifest:
         """Check a residual pack's files against their sha256 (ArtifactCorruptError)."""
         ...

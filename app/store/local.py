@@ -172,6 +172,11 @@ class LocalStore:
         self.evict(keep={key, *keep})
         return True
 
+    def publish(self, src: Path, key: str, kind: Kind = "residuals") -> bool:
+        """Publish a finished directory ``src`` (copied; hard links where possible) as
+        ``key``; an artifact already there wins. Returns True when this call published."""
+        return self.get_or_build(key, lambda tmp: copy_tree(src, tmp), kind)
+
     def _publish(self, tmp: Path, key: str, kind: Kind) -> None:
         """Rename ``tmp`` into place; when a concurrent builder got there first (no
         working lock), keep the winner's artifact (same key, same content) and let
@@ -320,3 +325,18 @@ class LocalStore:
     def age(self, key: str) -> float:
         access = self.root / ".access" / key
         return time.time() - access.stat().st_mtime if access.exists() else 0.0
+
+
+def copy_tree(src: Path, dest: Path) -> None:
+    """Copy the files of ``src`` into the existing directory ``dest`` (hard links when
+    on one filesystem: artifacts are never modified in place)."""
+    for path in sorted(src.rglob("*")):
+        target = dest / path.relative_to(src)
+        if path.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(path, target)
+        except OSError:
+            shutil.copy2(path, target)

@@ -27,7 +27,7 @@ from app.core.errors import (
 )
 from app.residuals.manifest import MergeManifest, ResidualManifest
 from app.store.base import ArtifactInfo, Kind
-from app.store.local import LocalStore
+from app.store.local import LocalStore, copy_tree
 from app.store.locks import BuildLock, Held, hold
 from app.store.remote import Bucket
 from app.store.s3 import S3Config, split_url
@@ -157,6 +157,11 @@ class ObjectStore:
             self.bucket.publish(self.cache.path(key, kind), key, kind, self.hasher, held.token)
         self.evict(keep={key, *keep})
         return created
+
+    def publish(self, src: Path, key: str, kind: Kind = "residuals") -> bool:
+        """Publish a finished directory ``src`` as ``key`` (into the cache, then the
+        bucket); an artifact already there wins. Returns True when this call published."""
+        return self.get_or_build(key, lambda tmp: copy_tree(src, tmp), kind)
 
     @contextlib.contextmanager
     def _locked(self, name: str) -> Iterator[Held]:

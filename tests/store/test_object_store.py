@@ -186,3 +186,16 @@ def test_s3_model_refs_in_realign_merge(
     }
     manifest = (out / "realign.json").read_text()
     assert f"{refs[0]}@sha256:" in manifest  # the pinned identity is recorded
+
+
+def test_publish_a_finished_directory(
+    llama_triple: TinyTriple, s3_server: S3Server, bucket: str, tmp_path: Path
+) -> None:
+    made = compute(str(llama_triple.base), str(llama_triple.instruct), store=tmp_path / "made")
+    for st in (LocalStore(tmp_path / "local"), object_store(s3_server, bucket, tmp_path / "c")):
+        assert st.publish(made.path, made.key)
+        assert not st.publish(made.path, made.key)  # already there: the first one stays
+        assert st.verify(made.key).key == made.key
+    reader = object_store(s3_server, bucket, tmp_path / "reader")
+    with reader.using(made.key) as path:
+        assert _files(path) == _files(made.path)
