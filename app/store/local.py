@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import json
 import os
 import shutil
 import time
@@ -40,13 +39,17 @@ from app.residuals.manifest import (
 )
 from app.residuals.publish import publish
 from app.store.base import ArtifactInfo, Kind
+from app.store.quarantine import (
+    QUARANTINE,
+    log_quarantine,
+    quarantine_count,
+    quarantine_dir,
+)
 from app.store.s3 import S3Config
-from app.store.staging import DEFAULT_LEASE_S, StagingArea
+from app.store.staging import DEFAULT_LEASE_S, StagingArea, copy_tree
 
-__all__ = ["QUARANTINE", "ArtifactInfo", "Kind", "LocalStore", "Locking"]
+__all__ = ["QUARANTINE", "ArtifactInfo", "Kind", "LocalStore", "Locking", "copy_tree"]
 Locking = Literal["flock", "none"]
-QUARANTINE = ".quarantine"
-_QUARANTINE_LOG = "quarantine.log"
 
 
 class LocalStore:
@@ -240,28 +243,15 @@ class LocalStore:
     ) -> Path | None:
         """Move directory ``src`` (a corrupt copy of ``key``) into ``.quarantine/``;
         None when it is gone. ``log`` counts it in the quarantine log."""
-        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        dest = self.root / QUARANTINE / f"{key}.{stamp}.{uuid.uuid4().hex[:6]}"
-        try:
-            os.replace(src, dest)
-        except FileNotFoundError:
-            return None
-        if log:
-            self.log_quarantine(key, kind, str(dest), reason)
-        return dest
+        return quarantine_dir(self.root / QUARANTINE, src, key, kind, reason, log=log)
 
     def log_quarantine(self, key: str, kind: Kind, where: str, reason: str) -> None:
         """Count one quarantined artifact (``where`` it went) in the quarantine log."""
-        line = {"time": time.time(), "key": key, "kind": kind, "path": where}
-        with (self.root / QUARANTINE / _QUARANTINE_LOG).open("a") as log:
-            log.write(json.dumps({**line, "reason": reason}) + "\n")
+        log_quarantine(self.root / QUARANTINE, key, kind, where, reason)
 
     def quarantine_count(self) -> int:
         """How many artifacts were ever quarantined in this store (a counter)."""
-        log = self.root / QUARANTINE / _QUARANTINE_LOG
-        with contextlib.suppress(FileNotFoundError), log.open() as fh:
-            return sum(1 for _ in fh)
-        return 0
+        return quarantine_count(self.root / QUARANTINE)
 
     # -- maintenance ----------------------------------------------------------------------
     def artifacts(self, kind: Kind | None = None) -> list[ArtifactInfo]:
@@ -325,18 +315,3 @@ class LocalStore:
     def age(self, key: str) -> float:
         access = self.root / ".access" / key
         return time.time() - access.stat().st_mtime if access.exists() else 0.0
-
-
-def copy_tree(src: Path, dest: Path) -> None:
-    """Copy the files of ``src`` into the existing directory ``dest`` (hard links when
-    on one filesystem: artifacts are never modified in place)."""
-    for path in sorted(src.rglob("*")):
-        target = dest / path.relative_to(src)
-        if path.is_dir():
-            target.mkdir(parents=True, exist_ok=True)
-            continue
-        target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(path, target)
-        except OSError:
-            shutil.copy2(path, target)

@@ -27,10 +27,11 @@ from app.core.errors import (
 )
 from app.residuals.manifest import MergeManifest, ResidualManifest
 from app.store.base import ArtifactInfo, Kind
-from app.store.local import LocalStore, copy_tree
+from app.store.local import LocalStore
 from app.store.locks import BuildLock, Held, hold
 from app.store.remote import Bucket
 from app.store.s3 import S3Config, split_url
+from app.store.staging import copy_tree
 
 log = logging.getLogger(__name__)
 
@@ -153,8 +154,12 @@ class ObjectStore:
                 self._fetch(key, kind)
                 return False
             created = self.cache.get_or_build(key, build, kind, keep)
-            held.check(f"{kind}/{key}")
-            self.bucket.publish(self.cache.path(key, kind), key, kind, self.hasher, held.token)
+            name = f"{kind}/{key}"
+            held.check(name)
+            self.bucket.publish(
+                self.cache.path(key, kind), key, kind, self.hasher, held.token,
+                still_held=lambda: held.check(name),
+            )  # fmt: skip
         self.evict(keep={key, *keep})
         return created
 

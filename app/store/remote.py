@@ -16,6 +16,7 @@ import json
 import socket
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -133,9 +134,23 @@ class Bucket:
                 job.result()
 
     # -- publishing -----------------------------------------------------------------------
-    def publish(self, src: Path, key: str, kind: Kind, hasher: FileHasher, fence: int) -> None:
+    def publish(
+        self,
+        src: Path,
+        key: str,
+        kind: Kind,
+        hasher: FileHasher,
+        fence: int,
+        still_held: Callable[[], None] = lambda: None,
+    ) -> None:
         """Upload ``src`` under a staging prefix, copy it into place, then write the
-        commit marker last; a failure before the marker publishes nothing."""
+        commit marker last; a failure before the marker publishes nothing.
+
+        Args:
+            fence: the build lock's fencing token, recorded in the marker.
+            still_held: raises when the build lock was lost; called before the copy
+                into place and before the marker.
+        """
         token = f"{key}.{uuid.uuid4().hex}"
         rels = relative_files(src)
         hashes = hasher.sha256_many(src / r for r in rels)
@@ -143,6 +158,7 @@ class Bucket:
         with ThreadPoolExecutor(max_workers=4) as pool:
             list(pool.map(lambda r: upload_file(
                 self.cfg, src / r, self.bucket, self.name(STAGING, token, r)), rels))  # fmt: skip
+            still_held()
             list(pool.map(lambda r: self._copy(self.name(STAGING, token, r),
                                                self.name(kind, key, r)), rels))  # fmt: skip
         marker = {
@@ -150,6 +166,7 @@ class Bucket:
             "builder": f"{socket.gethostname()}:{token}",
             "files": {r: {"size": s, "sha256": h} for r, (s, h) in files.items()},
         }  # fmt: skip
+        still_held()
         self._put(self.name(kind, key, COMMIT), json.dumps(marker).encode())
         self.delete_prefix(self.name(STAGING, token) + "/")
 

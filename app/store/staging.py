@@ -127,3 +127,18 @@ class StagingArea:
         while not stop.wait(self.lease_s / 3):
             with contextlib.suppress(OSError):
                 self._write_lease(lease, token)
+
+
+def copy_tree(src: Path, dest: Path) -> None:
+    """Copy the files of ``src`` into the existing directory ``dest`` (hard links when
+    on one filesystem: artifacts are never modified in place)."""
+    for path in sorted(src.rglob("*")):
+        target = dest / path.relative_to(src)
+        if path.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(path, target)
+        except OSError:
+            shutil.copy2(path, target)

@@ -57,7 +57,8 @@ class MergeCreate(MergeSpec):
     )
 
     target: RefText = Field(
-        description="The new base: local path under an allowed root or hf:org/name@rev.",
+        description="The new base: local path under an allowed root, hf:org/name@rev or "
+        "s3://bucket/prefix.",
         examples=["/models/llama-3-8b-news"],
     )
     base: RefText | None = Field(default=None, examples=["hf:meta-llama/Meta-Llama-3-8B@main"])
@@ -139,8 +140,9 @@ class MergePublic(BaseModel):
     idempotency_key: str | None
     resolved: dict[str, str] = Field(
         default_factory=dict,
-        description="Refs pinned at validation: hf:org/name@<commit>, the full residual "
-        "key. The merge used exactly these.",
+        description="Refs pinned at validation: hf:org/name@<commit>, "
+        "s3://bucket/prefix@sha256:<content digest>, the full residual key. The merge "
+        "used exactly these.",
     )
 
     @classmethod
