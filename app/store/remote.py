@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -228,7 +228,7 @@ class Bucket:
 
 
 def _ts(value: Any) -> float:
-    return value.timestamp() if isinstance(value, datetime) else datetime.now(UTC).timestamp()
+    return float(value.timestamp()) if isinstance(value, datetime) else time.time()
 
 
 def _parse(key: str, kind: Kind, body: bytes) -> Committed:

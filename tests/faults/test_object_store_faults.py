@@ -179,6 +179,7 @@ def test_store_down_is_a_typed_error_and_no_job_stays_running(
     server = S3Server(free_port())
     server.start()
     bucket = server.bucket()
+    (tmp_path / "cache").mkdir()
     settings = object_settings(server, bucket, tmp_path / "cache", allowed_roots=[t.base.parent])
     server.stop()
     env = {

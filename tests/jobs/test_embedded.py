@@ -17,7 +17,7 @@ from app.core.errors import (
     ModelNotFoundError,
     PathNotAllowedError,
 )
-from app.core.settings import Settings, get_settings
+from app.core.settings import Settings
 from app.demo.tiny import TinyTriple
 from app.jobs.models import Caller, JobRecord, JobStatus, MergeSpec
 from app.jobs.service import JobService
@@ -133,10 +133,14 @@ def test_cross_family_fails_in_preflight(
 
 
 def test_cancel_mid_run_leaves_nothing(
-    service: JobService, llama_triple: TinyTriple, store_dir: Path, monkeypatch: pytest.MonkeyPatch
+    llama_triple: TinyTriple, qwen_triple: TinyTriple, store_dir: Path
 ) -> None:
-    monkeypatch.setenv("REALIGN_MAX_READ_MBPS", "2")
-    get_settings.cache_clear()
+    # The read rate comes from the service's Settings, not the environment: they flow
+    # down to the merge.
+    roots = [llama_triple.base.parent, qwen_triple.base.parent]
+    settings = Settings(models_cache_dir=store_dir, allowed_roots=roots, max_read_mbps=2)
+    service = JobService.from_settings(settings)
+    service.start()
     try:
         rec, _ = service.submit(spec(llama_triple), ALICE)
         while service.get(rec.id, ALICE).progress.bytes_done == 0:
@@ -144,7 +148,7 @@ def test_cancel_mid_run_leaves_nothing(
         service.cancel(rec.id, ALICE)
         done = wait(service, rec.id)
     finally:
-        get_settings.cache_clear()
+        service.stop()
     assert done.status == JobStatus.cancelled
     assert stored(store_dir) == []
     with pytest.raises(JobStateError):
