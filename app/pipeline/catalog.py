@@ -27,8 +27,7 @@ def inspect(ref: str, st: Store) -> ResidualManifest | MergeManifest:
         return read_residual_manifest(path)
     if path.exists():
         raise ArtifactNotFoundError(f"{path} is neither a residual pack nor a Realign merge")
-    with st.using(st.resolve(ref)) as pack:
-        return read_residual_manifest(pack)
+    return ResidualManifest.model_validate_json(st.read_text(st.resolve(ref), RESIDUAL_MANIFEST))
 
 
 def verify(key: str, st: Store) -> ResidualManifest:
@@ -59,8 +58,8 @@ def remove(key: str, st: Store) -> str:
     st.remove(full)
     for item in st.artifacts("merged"):
         with contextlib.suppress(OSError, ValueError, ArtifactNotFoundError, ArtifactInUseError):
-            with st.using(item.key, "merged") as path:
-                made = MergeManifest.model_validate_json((path / MERGE_MANIFEST).read_text())
+            text = st.read_text(item.key, MERGE_MANIFEST, "merged")
+            made = MergeManifest.model_validate_json(text)
             if made.residual_key == full:
                 st.remove(item.key, "merged")
     return full

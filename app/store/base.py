@@ -66,6 +66,10 @@ class Store(Protocol):
         leave it alone meanwhile."""
         ...
 
+    def read_text(self, key: str, name: str, kind: Kind = "residuals") -> str:
+        """One small file of an artifact (a manifest) without fetching the rest."""
+        ...
+
     def touch(self, key: str) -> None:
         """Record a use of ``key`` (LRU order)."""
         ...

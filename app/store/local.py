@@ -136,6 +136,17 @@ class LocalStore:
             self.touch(key)
             yield path
 
+    def read_text(self, key: str, name: str, kind: Kind = "residuals") -> str:
+        """One small file of an artifact (a manifest).
+
+        Raises:
+            ArtifactNotFoundError: no such artifact or file.
+        """
+        try:
+            return (self.path(key, kind) / name).read_text()
+        except FileNotFoundError:
+            raise ArtifactNotFoundError(f"{kind[:-1]} {key} has no {name} in {self.root}") from None
+
     def pinned(self, key: str) -> contextlib.AbstractContextManager[bool]:
         """Pin ``key`` against eviction and removal (whether or not it exists yet)."""
         return self._flock(f"{key}.use", fcntl.LOCK_SH)

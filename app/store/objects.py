@@ -104,6 +104,20 @@ class ObjectStore:
     def touch(self, key: str) -> None:
         self.cache.touch(key)
 
+    def read_text(self, key: str, name: str, kind: Kind = "residuals") -> str:
+        """One small file of an artifact (a manifest): from the cache, else from the
+        bucket, checked against the sha256 its commit marker records.
+
+        Raises:
+            ArtifactNotFoundError, ArtifactCorruptError.
+        """
+        if self.cache.exists(key, kind):
+            return self.cache.read_text(key, name, kind)
+        done = self.bucket.committed(key, kind)
+        if done is None or name not in done.files:
+            raise ArtifactNotFoundError(f"{kind[:-1]} {key} has no {name} in {self.url}")
+        return self.bucket.read_file(done, name).decode()
+
     def _fetch(self, key: str, kind: Kind) -> None:
         """Download ``key`` into the cache unless it is there.
 

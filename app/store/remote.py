@@ -12,6 +12,7 @@ is advised too).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import socket
 import time
@@ -23,7 +24,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from app.core.errors import ArtifactNotFoundError
+from app.core.errors import ArtifactCorruptError, ArtifactNotFoundError
 from app.residuals.hashing import FileHasher
 from app.store.base import Kind
 from app.store.s3 import (
@@ -110,6 +111,25 @@ class Bucket:
             else:
                 sizes[key] = sizes.get(key, 0) + int(obj["Size"])
         return {k: (sizes.get(k, 0), t) for k, t in sorted(stamps.items())}
+
+    def read_file(self, done: Committed, rel: str) -> bytes:
+        """One (small) file of ``done`` in memory, checked against its sha256.
+
+        Raises:
+            ArtifactCorruptError: it does not match the marker.
+        """
+        client, name = self.cfg.client(), self.name(done.kind, done.key, rel)
+        body: bytes = call(
+            f"read of s3://{self.bucket}/{name}",
+            lambda: client.get_object(Bucket=self.bucket, Key=name)["Body"].read(),
+        )
+        if hashlib.sha256(body).hexdigest() != done.files[rel][1]:
+            raise ArtifactCorruptError(
+                f"s3 object {name} does not match its recorded sha256: the copy in the "
+                "bucket is damaged",
+                file=rel,
+            )
+        return body
 
     def fetch(self, done: Committed, dest: Path) -> None:
         """Download every file of ``done`` into ``dest``, checking sizes and sha256.
