@@ -12,6 +12,7 @@ is advised too).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import socket
@@ -228,7 +229,7 @@ class Bucket:
             batch = {"Objects": [{"Key": n} for n in names[i : i + 1000]], "Quiet": True}
             call(
                 f"delete under s3://{self.bucket}/{prefix}",
-                lambda b=batch: client.delete_objects(Bucket=self.bucket, Delete=b),
+                functools.partial(client.delete_objects, Bucket=self.bucket, Delete=batch),
             )
 
     def sweep_staging(self, now: float | None = None) -> int:
@@ -242,7 +243,8 @@ class Bucket:
         client = self.cfg.client()
         for name in old:
             call(
-                f"delete of {name}", lambda n=name: client.delete_object(Bucket=self.bucket, Key=n)
+                f"delete of {name}",
+                functools.partial(client.delete_object, Bucket=self.bucket, Key=name),
             )
         return len(old)
 
