@@ -18,7 +18,7 @@ from app.demo.tiny import TinyTriple
 from app.merge import apply, compute, verify
 from app.store.remote import COMMIT, STAGING_TTL_S
 from tests.jobs.conftest import RedisServer, free_port
-from tests.store.conftest import S3_ENV, S3Server, object_settings, object_store
+from tests.s3server import S3_ENV, S3Server, object_settings, object_store
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -17,7 +17,7 @@ from app.merge import compute, list_artifacts, merge, merge_to_store
 from app.store.base import Store
 from app.store.local import LocalStore
 from app.store.remote import COMMIT
-from tests.store.conftest import S3_ENV, S3Server, object_settings, object_store
+from tests.s3server import S3_ENV, S3Server, object_settings, object_store
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -1,21 +1,19 @@
-"""A real S3 API server on loopback (moto in server mode) for the object store tests."""
+"""A real S3 API server on loopback (moto in server mode) for the object store tests;
+the fixtures `s3_server` and `bucket` are in tests/conftest.py."""
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from app.core.settings import Settings
 from app.store.factory import store_from_settings
 from app.store.objects import ObjectStore
-from tests.jobs.conftest import free_port
 
 # The standard AWS credential chain reads these; the test server accepts any.
 S3_ENV = {
@@ -23,6 +21,12 @@ S3_ENV = {
     "AWS_SECRET_ACCESS_KEY": "realign-test-secret",
     "AWS_DEFAULT_REGION": "us-east-1",
 }
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -60,20 +64,13 @@ class S3Server:
         return name
 
 
-@pytest.fixture(scope="session")
-def s3_server() -> Iterator[S3Server]:
-    """One S3 server for the session (every test gets its own bucket)."""
+def start_s3_server() -> S3Server:
+    """A started server on a free port (credentials for it set in the environment)."""
     for k, v in S3_ENV.items():
         os.environ.setdefault(k, v)
     server = S3Server(free_port())
     server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def bucket(s3_server: S3Server) -> str:
-    return s3_server.bucket()
+    return server
 
 
 def object_settings(s3_server: S3Server, bucket: str, cache: Path, **extra: Any) -> Settings:
