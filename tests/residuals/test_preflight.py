@@ -204,7 +204,18 @@ def test_ref_parsing() -> None:
     assert (ref.kind, ref.repo, ref.revision) == ("hf", "meta-llama/Meta-Llama-3-8B", "a1b2c3")
     assert ModelRef.parse("hf:Qwen/Qwen2-7B").revision == "main"
     assert ModelRef.parse("~/models/x").kind == "local"
-    for bad in ["", "hf:noslash", "hf:a/b@bad rev", "s3://bucket/model"]:
+    s3 = ModelRef.parse("s3://bucket/models/llama/")
+    assert (s3.kind, s3.repo, s3.revision, str(s3)) == (
+        "s3",
+        "bucket/models/llama",
+        None,
+        "s3://bucket/models/llama",
+    )
+    pinned = ModelRef.parse("s3://bucket/m@sha256:" + "a" * 64)
+    assert pinned.revision == "sha256:" + "a" * 64
+    bad_refs = ["", "hf:noslash", "hf:a/b@bad rev", "gs://bucket/model", "s3://bucket",
+                "s3://B_ad/model", "s3://bucket/m@main"]  # fmt: skip
+    for bad in bad_refs:
         with pytest.raises(InvalidRefError):
             ModelRef.parse(bad)
 
