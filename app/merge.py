@@ -15,7 +15,6 @@ from app.core.settings import Settings, get_settings
 from app.pipeline import catalog, merged, stored
 from app.pipeline import residual as residuals
 from app.pipeline.context import DTYPES, Ctx, StoreArg
-from app.pipeline.context import open_store as _open_store
 from app.pipeline.residual import ComputeResult, MergeResult
 from app.pipeline.stored import StoredMerge
 from app.residuals.manifest import MergeManifest, ResidualManifest
@@ -44,7 +43,7 @@ __all__ = [
 
 def _ctx(store: StoreArg, settings: Settings | None) -> Ctx:
     s = settings if settings is not None else get_settings()  # the entry point reads it once
-    return Ctx(s, _open_store(store, s))
+    return Ctx(s, store)
 
 
 def open_store(store: StoreArg = None, settings: Settings | None = None) -> Store:

@@ -115,7 +115,7 @@ def test_user_mistakes_are_one_line_errors(
         (["--instruct", str(qwen_triple.instruct)], "not the same architecture"),
         (["--instruct", str(tmp_path / "missing")], "no such directory"),
         (["--instruct", str(tmp_path / "[bold]x")], f"{tmp_path}/[bold]x"),  # no markup
-        (["--instruct", "s3://bucket/model"], "not supported"),
+        (["--instruct", "gs://bucket/model"], "not supported"),
         (["--instruct", str(t.instruct), "--dtype", "int8"], "dtype must be one of"),
         (["--instruct", str(t.instruct), "--device", "cuda"], "no CUDA device"),
     ]

@@ -6,6 +6,7 @@ below here reads the environment.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,15 +28,25 @@ StoreArg = Store | Path | str | None
 
 @dataclass(frozen=True)
 class Ctx:
-    """The settings a verb was given and the store they configure."""
+    """The settings a verb was given and the store they configure (opened on first
+    use, inside the verb, so a full disk there is reported like any other)."""
 
     settings: Settings
-    store: Store
+    given: StoreArg = None
+
+    @functools.cached_property
+    def store(self) -> Store:
+        return open_store(self.given, self.settings)
 
     @property
     def root(self) -> Path:
-        """The store's local directory (where a full disk is reported)."""
-        return self.store.root
+        """The store's local directory (where a full disk is reported), known without
+        opening the store."""
+        if isinstance(self.given, str | Path):
+            return Path(self.given)
+        if self.given is not None:
+            return self.given.root
+        return self.settings.models_cache_dir
 
     def resolve(self, ref: str) -> ResolvedModel:
         """A model reference made local (Hub and ``s3://`` refs downloaded, pinned)."""

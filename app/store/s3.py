@@ -71,10 +71,15 @@ def call(what: str, fn: Callable[[], T]) -> T:
     """Run one S3 request, turning connection failures and service errors into
     :class:`StoreUnavailableError` (what failed, where, what to do)."""
     from boto3.exceptions import Boto3Error
-    from botocore.exceptions import BotoCoreError, ClientError
+    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
     try:
         return fn()
+    except NoCredentialsError:
+        raise StoreUnavailableError(
+            f"no credentials for the object store ({what}): set AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY or AWS_PROFILE, or give the machine or pod a role"
+        ) from None
     except ClientError as exc:
         err = exc.response.get("Error", {})
         raise StoreUnavailableError(

@@ -106,7 +106,7 @@ def test_bad_refs_are_refused_before_queueing(
     for bad, error in [
         (spec(llama_triple).model_copy(update={"target": traversal}), PathNotAllowedError),
         (spec(llama_triple).model_copy(update={"target": str(link)}), PathNotAllowedError),
-        (spec(llama_triple).model_copy(update={"instruct": "s3://bucket/x"}), InvalidRefError),
+        (spec(llama_triple).model_copy(update={"instruct": "gs://bucket/x"}), InvalidRefError),
         (spec(llama_triple).model_copy(update={"base": None}), InvalidRefError),
         (
             spec(llama_triple).model_copy(update={"target": str(llama_triple.base) + "x"}),
