@@ -12,6 +12,7 @@ the client side (hashing, threads, HTTP) rather than a real network.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shutil
 import socket
@@ -37,6 +38,7 @@ def main() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     tmp = Path(tempfile.mkdtemp())
