@@ -19,7 +19,7 @@ from app.api.app import create_app
 from app.core.settings import Settings
 from app.demo.tiny import TinyTriple
 from tests.api.live import LiveServer, assert_error, merge_body, wait_for
-from tests.jobs.conftest import RedisServer, redis_server  # noqa: F401
+from tests.jobs.conftest import RedisServer
 
 pytestmark = pytest.mark.slow
 QUESTION = [{"role": "user", "content": "What is the capital of the country?"}]
@@ -151,7 +151,7 @@ def test_engine_failure_mid_stream_is_mapped_once(
 
 def test_job_event_stream_error_after_first_byte(
     tmp_path: Path,
-    redis_server: RedisServer,  # noqa: F811
+    redis_server: RedisServer,
     llama_triple_fp32: TinyTriple,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
