@@ -7,7 +7,6 @@ none of them re-implements merge logic.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from app.residuals.manifest import (
     MergeManifest,
     ResidualManifest,
     SourceInfo,
+    read_merge_manifest,
     read_residual_manifest,
 )
 from app.residuals.methods import get_method
@@ -50,6 +50,7 @@ from app.store.recovery import (
     moved_to,
     notify,
     pack_message,
+    reuse_pack,
     with_pack,
 )
 
@@ -145,8 +146,14 @@ def compute(
     progress: ProgressCallback | None = None,
     cancel: CancelFlag | None = None,
     max_shard_gb: float | None = None,
+    notice: Notice | None = None,
+    verify_pack: bool = True,
 ) -> ComputeResult:
     """Compute (or reuse) the residual pack of ``instruct - base`` in the store.
+
+    A stored pack is verified before its key is handed on (``verify_pack=False``: only
+    its manifest, for callers that read the pack next, which verifies it); a corrupt one
+    is quarantined and rebuilt (``notice`` hears of it).
 
     Raises:
         RealignError subclasses for bad refs, incompatible models, cancellation.
@@ -161,22 +168,21 @@ def compute(
         opts = _options(device, progress, cancel, max_shard_gb)
         if not st.exists(key):  # free space for the pack, before writing
             ensure_space([(st.root, residual_bytes(i_ckpt, torch_dtype))])
-        created = st.get_or_build(
-            key,
-            lambda tmp: compute_residual(
-                i_ckpt,
-                b_ckpt,
-                tmp,
-                instruct_src=i_src,
-                base_src=b_src,
-                dtype=torch_dtype,
-                method=method,
-                key=key,
-                opts=opts,
-            ),
+
+        def build(tmp: Path) -> None:
+            compute_residual(
+                i_ckpt, b_ckpt, tmp, instruct_src=i_src, base_src=b_src,
+                dtype=torch_dtype, method=method, key=key, opts=opts,
+            )  # fmt: skip
+
+        created = st.get_or_build(key, build)
+        path = st.path(key)
+        manifest = (
+            read_residual_manifest(path)
+            if created
+            else reuse_pack(st, key, build, notice, full=verify_pack)
         )
-    path = st.path(key)
-    return ComputeResult(key, path, read_residual_manifest(path), created)
+    return ComputeResult(key, path, manifest, created)
 
 
 @contextlib.contextmanager
@@ -299,6 +305,8 @@ def merge(
                 progress=progress,
                 cancel=cancel,
                 max_shard_gb=max_shard_gb,
+                notice=notice,
+                verify_pack=False,  # the apply below verifies it as it reads
             )
             done = apply(
                 res.key,
@@ -365,7 +373,7 @@ def _store_first_merge(
 
         created = st.get_or_build(mkey, build, kind="merged", keep=(key,))
     path = st.path(mkey, "merged")
-    merged = MergeManifest.model_validate(json.loads((path / MERGE_MANIFEST).read_text()))
+    merged = read_merge_manifest(path)
     return StoredMerge(mkey, path, merged, key, bool(built) and built[0], created)
 
 
@@ -409,7 +417,7 @@ def inspect(ref: str, store: LocalStore | Path | None = None) -> ResidualManifes
     """The manifest of a residual (key or pack dir) or of a merged model directory."""
     path = Path(ref).expanduser()
     if (path / MERGE_MANIFEST).is_file():
-        return MergeManifest.model_validate(json.loads((path / MERGE_MANIFEST).read_text()))
+        return read_merge_manifest(path)
     if (path / RESIDUAL_MANIFEST).is_file():
         return read_residual_manifest(path)
     if path.exists():
@@ -451,7 +459,7 @@ def remove(key: str, store: LocalStore | Path | None = None) -> str:
     st.remove(full)
     for item in st.artifacts("merged"):
         with contextlib.suppress(OSError, ValueError, ArtifactNotFoundError, ArtifactInUseError):
-            made = MergeManifest.model_validate_json((item.path / MERGE_MANIFEST).read_text())
+            made = read_merge_manifest(item.path)
             if made.residual_key == full:
                 st.remove(item.key, "merged")
     return full
@@ -549,8 +557,9 @@ def merge_to_store(
         if first is not None:
             return _checked_reuse(st, first, again, notice)
         res = compute(
-            base, instruct, dtype=dtype, store=st, device=device, progress=progress, cancel=cancel
-        )
+            base, instruct, dtype=dtype, store=st, device=device, progress=progress,
+            cancel=cancel, notice=notice, verify_pack=False,
+        )  # fmt: skip
         res_key, created_residual = res.key, res.created
     tgt = _resolve(target, st)
 
@@ -574,7 +583,7 @@ def merge_to_store(
 
     key, created, rkey = with_pack(st, res_key, use, notice, opts)
     path = st.path(key, "merged")
-    merged = MergeManifest.model_validate(json.loads((path / MERGE_MANIFEST).read_text()))
+    merged = read_merge_manifest(path)
     done = StoredMerge(key, path, merged, rkey, created_residual, created)
     return _checked_reuse(st, done, again, notice)
 

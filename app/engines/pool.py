@@ -27,6 +27,7 @@ from app.core.errors import ModelLoadFailedError, RealignError, ServiceUnavailab
 from app.engines.base import ChatEngine, InlineMerge
 from app.engines.factory import EngineFactory
 from app.engines.rwlock import RWLock
+from app.residuals.manifest import verify_merged_dir
 
 log = logging.getLogger("app.engines")
 VERIFY_TENSOR = "model.norm.weight"
@@ -165,6 +166,8 @@ class EnginePool:
             current = self._find(src.model_id)
             if current is not None and src.inline is None:
                 return "already loaded"
+            # Serve only what was published: a byte changed since fails the load.
+            await asyncio.to_thread(verify_merged_dir, src.path)
             sig = signature(src.path)
             same = sorted((s for s in self._slots if s.signature == sig), key=lambda s: s.last_used)
             if same:
