@@ -380,7 +380,7 @@ class JobRunner:
         to its full key) and keep them on the record: the merge uses these."""
         from app.jobs.pins import pin_refs
 
-        pins = pin_refs(rec.spec, self.settings.models_cache_dir)
+        pins = pin_refs(rec.spec, self.settings.models_cache_dir, self.settings.trusted_code_sha256)
         if pins == rec.resolved:
             return rec
         return self.records.save(rec.model_copy(update={"resolved": pins}))
