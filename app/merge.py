@@ -67,16 +67,23 @@ def compute(
     progress: ProgressCallback | None = None,
     cancel: CancelFlag | None = None,
     max_shard_gb: float | None = None,
+    notice: Notice | None = None,
+    verify_pack: bool = True,
     settings: Settings | None = None,
 ) -> ComputeResult:
     """Compute (or reuse) the residual pack of ``instruct - base`` in the store.
+
+    A stored pack is verified before its key is handed on (``verify_pack=False``: only
+    its manifest, for callers that read the pack next, which verifies it); a corrupt one
+    is quarantined and rebuilt (``notice`` hears of it).
 
     Raises:
         RealignError subclasses for bad refs, incompatible models, cancellation.
     """
     return residuals.compute(
         _ctx(store, settings), base, instruct, dtype=dtype, method=method, device=device,
-        progress=progress, cancel=cancel, max_shard_gb=max_shard_gb,
+        progress=progress, cancel=cancel, max_shard_gb=max_shard_gb, notice=notice,
+        verify_pack=verify_pack,
     )  # fmt: skip
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from typing import NoReturn
 
-from app.core.errors import MissingExtraError
+from app.core.errors import MissingExtraError, install_hint
 
 # The modules each extra of pyproject.toml provides that commands import.
 EXTRAS: dict[str, tuple[str, ...]] = {
@@ -39,5 +39,5 @@ def missing(command: str, extra: str, module: str) -> MissingExtraError:
     """The one-line error for ``realign <command>`` without ``extra``."""
     return MissingExtraError(
         f"realign {command} needs the '{extra}' extra ({module} is not installed): "
-        f"pip install 'realign[{extra}]'"
+        f"{install_hint(extra)}"
     )

@@ -270,6 +270,12 @@ class MissingExtraError(RealignError, RuntimeError):
     code = "missing_extra"
 
 
+def install_hint(extra: str) -> str:
+    """How to install an extra. Realign installs from its checkout: the PyPI project
+    named ``realign`` is another one, so ``pip install 'realign[x]'`` must never be said."""
+    return f"pip install -e '.[{extra}]' in the Realign checkout"
+
+
 class ContextLengthSettingError(RealignError, ValueError):
     """The configured context length is above what the model supports."""
 

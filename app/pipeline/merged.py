@@ -78,7 +78,8 @@ def merge(
             return MergeResult(out, merged, key, created)
     res = compute(
         ctx, base, instruct, dtype=dtype, method=method, device=device, progress=progress,
-        cancel=cancel, max_shard_gb=max_shard_gb,
+        cancel=cancel, max_shard_gb=max_shard_gb, notice=notice,
+        verify_pack=False,  # the apply below verifies it as it reads
     )  # fmt: skip
     done = apply(
         ctx, res.key, target, out, alpha=alpha, device=device, progress=progress,

@@ -25,7 +25,7 @@ from app.residuals.sources import describe_source
 from app.residuals.space import ensure_space, merged_bytes, reports_disk_full, residual_bytes
 from app.store.base import Store
 from app.store.keys import residual_key
-from app.store.recovery import Notice, with_pack
+from app.store.recovery import Notice, reuse_pack, with_pack
 
 
 @dataclass(frozen=True)
@@ -56,8 +56,11 @@ def compute(
     progress: ProgressCallback | None = None,
     cancel: CancelFlag | None = None,
     max_shard_gb: float | None = None,
+    notice: Notice | None = None,
+    verify_pack: bool = True,
 ) -> ComputeResult:
-    """Compute (or reuse) the residual pack of ``instruct - base`` in the store."""
+    """Compute (or reuse) the residual pack of ``instruct - base`` in the store (see
+    ``app.merge.compute``)."""
     st, torch_dtype = ctx.store, dtype_of(dtype)
     get_method(method)
     ins, bas = ctx.resolve(instruct), ctx.resolve(base)
@@ -68,15 +71,21 @@ def compute(
         opts = ctx.options(device, progress, cancel, max_shard_gb)
         if not st.exists(key):  # free space for the pack, before writing
             ensure_space([(st.root, residual_bytes(i_ckpt, torch_dtype))])
-        created = st.get_or_build(
-            key,
-            lambda tmp: compute_residual(
+
+        def build(tmp: Path) -> None:
+            compute_residual(
                 i_ckpt, b_ckpt, tmp, instruct_src=i_src, base_src=b_src,
                 dtype=torch_dtype, method=method, key=key, opts=opts,
-            ),
-        )  # fmt: skip
-    with st.using(key) as path:
-        return ComputeResult(key, path, read_residual_manifest(path), created)
+            )  # fmt: skip
+
+        created = st.get_or_build(key, build)
+        path = st.path(key)
+        manifest = (
+            read_residual_manifest(path)
+            if created
+            else reuse_pack(st, key, build, notice, full=verify_pack)
+        )
+    return ComputeResult(key, path, manifest, created)
 
 
 @contextlib.contextmanager

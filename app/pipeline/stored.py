@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +13,7 @@ from app.pipeline.merged import residual_and_merge
 from app.pipeline.residual import compute, open_residual
 from app.residuals.apply import apply_residual, open_pack, plan_apply, plan_fused
 from app.residuals.checkpoint import Checkpoint
-from app.residuals.manifest import MERGE_MANIFEST, MergeManifest
+from app.residuals.manifest import MergeManifest, read_merge_manifest
 from app.residuals.progress import CancelFlag, ProgressCallback
 from app.residuals.sources import RunOptions, describe_source
 from app.residuals.space import ensure_space, merged_bytes, reports_disk_full, residual_bytes
@@ -101,8 +100,9 @@ def merge_to_store(
         if first is not None:
             return _checked_reuse(st, first, again, notice)
         res = compute(
-            ctx, base, instruct, dtype=dtype, device=device, progress=progress, cancel=cancel
-        )
+            ctx, base, instruct, dtype=dtype, device=device, progress=progress,
+            cancel=cancel, notice=notice, verify_pack=False,
+        )  # fmt: skip
         res_key, created_residual = res.key, res.created
     tgt = ctx.resolve(target)
 
@@ -131,7 +131,7 @@ def merge_to_store(
 
 def _stored(st: Store, key: str, rkey: str, created_residual: bool, created: bool) -> StoredMerge:
     with st.using(key, "merged") as path:
-        merged = MergeManifest.model_validate(json.loads((path / MERGE_MANIFEST).read_text()))
+        merged = read_merge_manifest(path)
     return StoredMerge(key, path, merged, rkey, created_residual, created)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from datetime import UTC, datetime
 from pathlib import Path
@@ -9,8 +10,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.core.errors import ArtifactCorruptError
+from app.residuals.integrity import ReadVerifier, mismatch_message
+
 RESIDUAL_MANIFEST = "manifest.json"
 MERGE_MANIFEST = "realign.json"
+# A manifest decides what a pack or model becomes (special tokens, vocabulary rows,
+# file hashes): it carries the sha256 of its own bytes, taken with this field zeroed.
+SEAL = "manifest_sha256"
+_UNSEALED = b"0" * 64
 
 
 class _Frozen(BaseModel):
@@ -110,10 +118,75 @@ class MergeManifest(_Frozen):
 
 
 def write_json(path: Path, model: BaseModel) -> None:
-    """Write a manifest as pretty JSON."""
-    path.write_text(model.model_dump_json(indent=2) + "\n")
+    """Write a manifest as pretty JSON, sealed with the sha256 of its own bytes."""
+    data = model.model_dump(mode="json")
+    data[SEAL] = _UNSEALED.decode()
+    raw = (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode()
+    cut = raw.rindex(_UNSEALED)
+    path.write_bytes(raw[:cut] + hashlib.sha256(raw).hexdigest().encode() + raw[cut + 64 :])
 
 
-def read_residual_manifest(directory: Path) -> ResidualManifest:
-    """Load ``manifest.json`` of a residual pack."""
-    return ResidualManifest.model_validate(json.loads((directory / RESIDUAL_MANIFEST).read_text()))
+def read_sealed(path: Path) -> dict[str, Any]:
+    """The fields of a sealed manifest, after checking its seal.
+
+    Raises:
+        ArtifactCorruptError: the file is not JSON, carries no seal, or its bytes do not
+            match the seal (one flipped byte anywhere is enough).
+        FileNotFoundError: there is no such file.
+    """
+    raw = path.read_bytes()
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArtifactCorruptError(
+            f"{path.parent}: {path.name} is not valid JSON ({exc}) — the file changed on disk",
+            file=path.name,
+        ) from None
+    if not isinstance(data, dict):
+        raise ArtifactCorruptError(
+            f"{path.parent}: {path.name} is not a JSON object — the file changed on disk",
+            file=path.name,
+        )
+    seal = data.pop(SEAL, None)
+    if not isinstance(seal, str) or len(seal) != 64:
+        raise ArtifactCorruptError(
+            f"{path.parent}: {path.name} carries no seal (sha256 of itself): it was edited "
+            "or written by an older version — build the artifact again",
+            file=path.name,
+        )
+    cut = raw.rfind(seal.encode())
+    unsealed = raw[:cut] + _UNSEALED + raw[cut + 64 :]
+    if cut < 0 or hashlib.sha256(unsealed).hexdigest() != seal:
+        raise ArtifactCorruptError(mismatch_message(str(path.parent), path.name), file=path.name)
+    return data
+
+
+def read_residual_manifest(directory: Path, *, sealed: bool = True) -> ResidualManifest:
+    """Load and check the sealed ``manifest.json`` of a residual pack (``sealed=False``:
+    without the check, for a hint that is checked otherwise, e.g. the sources to rebuild
+    a pack from, which must give its key again)."""
+    path = directory / RESIDUAL_MANIFEST
+    if sealed:
+        return ResidualManifest.model_validate(read_sealed(path))
+    return ResidualManifest.model_validate(json.loads(path.read_bytes()))
+
+
+def read_merge_manifest(directory: Path) -> MergeManifest:
+    """Load and check the sealed ``realign.json`` of a merged model."""
+    return MergeManifest.model_validate(read_sealed(directory / MERGE_MANIFEST))
+
+
+def verify_merged_dir(directory: Path) -> MergeManifest | None:
+    """Check every file of a merged model directory against its sealed ``realign.json``
+    before an engine loads it; None for a directory that is not a Realign merge.
+
+    Raises:
+        ArtifactCorruptError: the manifest or a file does not match.
+    """
+    if not (directory / MERGE_MANIFEST).is_file():
+        return None
+    manifest = read_merge_manifest(directory)
+    files = {**manifest.files, **manifest.other_files}
+    expected = {directory / n: (e.size, e.sha256) for n, e in files.items() if e.sha256}
+    ReadVerifier(expected, str(directory)).finish()
+    return manifest

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import logging
 import os
 import shutil
 import time
@@ -31,10 +32,10 @@ from app.core.errors import (
 from app.residuals.hashing import FileHasher
 from app.residuals.integrity import ReadVerifier
 from app.residuals.manifest import (
-    MERGE_MANIFEST,
     FileEntry,
     MergeManifest,
     ResidualManifest,
+    read_merge_manifest,
     read_residual_manifest,
 )
 from app.residuals.publish import publish
@@ -50,6 +51,9 @@ from app.store.staging import DEFAULT_LEASE_S, StagingArea, copy_tree
 
 __all__ = ["QUARANTINE", "ArtifactInfo", "Kind", "LocalStore", "Locking", "copy_tree"]
 Locking = Literal["flock", "none"]
+# flock answers these where the file system cannot lock (NFS without lockd, FUSE).
+_NO_FLOCK = frozenset({errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL})
+log = logging.getLogger(__name__)
 
 
 class LocalStore:
@@ -122,6 +126,18 @@ class LocalStore:
             except BlockingIOError:
                 yield False
                 return
+            except OSError as exc:
+                if exc.errno not in _NO_FLOCK:
+                    raise
+                # NFS without lockd, some container volumes: work as with locking="none"
+                # (unique staging names, rename-based publish), and say so once.
+                log.warning(
+                    "store %s: flock is not available (%s); working without locks as with "
+                    "REALIGN_STORE_LOCKING=none",
+                    self.root,
+                    os.strerror(exc.errno or 0),
+                )
+                self.locking = "none"
             yield True
         finally:
             os.close(fd)  # closing drops the lock
@@ -233,7 +249,7 @@ class LocalStore:
             ArtifactCorruptError: a file is missing, resized or altered.
         """
         with self.using(key, "merged") as path:
-            manifest = MergeManifest.model_validate_json((path / MERGE_MANIFEST).read_text())
+            manifest = read_merge_manifest(path)
             self.verify_files(key, "merged", {**manifest.files, **manifest.other_files})
         return manifest
 

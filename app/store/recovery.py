@@ -25,7 +25,7 @@ from app.residuals.sources import RunOptions, describe_source
 from app.store.base import Store
 from app.store.inputs import resolve_input
 from app.store.keys import residual_key
-from app.store.local import QUARANTINE
+from app.store.quarantine import QUARANTINE
 
 Notice = Callable[[str], object]  # told when a corrupt artifact was rebuilt
 T = TypeVar("T")
@@ -83,6 +83,44 @@ def with_pack(
     _recover_pack(st, key, bad, notice, opts)
     with st.using(key) as pack_dir:
         return use(pack_dir)
+
+
+def reuse_pack(
+    st: Store,
+    key: str,
+    build: Callable[[Path], object],
+    notice: Notice | None,
+    *,
+    full: bool = True,
+) -> ResidualManifest:
+    """The manifest of stored pack ``key``, reused by a caller that has its sources at
+    hand (``build`` makes it again). ``full``: every file is verified, for a caller that
+    hands the key on; else only the manifest's seal, for one that reads the pack next
+    (the read verifies the rest). A corrupt pack is quarantined and rebuilt."""
+    try:
+        return st.verify(key) if full else read_residual_manifest(st.path(key))
+    except ArtifactCorruptError as exc:
+        moved = st.quarantine(key, "residuals", str(exc))
+        st.get_or_build(key, build)
+        notify(
+            notice,
+            f"residual {key}: {exc.file} did not match its recorded sha256; the pack was "
+            f"{moved_to(moved)} and rebuilt from its base and instruct",
+        )
+        return read_residual_manifest(st.path(key))
+
+
+def verify_pack(
+    st: Store, key: str, notice: Notice | None, opts: RunOptions | None = None
+) -> ResidualManifest:
+    """Verify stored pack ``key`` in full before something other than a reading
+    pipeline (an engine loading it) uses it; a corrupt one is quarantined and rebuilt
+    from the sources its manifest records, or the error says what to do."""
+    try:
+        return st.verify(key)
+    except ArtifactCorruptError as exc:
+        _recover_pack(st, key, exc, notice, opts)
+        return read_residual_manifest(st.path(key))
 
 
 def _corruption(st: Store, key: str, exc: RealignError) -> ArtifactCorruptError | None:
@@ -152,10 +190,14 @@ def _pack_manifest(st: Store, key: str) -> ResidualManifest | None:
 
 
 def manifest_or_none(pack_dir: Path) -> ResidualManifest | None:
-    try:
-        return read_residual_manifest(pack_dir)
-    except (OSError, ValueError):
-        return None
+    """A pack's manifest, unchecked when its seal is broken: it only names the sources
+    to rebuild from, and a rebuild is kept only when they give the pack's key again."""
+    for sealed in (True, False):
+        try:
+            return read_residual_manifest(pack_dir, sealed=sealed)
+        except (OSError, ValueError):
+            continue
+    return None
 
 
 def _rebuild_pack(st: Store, key: str, m: ResidualManifest, opts: RunOptions) -> bool:

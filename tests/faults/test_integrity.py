@@ -5,6 +5,7 @@ read fails with the message `realign verify` gives."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -290,3 +291,116 @@ def test_reused_merged_model_config_is_verified(llama_triple: TinyTriple, tmp_pa
     again = merge_to_store(**req, store=store, notice=notices.append)
     assert again.created and (again.path / "config.json").read_text() == config
     assert len(notices) == 1 and "config.json" in notices[0]
+
+
+def flip_digit(manifest: Path, field: str) -> None:
+    """Change one digit of ``"field": <number>`` in a manifest: still valid JSON, still a
+    valid manifest, another value (the kind of change only a seal notices)."""
+    text = manifest.read_text()
+    at = text.index(f'"{field}": ') + len(f'"{field}": ')
+    digit = text[at]
+    assert digit.isdigit()
+    manifest.write_text(text[:at] + str((int(digit) + 1) % 10) + text[at + 1 :])
+
+
+def test_a_changed_manifest_is_noticed_and_rebuilt(
+    llama_triple: TinyTriple, tmp_path: Path
+) -> None:
+    """One digit of the pack's manifest (a special token id, which would end up in the
+    merged config) changes: verify says so, apply quarantines and rebuilds the pack, the
+    merged model equals an undisturbed one."""
+    t = llama_triple
+    store, clean = tmp_path / "store", tmp_path / "clean"
+    key = compute(str(t.base), str(t.instruct), store=store).key
+    compute(str(t.base), str(t.instruct), store=clean)
+    manifest = store / "residuals" / key / "manifest.json"
+    original = manifest.read_bytes()
+    flip_digit(manifest, "bos_token_id")
+    twin = tmp_path / "twin"
+    shutil.copytree(store, twin)
+    res = realign("verify", key, "--store", str(twin))
+    assert res.returncode == 1 and "manifest.json does not match" in one_line(res.stderr)
+
+    res = realign(
+        "apply", "-r", key, "-t", str(t.new_base), "-o", str(tmp_path / "out"),
+        "--store", str(store),
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    ref = realign(
+        "apply", "-r", key, "-t", str(t.new_base), "-o", str(tmp_path / "ref"),
+        "--store", str(clean),
+    )  # fmt: skip
+    assert ref.returncode == 0, ref.stderr
+    assert weights(tmp_path / "out") == weights(tmp_path / "ref")
+    assert len(quarantined(store)) == 1 and manifest.read_bytes() != original  # new seal
+    verify(key, store=store)
+
+
+@pytest.mark.parametrize("damage", ["not_json", "no_seal"])
+def test_an_unreadable_manifest_does_not_block_its_key(
+    llama_triple: TinyTriple, tmp_path: Path, damage: str
+) -> None:
+    """A manifest that is no JSON (or lost its seal) is corruption like any other: the
+    next compute of the pair quarantines and rebuilds it instead of failing for good."""
+    t = llama_triple
+    store = tmp_path / "store"
+    first = compute(str(t.base), str(t.instruct), store=store)
+    manifest = first.path / "manifest.json"
+    if damage == "not_json":
+        manifest.write_bytes(b"\x00" + manifest.read_bytes()[1:])
+    else:
+        data = json.loads(manifest.read_text())
+        data.pop("manifest_sha256")
+        manifest.write_text(json.dumps(data))
+    twin = tmp_path / "twin"
+    shutil.copytree(store, twin)
+    with pytest.raises(ArtifactCorruptError, match=r"manifest\.json"):
+        verify(first.key, store=twin)
+    notices: list[str] = []
+    again = compute(str(t.base), str(t.instruct), store=store, notice=notices.append)
+    assert again.key == first.key and not again.created
+    assert len(notices) == 1 and "rebuilt" in notices[0]
+    assert len(quarantined(store)) == 1
+    verify(first.key, store=store)
+
+
+def test_compute_never_hands_out_the_key_of_a_corrupt_pack(
+    llama_triple: TinyTriple, tmp_path: Path
+) -> None:
+    t = llama_triple
+    store = tmp_path / "store"
+    first = compute(str(t.base), str(t.instruct), store=store)
+    original = [p.read_bytes() for p in pack_shards(store, first.key)]
+    flip_byte(pack_shards(store, first.key)[0])
+    again = compute(str(t.base), str(t.instruct), store=store)
+    assert again.key == first.key
+    assert [p.read_bytes() for p in pack_shards(store, first.key)] == original
+    assert len(quarantined(store)) == 1
+
+
+def test_serving_refuses_a_merged_model_changed_after_publication(
+    llama_triple: TinyTriple, tmp_path: Path
+) -> None:
+    """The engine pool checks a merged model against its manifest before loading it."""
+    import asyncio
+
+    from app.engines.pool import EnginePool, ModelSource
+
+    t = llama_triple
+    done = merge_to_store(
+        base=str(t.base), instruct=str(t.instruct), target=str(t.new_base), store=tmp_path / "s"
+    )
+    flip_byte(sorted(done.path.glob("model*.safetensors"))[0])
+    started: list[Path] = []
+
+    def factory(path: Path) -> object:  # never reached: the check comes first
+        started.append(path)
+        raise AssertionError("an engine was started on a corrupt model")
+
+    async def load() -> None:
+        pool = EnginePool(factory)  # type: ignore[arg-type]
+        await pool.load(ModelSource("m", done.path))
+
+    with pytest.raises(Exception, match="does not match its recorded sha256"):
+        asyncio.run(load())
+    assert started == []

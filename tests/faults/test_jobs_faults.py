@@ -59,15 +59,6 @@ def tmpfs(tmp_path: Path) -> Iterator[Path]:
 
 
 @pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis")
-    server.workdir.mkdir()
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
 def triple(llama_triple: TinyTriple, tmp_path: Path) -> TinyTriple:
     """A private copy of the llama triple, free to damage."""
     root = tmp_path / "models"

@@ -23,7 +23,7 @@ from app.api.app import create_app
 from app.api.auth import hash_key
 from app.core.settings import Settings
 from tests.api.live import LiveServer, assert_error
-from tests.jobs.conftest import ROOT, RedisServer, free_port, redis_server  # noqa: F401
+from tests.jobs.conftest import ROOT, RedisServer, free_port
 
 TOKENS = {"carol": "sk-limits-carol-71", "dave": "sk-limits-dave-42"}
 CHAT = {"model": "no-such-model", "messages": [{"role": "user", "content": "hi"}]}
@@ -193,7 +193,7 @@ def test_concurrency_limit_is_per_key(tmp_path: Path) -> None:
 
 def test_redis_limits_are_shared_by_api_processes(
     tmp_path: Path,
-    redis_server: RedisServer,  # noqa: F811
+    redis_server: RedisServer,
 ) -> None:
     s = settings(tmp_path, redis_url=redis_server.url, rate_limit_chat_rpm=3, concurrency_merge=1)
     with (
@@ -218,7 +218,7 @@ def test_redis_limits_are_shared_by_api_processes(
 
 def test_a_killed_api_process_frees_its_slots(
     tmp_path: Path,
-    redis_server: RedisServer,  # noqa: F811
+    redis_server: RedisServer,
 ) -> None:
     """Slots of a SIGKILLed API process are taken until their TTL passes, then free."""
     ttl = 2.0

@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
+import shutil
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -145,6 +147,35 @@ def test_swap_a_b_a_returns_exact_outputs(
         a2 = ask("tiny-a")
     assert a1 == a2
     assert b != a1
+
+
+def test_a_model_with_other_positions_gets_its_own_engine(
+    server: LiveServer, llama_triple_fp32: TinyTriple
+) -> None:
+    """Same shapes, another rope_theta: an in-place swap would keep the old engine's
+    RoPE tables, so the pool starts a new engine and the answer matches transformers."""
+    t = llama_triple_fp32
+    rope = t.new_base.parent / "new_base_rope"
+    if not rope.exists():
+        shutil.copytree(t.new_base, rope)
+        cfg = json.loads((rope / "config.json").read_text())
+        cfg["rope_theta"] = 4 * float(cfg.get("rope_theta") or 10000.0)
+        (rope / "config.json").write_text(json.dumps(cfg))
+    serve_merge(server, t, "tiny-a")
+    done = serve_merge(server, dataclasses.replace(t, new_base=rope), "tiny-rope")
+    with server.client() as c:
+        assert c.post("/admin/models/tiny-a/load").json()["status"] == "ready"
+        assert c.post("/admin/models/tiny-rope/load").json()["how"] == "started a new engine"
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
+    reply = client.chat.completions.create(
+        model="tiny-rope",
+        messages=QUESTION,  # type: ignore[arg-type]
+        max_tokens=8,
+        temperature=0,
+    )
+    assert reply.choices[0].message.content == reference_greedy(
+        Path(done["result"]["output"]), QUESTION, 8
+    )
 
 
 def test_concurrent_requests_during_swaps_never_mix_weights(
