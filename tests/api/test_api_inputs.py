@@ -64,8 +64,8 @@ def test_unknown_refs_are_refused(
     with nothing_queued_or_stored(root, api_store):
         missing = merge_body(llama_triple, target=str(sandbox / "no-such-model"))
         assert_error(alice.post("/v1/merges", json=missing), 404, "model_not_found")
-        s3 = merge_body(llama_triple, base="s3://bucket/model")
-        assert "s3://" in assert_error(alice.post("/v1/merges", json=s3), 400)["message"]
+        gs = merge_body(llama_triple, base="gs://bucket/model")  # s3:// is supported
+        assert "gs://" in assert_error(alice.post("/v1/merges", json=gs), 400)["message"]
         hub = merge_body(llama_triple, instruct="hf:not a repo")
         assert_error(alice.post("/v1/merges", json=hub), 400, "invalid_model_ref")
         residual = {"target": str(llama_triple.new_base), "residual": "abcdef0123"}
