@@ -147,16 +147,25 @@ def summary(c: Cluster, mode: str, models: dict[str, float]) -> list[str]:
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--mode", choices=MODES, default="first",
-                   help="first: residual + model written in one pass (3 reads, 2 writes); "
-                   "apply: a stored residual onto a new base (2 reads, 1 write); fused: no "
-                   "residual kept (3 reads, 1 write)")
-    p.add_argument("--worker-gbps", type=float, default=None,
-                   help="output GB/s of one worker (default: bench/RESULTS.md for the mode)")
+    p.add_argument(
+        "--mode",
+        choices=MODES,
+        default="first",
+        help="first: residual + model written in one pass (3 reads, 2 writes); "
+        "apply: a stored residual onto a new base (2 reads, 1 write); fused: no "
+        "residual kept (3 reads, 1 write)",
+    )
+    p.add_argument(
+        "--worker-gbps",
+        type=float,
+        default=None,
+        help="output GB/s of one worker (default: bench/RESULTS.md for the mode)",
+    )
     p.add_argument("--disk-gbps", type=float, default=MEASURED_DISK_GBPS)
     p.add_argument("--nic-gbit", type=float, default=25.0, help="per worker, Gbit/s")
-    p.add_argument("--store-gbps", type=float, default=10.0,
-                   help="object store aggregate bandwidth, GB/s")
+    p.add_argument(
+        "--store-gbps", type=float, default=10.0, help="object store aggregate bandwidth, GB/s"
+    )
     p.add_argument("--shard-gb", type=float, default=5.0)
     p.add_argument("--redis-ops", type=float, default=50_000.0)
     p.add_argument("--every", action="store_true", help="one row per N = 1..64")
@@ -167,8 +176,11 @@ def main(argv: list[str] | None = None) -> str:
     a = parse(argv)
     c = Cluster(
         worker_gbps=a.worker_gbps or MEASURED_OUT_GB / MEASURED_WALL_S[a.mode],
-        disk_gbps=a.disk_gbps, nic_gbps=a.nic_gbit / 8, store_gbps=a.store_gbps,
-        shard_gb=a.shard_gb, redis_ops_per_s=a.redis_ops,
+        disk_gbps=a.disk_gbps,
+        nic_gbps=a.nic_gbit / 8,
+        store_gbps=a.store_gbps,
+        shard_gb=a.shard_gb,
+        redis_ops_per_s=a.redis_ops,
     )
     models = {"70B": 70e9, "405B": 405e9}
     ns = list(range(1, 65)) if a.every else [1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64]

@@ -10,7 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from app.api.app import create_app
 from app.core.settings import Settings
 from app.demo.tiny import TinyTriple
-from tests.api.live import LiveServer, assert_error, merge_body, wait_for
+from tests.api.live import LiveServer, merge_body, wait_for
 
 
 def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
