@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from pathlib import Path
 from typing import Any
 
 from celery import signals
@@ -78,11 +79,24 @@ def _beat(hostname: str, queues: list[str], stop: threading.Event) -> None:
             )
         except Exception as exc:  # Redis restarting: try again next beat
             log.warning("heartbeat failed: %s", exc)
+        _touch(settings.worker_alive_file)
         try:
             runner(hostname).housekeeping()
         except Exception as exc:
             log.warning("job housekeeping failed: %s", exc)
         stop.wait(HEARTBEAT_S)
+
+
+def _touch(path: Path | None) -> None:
+    """Mark this process alive for a container probe: the beat thread runs, whether or
+    not Redis answers (a Redis restart must not get workers killed mid-merge)."""
+    if path is None:
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
+    except OSError as exc:
+        log.warning("cannot touch the liveness file %s: %s", path, exc)
 
 
 @signals.worker_ready.connect

@@ -59,6 +59,11 @@ class JobMetricsCollector(Collector):
         for queue, n in sorted(snapshot.get("queue_depths", {}).items()):
             depth.add_metric([queue], float(n))
         yield depth
+        yield GaugeMetricFamily(
+            "realign_workers_alive",
+            "Workers whose heartbeat is fresh (jobs queue while there are none).",
+            value=float(snapshot.get("workers_alive", 0)),
+        )
         yield CounterMetricFamily(
             "realign_store_quarantined",
             "Stored artifacts found corrupt when read and moved to .quarantine/.",

@@ -118,6 +118,12 @@ class Settings(BaseSettings):
         description="Queues merge jobs go to, by preference: `gpu,cpu` or a JSON list.",
         examples=["gpu,cpu"],
     )
+    worker_alive_file: Path | None = Field(
+        default=None,
+        description="File `realign worker` touches on every heartbeat (10 s), for a "
+        "container liveness probe that checks its age; unset = none.",
+        examples=["/tmp/realign-worker.alive"],
+    )
 
     # -- serving -----------------------------------------------------------------------
     engine: Literal["auto", "vllm", "torch"] = Field(

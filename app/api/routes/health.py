@@ -28,10 +28,11 @@ def healthz() -> Health:
 @router.get(
     "/readyz",
     responses=error_responses(503),
-    summary="Readiness: job records, a live worker, free disk on the store",
+    summary="Readiness: job records reachable, free disk on the store",
 )
 def readyz(service: ServiceDep) -> Health:
-    """503 naming every failed check (records unreachable, no worker, low disk)."""
+    """503 naming the failed check (records unreachable, low disk). No live worker keeps
+    it ready (jobs queue) and says so in ``detail``."""
     ready, detail = service.readiness()
     if not ready:
         raise ServiceUnavailableError(f"not ready: {detail}")
