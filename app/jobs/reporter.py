@@ -71,5 +71,6 @@ class JobReporter:
         """
         if self.cancel.is_set():
             raise OperationCancelledError(
-                f"job {self.rec.id} stopped before publishing; nothing was published"
+                f"job {self.rec.id} stopped before its result was recorded; submit it "
+                "again if it is still wanted"
             )

@@ -123,9 +123,10 @@ class JobRunner:
                 self.current_job = None
 
     def reap(self) -> list[str]:
-        """Fail running jobs whose last allowed delivery died with its worker (lease
-        expired, deliveries used up), so none stays ``running`` waiting for a delivery
-        that would only fail it. Called by every worker's heartbeat.
+        """Fail jobs whose step stopped without an outcome and that no lease holds:
+        those whose last allowed delivery died with its worker (deliveries used up), so
+        none stays ``running`` waiting for a delivery that would only fail it, and
+        validations left behind (see :func:`orphans`). Called by every heartbeat.
 
         Returns:
             The ids of the jobs failed.
@@ -176,14 +177,14 @@ class JobRunner:
                 self.records.request_load(rec.id)
                 self.records.record_finish(rec, nbytes)
                 return
-        except OperationCancelledError as exc:
-            if lease.lost.is_set():  # the job is another holder's now: write nothing
-                return
-            error = JobError(code=exc.code, message=str(exc))
-            self._finish(reporter.rec, JobStatus.cancelled, error=error)
-            return
         except Exception as exc:  # every fault ends the job, none leaves it running
-            self._fail_on(reporter.rec, exc)
+            if lease.lost.is_set():  # the job is another holder's now: write nothing
+                log.warning("job %s: run stopped after its lease was lost (%s)", rec.id, exc)
+            elif isinstance(exc, OperationCancelledError):
+                error = JobError(code=exc.code, message=str(exc))
+                self._finish(reporter.rec, JobStatus.cancelled, error=error)
+            else:
+                self._fail_on(reporter.rec, exc)
             return
         self._finish(rec, JobStatus.succeeded, result=result, nbytes=nbytes)
 
