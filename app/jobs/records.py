@@ -14,6 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from app.core.errors import JobStateError
 from app.jobs.kv import KeyValue
 from app.jobs.models import EventKind, JobEvent, JobRecord, JobStatus, WorkerInfo, utcnow
 
@@ -22,6 +23,11 @@ WORKER_TTL_S = 30.0
 INDEX_VERSION = "2"
 # per-job keys beside the record itself (suffixes of ``job:<id>``)
 _JOB_KEYS = ("", ":events", ":cancel", ":deliveries", ":lease")
+_FINAL = tuple(s.value for s in JobStatus if s.terminal)
+
+
+class JobFinishedError(JobStateError):
+    """The job's record is already in a final state; a write would have undone it."""
 
 
 class ModelEntry(BaseModel):
@@ -97,10 +103,19 @@ class JobRecords:
         return out
 
     def save(self, rec: JobRecord) -> JobRecord:
-        """Write ``rec`` and move it between the status indexes, in one transaction."""
+        """Write ``rec`` and move it between the status indexes, in one transaction that
+        never overwrites a final record (the first final state written is the job's).
+
+        Raises:
+            JobFinishedError: the stored record is already final; nothing was written.
+        """
         rec = rec.model_copy(update={"updated_at": utcnow()})
         add, remove = self._indexes(rec)
-        self.kv.write({f"{P}job:{rec.id}": rec.model_dump_json()}, rec.id, add, remove)
+        key, value = f"{P}job:{rec.id}", rec.model_dump_json()
+        if not self.kv.put_unless(key, value, _FINAL, rec.id, add, remove):
+            raise JobFinishedError(
+                f"job {rec.id} already ended; its final state stays (not {rec.status.value})"
+            )
         return rec
 
     def page(
@@ -126,7 +141,10 @@ class JobRecords:
         ]
 
     def running(self) -> list[str]:
-        return self.kv.zrevrange(f"{P}jobs:status:{JobStatus.running.value}", 0, -1)
+        return self.with_status(JobStatus.running)
+
+    def with_status(self, status: JobStatus) -> list[str]:
+        return self.kv.zrevrange(f"{P}jobs:status:{status.value}", 0, -1)
 
     def purge_finished(self, older_than: datetime, batch: int = 500) -> int:
         """Delete terminal jobs finished before ``older_than``: record, events, flags and
