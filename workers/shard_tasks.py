@@ -10,15 +10,19 @@ from __future__ import annotations
 
 from typing import Any
 
+from app.core.errors import RecordsUnavailableError
 from app.core.settings import get_settings
 from app.jobs.broker import QUEUES, TASK_ASSEMBLE, TASK_MERGE_SHARD
 from app.jobs.fanout import Fanout
 from app.jobs.runner import LeaseHeldError
 from workers.celery_app import celery_app
-from workers.tasks import TRANSIENT, runner
+
+TRANSIENT = (ConnectionError, TimeoutError, RecordsUnavailableError)  # as workers.tasks
 
 
 def _fanout(hostname: str) -> Fanout:
+    from workers.tasks import runner  # imported late: workers.tasks imports this module
+
     fanout = runner(hostname).fanout
     assert fanout is not None, "the Celery worker's runner always splits large merges"
     return fanout

@@ -125,7 +125,10 @@ class Fanout:
             self._end(split, JobStatus.cancelled, JobError(code="cancelled", message=CANCELLED))
             return False
         except Exception as exc:
-            self._fail(split, rec, exc)
+            if self._stopped(split):  # the job ended meanwhile and its staging went
+                self._end(split, JobStatus.cancelled, JobError(code="cancelled", message=CANCELLED))
+            else:
+                self._fail(split, rec, exc)
             return False
         worker = self.runner.worker
         split.record(index, ShardResult(**vars(out), worker=worker))
