@@ -4,7 +4,7 @@ there are, then assembled: the same files, bit for bit, as :func:`apply_residual
 A worker writes one shard (:func:`apply_shard`) into a directory of its own; once
 every shard exists, one step (:func:`assemble_merged`) adds the index, config,
 tokenizer files, manifest and model card beside them. The pack is verified by the
-workers between them: each one checks the pack files its tensors live in.
+workers between them: each pack file by the first shard that reads it.
 """
 
 from __future__ import annotations
@@ -54,16 +54,28 @@ def plan_apply_shards(
     return manifest, plan_output([j.spec for j in jobs], max_shard_bytes)
 
 
-def _verify_used(
-    pack_dir: Path, manifest: ResidualManifest, pack: Checkpoint, jobs: list[TensorJob]
+def _verify_owned(
+    pack_dir: Path,
+    manifest: ResidualManifest,
+    pack: Checkpoint,
+    jobs: list[TensorJob],
+    shards: list[OutputShard],
+    index: int,
 ) -> None:
-    """Check only the pack files ``jobs`` read: every file is read by some shard's
-    worker, so between them the whole pack is checked, and none hashes it all."""
-    used = {s.info.file for j in jobs for s in j.inputs if s.checkpoint is pack}
+    """Check the pack files whose first reader is shard ``index``: every pack file is
+    checked by exactly one shard's worker (hashing what it did not read itself), so
+    between them the whole pack is checked once, before the final step publishes."""
+    by_name = {j.spec.name: j for j in jobs}
+    owner: dict[Path, int] = {}
+    for shard in shards:
+        for name in shard.tensors:
+            for s in by_name[name].inputs:
+                if s.checkpoint is pack:
+                    owner.setdefault(s.info.file, shard.index)
     expected = {
         pack_dir / n: (e.size, e.sha256)
         for n, e in manifest.files.items()
-        if e.sha256 and pack_dir / n in used
+        if e.sha256 and owner.get(pack_dir / n) == index
     }
     if pack.verifier is not None:
         pack.verifier.close()
@@ -96,9 +108,10 @@ def apply_shard(
     manifest, pack = open_pack(pack_dir)
     with pack:
         jobs = plan_apply(manifest, pack, target, alpha)
-        shard = plan_output([j.spec for j in jobs], opts.max_shard_bytes)[index]
+        shards = plan_output([j.spec for j in jobs], opts.max_shard_bytes)
+        shard = shards[index]
         mine = shard_jobs(jobs, shard)
-        _verify_used(pack_dir, manifest, pack, mine)
+        _verify_owned(pack_dir, manifest, pack, jobs, shards, index)
         runner = make_runner(manifest.method, "apply", opts)
         with merged_writer(out_dir, [j.spec for j in jobs], opts, only=index) as writer:
             runner.run(mine, writer)
