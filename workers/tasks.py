@@ -36,7 +36,9 @@ def runner(hostname: str = "") -> JobRunner:
         def enqueue(task: str, job_id: str) -> None:
             celery_app.send_task(task, args=[job_id], queue=QUEUES[task])
 
-        _state["runner"] = JobRunner(records, settings, name, enqueue)
+        from workers.shard_tasks import CeleryShardQueue
+
+        _state["runner"] = JobRunner(records, settings, name, enqueue, CeleryShardQueue())
     return _state["runner"]  # type: ignore[no-any-return]
 
 

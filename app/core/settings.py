@@ -113,6 +113,13 @@ class Settings(BaseSettings):
         default=7 * 3600, description="Redis redelivery timeout; must exceed the job limit."
     )
     max_deliveries: int = Field(default=3, description="A job redelivered more often fails.")
+    merge_parallel_min_shards: int = Field(
+        default=4,
+        ge=0,
+        description="A merge whose model has at least this many output shards (see "
+        "`REALIGN_MAX_SHARD_GB`) is split into one task per shard, run by all workers at "
+        "once, and published by a final task (Redis workers only); 0 = never split.",
+    )
     worker_queues: list[str] = Field(
         default_factory=lambda: ["gpu", "cpu"],
         description="Queues merge jobs go to, by preference: `gpu,cpu` or a JSON list.",

@@ -14,6 +14,7 @@ import logging
 import threading
 from collections.abc import Callable
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 from app.core.errors import IncompatibleModelsError, OperationCancelledError, RealignError
 from app.core.settings import Settings
@@ -32,6 +33,10 @@ from app.jobs.models import (
 from app.jobs.records import JobFinishedError, JobRecords, ModelEntry
 from app.jobs.reporter import JobReporter
 
+if TYPE_CHECKING:
+    from app.jobs.fanout import Fanout, ShardQueue
+    from app.merge import StoredMerge
+
 log = logging.getLogger("app.jobs")
 Enqueue = Callable[[str, str], None]  # (task name, job id)
 __all__ = ["JobRunner", "LeaseHeldError"]
@@ -45,10 +50,17 @@ class JobRunner:
         settings: store location, device, delivery cap.
         worker: this worker's name (lease holder).
         enqueue: how to queue the next step (Celery send_task or the embedded queue).
+        shards: where the tasks of a merge split by output shard go; None runs every
+            merge as one task (the embedded worker).
     """
 
     def __init__(
-        self, records: JobRecords, settings: Settings, worker: str, enqueue: Enqueue
+        self,
+        records: JobRecords,
+        settings: Settings,
+        worker: str,
+        enqueue: Enqueue,
+        shards: ShardQueue | None = None,
     ) -> None:
         self.records = records
         self.settings = settings
@@ -57,6 +69,11 @@ class JobRunner:
         self.lease_s = settings.job_lease_s
         self.current_job: str | None = None
         self.finals = FinalWriter(records)  # final states survive a records outage
+        self.fanout: Fanout | None = None
+        if shards is not None:
+            from app.jobs.fanout import Fanout
+
+            self.fanout = Fanout(self, shards)
 
     # -- steps ----------------------------------------------------------------------------
     def validate(self, job_id: str) -> None:
@@ -150,6 +167,8 @@ class JobRunner:
         fail jobs of dead workers, drop records past their retention."""
         self.finals.flush()
         self.reap()
+        if self.fanout is not None:
+            self.fanout.sweep()
         cutoff = utcnow() - timedelta(days=self.settings.job_retention_days)
         while self.records.purge_finished(cutoff) > 0:
             pass
@@ -165,18 +184,15 @@ class JobRunner:
                 result, nbytes = self._residual_only(rec, reporter, cancel)
             elif rec.spec.serve and rec.spec.serve_mode == "in_engine":
                 result, nbytes = self._in_engine(rec, reporter, cancel)
+            elif self.fanout is not None and self.fanout.dispatch(rec, reporter, cancel):
+                return  # the shard tasks run it; the last one's final task ends the job
             else:
                 result, nbytes = self._checkpoint(rec, reporter, cancel)
             reporter.check()  # a lost lease or a cancel after the last tensor
             rec = (self.records.get(rec.id) or reporter.rec).model_copy(
-                update={"progress": reporter.rec.progress, "result": result}
+                update={"progress": reporter.rec.progress}
             )
-            if rec.spec.serve:
-                # Engines live with the serving front end: it loads the model, then ends the job.
-                rec = self._move(rec, JobStatus.running, JobStage.load, "waiting for an engine")
-                self.records.request_load(rec.id)
-                self.records.record_finish(rec, nbytes)
-                return
+            self.conclude(rec, result, nbytes)
         except Exception as exc:  # every fault ends the job, none leaves it running
             if lease.lost.is_set():  # the job is another holder's now: write nothing
                 log.warning("job %s: run stopped after its lease was lost (%s)", rec.id, exc)
@@ -185,6 +201,15 @@ class JobRunner:
                 self._finish(reporter.rec, JobStatus.cancelled, error=error)
             else:
                 self._fail_on(reporter.rec, exc)
+
+    def conclude(self, rec: JobRecord, result: JobResult, nbytes: int) -> None:
+        """End a merge that published its model: succeeded, or handed to serving."""
+        rec = rec.model_copy(update={"result": result})
+        if rec.spec.serve:
+            # Engines live with the serving front end: it loads the model, then ends the job.
+            rec = self._move(rec, JobStatus.running, JobStage.load, "waiting for an engine")
+            self.records.request_load(rec.id)
+            self.records.record_finish(rec, nbytes)
             return
         self._finish(rec, JobStatus.succeeded, result=result, nbytes=nbytes)
 
@@ -236,6 +261,11 @@ class JobRunner:
         )
         reporter.check()  # nothing registered for a job this worker no longer owns
         rec = self._move(reporter.rec, JobStatus.running, JobStage.publish)
+        return self.register(rec, done)
+
+    def register(self, rec: JobRecord, done: StoredMerge) -> tuple[JobResult, int]:
+        """Register a published merged model for serving; the job's result and size."""
+        s = self._spec(rec)
         model_id = s.name or f"realign-{done.key[:12]}"
         m = done.manifest
         self.records.register_model(
@@ -394,6 +424,18 @@ class JobRunner:
     def _notice(self, reporter: JobReporter) -> Callable[[str], object]:
         """Where a rebuilt corrupt artifact is told: the job's events."""
         return lambda msg: self.records.add_event(reporter.rec, "status", msg)
+
+    # The split merge (app.jobs.fanout) moves and ends jobs the same way.
+    def move(
+        self, rec: JobRecord, status: JobStatus, stage: JobStage | None, message: str = ""
+    ) -> JobRecord:
+        return self._move(rec, status, stage, message)
+
+    def finish(self, rec: JobRecord, status: JobStatus, *, error: JobError | None) -> None:
+        self._finish(rec, status, error=error)
+
+    def job_spec(self, rec: JobRecord) -> MergeSpec:
+        return self._spec(rec)
 
     @staticmethod
     def _spec(rec: JobRecord) -> MergeSpec:
