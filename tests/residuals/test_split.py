@@ -33,6 +33,7 @@ def _files(path: Path) -> dict[str, bytes]:
 def _without_time(raw: bytes) -> dict[str, object]:
     manifest = json.loads(raw)
     manifest.pop("created_at")
+    manifest.pop("manifest_sha256")  # seals the creation time too
     return manifest  # type: ignore[no-any-return]
 
 
