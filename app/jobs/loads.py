@@ -12,12 +12,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from typing import Any
 
 from app.core.settings import Settings
+from app.handoff.board import LoadNotice
 from app.handoff.bus import LOAD_CHANNEL, REPORT_CHANNEL, Bus, Subscription, make_bus
 from app.handoff.verdict import Verdict, judge
 from app.jobs.finals import FinalWriter
-from app.jobs.models import JobError, JobStage, JobStatus, utcnow
+from app.jobs.models import JobError, JobRecord, JobStage, JobStatus, utcnow
 from app.jobs.records import JobRecords
 
 log = logging.getLogger("app.jobs")
@@ -67,18 +69,12 @@ class LoadWatcher:
             if rec is None or rec.status.terminal:
                 self.board.withdraw(job_id)  # cancelled, or ended by another watcher
             return None
-        if rec.cancel_requested:
-            verdict: Verdict | None = Verdict("cancelled", "cancelled while loading", "cancelled")
-        else:
-            live = {r.id for r in self.board.replicas()}
-            need = self.settings.replicas_needed()
-            timeout = self.settings.serve_load_timeout_s
-            reports = self.board.reports(job_id)
-            verdict = judge(notice, reports, live, need, timeout, time.time())
+        verdict = self._verdict(rec, notice)
         if verdict is None:
             return None
         if self.records.claim(f"loadend:{job_id}", self.name, CLAIM_S) != self.name:
             return None
+        end: dict[str, Any]
         if verdict.status == "succeeded":
             self.records.add_event(rec, "log", verdict.message)
             end = {"status": JobStatus.succeeded, "error": None}
@@ -89,6 +85,15 @@ class LoadWatcher:
         self.finals.write(rec.model_copy(update={**end, "finished_at": utcnow()}))
         self.board.withdraw(job_id)
         return verdict
+
+    def _verdict(self, rec: JobRecord, notice: LoadNotice) -> Verdict | None:
+        if rec.cancel_requested:
+            return Verdict("cancelled", "cancelled while loading", "cancelled")
+        live = {r.id for r in self.board.replicas()}
+        need = self.settings.replicas_needed()
+        timeout = self.settings.serve_load_timeout_s
+        reports = self.board.reports(rec.id)
+        return judge(notice, reports, live, need, timeout, time.time())
 
     def sweep(self) -> None:
         for notice in self.board.pending():

@@ -46,29 +46,34 @@ class Replica:
         self._taken: set[str] = set()
         self._loads: set[asyncio.Task[None]] = set()
         self._stop = threading.Event()
-        self._beat: threading.Thread | None = None
-        self._listen: asyncio.Task[None] | None = None
+        self._threads: list[threading.Thread] = []
 
     @property
     def id(self) -> str:
         return self.info.id
 
     def start(self) -> None:
-        """Heartbeat (in a thread: it goes on while a load holds the event loop) and listen."""
+        """Heartbeat and listen, each in a thread of its own: beats go on while a load
+        holds the event loop, and waiting for messages takes no executor thread."""
         self._stop.clear()
-        self._beat = threading.Thread(target=self._beats, name="realign-replica", daemon=True)
-        self._beat.start()
-        self._listen = asyncio.get_running_loop().create_task(self._listening())
+        loop = asyncio.get_running_loop()
+        self._threads = [
+            threading.Thread(target=self._beats, name="realign-replica-beat", daemon=True),
+            threading.Thread(
+                target=self._listen, args=(loop,), name="realign-replica-notices", daemon=True
+            ),
+        ]
+        for thread in self._threads:
+            thread.start()
 
     async def stop(self) -> None:
         self._stop.set()
-        for task in (self._listen, *self._loads):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
-        if self._beat is not None:
-            await asyncio.to_thread(self._beat.join, 2 * REPLICA_BEAT_S)
+        for task in list(self._loads):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        for thread in self._threads:
+            await asyncio.to_thread(thread.join, 2 * REPLICA_BEAT_S)
         with contextlib.suppress(Exception):
             await asyncio.to_thread(self.board.forget_replica, self.id)
 
@@ -80,31 +85,31 @@ class Replica:
                 log.warning("replica heartbeat failed: %s", exc)
             self._stop.wait(REPLICA_BEAT_S)
 
-    async def _listening(self) -> None:
+    def _listen(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Hand every notice (message, or the records after (re)subscribing and every
+        :data:`SWEEP_S`) to the event loop, until stopped."""
         sub: Subscription | None = None
         next_sweep = 0.0
-        while True:
+        while not self._stop.is_set():
             try:
                 if sub is None:
-                    sub = await asyncio.to_thread(self.bus.subscribe, LOAD_CHANNEL)
+                    sub = self.bus.subscribe(LOAD_CHANNEL)
                     next_sweep = 0.0  # notices sent before (or while away) are in the records
                 if time.monotonic() >= next_sweep:
-                    for notice in await asyncio.to_thread(self.board.pending):
-                        self._take(notice.job_id)
+                    for notice in self.board.pending():
+                        loop.call_soon_threadsafe(self._take, notice.job_id)
                     next_sweep = time.monotonic() + SWEEP_S
-                job_id = await asyncio.to_thread(sub.get, 1.0)
+                job_id = sub.get(timeout=1.0)
                 if job_id:
-                    self._take(job_id)
-            except asyncio.CancelledError:
-                if sub is not None:
-                    sub.close()
-                raise
-            except Exception as exc:  # Redis restarting: subscribe again shortly
+                    loop.call_soon_threadsafe(self._take, job_id)
+            except Exception as exc:  # Redis restarting (or the loop closed): again shortly
                 log.warning("replica %s: load notices: %s", self.id, exc)
                 if sub is not None:
                     sub.close()
                 sub = None
-                await asyncio.sleep(1.0)
+                self._stop.wait(1.0)
+        if sub is not None:
+            sub.close()
 
     def _take(self, job_id: str) -> None:
         if job_id in self._taken:
@@ -115,9 +120,14 @@ class Replica:
         task.add_done_callback(self._loads.discard)
 
     async def _serve(self, job_id: str) -> None:
-        notice = await asyncio.to_thread(self.board.notice, job_id)
+        try:
+            notice = await asyncio.to_thread(self.board.notice, job_id)
+        except Exception as exc:  # records down: the next sweep takes the notice again
+            log.warning("replica %s: job %s: notice not read (%s)", self.id, job_id, exc)
+            self._taken.discard(job_id)
+            return
         if notice is None:
-            return  # withdrawn: the job ended
+            return  # withdrawn (the job ended), or another store's job
         await self._report(job_id, "loading")
         try:
             how = await self.load(notice.model_id)

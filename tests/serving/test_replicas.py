@@ -86,6 +86,7 @@ def planes(
 ) -> Iterator[Planes]:
     logs = tmp_path / "logs"
     logs.mkdir()
+    (tmp_path / "store").mkdir()
     env = service_env(
         redis_server.url,
         tmp_path / "store",
