@@ -137,7 +137,7 @@ def test_two_serving_replicas_answer_a_served_merge_alike(
     planes: Planes, llama_triple_fp32: TinyTriple
 ) -> None:
     _, api = planes.serve("api", "api")
-    planes.start("worker", "worker", "-n", "w1@%h")
+    planes.start("worker", "worker", "--name", "w1@%h")
     replicas = [planes.serve(f"serving{i}", "serving")[1] for i in (1, 2)]
     assert httpx.get(f"{api}/v1/models").status_code == 404  # the job plane serves no model
     job_id = submit(api, llama_triple_fp32, "shared", alpha=0.75)
@@ -161,7 +161,7 @@ def test_a_replica_that_starts_later_ends_the_job_and_a_killed_one_times_out(
     redis_server: RedisServer,  # noqa: F811
 ) -> None:
     _, api = planes.serve("api", "api")
-    planes.start("worker", "worker", "-n", "w1@%h")
+    planes.start("worker", "worker", "--name", "w1@%h")
 
     # no serving replica yet: the job waits at its load stage...
     first = submit(api, llama_triple_fp32, "later", alpha=0.5)
