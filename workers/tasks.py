@@ -115,6 +115,7 @@ def _on_ready(sender: Any = None, **_: Any) -> None:
     threading.Thread(
         target=_beat, args=(hostname, queues, stop), daemon=True, name="realign-heartbeat"
     ).start()
+    runner(hostname).loads.start(stop)  # ends serve:true jobs as serving replicas report
 
 
 @signals.worker_shutdown.connect

@@ -47,6 +47,18 @@ class Settings(BaseSettings):
             file_secret_settings,
         )
 
+    @field_validator("serve_replicas")
+    @classmethod
+    def _replicas(cls, value: str) -> str:
+        value = value.strip().lower()
+        if value != "all" and not (value.isdigit() and int(value) >= 1):
+            raise ValueError("must be a number of replicas (1 or more) or 'all'")
+        return value
+
+    def replicas_needed(self) -> int | None:
+        """Replicas a serve=true job waits for; None = every live replica."""
+        return None if self.serve_replicas == "all" else int(self.serve_replicas)
+
     @field_validator("vllm_args")
     @classmethod
     def _json_object(cls, value: str) -> str:
@@ -133,6 +145,26 @@ class Settings(BaseSettings):
     )
 
     # -- serving -----------------------------------------------------------------------
+    serve_role: Literal["all", "api", "serving"] = Field(
+        default="all",
+        description="What `realign serve` runs: all = job API and engines in one process; "
+        "api = the job plane only (merges, admin, no engines); serving = engines and the "
+        "OpenAI routes only. api and serving need REALIGN_REDIS_URL.",
+        examples=["serving"],
+    )
+    serve_replicas: str = Field(
+        default="1",
+        description="Serving replicas that must have loaded a serve=true job's model before "
+        "the job succeeds: a number, or `all` (every live replica).",
+        examples=["all"],
+    )
+    serve_load_timeout_s: float = Field(
+        default=1800.0,
+        gt=0,
+        description="How long a serve=true job waits for serving replicas to load its model "
+        "before it fails with code load_timeout (the model stays registered and loads on "
+        "its first request).",
+    )
     engine: Literal["auto", "vllm", "torch"] = Field(
         default="auto", description="auto = vLLM when it is installed, else transformers."
     )

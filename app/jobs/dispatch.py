@@ -80,6 +80,7 @@ class ThreadDispatcher:
             t = threading.Thread(target=target, name=f"realign-{target.__name__[1:]}", daemon=True)
             t.start()
             self._threads.append(t)
+        self._threads.append(self.runner.loads.start(self._stop))
         self._requeue_unfinished()
 
     def stop(self) -> None:

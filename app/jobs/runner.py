@@ -21,6 +21,7 @@ from app.core.settings import Settings
 from app.jobs.failures import drop_tracebacks, job_error, lost_message
 from app.jobs.finals import FinalWriter
 from app.jobs.lease import LeaseHeldError, LeaseKeeper, orphans
+from app.jobs.loads import LoadWatcher
 from app.jobs.models import (
     JobError,
     JobRecord,
@@ -69,6 +70,7 @@ class JobRunner:
         self.lease_s = settings.job_lease_s
         self.current_job: str | None = None
         self.finals = FinalWriter(records)  # final states survive a records outage
+        self.loads = LoadWatcher(records, settings, worker, self.finals)
         self.fanout: Fanout | None = None
         if shards is not None:
             from app.jobs.fanout import Fanout
@@ -206,10 +208,10 @@ class JobRunner:
         """End a merge that published its model: succeeded, or handed to serving."""
         rec = rec.model_copy(update={"result": result})
         if rec.spec.serve:
-            # Engines live with the serving front end: it loads the model, then ends the job.
+            # Serving replicas load it and report; the load watcher then ends the job.
             rec = self._move(rec, JobStatus.running, JobStage.load, "waiting for an engine")
-            self.records.request_load(rec.id)
             self.records.record_finish(rec, nbytes)
+            self.loads.announce(rec.id, result.model_id)
             return
         self._finish(rec, JobStatus.succeeded, result=result, nbytes=nbytes)
 
@@ -358,16 +360,6 @@ class JobRunner:
             manifest={"residual": key, "target": s.target, "alpha": s.alpha},
         )
         return result, 0
-
-    def finish_load(self, job_id: str, error: str | None = None) -> None:
-        """Called by the serving side once the model is loaded (or failed to load)."""
-        rec = self.records.get(job_id)
-        if rec is None or rec.status.terminal:
-            return
-        if error is None:
-            self._finish(rec, JobStatus.succeeded, result=rec.result)
-        else:
-            self._fail(rec, "load_failed", error)
 
     def _live(self, job_id: str) -> JobRecord | None:
         rec = self.records.get(job_id)

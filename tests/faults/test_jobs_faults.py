@@ -11,6 +11,7 @@ import errno
 import json
 import shutil
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +22,7 @@ import pytest
 from app.api.app import create_app
 from app.core.settings import Settings, get_settings
 from app.demo.tiny import TinyTriple
+from app.handoff.board import LoadBoard
 from app.jobs.failures import job_error
 from app.jobs.models import Caller, JobRecord, JobStage, JobStatus, MergeSpec
 from app.jobs.records import JobRecords
@@ -197,8 +199,12 @@ def test_load_failure_fails_the_job(triple: TinyTriple, tmp_path: Path) -> None:
     (Path(rec.result.output) / "config.json").write_text('{"model_type": "no-such-model"}')
 
     async def serve_pending() -> JobRecord:
-        serving = ServingService(h.settings, h.records)
+        # a serving replica started after the merge finds the notice in the records; the
+        # job plane's load watcher ends the job from the replica's report
+        serving = ServingService(h.settings, LoadBoard(h.records.kv))
         serving.start()
+        stop = threading.Event()
+        watcher = h.runner.loads.start(stop)
         try:
             for _ in range(600):
                 got = h.records.get(rec.id)
@@ -206,6 +212,8 @@ def test_load_failure_fails_the_job(triple: TinyTriple, tmp_path: Path) -> None:
                     return got
                 await asyncio.sleep(0.1)
         finally:
+            stop.set()
+            watcher.join()
             await serving.stop()
         raise AssertionError("the load never ended the job")
 
