@@ -68,3 +68,66 @@ def test_kernel_is_built() -> None:
     nothing. Installs without a compiler run on the torch fallback, tested through
     TorchCpuBackend in tests/residuals/test_backends.py."""
     assert native.available(), native.load_error()
+
+
+def _imported_by(packages: tuple[str, ...], prefixes: tuple[str, ...]) -> list[str]:
+    """Modules under ``prefixes`` that importing every module of ``packages`` loads."""
+    root = Path(__file__).resolve().parents[1]
+    modules = sorted(
+        ".".join(p.relative_to(root).with_suffix("").parts)
+        for pkg in packages
+        for p in (root / pkg).glob("*.py")
+    )
+    code = (
+        "import importlib, sys\n"
+        f"for m in {modules!r}: importlib.import_module(m)\n"
+        f"bad = sorted(m for m in sys.modules if m.startswith({prefixes!r}))\n"
+        "print(','.join(bad))\n"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True
+    )
+    assert len(modules) >= 2
+    return [m for m in res.stdout.strip().split(",") if m]
+
+
+def test_serving_imports_neither_the_api_nor_the_jobs() -> None:
+    """The serving plane meets the job plane only through app.handoff (records and
+    messages), and owns the OpenAI protocol instead of borrowing the API's schemas."""
+    assert _imported_by(("app/serving", "app/handoff"), ("app.api", "app.jobs", "workers")) == []
+
+
+def test_jobs_import_no_serving_or_engines() -> None:
+    assert _imported_by(("app/jobs",), ("app.serving", "app.engines", "app.api")) == []
+
+
+def test_the_job_plane_loads_no_engine(tmp_path: Path) -> None:
+    """`realign serve --role api` builds and starts the app (lifespan included) without
+    importing vLLM, an engine or the serving plane."""
+    from tests.jobs.conftest import RedisServer
+
+    root = Path(__file__).resolve().parents[1]
+    server = RedisServer(tmp_path / "redis")
+    server.workdir.mkdir()
+    server.start()
+    code = (
+        "import sys\n"
+        "from fastapi.testclient import TestClient\n"
+        "from app.api.app import create_app\n"
+        "from app.core.settings import Settings\n"
+        f"s = Settings(serve_role='api', redis_url={server.url!r}, "
+        f"models_cache_dir={str(tmp_path / 'store')!r})\n"
+        "with TestClient(create_app(s)) as c:\n"
+        "    assert c.get('/healthz').status_code == 200\n"
+        "    assert c.get('/v1/models').status_code == 404\n"
+        "    assert c.get('/v1/merges').status_code == 200\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] == 'vllm' or "
+        "m.startswith(('app.engines', 'app.serving.service', 'app.serving.chat')))\n"
+        "print('engines:', ','.join(bad))\n"
+    )
+    try:
+        res = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
+    finally:
+        server.stop()
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.splitlines()[-1] == "engines: ", res.stdout

@@ -11,4 +11,5 @@ from app.jobs.broker import make_celery
 
 celery_app = make_celery(get_settings())
 
+import workers.shard_tasks  # noqa: E402  (registers the task names of split merges)
 import workers.tasks  # noqa: E402,F401  (registers the task names)

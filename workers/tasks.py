@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from pathlib import Path
 from typing import Any
 
 from celery import signals
@@ -35,7 +36,9 @@ def runner(hostname: str = "") -> JobRunner:
         def enqueue(task: str, job_id: str) -> None:
             celery_app.send_task(task, args=[job_id], queue=QUEUES[task])
 
-        _state["runner"] = JobRunner(records, settings, name, enqueue)
+        from workers.shard_tasks import CeleryShardQueue
+
+        _state["runner"] = JobRunner(records, settings, name, enqueue, CeleryShardQueue())
     return _state["runner"]  # type: ignore[no-any-return]
 
 
@@ -79,11 +82,24 @@ def _beat(hostname: str, queues: list[str], stop: threading.Event) -> None:
             )
         except Exception as exc:  # Redis restarting: try again next beat
             log.warning("heartbeat failed: %s", exc)
+        _touch(settings.worker_alive_file)
         try:
             runner(hostname).housekeeping()
         except Exception as exc:
             log.warning("job housekeeping failed: %s", exc)
         stop.wait(HEARTBEAT_S)
+
+
+def _touch(path: Path | None) -> None:
+    """Mark this process alive for a container probe: the beat thread runs, whether or
+    not Redis answers (a Redis restart must not get workers killed mid-merge)."""
+    if path is None:
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
+    except OSError as exc:
+        log.warning("cannot touch the liveness file %s: %s", path, exc)
 
 
 @signals.worker_ready.connect
@@ -100,6 +116,7 @@ def _on_ready(sender: Any = None, **_: Any) -> None:
     threading.Thread(
         target=_beat, args=(hostname, queues, stop), daemon=True, name="realign-heartbeat"
     ).start()
+    runner(hostname).loads.start(stop)  # ends serve:true jobs as serving replicas report
 
 
 @signals.worker_shutdown.connect

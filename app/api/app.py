@@ -1,14 +1,20 @@
-"""The FastAPI application factory.
+"""The FastAPI application factory, for one plane or both (``REALIGN_SERVE_ROLE``).
 
-Settings are read once and passed in; the job service is built and started in the
-lifespan (nothing heavy at import). Only our routers are mounted, so the OpenAPI
-schema documents exactly the public surface.
+- ``api``: the job plane: merges, residuals, admin, health and metrics; no engines.
+- ``serving``: a serving replica: engines and the OpenAI routes, health and metrics.
+- ``all``: both in one process (the single-box default).
+
+Settings are read once and passed in; the job service and the serving service are built
+and started in the lifespan (nothing heavy at import: the engines are imported only by
+a process that serves). Only our routers are mounted, so the OpenAPI schema documents
+exactly the public surface of the plane.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 
@@ -20,9 +26,12 @@ from app.api.limits import BodyLimitMiddleware
 from app.api.metrics import metrics_registry
 from app.api.routes import admin, health, merges, models, openai, residuals
 from app.api.throttle import ThrottleMiddleware, limits_from, make_limiter
+from app.core.errors import InvalidSettingsError
 from app.core.settings import Settings, get_settings
 from app.jobs.service import JobService
-from app.serving.service import ServingService
+
+if TYPE_CHECKING:
+    from app.serving.service import ServingService
 
 DESCRIPTION = """\
 Merge LLM checkpoints with instruction residuals:
@@ -44,21 +53,62 @@ TAGS = [
 ]
 
 
+# Which routes each role answers; a gateway sends the OpenAI paths to serving, the rest
+# to the API.
+ROUTERS = {
+    "all": (merges, residuals, openai, models, admin, health),
+    "api": (merges, residuals, admin, health),
+    "serving": (openai, models, health),
+}
+
+
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
-    service = JobService.from_settings(app.state.settings)
-    service.start()
-    app.state.service = service
-    app.state.metrics_registry = metrics_registry(service)
-    serving = ServingService(app.state.settings, service.records)
-    serving.start()
-    app.state.serving = serving
+    settings: Settings = app.state.settings
+    service: JobService | None = None
+    serving: ServingService | None = None
+    if settings.serve_role != "serving":
+        service = JobService.from_settings(settings)
+        service.start()
+        app.state.readiness = service.readiness
+    if settings.serve_role != "api":
+        serving = _serving(settings, service)
+        serving.start()
+        if service is None:  # a serving replica: ready when it can read the catalog
+            app.state.readiness = serving.readiness
+    app.state.service, app.state.serving = service, serving
+    app.state.metrics_registry = metrics_registry(service, serving)
     try:
         yield
     finally:
-        await serving.stop()
-        service.stop()
+        if serving is not None:
+            await serving.stop()
+        if service is not None:
+            service.stop()
         await app.state.limiter.close()
+
+
+def _serving(settings: Settings, service: JobService | None) -> ServingService:
+    """The engines of this process, reading the catalog the job service writes."""
+    from app.handoff.board import LoadBoard
+    from app.jobs.kv import RedisKV
+    from app.serving.service import ServingService
+
+    if service is not None:
+        kv = service.records.kv
+    else:
+        assert settings.redis_url is not None  # checked in create_app
+        kv = RedisKV(settings.redis_url)
+    return ServingService(settings, LoadBoard(kv), role=settings.serve_role)
+
+
+def _check_role(settings: Settings) -> None:
+    if settings.serve_role != "all" and not settings.redis_url:
+        raise InvalidSettingsError(
+            f"REALIGN_SERVE_ROLE={settings.serve_role} needs REALIGN_REDIS_URL: the job plane "
+            "and the serving plane meet through Redis; on one machine without Redis use the "
+            "role all (the default)"
+        )
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -66,9 +116,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     Raises:
         UnsafeSettingsError: no API keys on a non-loopback host, or malformed keys.
+        InvalidSettingsError: the role api or serving without REALIGN_REDIS_URL.
     """
     settings = settings or get_settings()
     check_bind(settings)
+    _check_role(settings)
     app = FastAPI(
         title="Realign",
         version=package.__version__,
@@ -89,6 +141,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         keyring=app.state.keyring,
         limits=limits_from(settings),
     )
-    for module in (merges, residuals, openai, models, admin, health):
+    for module in ROUTERS[settings.serve_role]:
         app.include_router(module.router)
     return app

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -12,7 +12,9 @@ from app.core.errors import PermissionDeniedError
 from app.core.settings import Settings
 from app.jobs.models import Caller
 from app.jobs.service import JobService
-from app.serving.service import ServingService
+
+if TYPE_CHECKING:  # the engines are imported only by a process that serves
+    from app.serving.service import ServingService
 
 _bearer = HTTPBearer(
     auto_error=False,
@@ -51,6 +53,9 @@ def require_admin(caller: Annotated[Caller, Depends(get_caller)]) -> Caller:
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 ServiceDep = Annotated[JobService, Depends(get_service)]
-ServingDep = Annotated[ServingService, Depends(get_serving)]
+if TYPE_CHECKING:
+    ServingDep = Annotated[ServingService, Depends(get_serving)]
+else:  # the engines are not imported by the job plane: FastAPI needs no class here
+    ServingDep = Annotated[Any, Depends(get_serving)]
 CallerDep = Annotated[Caller, Depends(get_caller)]
 AdminDep = Annotated[Caller, Depends(require_admin)]

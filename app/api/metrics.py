@@ -1,14 +1,15 @@
-"""Prometheus collector computing job metrics from the service at scrape time.
+"""Prometheus collectors computing metrics at scrape time: job metrics from the job
+service, engine states from a serving replica's pool.
 
 Nothing is counted in this process: with several API replicas every one reports
-the same numbers, read from the shared job records.
+the same job numbers, read from the shared job records.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import (
@@ -21,6 +22,9 @@ from prometheus_client.registry import Collector
 
 from app.jobs.models import JobStatus
 from app.jobs.service import JobService
+
+if TYPE_CHECKING:
+    from app.serving.service import ServingService
 
 DURATION_BUCKETS = (1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 21600.0)
 
@@ -59,6 +63,11 @@ class JobMetricsCollector(Collector):
         for queue, n in sorted(snapshot.get("queue_depths", {}).items()):
             depth.add_metric([queue], float(n))
         yield depth
+        yield GaugeMetricFamily(
+            "realign_workers_alive",
+            "Workers whose heartbeat is fresh (jobs queue while there are none).",
+            value=float(snapshot.get("workers_alive", 0)),
+        )
         yield CounterMetricFamily(
             "realign_store_quarantined",
             "Stored artifacts found corrupt when read and moved to .quarantine/.",
@@ -66,8 +75,29 @@ class JobMetricsCollector(Collector):
         )
 
 
-def metrics_registry(service: JobService) -> CollectorRegistry:
+class ServingMetricsCollector(Collector):
+    """Models of this replica's engine pool, by state."""
+
+    def __init__(self, serving: ServingService) -> None:
+        self.serving = serving
+
+    def collect(self) -> Iterator[Metric]:
+        states = self.serving.pool.loaded()
+        models = GaugeMetricFamily(
+            "realign_served_models", "Models in this replica's engines, by state.", labels=["state"]
+        )
+        for state in ("loading", "ready", "failed"):
+            models.add_metric([state], float(sum(1 for s in states.values() if s == state)))
+        yield models
+
+
+def metrics_registry(
+    service: JobService | None, serving: ServingService | None = None
+) -> CollectorRegistry:
     """A registry of this app only (not the process-global one), so apps never clash."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(JobMetricsCollector(service))
+    if service is not None:
+        registry.register(JobMetricsCollector(service))
+    if serving is not None:
+        registry.register(ServingMetricsCollector(serving))
     return registry

@@ -12,6 +12,12 @@ from app.cli.common import app, err, fail, friendly, out
 from app.cli.extras import missing, report, require
 from app.core.settings import get_settings
 
+ROLES = ("all", "api", "serving")
+ROLE_TEXT = {
+    "all": "job API and engines",
+    "api": "job API only (role api)",
+    "serving": "serving replica (role serving)",
+}
 DEFAULT_STEPS = 300  # app.demo.train.DEFAULT_STEPS, without importing torch for --help
 
 
@@ -69,16 +75,29 @@ def serve(
         int | None,
         typer.Option(help="Port (default: $REALIGN_PORT, else 8000).", show_default=False),
     ] = None,
+    role: Annotated[
+        str | None,
+        typer.Option(
+            help="all: job API and engines in one process; api: the job plane only (no "
+            "engines); serving: engines and the OpenAI routes only (default: "
+            "$REALIGN_SERVE_ROLE, else all). api and serving need REALIGN_REDIS_URL.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Run the REST service: POST /merge, jobs, OpenAI-compatible chat, admin.
 
     Without REALIGN_REDIS_URL one process runs the API, an in-process worker and the
     engine (vLLM when installed, else transformers on the CPU); with it, `realign worker`
-    processes take the merges. Settings come from REALIGN_* variables (see the README).
+    processes take the merges, and the job API (--role api) and any number of serving
+    replicas (--role serving) can run apart. Settings come from REALIGN_* variables (see
+    the README).
 
     Example: realign serve --port 8000, then open http://127.0.0.1:8000/docs
     """
     settings = get_settings()
+    if role is not None and role not in ROLES:
+        raise fail(f"--role {role}: use one of {', '.join(ROLES)}", 2)
     require("serve", "serve")
     try:
         import uvicorn
@@ -88,13 +107,18 @@ def serve(
         _import_failure("serve", "serve", exc)
 
     settings = settings.model_copy(
-        update={"host": host or settings.host, "port": port or settings.port}
+        update={
+            "host": host or settings.host,
+            "port": port or settings.port,
+            "serve_role": role or settings.serve_role,
+        }
     )
     mode = f"Redis at {settings.redis_url}" if settings.redis_url else "embedded (no Redis)"
     application = create_app(settings)
     err.print(
-        f"realign {__version__} serving on http://{settings.host}:{settings.port} — {mode}; "
-        f"API docs at /docs, admin page at /admin",
+        f"realign {__version__} serving on http://{settings.host}:{settings.port} — "
+        f"{ROLE_TEXT[settings.serve_role]}, {mode}; API docs at /docs"
+        + (", admin page at /admin" if settings.serve_role != "serving" else ""),
         soft_wrap=True,
     )
     uvicorn.run(

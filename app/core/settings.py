@@ -55,6 +55,18 @@ class Settings(BaseSettings):
             raise ValueError("must be empty (local store) or s3://bucket/prefix")
         return value
 
+    @field_validator("serve_replicas")
+    @classmethod
+    def _replicas(cls, value: str) -> str:
+        value = value.strip().lower()
+        if value != "all" and not (value.isdigit() and int(value) >= 1):
+            raise ValueError("must be a number of replicas (1 or more) or 'all'")
+        return value
+
+    def replicas_needed(self) -> int | None:
+        """Replicas a serve=true job waits for; None = every live replica."""
+        return None if self.serve_replicas == "all" else int(self.serve_replicas)
+
     @field_validator("vllm_args")
     @classmethod
     def _json_object(cls, value: str) -> str:
@@ -121,13 +133,46 @@ class Settings(BaseSettings):
         default=7 * 3600, description="Redis redelivery timeout; must exceed the job limit."
     )
     max_deliveries: int = Field(default=3, description="A job redelivered more often fails.")
+    merge_parallel_min_shards: int = Field(
+        default=4,
+        ge=0,
+        description="A merge whose model has at least this many output shards (see "
+        "`REALIGN_MAX_SHARD_GB`) is split into one task per shard, run by all workers at "
+        "once, and published by a final task (Redis workers only); 0 = never split.",
+    )
     worker_queues: list[str] = Field(
         default_factory=lambda: ["gpu", "cpu"],
         description="Queues merge jobs go to, by preference: `gpu,cpu` or a JSON list.",
         examples=["gpu,cpu"],
     )
+    worker_alive_file: Path | None = Field(
+        default=None,
+        description="File `realign worker` touches on every heartbeat (10 s), for a "
+        "container liveness probe that checks its age; unset = none.",
+        examples=["/tmp/realign-worker.alive"],
+    )
 
     # -- serving -----------------------------------------------------------------------
+    serve_role: Literal["all", "api", "serving"] = Field(
+        default="all",
+        description="What `realign serve` runs: all = job API and engines in one process; "
+        "api = the job plane only (merges, admin, no engines); serving = engines and the "
+        "OpenAI routes only. api and serving need REALIGN_REDIS_URL.",
+        examples=["serving"],
+    )
+    serve_replicas: str = Field(
+        default="1",
+        description="Serving replicas that must have loaded a serve=true job's model before "
+        "the job succeeds: a number, or `all` (every live replica).",
+        examples=["all"],
+    )
+    serve_load_timeout_s: float = Field(
+        default=1800.0,
+        gt=0,
+        description="How long a serve=true job waits for serving replicas to load its model "
+        "before it fails with code load_timeout (the model stays registered and loads on "
+        "its first request).",
+    )
     engine: Literal["auto", "vllm", "torch"] = Field(
         default="auto", description="auto = vLLM when it is installed, else transformers."
     )

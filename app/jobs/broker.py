@@ -9,7 +9,9 @@ from app.core.settings import Settings
 
 TASK_VALIDATE = "realign.validate"
 TASK_MERGE = "realign.merge"
-QUEUES = {TASK_VALIDATE: "cpu", TASK_MERGE: "gpu"}
+TASK_MERGE_SHARD = "realign.merge_shard"  # one output shard of a split merge
+TASK_ASSEMBLE = "realign.assemble"  # publishes a split merge once every shard is written
+QUEUES = {TASK_VALIDATE: "cpu", TASK_MERGE: "gpu", TASK_MERGE_SHARD: "gpu", TASK_ASSEMBLE: "cpu"}
 
 
 def check_timeouts(settings: Settings) -> None:

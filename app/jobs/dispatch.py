@@ -10,6 +10,7 @@ import threading
 import time
 from typing import Any, Protocol
 
+from app.core.errors import RecordsUnavailableError
 from app.core.settings import Settings
 from app.jobs.broker import QUEUES, TASK_MERGE, TASK_VALIDATE
 from app.jobs.models import WorkerInfo
@@ -18,6 +19,7 @@ from app.jobs.runner import JobRunner, LeaseHeldError
 
 log = logging.getLogger("app.jobs")
 HEARTBEAT_S = 10.0
+RECORDS_RETRY_S = 2.0
 
 
 class Dispatcher(Protocol):
@@ -78,6 +80,7 @@ class ThreadDispatcher:
             t = threading.Thread(target=target, name=f"realign-{target.__name__[1:]}", daemon=True)
             t.start()
             self._threads.append(t)
+        self._threads.append(self.runner.loads.start(self._stop))
         self._requeue_unfinished()
 
     def stop(self) -> None:
@@ -101,6 +104,12 @@ class ThreadDispatcher:
                 step(job_id)
             except LeaseHeldError:
                 time.sleep(1.0)
+                self.send(task, job_id)
+            except RecordsUnavailableError as exc:
+                # Raised before the step changed anything (reading the job, taking its
+                # lease): not a delivery. Try again once the records answer.
+                log.warning("job %s: %s put off, records unavailable (%s)", job_id, task, exc)
+                self._stop.wait(RECORDS_RETRY_S)
                 self.send(task, job_id)
             except Exception:
                 log.exception("job %s: %s crashed", job_id, task)

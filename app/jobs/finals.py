@@ -12,7 +12,7 @@ import threading
 import time
 
 from app.jobs.models import JobRecord
-from app.jobs.records import JobRecords
+from app.jobs.records import JobFinishedError, JobRecords
 
 log = logging.getLogger("app.jobs")
 RETRY_PAUSES_S = (0.2, 1.0, 3.0)  # a failed final write is retried after these pauses
@@ -33,6 +33,9 @@ class FinalWriter:
             try:
                 self._write(rec)
                 break
+            except JobFinishedError as exc:  # the first final state written stays
+                log.warning("job %s: %s", rec.id, exc)
+                return
             except Exception as exc:
                 if pause is None:
                     what = "job %s: its final state (%s) could not be recorded (%s); retrying"
@@ -53,6 +56,8 @@ class FinalWriter:
         for rec in pending:
             try:
                 self._write(rec)
+            except JobFinishedError as exc:  # ended meanwhile (the reaper): that state stays
+                log.warning("job %s: %s", rec.id, exc)
             except Exception as exc:
                 log.warning("job %s: final state still not recorded (%s)", rec.id, exc)
                 continue

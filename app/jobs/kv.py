@@ -63,6 +63,19 @@ class KeyValue(Protocol):
         (with their scores), remove it from the ``remove`` ones."""
         ...
 
+    def put_unless(
+        self,
+        key: str,
+        value: str,
+        refused: Sequence[str],
+        member: str,
+        add: dict[str, float],
+        remove: Sequence[str],
+    ) -> bool:
+        """Like :meth:`write` of ``{key: value}``, but only if the JSON object stored at
+        ``key`` has no ``status`` among ``refused`` (compare-and-set); False if refused."""
+        ...
+
 
 def numbered(obj: str, seq: int) -> str:
     """``obj`` (a JSON object) with ``"seq": seq`` as its first member."""
@@ -87,6 +100,27 @@ if cur == false or cur == ARGV[1] then
   return 1
 end
 return 0
+"""
+# KEYS: the record, the index sets to leave, the index sets to join.
+# ARGV: value, member, n refused, refused..., n to leave, scores of the sets to join...
+_PUT_UNLESS = """
+local cur = redis.call('GET', KEYS[1])
+local n = tonumber(ARGV[3])
+if cur then
+  local ok, doc = pcall(cjson.decode, cur)
+  if ok and type(doc) == 'table' then
+    for i = 1, n do
+      if doc['status'] == ARGV[3 + i] then return 0 end
+    end
+  end
+end
+redis.call('SET', KEYS[1], ARGV[1])
+local leave = tonumber(ARGV[4 + n])
+for i = 1, leave do redis.call('ZREM', KEYS[1 + i], ARGV[2]) end
+for i = 2 + leave, #KEYS do
+  redis.call('ZADD', KEYS[i], ARGV[5 + n + i - 2 - leave], ARGV[2])
+end
+return 1
 """
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -144,6 +178,7 @@ class RedisKV:
         self._append = self.client.register_script(_APPEND)
         self._acquire = self.client.register_script(_ACQUIRE)
         self._release = self.client.register_script(_RELEASE)
+        self._put_unless = self.client.register_script(_PUT_UNLESS)
 
     def ping(self) -> bool:
         try:
@@ -244,3 +279,18 @@ class RedisKV:
         for key, score in add.items():
             pipe.zadd(key, {member: score})
         pipe.execute()
+
+    @_guarded
+    def put_unless(
+        self,
+        key: str,
+        value: str,
+        refused: Sequence[str],
+        member: str,
+        add: dict[str, float],
+        remove: Sequence[str],
+    ) -> bool:
+        keys = [key, *remove, *add]
+        args: list[str | int | float] = [value, member, len(refused), *refused]
+        args += [len(remove), *add.values()]
+        return bool(self._put_unless(keys=keys, args=args))

@@ -8,12 +8,12 @@ record so a worker's progress write can never undo an API-side cancel.
 from __future__ import annotations
 
 import json
-import time
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, Field
-
+from app.core.errors import JobStateError
+from app.handoff.board import LoadBoard
+from app.handoff.entry import ModelEntry
 from app.jobs.kv import KeyValue
 from app.jobs.models import EventKind, JobEvent, JobRecord, JobStatus, WorkerInfo, utcnow
 
@@ -22,25 +22,11 @@ WORKER_TTL_S = 30.0
 INDEX_VERSION = "2"
 # per-job keys beside the record itself (suffixes of ``job:<id>``)
 _JOB_KEYS = ("", ":events", ":cancel", ":deliveries", ":lease")
+_FINAL = tuple(s.value for s in JobStatus if s.terminal)
 
 
-class ModelEntry(BaseModel):
-    """A merged model that serving can load, with its provenance."""
-
-    id: str
-    path: str
-    merged_key: str
-    residual_key: str
-    residual_dir: str | None = None  # in-engine merges: no merged checkpoint on disk
-    alpha: float
-    base: str
-    instruct: str
-    target: str
-    owner: str
-    job_id: str
-    created_at: datetime = Field(default_factory=utcnow)
-    serve: bool = False
-    serve_mode: str = "checkpoint"
+class JobFinishedError(JobStateError):
+    """The job's record is already in a final state; a write would have undone it."""
 
 
 class JobRecords:
@@ -48,6 +34,7 @@ class JobRecords:
 
     def __init__(self, kv: KeyValue) -> None:
         self.kv = kv
+        self.board = LoadBoard(kv)  # the catalog and load notices shared with serving
 
     # -- jobs -----------------------------------------------------------------------------
     # Indexes (sorted sets scored by creation time): ``jobs``, ``jobs:owner:<o>``,
@@ -97,10 +84,19 @@ class JobRecords:
         return out
 
     def save(self, rec: JobRecord) -> JobRecord:
-        """Write ``rec`` and move it between the status indexes, in one transaction."""
+        """Write ``rec`` and move it between the status indexes, in one transaction that
+        never overwrites a final record (the first final state written is the job's).
+
+        Raises:
+            JobFinishedError: the stored record is already final; nothing was written.
+        """
         rec = rec.model_copy(update={"updated_at": utcnow()})
         add, remove = self._indexes(rec)
-        self.kv.write({f"{P}job:{rec.id}": rec.model_dump_json()}, rec.id, add, remove)
+        key, value = f"{P}job:{rec.id}", rec.model_dump_json()
+        if not self.kv.put_unless(key, value, _FINAL, rec.id, add, remove):
+            raise JobFinishedError(
+                f"job {rec.id} already ended; its final state stays (not {rec.status.value})"
+            )
         return rec
 
     def page(
@@ -126,7 +122,10 @@ class JobRecords:
         ]
 
     def running(self) -> list[str]:
-        return self.kv.zrevrange(f"{P}jobs:status:{JobStatus.running.value}", 0, -1)
+        return self.with_status(JobStatus.running)
+
+    def with_status(self, status: JobStatus) -> list[str]:
+        return self.kv.zrevrange(f"{P}jobs:status:{status.value}", 0, -1)
 
     def purge_finished(self, older_than: datetime, batch: int = 500) -> int:
         """Delete terminal jobs finished before ``older_than``: record, events, flags and
@@ -211,13 +210,6 @@ class JobRecords:
     def unclaim(self, name: str, job_id: str) -> None:
         self.kv.release(f"{P}claim:{name}", job_id)
 
-    def request_load(self, job_id: str) -> None:
-        """Hand a finished merge to the serving front end for loading."""
-        self.kv.rpush(f"{P}serve:pending", job_id)
-
-    def take_load_requests(self) -> list[str]:
-        return self.kv.take(f"{P}serve:pending")  # atomic: two API replicas never both get one
-
     # -- workers and stats ----------------------------------------------------------------
     def heartbeat(self, info: WorkerInfo) -> None:
         info = info.model_copy(update={"seen_at": utcnow()})
@@ -245,19 +237,15 @@ class JobRecords:
             "bytes_merged": int(self.kv.get(f"{P}stats:bytes_merged") or 0),
         }
 
-    # -- model registry -------------------------------------------------------------------
+    # -- model registry (the hand-off catalog) ---------------------------------------
     def register_model(self, entry: ModelEntry) -> None:
-        self.kv.set(f"{P}model:{entry.id}", entry.model_dump_json())
-        self.kv.zadd(f"{P}models", entry.id, time.time())
+        self.board.register_model(entry)
 
     def model(self, model_id: str) -> ModelEntry | None:
-        raw = self.kv.get(f"{P}model:{model_id}")
-        return ModelEntry.model_validate_json(raw) if raw else None
+        return self.board.model(model_id)
 
     def models(self) -> list[ModelEntry]:
-        ids = self.kv.zrevrange(f"{P}models", 0, -1)
-        return [
-            ModelEntry.model_validate_json(r)
-            for r in self.kv.mget([f"{P}model:{i}" for i in ids])
-            if r
-        ]
+        return self.board.models()
+
+
+__all__ = ["JobRecords", "ModelEntry", "P"]

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from app.core.errors import OperationCancelledError
 from app.jobs.models import JobProgress, JobRecord, JobStage, JobStatus
+from app.jobs.records import JobFinishedError
 from app.residuals.progress import Progress
 
 if TYPE_CHECKING:
@@ -56,7 +57,20 @@ class JobReporter:
             self.runner.records.add_event(self.rec, "progress")
             if self.runner.records.cancel_requested(self.rec.id):
                 self.cancel.set()
-        except OperationCancelledError:
-            raise
+        except JobFinishedError as exc:  # ended elsewhere (the reaper, a cancel): stop
+            log.warning("job %s: %s; stopping the merge", self.rec.id, exc)
+            self.cancel.set()
         except Exception as exc:  # a Redis blip must not kill a long merge
             log.warning("job %s: progress not recorded (%s)", self.rec.id, exc)
+
+    def check(self) -> None:
+        """Raise if the merge must stop: cancelled, its lease lost, or ended elsewhere.
+
+        Raises:
+            OperationCancelledError: nothing more may be published or written.
+        """
+        if self.cancel.is_set():
+            raise OperationCancelledError(
+                f"job {self.rec.id} stopped before its result was recorded; submit it "
+                "again if it is still wanted"
+            )

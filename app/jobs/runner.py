@@ -14,11 +14,14 @@ import logging
 import threading
 from collections.abc import Callable
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 from app.core.errors import IncompatibleModelsError, OperationCancelledError, RealignError
 from app.core.settings import Settings
 from app.jobs.failures import drop_tracebacks, job_error, lost_message
 from app.jobs.finals import FinalWriter
+from app.jobs.lease import LeaseHeldError, LeaseKeeper, orphans
+from app.jobs.loads import LoadWatcher
 from app.jobs.models import (
     JobError,
     JobRecord,
@@ -28,16 +31,17 @@ from app.jobs.models import (
     MergeSpec,
     utcnow,
 )
-from app.jobs.records import JobRecords, ModelEntry
+from app.jobs.records import JobFinishedError, JobRecords, ModelEntry
 from app.jobs.reporter import JobReporter
 from app.store.base import Store
 
+if TYPE_CHECKING:
+    from app.jobs.fanout import Fanout, ShardQueue
+    from app.merge import StoredMerge
+
 log = logging.getLogger("app.jobs")
 Enqueue = Callable[[str, str], None]  # (task name, job id)
-
-
-class LeaseHeldError(RuntimeError):
-    """Another worker holds the job's lease: try the delivery again later."""
+__all__ = ["JobRunner", "LeaseHeldError"]
 
 
 class JobRunner:
@@ -48,10 +52,17 @@ class JobRunner:
         settings: store location, device, delivery cap.
         worker: this worker's name (lease holder).
         enqueue: how to queue the next step (Celery send_task or the embedded queue).
+        shards: where the tasks of a merge split by output shard go; None runs every
+            merge as one task (the embedded worker).
     """
 
     def __init__(
-        self, records: JobRecords, settings: Settings, worker: str, enqueue: Enqueue
+        self,
+        records: JobRecords,
+        settings: Settings,
+        worker: str,
+        enqueue: Enqueue,
+        shards: ShardQueue | None = None,
     ) -> None:
         self.records = records
         self.settings = settings
@@ -61,6 +72,12 @@ class JobRunner:
         self.current_job: str | None = None
         self.finals = FinalWriter(records)  # final states survive a records outage
         self._store: Store | None = None
+        self.loads = LoadWatcher(records, settings, worker, self.finals)
+        self.fanout: Fanout | None = None
+        if shards is not None:
+            from app.jobs.fanout import Fanout
+
+            self.fanout = Fanout(self, shards)
 
     @property
     def store(self) -> Store:
@@ -74,13 +91,21 @@ class JobRunner:
     # -- steps ----------------------------------------------------------------------------
     def validate(self, job_id: str) -> None:
         """Preflight (headers only) on a light worker; queue the merge when it passes."""
-        from app.merge import preflight
-
         rec = self._live(job_id)
         if rec is None:
             return
-        rec = self._move(rec, JobStatus.validating, JobStage.preflight)
         try:
+            lease = LeaseKeeper(self.records, job_id, self.worker, self.lease_s)
+            with lease:  # a live validation holds it: the reaper leaves the job alone
+                self._validate(rec)
+        except LeaseHeldError:  # another delivery validates or merges it right now
+            log.info("job %s: another worker holds it; validation message dropped", job_id)
+
+    def _validate(self, rec: JobRecord) -> None:
+        from app.merge import preflight
+
+        try:  # every write too: a records outage ends the job, never leaves it validating
+            rec = self._move(rec, JobStatus.validating, JobStage.preflight)
             rec = self._pin(rec)
             s = self._spec(rec)
             if s.target is not None:
@@ -93,11 +118,10 @@ class JobRunner:
                     store=self.store,
                     settings=self.settings,
                 )
+            self._move(rec, JobStatus.queued, JobStage.preflight, "preflight passed")
+            self.enqueue("realign.merge", rec.id)
         except Exception as exc:
             self._fail_on(rec, exc)
-            return
-        self._move(rec, JobStatus.queued, JobStage.preflight, "preflight passed")
-        self.enqueue("realign.merge", job_id)
 
     def merge(self, job_id: str) -> None:
         """The heavy step: residual (computed or reused), apply, publish, register.
@@ -109,54 +133,47 @@ class JobRunner:
         rec = self._live(job_id)
         if rec is None:
             return
-        if not self.records.acquire_lease(job_id, self.worker, self.lease_s):
-            raise LeaseHeldError(job_id)
-        stop = threading.Event()
-        keeper = threading.Thread(target=self._keep_lease, args=(job_id, stop), daemon=True)
-        keeper.start()
-        self.current_job = job_id
-        try:
-            # Counted only once the lease is ours: retries while another delivery holds
-            # it are not deliveries; a worker that died mid-merge is. A job whose last
-            # allowed delivery died fails here (or earlier, in reap) without running again.
-            done = self.records.deliveries(job_id)
-            if done >= self.settings.max_deliveries:
-                self._fail(rec, "worker_lost", lost_message(done))
-                return
-            self.records.count_delivery(job_id)
-            self._run_merge(rec)
-        finally:
-            stop.set()
-            keeper.join()
-            self.current_job = None
+        with LeaseKeeper(self.records, job_id, self.worker, self.lease_s) as lease:
+            self.current_job = job_id
             try:
-                self.records.release_lease(job_id, self.worker)
-            except Exception as exc:  # it expires on its own
-                log.warning("job %s: lease not released (%s)", job_id, exc)
+                # Counted only once the lease is ours: retries while another delivery
+                # holds it are not deliveries; a worker that died mid-merge is. A job
+                # whose last allowed delivery died fails here (or in reap) without
+                # running again. A records outage here ends the job (no retry counted).
+                done = self.records.deliveries(job_id)
+                if done >= self.settings.max_deliveries:
+                    self._fail(rec, "worker_lost", lost_message(done))
+                    return
+                self.records.count_delivery(job_id)
+            except Exception as exc:
+                self._fail_on(rec, exc)
+                return
+            try:
+                self._run_merge(rec, lease)
+            finally:
+                self.current_job = None
 
     def reap(self) -> list[str]:
-        """Fail running jobs whose last allowed delivery died with its worker (lease
-        expired, deliveries used up), so none stays ``running`` waiting for a delivery
-        that would only fail it. Called by every worker's heartbeat.
+        """Fail jobs whose step stopped without an outcome and that no lease holds:
+        those whose last allowed delivery died with its worker (deliveries used up), so
+        none stays ``running`` waiting for a delivery that would only fail it, and
+        validations left behind (see :func:`orphans`). Called by every heartbeat.
 
         Returns:
             The ids of the jobs failed.
         """
         reaped = []
         holder = f"{self.worker}/reaper"  # never the merge's own lease holder
-        for job_id in self.records.running():
-            if self.records.deliveries(job_id) < self.settings.max_deliveries:
-                continue
-            if not self.records.acquire_lease(job_id, holder, self.lease_s):
+        for seen in orphans(self.records, self.lease_s, self.settings.max_deliveries):
+            if not self.records.acquire_lease(seen.id, holder, self.lease_s):
                 continue  # a live worker is on it
             try:
-                rec = self.records.get(job_id)
-                dead = rec is not None and rec.status == JobStatus.running
-                if rec is not None and dead and rec.stage != JobStage.load:
-                    self._fail(rec, "worker_lost", lost_message(rec.deliveries))
-                    reaped.append(job_id)
+                rec = self.records.get(seen.id)
+                if rec is not None and (rec.status, rec.stage) == (seen.status, seen.stage):
+                    self._fail(rec, "worker_lost", _lost(rec))
+                    reaped.append(rec.id)
             finally:
-                self.records.release_lease(job_id, holder)
+                self.records.release_lease(seen.id, holder)
         return reaped
 
     def housekeeping(self) -> None:
@@ -164,38 +181,49 @@ class JobRunner:
         fail jobs of dead workers, drop records past their retention."""
         self.finals.flush()
         self.reap()
+        if self.fanout is not None:
+            self.fanout.sweep()
         cutoff = utcnow() - timedelta(days=self.settings.job_retention_days)
         while self.records.purge_finished(cutoff) > 0:
             pass
 
     # -- internals ------------------------------------------------------------------------
-    def _run_merge(self, rec: JobRecord) -> None:
+    def _run_merge(self, rec: JobRecord, lease: LeaseKeeper) -> None:
         rec = rec.model_copy(update={"started_at": rec.started_at or utcnow()})
-        rec = self._move(rec, JobStatus.running, JobStage.residual)
-        cancel = threading.Event()
+        cancel = lease.cancel  # set by a cancel request, or when the lease was lost
         reporter = JobReporter(self, rec, cancel)
         try:
+            rec = reporter.rec = self._move(rec, JobStatus.running, JobStage.residual)
             if rec.spec.target is None:
                 result, nbytes = self._residual_only(rec, reporter, cancel)
             elif rec.spec.serve and rec.spec.serve_mode == "in_engine":
                 result, nbytes = self._in_engine(rec, reporter, cancel)
+            elif self.fanout is not None and self.fanout.dispatch(rec, reporter, cancel):
+                return  # the shard tasks run it; the last one's final task ends the job
             else:
                 result, nbytes = self._checkpoint(rec, reporter, cancel)
-        except OperationCancelledError as exc:
-            error = JobError(code=exc.code, message=str(exc))
-            self._finish(reporter.rec, JobStatus.cancelled, error=error)
-            return
+            reporter.check()  # a lost lease or a cancel after the last tensor
+            rec = (self.records.get(rec.id) or reporter.rec).model_copy(
+                update={"progress": reporter.rec.progress}
+            )
+            self.conclude(rec, result, nbytes)
         except Exception as exc:  # every fault ends the job, none leaves it running
-            self._fail_on(reporter.rec, exc)
-            return
-        rec = (self.records.get(rec.id) or reporter.rec).model_copy(
-            update={"progress": reporter.rec.progress, "result": result}
-        )
+            if lease.lost.is_set():  # the job is another holder's now: write nothing
+                log.warning("job %s: run stopped after its lease was lost (%s)", rec.id, exc)
+            elif isinstance(exc, OperationCancelledError):
+                error = JobError(code=exc.code, message=str(exc))
+                self._finish(reporter.rec, JobStatus.cancelled, error=error)
+            else:
+                self._fail_on(reporter.rec, exc)
+
+    def conclude(self, rec: JobRecord, result: JobResult, nbytes: int) -> None:
+        """End a merge that published its model: succeeded, or handed to serving."""
+        rec = rec.model_copy(update={"result": result})
         if rec.spec.serve:
-            # Engines live with the serving front end: it loads the model, then ends the job.
+            # Serving replicas load it and report; the load watcher then ends the job.
             rec = self._move(rec, JobStatus.running, JobStage.load, "waiting for an engine")
-            self.records.request_load(rec.id)
             self.records.record_finish(rec, nbytes)
+            self.loads.announce(rec.id, result.model_id)
             return
         self._finish(rec, JobStatus.succeeded, result=result, nbytes=nbytes)
 
@@ -247,7 +275,13 @@ class JobRunner:
             cancel=cancel,
             notice=self._notice(reporter),
         )
+        reporter.check()  # nothing registered for a job this worker no longer owns
         rec = self._move(reporter.rec, JobStatus.running, JobStage.publish)
+        return self.register(rec, done)
+
+    def register(self, rec: JobRecord, done: StoredMerge) -> tuple[JobResult, int]:
+        """Register a published merged model for serving; the job's result and size."""
+        s = self._spec(rec)
         model_id = s.name or f"realign-{done.key[:12]}"
         m = done.manifest
         self.records.register_model(
@@ -311,6 +345,7 @@ class JobRunner:
                 "'checkpoint'"
             )
         preflight(target=s.target, residual=key, alpha=s.alpha, store=store, settings=settings)
+        reporter.check()
         target = resolve_model(s.target, store, settings)
         model_id = s.name or f"realign-{key[:8]}-inline"
         self.records.register_model(
@@ -338,16 +373,6 @@ class JobRunner:
             manifest={"residual": key, "target": s.target, "alpha": s.alpha},
         )
         return result, 0
-
-    def finish_load(self, job_id: str, error: str | None = None) -> None:
-        """Called by the serving side once the model is loaded (or failed to load)."""
-        rec = self.records.get(job_id)
-        if rec is None or rec.status.terminal:
-            return
-        if error is None:
-            self._finish(rec, JobStatus.succeeded, result=rec.result)
-        else:
-            self._fail(rec, "load_failed", error)
 
     def _live(self, job_id: str) -> JobRecord | None:
         rec = self.records.get(job_id)
@@ -378,6 +403,9 @@ class JobRunner:
 
     def _fail_on(self, rec: JobRecord, exc: Exception) -> None:
         """End the job failed for ``exc``; the traceback goes to the log, not the record."""
+        if isinstance(exc, JobFinishedError):  # ended elsewhere (reaper, cancel): it stays
+            log.warning("job %s: %s; this run stops", rec.id, exc)
+            return
         if not isinstance(exc, RealignError):
             log.error("job %s: stage %s raised", rec.id, rec.stage, exc_info=exc)
         # The traceback's frames may still hold the partial output's open files: on a
@@ -402,6 +430,18 @@ class JobRunner:
         """Where a rebuilt corrupt artifact is told: the job's events."""
         return lambda msg: self.records.add_event(reporter.rec, "status", msg)
 
+    # The split merge (app.jobs.fanout) moves and ends jobs the same way.
+    def move(
+        self, rec: JobRecord, status: JobStatus, stage: JobStage | None, message: str = ""
+    ) -> JobRecord:
+        return self._move(rec, status, stage, message)
+
+    def finish(self, rec: JobRecord, status: JobStatus, *, error: JobError | None) -> None:
+        self._finish(rec, status, error=error)
+
+    def job_spec(self, rec: JobRecord) -> MergeSpec:
+        return self._spec(rec)
+
     @staticmethod
     def _spec(rec: JobRecord) -> MergeSpec:
         """The job's spec with its pinned refs."""
@@ -422,10 +462,11 @@ class JobRunner:
         log.info("job %s %s%s", rec.id, status.value, f": {error.message}" if error else "")
         self.finals.write(rec, nbytes)
 
-    def _keep_lease(self, job_id: str, stop: threading.Event) -> None:
-        while not stop.wait(self.lease_s / 3):
-            try:
-                if not self.records.acquire_lease(job_id, self.worker, self.lease_s):
-                    log.warning("job %s: lease taken over by another holder", job_id)
-            except Exception as exc:  # Redis restarting: keep working, retry next beat
-                log.warning("job %s: lease renewal failed (%s)", job_id, exc)
+
+def _lost(rec: JobRecord) -> str:
+    if rec.status == JobStatus.validating:
+        return (
+            "validation stopped without an outcome (its worker died or could not write "
+            "the job's record) — check worker logs and the records store, then resubmit"
+        )
+    return lost_message(rec.deliveries)

@@ -184,16 +184,21 @@ class JobService:
         return self.records.workers()
 
     def readiness(self) -> tuple[bool, str]:
-        """Whether jobs can run now, and if not, every check that failed."""
+        """Whether this process can take jobs now, and if not, every check that failed.
+
+        No live worker does not make it unready: jobs queue until one starts, and a probe
+        failing on it would drop every API replica from its Service (and the chat routes
+        with it) while workers restart. The detail names it; ``realign_workers_alive``
+        counts them.
+        """
         if not self.records.kv.ping():
             where = "Redis" if self.settings.redis_url else "the job records database"
             return False, f"{where} is not reachable"
-        failed = []
-        if not self.workers():
-            failed.append("no worker is alive")
         if (low := self._low_disk()) is not None:
-            failed.append(low)
-        return (False, "; ".join(failed)) if failed else (True, "ready")
+            return False, low
+        if not self.workers():
+            return True, "ready; no worker is alive: jobs queue until one starts"
+        return True, "ready"
 
     def _low_disk(self) -> str | None:
         floor_gb = self.settings.min_free_disk_gb
@@ -237,6 +242,7 @@ class JobService:
             "jobs_by_status": self.records.count_by_status(),  # index sizes: no record read
             **self.records.stats(),
             "queue_depths": self.queue_depths(),
+            "workers_alive": len(self.workers()),
         }
 
     # `list` comes last: in the class body it would shadow the builtin in annotations.

@@ -9,6 +9,7 @@ SQLite errors (disk full, read-only file, locked too long) become
 from __future__ import annotations
 
 import contextlib
+import json
 import sqlite3
 import threading
 import time
@@ -191,9 +192,40 @@ class SqliteKV:
         self, sets: dict[str, str], member: str, add: dict[str, float], remove: Sequence[str]
     ) -> None:
         with self._tx() as db:
-            db.executemany("INSERT OR REPLACE INTO kv VALUES (?, ?, NULL)", list(sets.items()))
-            db.executemany(
-                "DELETE FROM zsets WHERE key = ? AND member = ?", [(k, member) for k in remove]
-            )
-            rows = [(k, member, score) for k, score in add.items()]
-            db.executemany("INSERT OR REPLACE INTO zsets VALUES (?, ?, ?)", rows)
+            self._write(db, sets, member, add, remove)
+
+    def put_unless(
+        self,
+        key: str,
+        value: str,
+        refused: Sequence[str],
+        member: str,
+        add: dict[str, float],
+        remove: Sequence[str],
+    ) -> bool:
+        with self._tx() as db:  # BEGIN IMMEDIATE: no writer between the read and the write
+            current = self.get(key)
+            if current is not None:
+                try:
+                    doc = json.loads(current)
+                except ValueError:
+                    doc = None
+                if isinstance(doc, dict) and doc.get("status") in refused:
+                    return False
+            self._write(db, {key: value}, member, add, remove)
+            return True
+
+    @staticmethod
+    def _write(
+        db: sqlite3.Connection,
+        sets: dict[str, str],
+        member: str,
+        add: dict[str, float],
+        remove: Sequence[str],
+    ) -> None:
+        db.executemany("INSERT OR REPLACE INTO kv VALUES (?, ?, NULL)", list(sets.items()))
+        db.executemany(
+            "DELETE FROM zsets WHERE key = ? AND member = ?", [(k, member) for k in remove]
+        )
+        rows = [(k, member, score) for k, score in add.items()]
+        db.executemany("INSERT OR REPLACE INTO zsets VALUES (?, ?, ?)", rows)

@@ -207,8 +207,11 @@ def plan_fused(
     return jobs, vocab
 
 
-def merged_writer(out_dir: Path, specs: list[TensorSpec], opts: RunOptions) -> ShardedWriter:
-    """The shard writer of a merged model (``model*.safetensors``, loadable by transformers)."""
+def merged_writer(
+    out_dir: Path, specs: list[TensorSpec], opts: RunOptions, only: int | None = None
+) -> ShardedWriter:
+    """The shard writer of a merged model (``model*.safetensors``, loadable by
+    transformers); ``only``: just that output shard (see :class:`ShardedWriter`)."""
     return ShardedWriter(
         out_dir,
         specs,
@@ -216,6 +219,7 @@ def merged_writer(out_dir: Path, specs: list[TensorSpec], opts: RunOptions) -> S
         max_shard_bytes=opts.max_shard_bytes,
         hash_files=opts.hash_outputs,
         metadata={"realign": "merged"},
+        only=only,
     )
 
 
@@ -287,7 +291,18 @@ def apply_residual(
         jobs = plan_apply(manifest, pack, target, alpha)
         files = _write_merged(jobs, out_dir, manifest.method, opts)
         check_pack(pack)  # nothing made from a corrupt pack gets published
-    merged = MergeManifest(
+    merged = applied_manifest(manifest, target_src, alpha, files)
+    return finish_merged(
+        out_dir, merged, target, pack_dir / "assets", dict(manifest.special_tokens)
+    )
+
+
+def applied_manifest(
+    manifest: ResidualManifest, target_src: SourceInfo, alpha: float, files: dict[str, FileEntry]
+) -> MergeManifest:
+    """The provenance of ``target + alpha * R`` for the pack of ``manifest``, whoever
+    wrote its ``files`` (one writer, or one worker per output shard)."""
+    return MergeManifest(
         method=manifest.method,
         alpha=alpha,
         fused=False,
@@ -299,9 +314,6 @@ def apply_residual(
         tool_version=app.__version__,
         vocab=manifest.vocab,
         files=files,
-    )
-    return finish_merged(
-        out_dir, merged, target, pack_dir / "assets", dict(manifest.special_tokens)
     )
 
 

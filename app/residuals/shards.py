@@ -151,6 +151,24 @@ def plan_shards(specs: list[TensorSpec], max_shard_bytes: int) -> list[list[Tens
     return shards
 
 
+def shard_files(prefix: str, n: int) -> list[str]:
+    """File names of an ``n``-shard checkpoint (``prefix.safetensors`` when n == 1)."""
+    if n == 1:
+        return [f"{prefix}.safetensors"]
+    return [f"{prefix}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+
+
+def write_index(
+    directory: Path, prefix: str, files: list[str], shards: list[list[TensorSpec]]
+) -> None:
+    """Write ``prefix.safetensors.index.json`` for a checkpoint of several shards."""
+    weight_map = {s.name: files[i] for i, shard in enumerate(shards) for s in shard}
+    total = sum(s.nbytes for shard in shards for s in shard)
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    path = directory / f"{prefix}.safetensors.index.json"
+    path.write_text(json.dumps(index, indent=2) + "\n")
+
+
 def _header(specs: list[TensorSpec], metadata: dict[str, str]) -> bytes:
     entries: dict[str, object] = {"__metadata__": metadata}
     offset = 0
@@ -177,6 +195,9 @@ class ShardedWriter:
         max_shard_bytes: largest shard.
         metadata: extra ``__metadata__`` entries (``format: pt`` is always set).
         hash_files: compute a sha256 of every file while writing.
+        only: write just this shard (0-based) of the plan, with the name and header it
+            has in the whole checkpoint, and no index: one worker's part of a merge
+            split by output shard.
     """
 
     def __init__(
@@ -188,17 +209,20 @@ class ShardedWriter:
         max_shard_bytes: int = 5 * 1024**3,
         metadata: dict[str, str] | None = None,
         hash_files: bool = True,
+        only: int | None = None,
     ) -> None:
         self.directory = directory
         self.prefix = prefix
         self._shards = plan_shards(specs, max_shard_bytes)
-        n = len(self._shards)
-        self.files = [
-            f"{prefix}.safetensors" if n == 1 else f"{prefix}-{i + 1:05d}-of-{n:05d}.safetensors"
-            for i in range(n)
-        ]
+        self.files = shard_files(prefix, len(self._shards))
         self._metadata = {"format": "pt", **(metadata or {})}
-        self._order = [(i, s) for i, shard in enumerate(self._shards) for s in shard]
+        self._only = only
+        self._order = [
+            (i, s)
+            for i, shard in enumerate(self._shards)
+            if only is None or i == only
+            for s in shard
+        ]
         self._hash = hash_files
         self.sha256: dict[str, str] = {}
         self.sizes: dict[str, int] = {}
@@ -300,12 +324,8 @@ class ShardedWriter:
             self._finish_shard()
         finally:
             self._stop_io()
-        if len(self.files) > 1:
-            weight_map = {s.name: self.files[i] for i, s in self._order}
-            total = sum(s.nbytes for _, s in self._order)
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            path = self.directory / f"{self.prefix}.safetensors.index.json"
-            path.write_text(json.dumps(index, indent=2) + "\n")
+        if len(self.files) > 1 and self._only is None:
+            write_index(self.directory, self.prefix, self.files, self._shards)
 
     def abort(self) -> None:
         if self._file is not None:

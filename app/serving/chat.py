@@ -10,8 +10,11 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from app.api.errors import map_exception
-from app.api.schemas.openai import (
+from app.core.errors import InvalidParameterError, RealignError
+from app.core.http_errors import map_error
+from app.engines.base import GenerationRequest
+from app.engines.pool import EnginePool
+from app.serving.protocol import (
     AssistantMessage,
     ChatChoice,
     ChatCompletion,
@@ -21,9 +24,6 @@ from app.api.schemas.openai import (
     CompletionRequest,
     Usage,
 )
-from app.core.errors import InvalidParameterError, RealignError
-from app.engines.base import GenerationRequest
-from app.engines.pool import EnginePool
 from app.serving.tokens import Detokenizer, ServedTokenizer
 
 DEFAULT_MAX_TOKENS = 256
@@ -249,7 +249,7 @@ class ChatService:
             raise
         except Exception as exc:  # the status line is sent: the error becomes an event
             where = f"{run.kind} stream {run.id} of {run.model!r}"
-            yield _event(map_exception(exc, openai_route=True, where=where).body)
+            yield _event(map_error(exc, where=where).body)
         yield "data: [DONE]\n\n"
 
 

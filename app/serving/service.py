@@ -3,83 +3,76 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from app.api.schemas.openai import (
-    ChatCompletion,
-    ChatCompletionRequest,
-    Completion,
-    CompletionRequest,
-    ModelCard,
-)
 from app.core.errors import ModelLoadFailedError, ModelNotFoundError, RealignError
 from app.core.settings import Settings
 from app.engines.base import InlineMerge
 from app.engines.factory import factory_from_settings
 from app.engines.pool import EnginePool, ModelLoadingError, ModelSource, describe, load_reason
 from app.engines.sizing import context_length
-from app.jobs.records import JobRecords, ModelEntry
-from app.jobs.runner import JobRunner
+from app.handoff.board import LoadBoard
+from app.handoff.bus import Bus, make_bus
+from app.handoff.entry import ModelEntry
 from app.serving.chat import ChatService
+from app.serving.protocol import (
+    ChatCompletion,
+    ChatCompletionRequest,
+    Completion,
+    CompletionRequest,
+    ModelCard,
+)
+from app.serving.replica import Replica
 from app.serving.tokens import ServedTokenizer
 
 log = logging.getLogger("app.serving")
 
 
 class ServingService:
-    """Owns the engine pool of this API process and what it serves."""
+    """Owns this process's engine pool and what it serves; as a serving replica it loads
+    the models the job plane announces.
 
-    def __init__(self, settings: Settings, records: JobRecords) -> None:
+    Args:
+        settings: engines and waits.
+        board: the hand-off records (catalog, load notices, replica heartbeats).
+        bus: the channels the notices arrive on (from the settings when None).
+        role: the role of this process (``all`` or ``serving``), for the heartbeat.
+    """
+
+    def __init__(
+        self, settings: Settings, board: LoadBoard, bus: Bus | None = None, role: str = "all"
+    ) -> None:
         self.settings = settings
-        self.records = records
+        self.board = board
         factory = factory_from_settings(settings)
         self.pool = EnginePool(factory, settings.max_engines, settings.engine_wait_s)
         self.chat_service = ChatService(self.pool, self.tokenizer, self.context_length)
         self._tokenizers: dict[tuple[str, str], ServedTokenizer] = {}
         self._loading: dict[str, asyncio.Task[str]] = {}
-        self._finisher = JobRunner(records, settings, "serving", lambda task, job: None)
-        self._watch: asyncio.Task[None] | None = None
+        bus = bus if bus is not None else make_bus(settings.redis_url)
+        self.replica = Replica(board, bus, self.load, role)
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
-        self._watch = asyncio.get_running_loop().create_task(self._watch_loads())
+        self.replica.start()
 
     async def stop(self) -> None:
-        if self._watch is not None:
-            self._watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watch
+        await self.replica.stop()
         await self.pool.close()
 
-    async def _watch_loads(self) -> None:
-        """Finish jobs that asked for their model to be served."""
-        while True:
-            try:
-                for job_id in await asyncio.to_thread(self.records.take_load_requests):
-                    await self._serve_job(job_id)
-            except Exception as exc:  # keep watching through Redis hiccups
-                log.warning("load watcher: %s", exc)
-            await asyncio.sleep(0.3)
-
-    async def _serve_job(self, job_id: str) -> None:
-        rec = self.records.get(job_id)
-        if rec is None or rec.result is None:
-            return
-        try:
-            how = await self.load(rec.result.model_id)
-            log.info("job %s: %s %s", job_id, rec.result.model_id, how)
-            await asyncio.to_thread(self._finisher.finish_load, job_id)
-        except Exception as exc:
-            reason = exc.message if isinstance(exc, RealignError) else load_reason(exc)
-            await asyncio.to_thread(self._finisher.finish_load, job_id, reason)
+    def readiness(self) -> tuple[bool, str]:
+        """Ready when the catalog can be read (loaded models answer without it, but no
+        new one could be found)."""
+        if not self.board.ping():
+            return False, "the model catalog (Redis or the job records database) is not reachable"
+        return True, f"ready: replica {self.replica.id}"
 
     # -- registry -------------------------------------------------------------------------
     def entry(self, model_id: str) -> ModelEntry:
-        entry = self.records.model(model_id)
+        entry = self.board.model(model_id)
         if entry is None:
             raise ModelNotFoundError(
                 f"the model {model_id!r} does not exist; GET /v1/models lists the served models"
@@ -113,7 +106,7 @@ class ServingService:
 
     def models(self) -> list[ModelCard]:
         state = self.pool.loaded()
-        return [self.card(e, state.get(e.id, "unloaded")) for e in self.records.models()]
+        return [self.card(e, state.get(e.id, "unloaded")) for e in self.board.models()]
 
     def card(self, e: ModelEntry, state: str | None = None) -> ModelCard:
         state = state or self.pool.loaded().get(e.id, "unloaded")

@@ -11,15 +11,18 @@ import errno
 import json
 import shutil
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from app.api.app import create_app
-from app.core.settings import Settings
+from app.core.settings import Settings, get_settings
 from app.demo.tiny import TinyTriple
+from app.handoff.board import LoadBoard
 from app.jobs.failures import job_error
 from app.jobs.models import Caller, JobRecord, JobStage, JobStatus, MergeSpec
 from app.jobs.records import JobRecords
@@ -196,8 +199,12 @@ def test_load_failure_fails_the_job(triple: TinyTriple, tmp_path: Path) -> None:
     (Path(rec.result.output) / "config.json").write_text('{"model_type": "no-such-model"}')
 
     async def serve_pending() -> JobRecord:
-        serving = ServingService(h.settings, h.records)
+        # a serving replica started after the merge finds the notice in the records; the
+        # job plane's load watcher ends the job from the replica's report
+        serving = ServingService(h.settings, LoadBoard(h.records.kv))
         serving.start()
+        stop = threading.Event()
+        watcher = h.runner.loads.start(stop)
         try:
             for _ in range(600):
                 got = h.records.get(rec.id)
@@ -205,6 +212,8 @@ def test_load_failure_fails_the_job(triple: TinyTriple, tmp_path: Path) -> None:
                     return got
                 await asyncio.sleep(0.1)
         finally:
+            stop.set()
+            watcher.join()
             await serving.stop()
         raise AssertionError("the load never ended the job")
 
@@ -257,42 +266,69 @@ def test_readyz_reports_low_disk(tmp_path: Path) -> None:
 
 
 def test_records_on_a_full_disk_do_not_take_the_api_down(
-    llama_triple: TinyTriple, tmpfs: Path
+    llama_triple: TinyTriple, tmpfs: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Embedded mode keeps its records in the store: fill that disk. Reads keep working,
-    /readyz says why it is not ready, a submission gets a clear 503 or a job — never a
-    500 — and once space is freed every such job ends 'insufficient_storage' (none
-    stays running) and new jobs run again."""
+    """Embedded mode keeps its records in the store: fill that disk while a job is
+    merging. Reads keep working, /readyz says why it is not ready, a submission gets a
+    clear 503 or a job — never a 500 — and once space is freed the merging job and
+    every job accepted meanwhile end 'insufficient_storage' (none stays running) and
+    new jobs run again."""
+    monkeypatch.setenv("REALIGN_MAX_READ_MBPS", "1")  # the merge lasts seconds
+    get_settings.cache_clear()
     settings = Settings(
         models_cache_dir=tmpfs, allowed_roots=[llama_triple.base.parent], min_free_disk_gb=0.002
     )
-    with LiveServer(create_app(settings)) as server, server.client() as client:
-        first = client.post("/v1/merges", json=merge_body(llama_triple)).json()["id"]
-        assert wait_http(client, first)["status"] == "succeeded"
-        with (tmpfs / "filler").open("wb") as f:
-            f.write(b"\0" * shutil.disk_usage(tmpfs).free)
-        assert client.get(f"/v1/merges/{first}").json()["status"] == "succeeded"
-        assert client.get("/v1/merges").status_code == 200
-        assert client.get("/healthz").status_code == 200
-        assert "low disk" in assert_error(client.get("/readyz"), 503)["message"]
-        accepted = []
-        for alpha in (0.5, 0.25, 0.125):
-            response = client.post("/v1/merges", json=merge_body(llama_triple, alpha=alpha))
-            assert response.status_code in (202, 503), response.text
-            if response.status_code == 503:
-                assert "disk" in assert_error(response, 503, "records_unavailable")["message"]
-            else:
-                accepted.append(response.json()["id"])
-        time.sleep(1.0)  # let the worker meet the full disk
-        (tmpfs / "filler").unlink()
-        for job_id in accepted:
-            failed = wait_http(client, job_id, timeout=60)
-            assert failed["status"] == "failed", failed
-            assert failed["error"]["code"] == "insufficient_storage", failed
-        again = client.post("/v1/merges", json=merge_body(llama_triple))  # stored: no write
-        assert again.status_code == 202, again.text
-        assert wait_http(client, again.json()["id"])["status"] == "succeeded"
+    try:
+        with LiveServer(create_app(settings)) as server, server.client() as client:
+            _fill_while_merging(client, llama_triple, tmpfs)
+    finally:
+        monkeypatch.delenv("REALIGN_MAX_READ_MBPS")
+        get_settings.cache_clear()
     assert [p for p in stored(tmpfs) if p.startswith(".staging")] == []
+
+
+def _fill(path: Path) -> None:
+    """Write zeros to ``path`` until the disk is full (a merge is writing there too)."""
+    with path.open("wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+
+
+def _fill_while_merging(client: httpx.Client, llama_triple: TinyTriple, tmpfs: Path) -> None:
+    first = client.post("/v1/merges", json=merge_body(llama_triple)).json()["id"]
+    assert wait_http(client, first)["status"] == "succeeded"
+    merging = client.post("/v1/merges", json=merge_body(llama_triple, alpha=0.75))
+    assert merging.status_code == 202, merging.text
+    accepted = [merging.json()["id"]]  # at least this one meets the full disk
+    end = time.monotonic() + 60
+    while client.get(f"/v1/merges/{accepted[0]}").json()["status"] in ("queued", "validating"):
+        assert time.monotonic() < end, "the job never started merging"
+        time.sleep(0.05)
+    _fill(tmpfs / "filler")
+    assert client.get(f"/v1/merges/{first}").json()["status"] == "succeeded"
+    assert client.get("/v1/merges").status_code == 200
+    assert client.get("/healthz").status_code == 200
+    assert "low disk" in assert_error(client.get("/readyz"), 503)["message"]
+    for alpha in (0.5, 0.25, 0.125):
+        response = client.post("/v1/merges", json=merge_body(llama_triple, alpha=alpha))
+        assert response.status_code in (202, 503), response.text
+        if response.status_code == 503:
+            assert "disk" in assert_error(response, 503, "records_unavailable")["message"]
+        else:
+            accepted.append(response.json()["id"])
+    time.sleep(1.0)  # let the worker meet the full disk
+    (tmpfs / "filler").unlink()
+    for job_id in accepted:
+        failed = wait_http(client, job_id, timeout=60)
+        assert failed["status"] == "failed", failed
+        assert failed["error"]["code"] == "insufficient_storage", failed
+    again = client.post("/v1/merges", json=merge_body(llama_triple))  # stored: no write
+    assert again.status_code == 202, again.text
+    assert wait_http(client, again.json()["id"])["status"] == "succeeded"
 
 
 # -- deliveries: real Redis, real workers, SIGKILL --------------------------------------

@@ -173,18 +173,22 @@ def test_record_shows_the_true_delivery_count(records: JobRecords) -> None:
         assert got is not None and got.deliveries == n
 
 
-def test_load_requests_go_to_exactly_one_taker(records: JobRecords) -> None:
-    """Several serving replicas take pending loads at once: each job goes to exactly one."""
-    for i in range(200):
-        records.request_load(f"mrg_{i}")
-    taken: list[str] = []
-    lock = threading.Lock()
+def test_replica_reports_on_one_notice_are_all_kept(records: JobRecords) -> None:
+    """Several serving replicas report on one load notice at once: no report is lost and
+    each replica's latest one counts."""
+    board = records.board
+    board.announce("mrg_serve", "m")
 
-    def take(_: int) -> None:
-        for _ in range(20):
-            got = records.take_load_requests()
-            with lock:
-                taken.extend(got)
+    def report(i: int) -> None:
+        for state in ("loading", "ready"):
+            assert board.report("mrg_serve", f"replica-{i}", state)
 
-    _hammer(6, take)
-    assert sorted(taken) == sorted(f"mrg_{i}" for i in range(200))
+    _hammer(6, report)
+    latest = board.reports("mrg_serve")
+    assert sorted(latest) == [f"replica-{i}" for i in range(6)]
+    assert {r.state for r in latest.values()} == {"ready"}
+    assert [n.job_id for n in board.pending()] == ["mrg_serve"]
+    board.withdraw("mrg_serve")
+    assert board.pending() == [] and board.reports("mrg_serve") == {}
+    assert not board.report("mrg_serve", "late", "ready")  # after the job ended: dropped
+    assert board.reports("mrg_serve") == {}

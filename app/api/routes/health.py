@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import BaseModel
 
-from app.api.deps import AdminDep, ServiceDep
+from app.api.deps import AdminDep
 from app.api.schemas.errors import error_responses
 from app.core.errors import ServiceUnavailableError
 
@@ -28,11 +28,13 @@ def healthz() -> Health:
 @router.get(
     "/readyz",
     responses=error_responses(503),
-    summary="Readiness: job records, a live worker, free disk on the store",
+    summary="Readiness: job records reachable, free disk on the store",
 )
-def readyz(service: ServiceDep) -> Health:
-    """503 naming every failed check (records unreachable, no worker, low disk)."""
-    ready, detail = service.readiness()
+def readyz(request: Request) -> Health:
+    """503 naming the failed check: on the job plane records unreachable or low disk (no
+    live worker keeps it ready: jobs queue, and ``detail`` says so); on a serving
+    replica, whether its model catalog can be read."""
+    ready, detail = request.app.state.readiness()
     if not ready:
         raise ServiceUnavailableError(f"not ready: {detail}")
     return Health(detail=detail)

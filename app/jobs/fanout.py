@@ -1,0 +1,297 @@
+"""A merge split by output shard: one task per shard, run by as many workers as there
+are, then one final task that publishes the model.
+
+The merge task plans the split (headers only) and queues the shard tasks as a group;
+each writes its shard into the job's shard staging and records its sha256; the task
+that records the last shard queues the final task, which links the shards into the
+store's staging, writes index, config, tokenizer files, manifest and card, and
+publishes through the store. The files are those of the single-task merge, byte for
+byte. Cancellation, failure and worker loss end the whole job once (the first ender
+wins, see :class:`SplitRecords`); nothing is published unless every shard was written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+from app.core.errors import OperationCancelledError, RealignError
+from app.jobs.failures import job_error, lost_message
+from app.jobs.models import JobError, JobRecord, JobStage, JobStatus
+from app.jobs.shard_records import ShardResult, SplitPlan, SplitRecords
+from app.jobs.shard_staging import LocalShardStaging, ShardStaging
+from app.jobs.split_plan import plan_split
+from app.jobs.split_progress import ShardReporter
+from app.residuals.apply_shard import ShardOutput, apply_shard, assemble_merged
+from app.residuals.checkpoint import Checkpoint
+from app.residuals.sources import RunOptions
+from app.store.base import Store
+
+if TYPE_CHECKING:
+    from app.jobs.reporter import JobReporter
+    from app.jobs.runner import JobRunner
+
+log = logging.getLogger("app.jobs")
+CANCELLED = "cancelled; nothing was published"
+
+
+class ShardQueue(Protocol):
+    """How shard tasks and the final task reach the workers (Celery, in production)."""
+
+    def send_shards(self, job_id: str, count: int) -> None: ...
+    def send_assemble(self, job_id: str) -> None: ...
+    def revoke(self, job_id: str, count: int) -> None: ...
+
+
+class Fanout:
+    """The split-merge steps of one worker.
+
+    Args:
+        runner: this worker's job runner (records, settings, final states).
+        queue: where shard and final tasks go.
+    """
+
+    def __init__(self, runner: JobRunner, queue: ShardQueue) -> None:
+        self.runner = runner
+        self.records = runner.records
+        self.settings = runner.settings
+        self.queue = queue
+
+    @property
+    def store(self) -> Store:
+        return self.runner.store  # the one store the runner's settings configure
+
+    @property
+    def staging(self) -> ShardStaging:
+        return LocalShardStaging(self.store.root / ".shards")
+
+    # -- merge task -----------------------------------------------------------------------
+    def dispatch(self, rec: JobRecord, reporter: JobReporter, cancel: threading.Event) -> bool:
+        """Split the job's merge when its output has enough shards: plan, queue the shard
+        tasks, return True (the job stays running). False: run it as one task.
+        """
+        plan = plan_split(self.runner.job_spec(rec), self.settings, self.store, reporter, cancel)
+        if plan is None:
+            return False
+        split = SplitRecords(self.records.kv, rec.id)
+        plan = split.save_plan(plan)  # a redelivered merge task re-sends the same split
+        rec = self.runner.move(reporter.rec, JobStatus.running, JobStage.apply)
+        message = f"split into {len(plan.files)} shard tasks"
+        self.records.add_event(rec, "log", message)
+        self.queue.send_shards(rec.id, len(plan.files))
+        return True
+
+    # -- shard task -----------------------------------------------------------------------
+    def run_shard(self, job_id: str, index: int) -> None:
+        """Write output shard ``index`` of a split job (once, however often delivered).
+
+        Raises:
+            LeaseHeldError: another delivery of this shard is running; retry later.
+        """
+        from app.jobs.runner import LeaseHeldError
+
+        split, rec, plan = self._open(job_id)
+        if rec is None or plan is None:
+            return
+        if split.results(len(plan.files))[index] is None:
+            if not split.acquire(index, self.runner.worker, self.runner.lease_s):
+                raise LeaseHeldError(job_id)
+            with self._leased(split, index):
+                written = split.results(len(plan.files))[index] is not None  # meanwhile
+                if not written and not self._write(split, rec, plan, index):
+                    return
+        self._maybe_assemble(split, plan)
+
+    def _write(self, split: SplitRecords, rec: JobRecord, plan: SplitPlan, index: int) -> bool:
+        done = split.deliveries(index)
+        if done >= self.settings.max_deliveries:
+            lost = JobError(
+                code="worker_lost", message=f"{plan.files[index]}: {lost_message(done)}"
+            )
+            self._end(split, JobStatus.failed, lost)
+            return False
+        split.count_delivery(index)
+        try:
+            out = self._write_shard(split, rec, plan, index)
+        except OperationCancelledError:
+            self._end(split, JobStatus.cancelled, JobError(code="cancelled", message=CANCELLED))
+            return False
+        except Exception as exc:
+            if self._stopped(split):  # the job ended meanwhile and its staging went
+                self._end(split, JobStatus.cancelled, JobError(code="cancelled", message=CANCELLED))
+            else:
+                self._fail(split, rec, exc)
+            return False
+        worker = self.runner.worker
+        split.record(index, ShardResult(**vars(out), worker=worker))
+        self.records.add_event(rec, "log", f"{out.file} written by {worker}")
+        return True
+
+    def _write_shard(
+        self, split: SplitRecords, rec: JobRecord, plan: SplitPlan, index: int
+    ) -> ShardOutput:
+        cancel = threading.Event()
+        rate = self.settings.max_read_mbps
+        opts = RunOptions(
+            device=self.settings.device,
+            progress=ShardReporter(self.records, split, rec, plan, index, cancel),
+            cancel=cancel,
+            max_shard_bytes=plan.max_shard_bytes,
+            hash_outputs=True,
+            max_read_bps=rate * 1e6 if rate else None,
+        )
+        with (
+            self.store.using(plan.residual_key) as pack_dir,
+            Checkpoint.open(Path(plan.target)) as target,
+            self.staging.writing(rec.id) as tmp,
+        ):
+            out = apply_shard(pack_dir, target, tmp, alpha=plan.alpha, index=index, opts=opts)
+            if self._stopped(split):
+                raise OperationCancelledError(CANCELLED)
+            self.staging.put(rec.id, tmp / out.file)
+        return out
+
+    def _maybe_assemble(self, split: SplitRecords, plan: SplitPlan) -> None:
+        if all(r is not None for r in split.results(len(plan.files))):
+            self.queue.send_assemble(split.job_id)  # a duplicate finds the job finished
+
+    # -- final task -----------------------------------------------------------------------
+    def assemble(self, job_id: str) -> None:
+        """Publish a split job's model once every shard is written, and end the job.
+
+        Raises:
+            LeaseHeldError: another delivery of the final task is running.
+        """
+        from app.jobs.runner import LeaseHeldError
+
+        split, rec, plan = self._open(job_id)
+        if rec is None or plan is None:
+            return
+        results = split.results(len(plan.files))
+        if any(r is None for r in results):
+            return  # the task that writes the last shard queues this one again
+        if not self.records.acquire_lease(job_id, self.runner.worker, self.runner.lease_s):
+            raise LeaseHeldError(job_id)
+        try:
+            self._publish(split, rec, plan, [r for r in results if r is not None])
+        except OperationCancelledError:
+            self._end(split, JobStatus.cancelled, JobError(code="cancelled", message=CANCELLED))
+        except Exception as exc:
+            self._fail(split, rec, exc)
+        finally:
+            self.records.release_lease(job_id, self.runner.worker)
+
+    def _publish(
+        self, split: SplitRecords, rec: JobRecord, plan: SplitPlan, results: list[ShardResult]
+    ) -> None:
+        from app.merge import StoredMerge
+        from app.residuals.manifest import MergeManifest
+
+        rec = self.runner.move(rec, JobStatus.running, JobStage.publish)
+        outputs = [ShardOutput(r.file, r.size, r.sha256) for r in results]
+        st = self.store
+        with st.using(plan.residual_key) as pack_dir, Checkpoint.open(Path(plan.target)) as tgt:
+
+            def build(tmp: Path) -> None:
+                for o in outputs:
+                    self.staging.take(rec.id, o.file, tmp / o.file)
+                assemble_merged(
+                    tmp, pack_dir, tgt, target_src=plan.target_src, alpha=plan.alpha,
+                    max_shard_bytes=plan.max_shard_bytes, outputs=outputs,
+                )  # fmt: skip
+                if self._stopped(split):  # the last moment a cancel still stops it
+                    raise OperationCancelledError(CANCELLED)
+
+            created = st.get_or_build(
+                plan.merged_key, build, kind="merged", keep=(plan.residual_key,)
+            )
+        path = st.path(plan.merged_key, "merged")
+        manifest = MergeManifest.model_validate_json((path / "realign.json").read_text())
+        done = StoredMerge(plan.merged_key, path, manifest, plan.residual_key, False, created)
+        result, nbytes = self.runner.register(rec, done)
+        self.runner.conclude(self.records.get(rec.id) or rec, result, nbytes)
+        self.staging.discard(rec.id)
+        split.clear(len(plan.files))
+
+    # -- ending ---------------------------------------------------------------------------
+    def _open(self, job_id: str) -> tuple[SplitRecords, JobRecord | None, SplitPlan | None]:
+        """The split of a live job; (split, None, None) when there is nothing to do."""
+        split = SplitRecords(self.records.kv, job_id)
+        rec = self.records.get(job_id)
+        if rec is None or rec.status.terminal:
+            return split, None, None
+        plan = split.plan()
+        if plan is None:
+            log.warning("job %s: a shard task without a split plan; dropping it", job_id)
+            return split, None, None
+        if self._stopped(split):
+            self._end(split, JobStatus.cancelled, JobError(code="cancelled", message=CANCELLED))
+            return split, None, None
+        return split, rec, plan
+
+    def _stopped(self, split: SplitRecords) -> bool:
+        return self.records.cancel_requested(split.job_id) or split.ended() is not None
+
+    def _fail(self, split: SplitRecords, rec: JobRecord, exc: Exception) -> None:
+        if not isinstance(exc, RealignError):
+            log.error("job %s: a shard task raised", rec.id, exc_info=exc)
+        error = job_error(exc, rec.stage, self.settings.models_cache_dir, rec.id)
+        self._end(split, JobStatus.failed, error)
+
+    def _end(self, split: SplitRecords, status: JobStatus, error: JobError | None) -> None:
+        """End the job (the first ender's state wins), stop the other shard tasks and
+        drop the staged shards.
+
+        Also rewrites the final state when a shard task's progress write landed after
+        it (every shard task stops through here once it sees the end)."""
+        end = split.end(status, error)
+        rec = self.records.get(split.job_id)
+        if rec is not None and not rec.status.terminal:
+            self.runner.finish(rec, end.status, error=end.error)
+        plan = split.plan()
+        if plan is not None:
+            with contextlib.suppress(Exception):  # queued shard tasks also see the end
+                self.queue.revoke(split.job_id, len(plan.files))
+        self.staging.discard(split.job_id)
+
+    def sweep(self) -> list[str]:
+        """Drop the staged shards of jobs that ended while a shard task was writing."""
+        dropped = []
+        for job_id in self.staging.jobs():
+            split = SplitRecords(self.records.kv, job_id)
+            rec = self.records.get(job_id)
+            plan = split.plan()
+            if rec is not None and not rec.status.terminal:
+                continue
+            if plan is not None and split.leased(len(plan.files)):
+                continue
+            self.staging.discard(job_id)
+            if plan is not None:
+                split.clear(len(plan.files))
+            dropped.append(job_id)
+        return dropped
+
+    @contextlib.contextmanager
+    def _leased(self, split: SplitRecords, index: int) -> Iterator[None]:
+        """Keep the shard's lease while the block runs (a dead holder's lapses)."""
+        stop = threading.Event()
+        holder, ttl = self.runner.worker, self.runner.lease_s
+
+        def keep() -> None:
+            while not stop.wait(ttl / 3):
+                with contextlib.suppress(Exception):  # Redis restarting: next beat
+                    split.acquire(index, holder, ttl)
+
+        keeper = threading.Thread(target=keep, daemon=True, name="realign-shard-lease")
+        keeper.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            keeper.join()
+            with contextlib.suppress(Exception):  # it expires on its own
+                split.release(index, holder)

@@ -1,0 +1,113 @@
+"""A job's lease while a worker runs one of its steps, and the jobs nobody runs.
+
+The lease (a compare-and-set key with a TTL) keeps a redelivered message from running
+a step twice at once. A worker renews it every third of its TTL; one that finds
+another holder on it has lost the job (its lease lapsed during a records outage and
+the job moved on without it): it stops its merge through the same cancellation flag a
+user's cancel sets, and writes nothing more.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from datetime import timedelta
+from types import TracebackType
+
+from app.jobs.models import JobRecord, JobStage, JobStatus, utcnow
+from app.jobs.records import JobRecords
+
+log = logging.getLogger("app.jobs")
+
+
+class LeaseHeldError(RuntimeError):
+    """Another worker holds the job's lease: try the delivery again later."""
+
+
+class LeaseKeeper:
+    """Holds a job's lease for the length of a ``with`` block, renewing it.
+
+    Args:
+        records: the job records.
+        job_id: the job.
+        holder: this worker's name.
+        ttl: seconds the lease lives without renewal.
+
+    Attributes:
+        cancel: set when the lease is lost (and by the progress callback on a cancel);
+            the merge engine stops at its next check.
+        lost: set when another holder took the lease: the step must not write again.
+    """
+
+    def __init__(self, records: JobRecords, job_id: str, holder: str, ttl: float) -> None:
+        self.records, self.job_id, self.holder, self.ttl = records, job_id, holder, ttl
+        self.cancel = threading.Event()
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> LeaseKeeper:
+        """Take the lease.
+
+        Raises:
+            LeaseHeldError: another holder has it.
+            RecordsUnavailableError: the records cannot be reached (nothing changed).
+        """
+        if not self.records.acquire_lease(self.job_id, self.holder, self.ttl):
+            raise LeaseHeldError(self.job_id)
+        self._thread = threading.Thread(target=self._keep, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        try:
+            self.records.release_lease(self.job_id, self.holder)
+        except Exception as err:  # it expires on its own
+            log.warning("job %s: lease not released (%s)", self.job_id, err)
+
+    def _keep(self) -> None:
+        while not self._stop.wait(self.ttl / 3):
+            try:
+                if not self.records.acquire_lease(self.job_id, self.holder, self.ttl):
+                    log.warning(
+                        "job %s: lease taken over by another holder; stopping this run "
+                        "without writing its record",
+                        self.job_id,
+                    )
+                    self.lost.set()
+                    self.cancel.set()
+                    return
+            except Exception as exc:  # Redis restarting: keep working, retry next beat
+                log.warning("job %s: lease renewal failed (%s)", self.job_id, exc)
+
+
+def orphans(records: JobRecords, ttl: float, max_deliveries: int) -> list[JobRecord]:
+    """Jobs whose step stopped without an outcome and that no lease holds: ``running``
+    or ``queued`` ones whose last allowed delivery died (a delivery is counted before
+    the move to running), and ``validating`` ones nothing wrote for longer than a lease
+    (a live validation holds the lease). A job never delivered is only waiting in the
+    queue and is left alone; one with deliveries left will be delivered again.
+    """
+    cutoff = utcnow() - timedelta(seconds=ttl)
+    ids = [*records.running()]
+    ids += records.with_status(JobStatus.queued) + records.with_status(JobStatus.validating)
+    out = []
+    for job_id in ids:
+        rec = records.get(job_id)
+        if rec is None or rec.status.terminal or rec.stage == JobStage.load:
+            continue
+        if rec.status != JobStatus.running and rec.updated_at > cutoff:
+            continue
+        if rec.status != JobStatus.validating and rec.deliveries < max_deliveries:
+            continue
+        if records.lease_holder(job_id) is None:
+            out.append(rec)
+    return out

@@ -1,0 +1,48 @@
+"""bench/scale.py: the scale-on-paper table runs and its verdicts follow its inputs."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BOUNDS = {"object-store bandwidth", "shard count", "final index task", "Redis"}
+
+
+def scale(*args: str) -> str:
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "scale.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 0, res.stderr
+    return res.stdout
+
+
+def walls(text: str, column: int) -> list[float]:
+    """Seconds in a wall-time column of the table (70B: 1, 405B: 4)."""
+    out = []
+    for row in re.findall(r"^\| \d+ \|.*$", text, re.M):
+        value, unit = row.split("|")[column + 1].split()
+        out.append(float(value) * (60 if unit == "min" else 1))
+    return out
+
+
+def test_table_covers_1_to_64_workers_and_names_the_limit() -> None:
+    text = scale("--every")
+    for column in (1, 4):
+        w = walls(text, column)
+        assert len(w) == 64
+        assert w[-1] < w[0] / 4  # 64 workers: much faster than one
+        assert w[-1] <= min(w) * 1.05  # never much slower than the best
+    verdicts = re.findall(r"limited by the ([\w -]+)\.", text)
+    assert len(verdicts) == 2 and set(verdicts) <= BOUNDS
+
+
+def test_a_faster_store_moves_the_limit_to_the_shard_count() -> None:
+    text = scale("--store-gbps", "1000", "--nic-gbit", "400", "--disk-gbps", "50")
+    assert "70B (140 GB out, 28 shards" in text
+    assert re.search(r"70B .*limited by the shard count", text)
