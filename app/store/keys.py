@@ -5,6 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Collection
+
+from app.core.errors import AmbiguousKeyError, ArtifactNotFoundError
 
 KEY_LENGTH = 32
 _KEY = re.compile(r"^[0-9a-f]{6,64}$")
@@ -44,3 +47,21 @@ def _key(fields: dict[str, str]) -> str:
 def looks_like_key(text: str) -> bool:
     """True for a hex string that could be a key or a unique key prefix."""
     return bool(_KEY.match(text))
+
+
+def pick_key(prefix: str, matches: Collection[str], kind: str, where: object) -> str:
+    """The one stored key that ``prefix`` names among ``matches`` (the keys of ``kind``
+    in the store at ``where`` that start with it).
+
+    Raises:
+        ArtifactNotFoundError, AmbiguousKeyError.
+    """
+    if not matches:
+        raise ArtifactNotFoundError(
+            f"no {kind[:-1]} with key {prefix!r} in {where}; `realign ls` lists them"
+        )
+    if len(matches) > 1 and prefix not in matches:
+        raise AmbiguousKeyError(
+            f"key prefix {prefix!r} matches {len(matches)} artifacts; give more characters"
+        )
+    return prefix if prefix in matches else next(iter(sorted(matches)))

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Literal
 
 from app.core.errors import (
-    AmbiguousKeyError,
     ArtifactInUseError,
     ArtifactNotFoundError,
     OutputExistsError,
@@ -40,6 +39,7 @@ from app.residuals.manifest import (
 )
 from app.residuals.publish import publish
 from app.store.base import ArtifactInfo, Kind
+from app.store.keys import pick_key
 from app.store.quarantine import (
     QUARANTINE,
     log_quarantine,
@@ -102,16 +102,8 @@ class LocalStore:
         Raises:
             ArtifactNotFoundError, AmbiguousKeyError.
         """
-        matches = sorted(p.name for p in (self.root / kind).glob(f"{prefix}*") if p.is_dir())
-        if not matches:
-            raise ArtifactNotFoundError(
-                f"no {kind[:-1]} with key {prefix!r} in {self.root}; `realign ls` lists them"
-            )
-        if len(matches) > 1 and prefix not in matches:
-            raise AmbiguousKeyError(
-                f"key prefix {prefix!r} matches {len(matches)} artifacts; give more characters"
-            )
-        return prefix if prefix in matches else matches[0]
+        matches = [p.name for p in (self.root / kind).glob(f"{prefix}*") if p.is_dir()]
+        return pick_key(prefix, matches, kind, self.root)
 
     # -- locks ----------------------------------------------------------------------------
     @contextlib.contextmanager

@@ -20,13 +20,13 @@ from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 
 from app.core.errors import (
-    AmbiguousKeyError,
     ArtifactCorruptError,
     ArtifactInUseError,
     ArtifactNotFoundError,
 )
 from app.residuals.manifest import MergeManifest, ResidualManifest
 from app.store.base import ArtifactInfo, Kind
+from app.store.keys import pick_key
 from app.store.local import LocalStore
 from app.store.locks import BuildLock, Held, hold
 from app.store.remote import Bucket
@@ -82,16 +82,7 @@ class ObjectStore:
         Raises:
             ArtifactNotFoundError, AmbiguousKeyError.
         """
-        matches = self.bucket.keys(kind, prefix)
-        if not matches:
-            raise ArtifactNotFoundError(
-                f"no {kind[:-1]} with key {prefix!r} in {self.url}; `realign ls` lists them"
-            )
-        if len(matches) > 1 and prefix not in matches:
-            raise AmbiguousKeyError(
-                f"key prefix {prefix!r} matches {len(matches)} artifacts; give more characters"
-            )
-        return prefix if prefix in matches else matches[0]
+        return pick_key(prefix, self.bucket.keys(kind, prefix), kind, self.url)
 
     @contextlib.contextmanager
     def using(self, key: str, kind: Kind = "residuals") -> Iterator[Path]:
