@@ -23,13 +23,14 @@ from app.core.errors import OperationCancelledError, RealignError
 from app.jobs.failures import job_error, lost_message
 from app.jobs.models import JobError, JobRecord, JobStage, JobStatus
 from app.jobs.shard_records import ShardResult, SplitPlan, SplitRecords
-from app.jobs.shard_staging import LocalShardStaging, ShardStaging
+from app.jobs.shard_staging import SHARDS, LocalShardStaging, ObjectShardStaging, ShardStaging
 from app.jobs.split_plan import plan_split
 from app.jobs.split_progress import ShardReporter
 from app.residuals.apply_shard import ShardOutput, apply_shard, assemble_merged
 from app.residuals.checkpoint import Checkpoint
 from app.residuals.sources import RunOptions
 from app.store.base import Store
+from app.store.objects import ObjectStore
 
 if TYPE_CHECKING:
     from app.jobs.reporter import JobReporter
@@ -67,7 +68,10 @@ class Fanout:
 
     @property
     def staging(self) -> ShardStaging:
-        return LocalShardStaging(self.store.root / ".shards")
+        st = self.store
+        if isinstance(st, ObjectStore):  # workers on other machines: stage in the bucket
+            return ObjectShardStaging(st.bucket, st.root / SHARDS)
+        return LocalShardStaging(st.root / SHARDS)
 
     # -- merge task -----------------------------------------------------------------------
     def dispatch(self, rec: JobRecord, reporter: JobReporter, cancel: threading.Event) -> bool:
@@ -189,7 +193,7 @@ class Fanout:
         self, split: SplitRecords, rec: JobRecord, plan: SplitPlan, results: list[ShardResult]
     ) -> None:
         from app.merge import StoredMerge
-        from app.residuals.manifest import MergeManifest
+        from app.residuals.manifest import read_merge_manifest
 
         rec = self.runner.move(rec, JobStatus.running, JobStage.publish)
         outputs = [ShardOutput(r.file, r.size, r.sha256) for r in results]
@@ -198,7 +202,7 @@ class Fanout:
 
             def build(tmp: Path) -> None:
                 for o in outputs:
-                    self.staging.take(rec.id, o.file, tmp / o.file)
+                    self.staging.take(rec.id, o.file, tmp / o.file, o.size, o.sha256)
                 assemble_merged(
                     tmp, pack_dir, tgt, target_src=plan.target_src, alpha=plan.alpha,
                     max_shard_bytes=plan.max_shard_bytes, outputs=outputs,
@@ -209,8 +213,8 @@ class Fanout:
             created = st.get_or_build(
                 plan.merged_key, build, kind="merged", keep=(plan.residual_key,)
             )
-        path = st.path(plan.merged_key, "merged")
-        manifest = MergeManifest.model_validate_json((path / "realign.json").read_text())
+        with st.using(plan.merged_key, "merged") as path:  # fetched when another node built it
+            manifest = read_merge_manifest(path)
         done = StoredMerge(plan.merged_key, path, manifest, plan.residual_key, False, created)
         result, nbytes = self.runner.register(rec, done)
         self.runner.conclude(self.records.get(rec.id) or rec, result, nbytes)

@@ -21,6 +21,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
+from app.store.remote import Bucket
+from app.store.s3 import download_file, list_objects, upload_file
+
+SHARDS = ".shards"  # beside the store's artifacts, never listed as one
+
 
 class ShardStaging(Protocol):
     """Staging of output shards of one job, shared by every worker of the job."""
@@ -33,8 +38,10 @@ class ShardStaging(Protocol):
         """Keep the finished shard ``file`` (a later delivery's identical copy replaces it)."""
         ...
 
-    def take(self, job_id: str, name: str, dest: Path) -> None:
-        """Place the staged shard ``name`` at ``dest`` (the publishing directory)."""
+    def take(self, job_id: str, name: str, dest: Path, size: int, sha256: str) -> None:
+        """Place the staged shard ``name`` at ``dest`` (the publishing directory); a
+        copy that travelled is checked against the ``size`` and ``sha256`` its writer
+        recorded."""
         ...
 
     def discard(self, job_id: str) -> None:
@@ -86,7 +93,7 @@ class LocalShardStaging:
         os.replace(file, dest)
         _fsync(dest.parent)
 
-    def take(self, job_id: str, name: str, dest: Path) -> None:
+    def take(self, job_id: str, name: str, dest: Path, size: int, sha256: str) -> None:
         src = self._dir(job_id) / name
         try:
             os.link(src, dest)  # no copy: the store publishes the same inode
@@ -98,3 +105,42 @@ class LocalShardStaging:
 
     def jobs(self) -> list[str]:
         return sorted(p.name for p in self.root.iterdir() if p.is_dir())
+
+
+class ObjectShardStaging:
+    """Shard staging under ``<store prefix>/.shards/<job>/`` in the object store's bucket,
+    for workers on different machines: each shard is uploaded when written and
+    downloaded, sha256 checked, by the final task.
+
+    Args:
+        bucket: the object store's bucket and prefix.
+        scratch: a local directory for shards being written (this node's cache).
+    """
+
+    def __init__(self, bucket: Bucket, scratch: Path) -> None:
+        self.bucket = bucket
+        self.local = LocalShardStaging(scratch)
+
+    def _name(self, job_id: str, file: str = "") -> str:
+        self.local._dir(job_id)  # the same check of the id
+        return self.bucket.name(SHARDS, job_id, file)
+
+    def writing(self, job_id: str) -> contextlib.AbstractContextManager[Path]:
+        return self.local.writing(job_id)
+
+    def put(self, job_id: str, file: Path) -> None:
+        upload_file(self.bucket.cfg, file, self.bucket.bucket, self._name(job_id, file.name))
+        file.unlink()
+
+    def take(self, job_id: str, name: str, dest: Path, size: int, sha256: str) -> None:
+        key = self._name(job_id, name)
+        download_file(self.bucket.cfg, self.bucket.bucket, key, dest, size, sha256)
+
+    def discard(self, job_id: str) -> None:
+        self.bucket.delete_prefix(self._name(job_id) + "/")
+        self.local.discard(job_id)
+
+    def jobs(self) -> list[str]:
+        prefix = self.bucket.name(SHARDS) + "/"
+        found = list_objects(self.bucket.cfg, self.bucket.bucket, prefix)
+        return sorted({o["Key"][len(prefix) :].split("/", 1)[0] for o in found})
