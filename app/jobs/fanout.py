@@ -170,7 +170,7 @@ class Fanout:
         Raises:
             LeaseHeldError: another delivery of the final task is running.
         """
-        from app.jobs.runner import LeaseHeldError
+        from app.jobs.lease import LeaseKeeper
 
         split, rec, plan = self._open(job_id)
         if rec is None or plan is None:
@@ -178,16 +178,23 @@ class Fanout:
         results = split.results(len(plan.files))
         if any(r is None for r in results):
             return  # the task that writes the last shard queues this one again
-        if not self.records.acquire_lease(job_id, self.runner.worker, self.runner.lease_s):
-            raise LeaseHeldError(job_id)
-        try:
-            self._publish(split, rec, plan, [r for r in results if r is not None])
-        except OperationCancelledError:
-            self._end(split, JobStatus.cancelled, JobError(code="cancelled", message=CANCELLED))
-        except Exception as exc:
-            self._fail(split, rec, exc)
-        finally:
-            self.records.release_lease(job_id, self.runner.worker)
+        # Renewed for as long as the publish takes (a large model's upload outlives any
+        # fixed lease): a duplicate final task waits, then finds the split cleared.
+        with LeaseKeeper(self.records, job_id, self.runner.worker, self.runner.lease_s) as lease:
+            split, rec, plan = self._open(job_id)  # again, now that the lease is held
+            if (
+                rec is None
+                or plan is None
+                or any(r is None for r in split.results(len(plan.files)))
+            ):
+                return  # a duplicate: the first final task published and cleared it
+            try:
+                self._publish(split, rec, plan, [r for r in split.results(len(plan.files)) if r])
+            except OperationCancelledError:
+                self._end(split, JobStatus.cancelled, JobError(code="cancelled", message=CANCELLED))
+            except Exception as exc:
+                if not lease.lost.is_set():  # the job is another holder's now: write nothing
+                    self._fail(split, rec, exc)
 
     def _publish(
         self, split: SplitRecords, rec: JobRecord, plan: SplitPlan, results: list[ShardResult]
@@ -213,6 +220,8 @@ class Fanout:
             created = st.get_or_build(
                 plan.merged_key, build, kind="merged", keep=(plan.residual_key,)
             )
+        if self._stopped(split):  # cancelled during the upload: stored, but not handed out
+            raise OperationCancelledError(CANCELLED)
         with st.using(plan.merged_key, "merged") as path:  # fetched when another node built it
             manifest = read_merge_manifest(path)
         done = StoredMerge(plan.merged_key, path, manifest, plan.residual_key, False, created)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import logging
 import threading
+import time
 from collections.abc import Callable
 from datetime import timedelta
 from typing import TYPE_CHECKING
@@ -72,6 +73,7 @@ class JobRunner:
         self.current_job: str | None = None
         self.finals = FinalWriter(records)  # final states survive a records outage
         self._store: Store | None = None
+        self._next_bucket_sweep = 0.0
         self.loads = LoadWatcher(records, settings, worker, self.finals)
         self.fanout: Fanout | None = None
         if shards is not None:
@@ -183,9 +185,27 @@ class JobRunner:
         self.reap()
         if self.fanout is not None:
             self.fanout.sweep()
+        self._sweep_bucket()
         cutoff = utcnow() - timedelta(days=self.settings.job_retention_days)
         while self.records.purge_finished(cutoff) > 0:
             pass
+
+    def _sweep_bucket(self) -> None:
+        """Uploads that dead builders left in the object store's staging prefix (older
+        than a day are removed; looked at hourly, by every worker)."""
+        now = time.monotonic()
+        if not self.settings.store_url or now < self._next_bucket_sweep:
+            return
+        self._next_bucket_sweep = now + 3600
+        from app.store.objects import ObjectStore
+
+        st = self.store
+        if isinstance(st, ObjectStore):
+            try:
+                if removed := st.bucket.sweep_staging():
+                    log.info("removed %d staging objects of dead builders", removed)
+            except RealignError as exc:  # the store is down: the next sweep tries again
+                log.warning("object store staging not swept: %s", exc)
 
     # -- internals ------------------------------------------------------------------------
     def _run_merge(self, rec: JobRecord, lease: LeaseKeeper) -> None:

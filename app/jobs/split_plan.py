@@ -19,10 +19,11 @@ from app.residuals.apply import open_pack, plan_fused
 from app.residuals.apply_shard import plan_apply_shards
 from app.residuals.checkpoint import Checkpoint
 from app.residuals.plan import plan_output
-from app.residuals.refs import ModelRef, ResolvedModel, resolve_ref
+from app.residuals.refs import ResolvedModel
 from app.residuals.sources import describe_source
 from app.residuals.space import ensure_space, merged_bytes
 from app.store.base import Store
+from app.store.inputs import resolve_input
 from app.store.keys import merged_key
 
 if TYPE_CHECKING:
@@ -30,8 +31,8 @@ if TYPE_CHECKING:
 
 
 def _resolve(ref: str, settings: Settings, st: Store) -> ResolvedModel:
-    trusted = settings.trusted_code_sha256
-    return resolve_ref(ModelRef.parse(ref), st.root / "sources", trusted_code=trusted)
+    # Through the store: object-store refs are fetched into its node cache, pinned.
+    return resolve_input(ref, st, settings.trusted_code_sha256)
 
 
 def _stored(residual: str | None) -> bool:
@@ -119,5 +120,8 @@ def _compute(
         device=settings.device,
         progress=reporter,
         cancel=cancel,
+        notice=lambda msg: reporter.runner.records.add_event(reporter.rec, "status", msg),
+        verify_pack=False,  # the shard tasks read and verify it
+        settings=settings,
     )
     return res.key
