@@ -98,7 +98,10 @@ def reuse_pack(
     hands the key on; else only the manifest's seal, for one that reads the pack next
     (the read verifies the rest). A corrupt pack is quarantined and rebuilt."""
     try:
-        return st.verify(key) if full else read_residual_manifest(st.path(key))
+        if full:
+            return st.verify(key)
+        with st.using(key) as path:  # fetched into this node's cache when built elsewhere
+            return read_residual_manifest(path)
     except ArtifactCorruptError as exc:
         moved = st.quarantine(key, "residuals", str(exc))
         st.get_or_build(key, build)

@@ -132,6 +132,21 @@ def test_merge_to_object_store_twice_reuses(
     assert _files(one.path) == _files(two.path)
 
 
+def test_a_second_node_applies_the_stored_residual(
+    llama_triple: TinyTriple, s3_server: S3Server, bucket: str, tmp_path: Path
+) -> None:
+    """Another alpha on another node (an empty cache): the residual is fetched from the
+    bucket and reused, not computed again."""
+    t = llama_triple
+    req = {"base": str(t.base), "instruct": str(t.instruct), "target": str(t.new_base)}
+    one = merge_to_store(**req, settings=object_settings(s3_server, bucket, tmp_path / "a"))
+    two = merge_to_store(
+        **req, alpha=0.5, settings=object_settings(s3_server, bucket, tmp_path / "b")
+    )
+    assert one.residual_created and not two.residual_created
+    assert two.created and two.residual_key == one.residual_key and two.key != one.key
+
+
 def _upload(s3_server: S3Server, bucket: str, src: Path, prefix: str) -> str:
     client = s3_server.client()
     for p in src.rglob("*"):
