@@ -175,21 +175,17 @@ def test_a_replica_that_starts_later_ends_the_job_and_a_killed_one_times_out(
     assert job["status"] == "succeeded", job["error"]
     assert greedy(url, "later")
 
-    # a replica SIGKILLed while loading: the job fails with load_timeout, naming it
-    os.kill(replica.pid, signal.SIGSTOP)  # it takes the next notice only when resumed
+    # a replica SIGKILLed while loading: the job fails with load_timeout, naming it. The
+    # kill lands between its "loading" and "ready" reports (an engine start takes far
+    # longer than the 5 ms poll; the model's files are checked before any engine reads
+    # them, so a damaged file would fail the load instead of hanging it).
     second = submit(api, llama_triple_fp32, "stuck", alpha=0.25)
-    job = job_when(api, second, lambda j: j["stage"] == "load" or ended(j), planes, 180)
-    assert job["status"] == "running", job
-    shard = sorted(Path(job["result"]["output"]).glob("*.safetensors"))[0]
-    shard.unlink()
-    os.mkfifo(shard)  # opening it for reading blocks: the load hangs for real
-    os.kill(replica.pid, signal.SIGCONT)
     reports = f"realign:serve:notice:{second}:reports"
     client = redis.Redis.from_url(redis_server.url, decode_responses=True)
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 180
     while not any(json.loads(r)["state"] == "loading" for r in client.lrange(reports, 0, -1)):
         assert time.monotonic() < deadline, planes.logs()
-        time.sleep(0.1)
+        time.sleep(0.005)
     replica.kill()
     replica.wait(timeout=10)
     job = job_when(api, second, ended, planes, timeout=LOAD_TIMEOUT_S + 30)
