@@ -121,3 +121,22 @@ class Store(Protocol):
     def evict(self, keep: str | Collection[str] | None = None) -> list[str]:
         """Remove least recently used artifacts beyond the budget, sparing ``keep``."""
         ...
+
+
+def evict_lru(store: Store, budget_bytes: int, kept: Collection[str]) -> list[str]:
+    """Remove ``store``'s least recently used artifacts until it fits ``budget_bytes``,
+    sparing the ``kept`` keys and what is being read; the removed keys."""
+    from app.core.errors import ArtifactInUseError, ArtifactNotFoundError
+
+    items = sorted(store.artifacts(), key=lambda a: a.last_used)
+    total, removed = sum(a.size for a in items), []
+    for item in items:
+        if total <= budget_bytes:
+            break
+        if item.key in kept or item.in_use:
+            continue
+        with contextlib.suppress(ArtifactInUseError, ArtifactNotFoundError):
+            store.remove(item.key, item.kind)
+            total -= item.size
+            removed.append(item.key)
+    return removed

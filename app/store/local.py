@@ -38,7 +38,7 @@ from app.residuals.manifest import (
     read_residual_manifest,
 )
 from app.residuals.publish import publish
-from app.store.base import ArtifactInfo, Kind
+from app.store.base import ArtifactInfo, Kind, evict_lru
 from app.store.keys import pick_key
 from app.store.quarantine import (
     QUARANTINE,
@@ -317,19 +317,7 @@ class LocalStore:
         kept = {keep} if isinstance(keep, str) else set(keep or ())
         if self.budget_bytes is None:
             return []
-        items = sorted(self.artifacts(), key=lambda a: a.last_used)
-        total = sum(a.size for a in items)
-        removed = []
-        for item in items:
-            if total <= self.budget_bytes:
-                break
-            if item.key in kept or item.in_use:
-                continue
-            with contextlib.suppress(ArtifactInUseError, ArtifactNotFoundError):
-                self.remove(item.key, item.kind)
-                total -= item.size
-                removed.append(item.key)
-        return removed
+        return evict_lru(self, self.budget_bytes, kept)
 
     def age(self, key: str) -> float:
         access = self.root / ".access" / key

@@ -21,11 +21,10 @@ from pathlib import Path
 
 from app.core.errors import (
     ArtifactCorruptError,
-    ArtifactInUseError,
     ArtifactNotFoundError,
 )
 from app.residuals.manifest import MergeManifest, ResidualManifest
-from app.store.base import ArtifactInfo, Kind
+from app.store.base import ArtifactInfo, Kind, evict_lru
 from app.store.keys import pick_key
 from app.store.local import LocalStore
 from app.store.locks import BuildLock, Held, hold
@@ -249,15 +248,4 @@ class ObjectStore:
         removed = self.cache.evict(kept)
         if self.budget_bytes is None:
             return removed
-        items = sorted(self.artifacts(), key=lambda a: a.last_used)
-        total = sum(a.size for a in items)
-        for item in items:
-            if total <= self.budget_bytes:
-                break
-            if item.key in kept or item.in_use:
-                continue
-            with contextlib.suppress(ArtifactInUseError, ArtifactNotFoundError):
-                self.remove(item.key, item.kind)
-                total -= item.size
-                removed.append(item.key)
-        return removed
+        return removed + evict_lru(self, self.budget_bytes, kept)
