@@ -158,7 +158,7 @@ def inspect(
 
 
 def verify(key: str, store: StoreArg = None, settings: Settings | None = None) -> ResidualManifest:
-    """Check every file of a stored residual against its recorded sha256; a corrupt
+    """Check every file of a stored residual against its recorded checksum; a corrupt
     one is quarantined (moved aside, kept) and the error says how to compute it again.
 
     Raises:

@@ -180,7 +180,7 @@ def inspect(
 def verify(
     key: Annotated[str, typer.Argument(help="Residual key or prefix.")], store: Store = None
 ) -> None:
-    """Check every file of a stored residual against its sha256; exits 1 on a mismatch.
+    """Check every file of a stored residual against its manifest; exits 1 on a mismatch.
 
     Example: realign verify "$KEY"
     """

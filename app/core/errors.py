@@ -206,7 +206,7 @@ class InsufficientStorageError(RealignError, OSError):
 
 
 class ArtifactCorruptError(IntegrityError):
-    """A stored file did not match its recorded sha256 when it was read.
+    """A stored file did not match its recorded checksum when it was read.
 
     Args:
         message: what, where, and what to do.

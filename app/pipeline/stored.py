@@ -180,7 +180,7 @@ def _checked_reuse(
         moved = st.quarantine(done.key, "merged", str(exc))
         notify(
             notice,
-            f"merged model {done.key}: {exc.file} did not match its recorded sha256; it was "
+            f"merged model {done.key}: {exc.file} did not match its recorded checksum; it was "
             f"{moved_to(moved)} and is being built again",
         )
     return again()

@@ -18,7 +18,6 @@ from app.residuals.compat import (
     pair_tensors,
     weight_tensors,
 )
-from app.residuals.hashing import sha256_file
 from app.residuals.integrity import ReadVerifier, mismatch_message
 from app.residuals.manifest import (
     MERGE_MANIFEST,
@@ -28,8 +27,10 @@ from app.residuals.manifest import (
     ResidualManifest,
     SourceInfo,
     VocabInfo,
+    file_entry,
     read_residual_manifest,
     write_json,
+    written_entries,
 )
 from app.residuals.shards import ShardedWriter, TensorSpec
 from app.residuals.sources import RunOptions, file_order, make_runner
@@ -59,8 +60,12 @@ def open_pack(pack_dir: Path, label: str | None = None) -> tuple[ResidualManifes
         ) from exc
     label = label or manifest.key or str(pack_dir)
     shards = {n: e for n, e in manifest.files.items() if n.endswith(".safetensors")}
-    small = {pack_dir / n: (e.size, e.sha256) for n, e in manifest.files.items() if n not in shards}
-    ReadVerifier({p: (s, h) for p, (s, h) in small.items() if h}, label).finish()
+    small = {
+        pack_dir / n: (e.size, e.checksum)
+        for n, e in manifest.files.items()
+        if n not in shards and e.checksum
+    }
+    ReadVerifier(small, label).finish()
     tensors: dict[str, TensorInfo] = {}
     for name in shards:
         try:
@@ -73,7 +78,7 @@ def open_pack(pack_dir: Path, label: str | None = None) -> tuple[ResidualManifes
     if missing:
         raise CorruptCheckpointError(f"{pack_dir}: shards lack {sorted(missing)[0]}")
     config = json.loads((pack_dir / "assets" / INSTRUCT_CONFIG).read_text())
-    expected = {pack_dir / n: (e.size, e.sha256) for n, e in shards.items() if e.sha256}
+    expected = {pack_dir / n: (e.size, e.checksum) for n, e in shards.items() if e.checksum}
     return manifest, Checkpoint(pack_dir, config, tensors, verifier=ReadVerifier(expected, label))
 
 
@@ -82,7 +87,7 @@ def check_pack(pack: Checkpoint) -> None:
     bytes nobody read, usually none).
 
     Raises:
-        ArtifactCorruptError: a shard does not match its recorded sha256.
+        ArtifactCorruptError: a shard does not match its recorded checksum.
     """
     if pack.verifier is not None:
         pack.verifier.finish()
@@ -229,7 +234,7 @@ def _write_merged(
     runner = make_runner(method, "apply", opts)
     with merged_writer(out_dir, [j.spec for j in jobs], opts) as writer:
         runner.run(jobs, writer)
-    return {n: FileEntry(size=s, sha256=writer.sha256.get(n)) for n, s in writer.sizes.items()}
+    return written_entries(writer)
 
 
 def finish_merged(
@@ -251,7 +256,7 @@ def finish_merged(
     copy_assets(assets_from, out_dir)
     (out_dir / INSTRUCT_CONFIG).unlink(missing_ok=True)
     other = {
-        f.name: FileEntry(size=f.stat().st_size, sha256=sha256_file(f))
+        f.name: file_entry(f)
         for f in sorted(out_dir.iterdir())
         if f.is_file() and f.name not in manifest.files
     }

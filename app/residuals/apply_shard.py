@@ -37,6 +37,7 @@ class ShardOutput:
     file: str
     size: int
     sha256: str
+    xxh3_128: str | None = None
 
 
 def plan_apply_shards(
@@ -73,9 +74,9 @@ def _verify_owned(
                 if s.checkpoint is pack:
                     owner.setdefault(s.info.file, shard.index)
     expected = {
-        pack_dir / n: (e.size, e.sha256)
+        pack_dir / n: (e.size, e.checksum)
         for n, e in manifest.files.items()
-        if e.sha256 and owner.get(pack_dir / n) == index
+        if e.checksum and owner.get(pack_dir / n) == index
     }
     if pack.verifier is not None:
         pack.verifier.close()
@@ -119,7 +120,7 @@ def apply_shard(
     sha = writer.sha256.get(shard.file)
     if sha is None:
         raise ValueError("shard outputs must be hashed: run with opts.hash_outputs")
-    return ShardOutput(shard.file, writer.sizes[shard.file], sha)
+    return ShardOutput(shard.file, writer.sizes[shard.file], sha, writer.xxh3.get(shard.file))
 
 
 def assemble_merged(
@@ -155,7 +156,9 @@ def assemble_merged(
             )
     if len(files) > 1:
         write_index(out_dir, "model", files, shards)
-    entries = {o.file: FileEntry(size=o.size, sha256=o.sha256) for o in outputs}
+    entries = {
+        o.file: FileEntry(size=o.size, sha256=o.sha256, xxh3_128=o.xxh3_128) for o in outputs
+    }
     merged = applied_manifest(manifest, target_src, alpha, entries)
     return finish_merged(
         out_dir, merged, target, pack_dir / "assets", dict(manifest.special_tokens)

@@ -16,14 +16,14 @@ from app.residuals.compat import (
     pair_tensors,
 )
 from app.residuals.dtypes import BF16, DType
-from app.residuals.hashing import sha256_file
 from app.residuals.manifest import (
     RESIDUAL_MANIFEST,
-    FileEntry,
     ResidualManifest,
     ResidualTensor,
     SourceInfo,
+    file_entry,
     write_json,
+    written_entries,
 )
 from app.residuals.remote_code import strip_auto_map
 from app.residuals.shards import ShardedWriter, TensorSpec
@@ -140,7 +140,7 @@ def finish_residual(
     key: str | None,
 ) -> ResidualManifest:
     """Copy the instruct side's assets next to the written shards and write the manifest."""
-    files = {n: FileEntry(size=writer.sizes[n], sha256=h) for n, h in writer.sha256.items()}
+    files = written_entries(writer)
     index = out_dir / f"{RESIDUAL_PREFIX}.safetensors.index.json"
     assets = copy_assets(instruct.path, out_dir / "assets")
     # A trusted (allowlisted) instruct side may carry auto_map; the pack never does.
@@ -149,7 +149,7 @@ def finish_residual(
     for extra in [index, *(out_dir / "assets").iterdir()]:
         if extra.is_file():
             rel = extra.relative_to(out_dir).as_posix()
-            files[rel] = FileEntry(size=extra.stat().st_size, sha256=sha256_file(extra))
+            files[rel] = file_entry(extra)
     manifest = ResidualManifest(
         key=key,
         method=method,

@@ -39,7 +39,7 @@ def stream_merged(
     Raises:
         IncompatibleModelsError: the target does not fit the residual (checked first).
         ArtifactCorruptError: after the last tensor, when the pack's bytes did not match
-            their recorded sha256 (hashed as they were read; not checked for ``names``):
+            their recorded checksums (hashed as they were read; not checked for ``names``):
             the caller must not mark the engine ready.
     """
     manifest, pack = open_pack(pack_dir)

@@ -1,5 +1,12 @@
-"""Integrity on every read: files checked against their recorded sha256 from the very
-bytes a pipeline reads, while it reads them — no second pass over the data."""
+"""Integrity on every read: files checked against their recorded checksum from the very
+bytes a pipeline reads, while it reads them — no second pass over the data.
+
+A file's recorded checksum is its XXH3-128 where the manifest has one (written by this
+version: ~14 GB/s on one core, so the check costs a few percent of a merge), else its
+sha256 (artifacts written before). Both catch any accidental change — a flipped bit, a
+truncated copy; neither is a defence against someone who may rewrite the manifest too,
+which carries its own seal in the same directory. sha256 stays the identity of a file
+(content addresses, object-store downloads)."""
 
 from __future__ import annotations
 
@@ -8,29 +15,50 @@ import queue
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
+
+import xxhash
 
 from app.core.errors import ArtifactCorruptError
 
 _BUF = 4 * 1024 * 1024
 _Item = tuple[Path, int, memoryview]
+XXH3 = "xxh3_128:"  # prefix of an expected digest that is an XXH3-128, not a sha256
+
+
+class _Digest(Protocol):
+    def update(self, data: memoryview | bytes, /) -> None: ...
+    def hexdigest(self) -> str: ...
 
 
 def mismatch_message(label: str, name: str) -> str:
-    """What every reader says about a file that does not match its recorded sha256."""
-    return f"{label}: {name} does not match its recorded sha256 — the file changed on disk"
+    """What every reader says about a file that does not match its recorded checksum."""
+    return f"{label}: {name} does not match its recorded checksum — the file changed on disk"
+
+
+def xxh3_hex(data: bytes | memoryview) -> str:
+    """The XXH3-128 of ``data`` as recorded in manifests (hex, without the prefix)."""
+    return xxhash.xxh3_128_hexdigest(data)
 
 
 @dataclass
 class _Track:
     size: int
-    sha256: str
-    digest: hashlib._Hash = field(default_factory=hashlib.sha256)
+    expected: str  # sha256 hex, or XXH3 + xxh3-128 hex
+    digest: _Digest = field(init=False)
     pos: int = 0  # bytes [0, pos) are hashed
     broken: bool = False  # shorter than a read said it was
 
+    def __post_init__(self) -> None:
+        if self.expected.startswith(XXH3):
+            self.digest = xxhash.xxh3_128()
+            self.expected = self.expected.removeprefix(XXH3)
+        else:
+            self.digest = hashlib.sha256()
+
 
 class ReadVerifier:
-    """Checks files against their recorded sha256 using the bytes a pipeline reads anyway.
+    """Checks files against their recorded checksums using the bytes a pipeline reads anyway.
 
     Every file is hashed in byte order: a read that starts where the hash stands is
     hashed from the caller's own view (no extra IO); bytes the pipeline skips (a
@@ -41,7 +69,8 @@ class ReadVerifier:
     publishing anything derived from the files.
 
     Args:
-        expected: (size, sha256) of each file to check, by path.
+        expected: (size, checksum) of each file to check, by path: a sha256 hex digest,
+            or ``XXH3`` + an XXH3-128 hex digest (see ``FileEntry.checksum``).
         label: how errors name the artifact (its key or directory).
     """
 
@@ -106,7 +135,7 @@ class ReadVerifier:
                     self._fill(file, track, size)
                 except OSError:
                     size = -1
-                if track.broken or size != track.size or track.digest.hexdigest() != track.sha256:
+                if track.broken or size != track.size or track.digest.hexdigest() != track.expected:
                     raise ArtifactCorruptError(
                         mismatch_message(self.label, file.name), file=file.name
                     )
@@ -142,7 +171,9 @@ class ReadVerifier:
             if start > track.pos and not self._fill(file, track, start):
                 track.broken = True
                 return
-            track.digest.update(data[track.pos - start :])
+            view = data[track.pos - start :]
+            for at in range(0, view.nbytes, _BUF):  # xxhash keeps the GIL: short holds
+                track.digest.update(view[at : at + _BUF])
             track.pos = end
             self._hashed.notify_all()
 

@@ -6,12 +6,12 @@ import hashlib
 import json
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.core.errors import ArtifactCorruptError
-from app.residuals.integrity import ReadVerifier, mismatch_message
+from app.residuals.integrity import XXH3, ReadVerifier, mismatch_message, xxh3_hex
 
 RESIDUAL_MANIFEST = "manifest.json"
 MERGE_MANIFEST = "realign.json"
@@ -21,6 +21,14 @@ SEAL = "manifest_sha256"
 _UNSEALED = b"0" * 64
 
 
+class _Written(Protocol):
+    """What a shard writer reports per file."""
+
+    sizes: dict[str, int]
+    sha256: dict[str, str]
+    xxh3: dict[str, str]
+
+
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True)
 
@@ -28,6 +36,31 @@ class _Frozen(BaseModel):
 class FileEntry(_Frozen):
     size: int
     sha256: str | None = None
+    xxh3_128: str | None = Field(
+        default=None, description="XXH3-128 of the bytes: the checksum verified on every read."
+    )
+
+    @property
+    def checksum(self) -> str | None:
+        """What a ``ReadVerifier`` checks this file against: its XXH3-128 when recorded
+        (fast), else its sha256; None for a file recorded without either."""
+        return XXH3 + self.xxh3_128 if self.xxh3_128 else self.sha256
+
+
+def written_entries(writer: _Written) -> dict[str, FileEntry]:
+    """The entries of the files a writer wrote (hashed while written, if it hashed)."""
+    return {
+        n: FileEntry(size=s, sha256=writer.sha256.get(n), xxh3_128=writer.xxh3.get(n))
+        for n, s in writer.sizes.items()
+    }
+
+
+def file_entry(path: Path) -> FileEntry:
+    """Size, sha256 and XXH3-128 of a small file written next to the weights."""
+    data = path.read_bytes()
+    return FileEntry(
+        size=len(data), sha256=hashlib.sha256(data).hexdigest(), xxh3_128=xxh3_hex(data)
+    )
 
 
 class SourceInfo(_Frozen):
@@ -112,7 +145,7 @@ class MergeManifest(_Frozen):
     files: dict[str, FileEntry] = Field(default_factory=dict)
     other_files: dict[str, FileEntry] = Field(
         default_factory=dict,
-        description="Config, tokenizer and generation files with their sha256 (all but "
+        description="Config, tokenizer and generation files with their checksums (all but "
         "the weights, this manifest and README.md), checked when the model is reused.",
     )
 
@@ -187,6 +220,6 @@ def verify_merged_dir(directory: Path) -> MergeManifest | None:
         return None
     manifest = read_merge_manifest(directory)
     files = {**manifest.files, **manifest.other_files}
-    expected = {directory / n: (e.size, e.sha256) for n, e in files.items() if e.sha256}
+    expected = {directory / n: (e.size, e.checksum) for n, e in files.items() if e.checksum}
     ReadVerifier(expected, str(directory)).finish()
     return manifest

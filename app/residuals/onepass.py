@@ -24,10 +24,10 @@ from app.residuals.compat import family_of
 from app.residuals.compute import finish_residual, plan_residual, residual_writer
 from app.residuals.dtypes import DType
 from app.residuals.manifest import (
-    FileEntry,
     MergeManifest,
     ResidualManifest,
     SourceInfo,
+    written_entries,
 )
 from app.residuals.shards import TensorSpec
 from app.residuals.sources import RunOptions, make_runner
@@ -103,9 +103,7 @@ def compute_and_apply(
         method=method,
         key=key,
     )
-    files = {
-        n: FileEntry(size=s, sha256=out_writer.sha256.get(n)) for n, s in out_writer.sizes.items()
-    }
+    files = written_entries(out_writer)
     merged = MergeManifest(
         method=method,
         alpha=alpha,

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+import xxhash
+
 from app.core.errors import InsufficientStorageError
 from app.residuals.dtypes import DType
 from app.residuals.space import disk_full_error, is_disk_full
@@ -194,7 +196,7 @@ class ShardedWriter:
         prefix: file name stem, ``model`` for a transformers-loadable checkpoint.
         max_shard_bytes: largest shard.
         metadata: extra ``__metadata__`` entries (``format: pt`` is always set).
-        hash_files: compute a sha256 of every file while writing.
+        hash_files: compute the sha256 and XXH3-128 of every file while writing.
         only: write just this shard (0-based) of the plan, with the name and header it
             has in the whole checkpoint, and no index: one worker's part of a merge
             split by output shard.
@@ -225,12 +227,14 @@ class ShardedWriter:
         ]
         self._hash = hash_files
         self.sha256: dict[str, str] = {}
+        self.xxh3: dict[str, str] = {}
         self.sizes: dict[str, int] = {}
         self._pos = 0  # index into _order of the tensor being written
         self._left = self._order[0][1].nbytes if self._order else 0
         self._file: _ShardFile | None = None
         self._shard = -1
         self._hasher: hashlib._Hash | None = None
+        self._xxh: xxhash.xxh3_128 | None = None
         self._stages: list[mmap.mmap] = []  # page-aligned, as O_DIRECT needs
         self._io: ThreadPoolExecutor | None = None
 
@@ -283,12 +287,14 @@ class ShardedWriter:
         stages = [memoryview(m) for m in self._stages]
         self._file = _ShardFile(self.directory / self.files[shard], stages, self._io)
         self._hasher = hashlib.sha256() if self._hash else None
+        self._xxh = xxhash.xxh3_128() if self._hash else None
         self._write_all(memoryview(_header(self._shards[shard], self._metadata)))
 
     def _write_all(self, data: memoryview) -> None:
         assert self._file is not None
-        if self._hasher is not None:
+        if self._hasher is not None and self._xxh is not None:
             self._hasher.update(data)
+            self._xxh.update(data)
         if data.format != "B" or data.ndim != 1:
             data = data.cast("B")
         self._file.write(data)
@@ -298,8 +304,9 @@ class ShardedWriter:
             return
         self.sizes[self.files[self._shard]] = self._file.finish()
         self._file = None
-        if self._hasher is not None:
+        if self._hasher is not None and self._xxh is not None:
             self.sha256[self.files[self._shard]] = self._hasher.hexdigest()
+            self.xxh3[self.files[self._shard]] = self._xxh.hexdigest()
 
     def close(self) -> None:
         """Check every byte arrived, fsync the shards and write the index."""

@@ -213,13 +213,13 @@ class LocalStore:
 
     # -- integrity ------------------------------------------------------------------------
     def verify_files(self, key: str, kind: Kind, files: dict[str, FileEntry]) -> None:
-        """Hash every file listed in ``files`` (those with a recorded sha256).
+        """Hash every file listed in ``files`` (those with a recorded checksum).
 
         Raises:
             ArtifactCorruptError: a file is missing, resized or altered.
         """
         path = self.path(key, kind)
-        expected = {path / n: (e.size, e.sha256) for n, e in files.items() if e.sha256}
+        expected = {path / n: (e.size, e.checksum) for n, e in files.items() if e.checksum}
         ReadVerifier(expected, key).finish()
 
     def verify(self, key: str) -> ResidualManifest:

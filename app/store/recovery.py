@@ -107,7 +107,7 @@ def reuse_pack(
         st.get_or_build(key, build)
         notify(
             notice,
-            f"residual {key}: {exc.file} did not match its recorded sha256; the pack was "
+            f"residual {key}: {exc.file} did not match its recorded checksum; the pack was "
             f"{moved_to(moved)} and rebuilt from its base and instruct",
         )
         return read_residual_manifest(st.path(key))
@@ -177,7 +177,7 @@ def _recover_pack(
         raise ArtifactCorruptError(pack_message(key, exc, moved, manifest), file=exc.file)
     notify(
         notice,
-        f"residual {key}: {exc.file} did not match its recorded sha256; the pack was "
+        f"residual {key}: {exc.file} did not match its recorded checksum; the pack was "
         f"{moved_to(moved)} and rebuilt from {manifest.instruct.ref} and {manifest.base.ref}",
     )
 

@@ -128,7 +128,7 @@ def test_cli_apply_without_sources_fails_like_verify(
     assert not list(tmp_path.glob(".out*"))  # no staging left beside it either
     message = no_path(res.stderr)
     assert message == no_path(said.stderr)
-    assert "residual.safetensors does not match its recorded sha256" in message
+    assert "residual.safetensors does not match its recorded checksum" in message
     assert f"realign compute --base {t.base} --instruct {t.instruct}" in message
     assert quarantined(store) and not (store / "residuals" / key).exists()
     assert "ok" not in realign("ls", "--store", str(store)).stdout
@@ -178,7 +178,7 @@ def test_merge_to_store_with_a_residual_key_and_no_sources_publishes_nothing(
     key = compute(str(t.base), str(t.instruct), store=store).key
     flip_byte(pack_shards(store, key)[0])
     shutil.rmtree(t.instruct)
-    with pytest.raises(ArtifactCorruptError, match="does not match its recorded sha256"):
+    with pytest.raises(ArtifactCorruptError, match="does not match its recorded checksum"):
         merge_to_store(residual=key, target=str(t.new_base), store=store)
     assert list((store / "merged").iterdir()) == []
     assert [p.name for p in (store / ".staging").iterdir()] == []
@@ -229,9 +229,48 @@ def test_pack_directory_outside_the_store_is_checked(
     res = compute(str(t.base), str(t.instruct), store=tmp_path / "store")
     pack = shutil.copytree(res.path, tmp_path / "pack")
     flip_byte(sorted(pack.glob("residual*.safetensors"))[0])
-    with pytest.raises(ArtifactCorruptError, match="does not match its recorded sha256"):
+    with pytest.raises(ArtifactCorruptError, match="does not match its recorded checksum"):
         apply(str(pack), str(t.new_base), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_every_file_records_a_fast_checksum_and_older_packs_still_verify(
+    llama_triple: TinyTriple, tmp_path: Path
+) -> None:
+    """New artifacts record an XXH3-128 beside the sha256 of each file and are checked
+    by it on read; a pack written before (sha256 only, resealed) is checked by sha256."""
+    from app.merge import apply
+    from app.residuals.integrity import xxh3_hex
+    from app.residuals.manifest import ResidualManifest, read_merge_manifest, write_json
+
+    t = llama_triple
+    req = {"base": str(t.base), "instruct": str(t.instruct), "target": str(t.new_base)}
+    stored = merge_to_store(**req, alpha=0.5, store=tmp_path / "store").path
+    res = compute(str(t.base), str(t.instruct), store=tmp_path / "store")
+    merged = read_merge_manifest(stored)
+    for directory, files in [
+        (res.path, res.manifest.files),
+        (stored, {**merged.files, **merged.other_files}),
+    ]:
+        assert files
+        for name, entry in files.items():
+            assert entry.xxh3_128 == xxh3_hex((directory / name).read_bytes()), name
+    old = shutil.copytree(res.path, tmp_path / "old")
+    manifest = res.manifest.model_copy(
+        update={
+            "files": {
+                n: e.model_copy(update={"xxh3_128": None}) for n, e in res.manifest.files.items()
+            }
+        }
+    )
+    write_json(old / "manifest.json", ResidualManifest.model_validate(manifest.model_dump()))
+    out = apply(res.key, str(t.new_base), tmp_path / "out", store=tmp_path / "store").out
+    first = apply(str(old), str(t.new_base), tmp_path / "again").out
+    assert weights(first) == weights(out)
+    flip_byte(sorted(old.glob("residual*.safetensors"))[0])
+    with pytest.raises(ArtifactCorruptError, match="does not match its recorded checksum"):
+        apply(str(old), str(t.new_base), tmp_path / "never")
+    assert not (tmp_path / "never").exists()
 
 
 def test_in_engine_merge_refuses_a_corrupt_pack(llama_triple: TinyTriple, tmp_path: Path) -> None:
@@ -401,6 +440,6 @@ def test_serving_refuses_a_merged_model_changed_after_publication(
         pool = EnginePool(factory)  # type: ignore[arg-type]
         await pool.load(ModelSource("m", done.path))
 
-    with pytest.raises(Exception, match="does not match its recorded sha256"):
+    with pytest.raises(Exception, match="does not match its recorded checksum"):
         asyncio.run(load())
     assert started == []

@@ -69,7 +69,7 @@ def test_chat_with_a_model_whose_load_failed(
     message = error.response.json()["error"]["message"]
     assert "'broken'" in message and "failed to load" in message
     # the pool checks the files against the merge's manifest before an engine reads them
-    assert "model.safetensors does not match its recorded sha256" in message, message
+    assert "model.safetensors does not match its recorded checksum" in message, message
     assert "unexpected error" not in message
 
     # remembered: with the file repaired, chat still says so until a load is requested

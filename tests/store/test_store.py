@@ -126,7 +126,7 @@ def test_verify_detects_tampering(llama_triple: TinyTriple, store_dir: Path) -> 
     data = bytearray(shard.read_bytes())
     data[-1] ^= 0xFF
     shard.write_bytes(bytes(data))
-    with pytest.raises(IntegrityError, match="does not match its recorded sha256"):
+    with pytest.raises(IntegrityError, match="does not match its recorded checksum"):
         verify(res.key, store_dir)
 
 
