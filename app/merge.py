@@ -4,7 +4,9 @@ Everything above the pure core (job service, CLI, demo) calls these functions;
 none of them re-implements merge logic. Each takes the caller's ``Settings`` (the
 process's, read once, when none is given) and a store: a ``Store`` from
 :func:`app.store.factory.store_from_settings`, a local store directory, or None for
-the configured one. The work is done in ``app.pipeline``.
+the configured one (opened without a build lock shared across machines: cluster
+callers pass ``app.jobs.locks.cluster_store(settings)``). The work is done in
+``app.pipeline``.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ from typing import Any
 
 from app.core.settings import Settings
 from app.store.factory import store_from_settings
+from app.store.locks import BuildLock
 from app.store.objects import ObjectStore
 
 # The standard AWS credential chain reads these; the test server accepts any.
@@ -83,7 +84,9 @@ def object_settings(s3_server: S3Server, bucket: str, cache: Path, **extra: Any)
     )
 
 
-def object_store(s3_server: S3Server, bucket: str, cache: Path, **extra: Any) -> ObjectStore:
-    st = store_from_settings(object_settings(s3_server, bucket, cache, **extra))
+def object_store(
+    s3_server: S3Server, bucket: str, cache: Path, lock: BuildLock | None = None, **extra: Any
+) -> ObjectStore:
+    st = store_from_settings(object_settings(s3_server, bucket, cache, **extra), lock=lock)
     assert isinstance(st, ObjectStore)
     return st

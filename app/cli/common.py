@@ -9,7 +9,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -24,6 +24,7 @@ from rich.progress import (
 from rich.text import Text
 
 from app.core.errors import OperationCancelledError, RealignError
+from app.core.settings import get_settings
 from app.residuals.progress import Progress as Snapshot
 
 app = typer.Typer(
@@ -64,8 +65,24 @@ Store = Annotated[
     ),
 ]
 Device = Annotated[str, typer.Option("--device", help="cpu or cuda[:N].")]
+if TYPE_CHECKING:
+    from app.store.base import Store as StoreT
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+
+
+def builder_store(store: Path | None) -> Path | StoreT | None:
+    """``--store``; else, with an object store, the configured store whose builders
+    share the cluster's build lock (Redis), so a key is built once across machines;
+    else None (the configured store, opened by the verb)."""
+    if store is not None:
+        return store
+    settings = get_settings()
+    if not settings.store_url:
+        return None
+    from app.jobs.locks import cluster_store
+
+    return cluster_store(settings)
 
 
 def fail(message: str, code: int) -> typer.Exit:

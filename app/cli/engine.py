@@ -20,6 +20,7 @@ from app.cli.common import (
     Store,
     Target,
     app,
+    builder_store,
     err,
     friendly,
     out,
@@ -61,7 +62,7 @@ def merge(
             out_dir,
             alpha=alpha,
             dtype=dtype,
-            store=store,
+            store=builder_store(store),
             device=device,
             no_cache=no_cache,
             progress=cb,
@@ -93,7 +94,13 @@ def compute(
 
     with progress_bar(quiet) as (cb, cancel):
         res = run(
-            base, instruct, dtype=dtype, store=store, device=device, progress=cb, cancel=cancel
+            base,
+            instruct,
+            dtype=dtype,
+            store=builder_store(store),
+            device=device,
+            progress=cb,
+            cancel=cancel,
         )
     size = res.manifest.total_bytes / 1e6
     err.print(f"{'computed' if res.created else 'reused'} residual at {res.path} ({size:.1f} MB)")
@@ -126,7 +133,7 @@ def apply(
             target,
             out_dir,
             alpha=alpha,
-            store=store,
+            store=builder_store(store),
             device=device,
             progress=cb,
             cancel=cancel,

@@ -293,3 +293,11 @@ class StoreUnavailableError(ServiceUnavailableError):
     """The object store (S3, MinIO, GCS interop) cannot be reached or refused a request."""
 
     code = "store_unavailable"
+
+
+class BuildLockLostError(ServiceUnavailableError):
+    """A builder's lease on an artifact's build lock ran out before it committed (the
+    process was paused, or the lock service could not be reached): it published
+    nothing, and another builder may have published the artifact meanwhile."""
+
+    code = "build_lock_lost"

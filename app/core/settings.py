@@ -245,9 +245,10 @@ class Settings(BaseSettings):
     store_lease_s: float = Field(
         default=120.0,
         gt=0,
-        description="Lease of a builder on its staging directory, renewed every third of "
-        "it while the build runs; staging left by a dead builder is removed once its "
-        "lease has run out.",
+        description="Lease of a builder on its staging directory (and, with an object "
+        "store and Redis, on the shared build lock), renewed every third of it while the "
+        "build runs; staging left by a dead builder is removed once its lease has run "
+        "out. The object store's budget spares artifacts committed less than this ago.",
     )
 
     # -- object store (S3, MinIO, GCS interop) ----------------------------------------

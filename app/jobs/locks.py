@@ -3,14 +3,21 @@
 ``SET name token NX PX lease`` takes a lock, a Lua compare-and-set renews or deletes
 it only for the token that holds it, and ``INCR`` gives every acquisition a fencing
 token larger than any before it (a builder that outlived its lease can be told from
-the one that took over).
+the one that took over). The job side (runner, job service, workers, the CLI) opens
+its store with :func:`cluster_store`, which hands this lock to the store factory:
+the pure store never imports Redis.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import redis
+
+from app.core.settings import Settings
+from app.store.base import Store
+from app.store.factory import store_from_settings
 
 _RENEW = """
 if redis.call('get', KEYS[1]) == ARGV[1] then
@@ -50,3 +57,18 @@ class RedisBuildLock:
 
     def release(self, name: str, token: int) -> None:
         self._release(keys=[self.prefix + name], args=[str(token)])
+
+
+def build_lock(settings: Settings) -> RedisBuildLock | None:
+    """The build lock every machine of the cluster shares (in its Redis), or None
+    without ``REALIGN_REDIS_URL`` or without an object store (a local store's builders
+    coordinate through its directory)."""
+    if not settings.redis_url or not settings.store_url:
+        return None
+    return RedisBuildLock(settings.redis_url)
+
+
+def cluster_store(settings: Settings, root: Path | None = None) -> Store:
+    """The store ``settings`` configure, its builders sharing :func:`build_lock`
+    (``root``: a local store directory instead, which needs no shared lock)."""
+    return store_from_settings(settings, root, lock=None if root else build_lock(settings))

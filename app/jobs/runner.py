@@ -85,9 +85,9 @@ class JobRunner:
     def store(self) -> Store:
         """The store these settings configure (built on first use, then kept)."""
         if self._store is None:
-            from app.store.factory import store_from_settings
+            from app.jobs.locks import cluster_store
 
-            self._store = store_from_settings(self.settings)
+            self._store = cluster_store(self.settings)
         return self._store
 
     # -- steps ----------------------------------------------------------------------------

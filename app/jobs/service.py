@@ -22,11 +22,11 @@ from app.jobs.broker import TASK_VALIDATE, make_celery
 from app.jobs.dispatch import CeleryDispatcher, Dispatcher, ThreadDispatcher
 from app.jobs.failures import free_space
 from app.jobs.kv import RedisKV
+from app.jobs.locks import cluster_store
 from app.jobs.models import Caller, JobEvent, JobRecord, JobStatus, MergeSpec, WorkerInfo
 from app.jobs.records import JobRecords, ModelEntry
 from app.jobs.sqlite_kv import SqliteKV
 from app.residuals.refs import ModelRef
-from app.store.factory import store_from_settings
 
 IDEMPOTENCY_TTL_S = 24 * 3600
 log = logging.getLogger("app.jobs")
@@ -39,7 +39,7 @@ class JobService:
         self.settings = settings
         self.records = records
         self.dispatcher = dispatcher
-        self.store = store_from_settings(settings)
+        self.store = cluster_store(settings)
         self.embedded = isinstance(dispatcher, ThreadDispatcher)
 
     @classmethod

@@ -12,7 +12,9 @@ from app.store.objects import ObjectStore
 from app.store.s3 import S3Config
 
 
-def store_from_settings(settings: Settings, root: Path | None = None) -> Store:
+def store_from_settings(
+    settings: Settings, root: Path | None = None, lock: BuildLock | None = None
+) -> Store:
     """The configured store (``root`` overrides it with a local directory, e.g.
     ``--store``).
 
@@ -20,11 +22,13 @@ def store_from_settings(settings: Settings, root: Path | None = None) -> Store:
         settings: process settings; location, budgets, locking and builder lease come
             from here, and nowhere below.
         root: a local store directory instead of the configured store.
+        lock: the build lock an object store's builders share across machines; the
+            caller provides it (the job side: ``app.jobs.locks.build_lock``). None =
+            builds are deduplicated per node only (a local store needs none).
 
     Returns:
         A ``LocalStore`` (``REALIGN_STORE_URL`` empty, or ``root`` given) or an
-        ``ObjectStore`` whose node cache is ``REALIGN_MODELS_CACHE_DIR``; with
-        ``REALIGN_REDIS_URL`` set its build lock is shared through Redis.
+        ``ObjectStore`` whose node cache is ``REALIGN_MODELS_CACHE_DIR``.
     """
     s3 = S3Config(endpoint_url=settings.s3_endpoint_url or None)
     local = settings.models_cache_dir if root is None else root
@@ -47,19 +51,10 @@ def store_from_settings(settings: Settings, root: Path | None = None) -> Store:
         settings.store_url,
         cache,
         s3=s3,
-        lock=build_lock(settings),
+        lock=lock,
         lease_s=settings.store_lease_s,
         budget_bytes=_bytes(settings.store_budget_gb),
     )
-
-
-def build_lock(settings: Settings) -> BuildLock | None:
-    """A build lock shared by every machine (Redis), or None without Redis."""
-    if not settings.redis_url:
-        return None
-    from app.jobs.locks import RedisBuildLock  # outside the pure store: imports redis
-
-    return RedisBuildLock(settings.redis_url)
 
 
 def _bytes(gb: float | None) -> int | None:

@@ -169,6 +169,7 @@ class LocalStore:
         build: Callable[[Path], object],
         kind: Kind = "residuals",
         keep: Collection[str] = (),
+        commit: Callable[[Path], bool] | None = None,
     ) -> bool:
         """Make sure ``key`` exists, building it at most once across processes.
 
@@ -176,8 +177,14 @@ class LocalStore:
         ``build`` returns and discarded when it raises. Eviction after a build spares
         the new artifact and the ``keep`` keys (artifacts built alongside it).
 
+        Args:
+            commit: called with the built directory before anyone here can see it (an
+                object store commits it to its bucket); False = another builder's
+                copy was committed instead, and this one is discarded unpublished.
+
         Returns:
-            True when this call built the artifact, False when it was already there.
+            True when this call built and published the artifact, False when it was
+            already there (or ``commit`` said another copy won).
         """
         if self.exists(key, kind):
             self.touch(key)
@@ -189,6 +196,8 @@ class LocalStore:
             self.staging.sweep()  # what dead builders left, once their lease ran out
             with self.staging.claim(key) as tmp:
                 build(tmp)
+                if commit is not None and not commit(tmp):
+                    return False
                 self._publish(tmp, key, kind)
             self.touch(key)
         self.evict(keep={key, *keep})

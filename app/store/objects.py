@@ -1,30 +1,34 @@
 """ObjectStore: artifacts in an S3-compatible bucket, read through a node-local cache.
 
 The bucket holds the published artifacts (same content-addressed keys as a
-``LocalStore``: ``residuals/<key>``, ``merged/<key>``), each committed by a marker
-written last (see :mod:`app.store.remote`). Every node reads from its own cache, a
-``LocalStore`` with its own LRU budget: an artifact is downloaded on first use (by
-parallel byte ranges, each file checked against its sha256) and pinned there while it
-is read. Builds happen in the cache, then are published to the bucket under a build
-lock that holds across machines (a :class:`~app.store.locks.BuildLock`, e.g. Redis);
-without one, builders on one node still wait for each other through the cache's
-``flock`` and builders on different nodes may both build (the same bytes; correct,
-only not deduplicated).
+``LocalStore``), each committed by a marker only one builder can write
+(:mod:`app.store.commit`). Every node reads from its own cache, a ``LocalStore`` with
+its own LRU budget: an artifact is downloaded on first use (parallel byte ranges,
+each file checked against its sha256) and pinned there while it is read. A builder
+builds in the cache's staging, uploads, commits, and only then moves its build into
+the cache: nobody on its node sees an artifact the bucket has not committed. A build
+lock the caller hands in (a :class:`~app.store.locks.BuildLock`, e.g. Redis)
+deduplicates builds across machines; without one, builders on one node wait for each
+other through the cache's ``flock``, and on different nodes the first commit wins.
+
+Removal (``realign rm``, the bucket budget) deletes the marker first, then the files:
+readers that start afterwards do not find the artifact; nodes whose cache holds a
+copy keep it (same key, same bytes) until their cache evicts it; a download under
+way fails with ``ArtifactNotFoundError`` and caches nothing.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 
-from app.core.errors import (
-    ArtifactCorruptError,
-    ArtifactNotFoundError,
-)
+from app.core.errors import ArtifactCorruptError, ArtifactNotFoundError, BuildLockLostError
 from app.residuals.manifest import MergeManifest, ResidualManifest
 from app.store.base import ArtifactInfo, Kind, evict_lru
+from app.store.commit import publish
 from app.store.keys import pick_key
 from app.store.local import LocalStore
 from app.store.locks import BuildLock, Held, hold
@@ -42,8 +46,10 @@ class ObjectStore:
         url: ``s3://bucket/prefix`` of the store.
         cache: this node's cache (a ``LocalStore`` with the cache budget).
         s3: endpoint and transfer tuning.
-        lock: a build lock shared by every machine; None = the cache's local locking.
-        lease_s: lease of a builder on the build lock.
+        lock: a build lock shared by every machine; None = the cache's local locking
+            (the bucket's conditional commit still lets only one build publish).
+        lease_s: lease of a builder on the build lock; also how long a newly committed
+            artifact is spared by the bucket budget.
         budget_bytes: size budget of the bucket store (None = unbounded; a bucket
             lifecycle rule can bound it instead).
     """
@@ -132,6 +138,11 @@ class ObjectStore:
                 moved = self.cache.quarantine_dir(tmp, key, kind, str(exc), log=False)
                 log.warning("%s %s: corrupt download kept at %s", kind[:-1], key, moved)
                 raise
+            if self.bucket.committed(key, kind) != done:  # removed while downloading
+                raise ArtifactNotFoundError(
+                    f"{kind[:-1]} {key} was removed from {self.url} while it was being "
+                    "downloaded; run the job again to build it again"
+                )
 
         self.cache.get_or_build(key, download, kind)
 
@@ -146,36 +157,69 @@ class ObjectStore:
         """Make sure ``key`` is published in the bucket and present in the cache,
         building it at most once across machines (with a shared build lock).
 
+        A builder whose lease ran out before its commit (it was paused) publishes
+        nothing and tries once more: by then the builder that took over has usually
+        published the artifact, which is then fetched.
+
         Returns:
-            True when this call ran ``build``.
+            True when this call built and published the artifact.
+
+        Raises:
+            BuildLockLostError: the lease was lost twice.
         """
-        if self.exists(key, kind):
-            self._fetch(key, kind)
-            self.touch(key)
-            return False
-        with self._locked(f"{kind}/{key}") as held, self.cache.pinned(key):
-            if self.exists(key, kind):  # another builder published it while we waited
-                self._fetch(key, kind)
-                return False
-            created = self.cache.get_or_build(key, build, kind, keep)
-            name = f"{kind}/{key}"
-            held.check(name)
-            self.bucket.publish(
-                self.cache.path(key, kind), key, kind, self.hasher, held.token,
-                still_held=lambda: held.check(name),
-            )  # fmt: skip
+        for attempt in range(2):
+            try:
+                created = self._get_or_build(key, build, kind, keep)
+                break
+            except BuildLockLostError as exc:
+                if attempt:
+                    raise
+                log.warning("%s; trying again", exc)
         self.evict(keep={key, *keep})
         return created
 
+    def _get_or_build(
+        self, key: str, build: Callable[[Path], object], kind: Kind, keep: Collection[str]
+    ) -> bool:
+        if self._reuse(key, kind):
+            return False
+        name = f"{kind}/{key}"
+        with self._locked(name) as held, self.cache.pinned(key):
+            if self._reuse(key, kind):  # another builder published it while we waited
+                return False
+
+            def commit(src: Path) -> bool:
+                return publish(self.bucket, src, key, kind, self.hasher, held.token,
+                               still_held=held.confirm)  # fmt: skip
+
+            if self.cache.exists(key, kind):  # cached here, gone from the bucket: put it back
+                commit(self.cache.path(key, kind))
+                return False
+            created = self.cache.get_or_build(key, build, kind, keep, commit=commit)
+            if not created:  # another builder's commit came first: use that one
+                self._fetch(key, kind)
+        return created
+
+    def _reuse(self, key: str, kind: Kind) -> bool:
+        """Whether ``key`` is published; if so it is fetched into the cache."""
+        if not self.exists(key, kind):
+            return False
+        try:
+            self._fetch(key, kind)
+        except ArtifactNotFoundError:  # removed since: build it again
+            return False
+        self.touch(key)
+        return True
+
     def publish(self, src: Path, key: str, kind: Kind = "residuals") -> bool:
-        """Publish a finished directory ``src`` as ``key`` (into the cache, then the
-        bucket); an artifact already there wins. Returns True when this call published."""
+        """Publish a finished directory ``src`` as ``key`` (into the bucket, then the
+        cache); an artifact already there wins. Returns True when this call published."""
         return self.get_or_build(key, lambda tmp: copy_tree(src, tmp), kind)
 
     @contextlib.contextmanager
     def _locked(self, name: str) -> Iterator[Held]:
         if self.lock is None:
-            yield Held(0)  # the cache's flock deduplicates builders on this node
+            yield Held(0, name)  # the cache's flock deduplicates builders on this node
             return
         with hold(self.lock, self.bucket.name(name), self.lease_s) as held:
             yield held
@@ -230,22 +274,28 @@ class ObjectStore:
         return sum(a.size for a in self.artifacts())
 
     def remove(self, key: str, kind: Kind = "residuals") -> None:
-        """Delete an artifact from the bucket and this node's cache; refused while a
-        reader on this node holds it (readers elsewhere keep their cached copy).
+        """Delete an artifact from this node's cache (refused while a reader here holds
+        it), then from the bucket: its marker first, so readers that start afterwards do
+        not find it, then its files. Other nodes keep the copies their caches hold; a
+        download under way fails with ``ArtifactNotFoundError`` and caches nothing.
 
         Raises:
             ArtifactNotFoundError, ArtifactInUseError.
         """
         if self.cache.exists(key, kind):
             self.cache.remove(key, kind)
-        self.bucket.uncommit(key, kind, "removed")
-        self.bucket.delete_prefix(self.bucket.name(kind, key) + "/")
+        self.bucket.delete(key, kind)
 
     def evict(self, keep: str | Collection[str] | None = None) -> list[str]:
         """Trim this node's cache to its budget, and the bucket to ``budget_bytes``
-        (oldest use first; the ``keep`` keys and what this node reads stay)."""
+        (oldest use first; the ``keep`` keys, what this node reads, and artifacts
+        committed less than ``lease_s`` ago stay: a builder elsewhere is about to read
+        what it just published). Uploads not yet committed are never touched."""
         kept = {keep} if isinstance(keep, str) else set(keep or ())
         removed = self.cache.evict(kept)
         if self.budget_bytes is None:
             return removed
+        young = time.time() - self.lease_s
+        for kind in ("residuals", "merged"):
+            kept |= {k for k, (_, t) in self.bucket.listing(kind).items() if t > young}
         return removed + evict_lru(self, self.budget_bytes, kept)

@@ -1,32 +1,35 @@
-"""The bucket layout of an object store and its publish / fetch steps.
+"""The bucket layout of an object store, and reading and removing its artifacts.
 
-``<prefix>/<kind>/<key>/<file>`` hold an artifact's files and
-``<prefix>/<kind>/<key>/.realign-commit.json`` its commit marker, written last:
-the size and sha256 of every file. Readers see only artifacts with a marker. A
-builder uploads to ``<prefix>/.staging/<key>.<token>/`` (a name no other builder
-picks), copies into place, writes the marker, then deletes its staging objects;
-staging left by a builder that died is ignored by readers and swept after
-``STAGING_TTL_S`` (a bucket lifecycle rule that aborts incomplete multipart uploads
-is advised too).
+``<prefix>/<kind>/<key>/.realign-commit.json`` is an artifact's commit marker: the
+size and sha256 of every file and the builder prefix that holds them,
+``<kind>/<key>/.build-<fence>-<id>/<file>``. Each builder uploads under a prefix of
+its own and commits by writing the marker only if none exists (:mod:`app.store.commit`),
+so a builder that paused past its lease cannot overwrite a published entry. Readers
+see only artifacts with a marker and check every file against it. Uploads nobody
+committed are ignored by readers and swept a day later (:mod:`app.store.sweep`; a
+bucket lifecycle rule that aborts incomplete multipart uploads is advised too).
+
+Removal deletes the marker first (new readers stop seeing the artifact at once),
+then the files it names. A node that already holds a copy in its cache keeps it; a
+download that was under way fails with ``ArtifactNotFoundError`` and caches nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
-import socket
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from app.core.errors import ArtifactCorruptError, ArtifactNotFoundError
-from app.residuals.hashing import FileHasher
+from app.core.errors import ArtifactCorruptError, ArtifactNotFoundError, StoreUnavailableError
 from app.store.base import Kind
 from app.store.s3 import (
     S3Config,
@@ -34,12 +37,11 @@ from app.store.s3 import (
     download_file,
     is_missing,
     list_objects,
-    relative_files,
-    upload_file,
 )
 
 COMMIT = ".realign-commit.json"
-STAGING = ".staging"
+BUILD = ".build-"  # a builder's own upload prefix inside an artifact's prefix
+STAGING = ".staging"  # where builders uploaded before per-builder prefixes (swept)
 QUARANTINE = ".quarantine"
 STAGING_TTL_S = 24 * 3600.0
 
@@ -52,6 +54,7 @@ class Committed:
     kind: Kind
     files: dict[str, tuple[int, str]]  # name -> (size, sha256)
     created: float
+    data: str = ""  # the builder prefix of the files; "" = directly under the key (old)
 
     @property
     def size(self) -> int:
@@ -75,6 +78,10 @@ class Bucket:
 
     def name(self, *parts: str) -> str:
         return "/".join(p for p in (self.prefix, *parts) if p)
+
+    def file(self, done: Committed, rel: str) -> str:
+        """The object name of file ``rel`` of ``done``."""
+        return self.name(done.kind, done.key, done.data, rel)
 
     # -- reading --------------------------------------------------------------------------
     def committed(self, key: str, kind: Kind) -> Committed | None:
@@ -101,29 +108,48 @@ class Bucket:
         return [k for k in self.listing(kind) if k.startswith(start)]
 
     def listing(self, kind: Kind) -> dict[str, tuple[int, float]]:
-        """Published keys of ``kind`` -> (bytes, publication time), in one listing."""
+        """Published keys of ``kind`` -> (bytes, publication time), from one listing
+        (plus a marker read for a key that also has uncommitted uploads)."""
+        out = {}
+        for key, entry in sorted(self.scan(kind).items()):
+            if entry.marker is None:
+                continue
+            if len(entry.groups) == 1:
+                size = sum(int(o["Size"]) for o in next(iter(entry.groups.values())))
+            elif (done := self.committed(key, kind)) is not None:
+                size = done.size
+            else:  # removed since the listing
+                continue
+            out[key] = (size, entry.marker)
+        return out
+
+    def scan(self, kind: Kind) -> dict[str, Scanned]:
+        """Every key of ``kind`` in the bucket, committed or not, with its objects."""
         base = self.name(kind) + "/"
-        sizes: dict[str, int] = {}
-        stamps: dict[str, float] = {}
+        out: dict[str, Scanned] = {}
         for obj in list_objects(self.cfg, self.bucket, base):
             key, _, tail = obj["Key"][len(base) :].partition("/")
+            entry = out.setdefault(key, Scanned())
             if tail == COMMIT:
-                stamps[key] = _ts(obj["LastModified"])
+                entry.marker = ts(obj["LastModified"])
             else:
-                sizes[key] = sizes.get(key, 0) + int(obj["Size"])
-        return {k: (sizes.get(k, 0), t) for k, t in sorted(stamps.items())}
+                group = tail.partition("/")[0] if tail.startswith(BUILD) else ""
+                entry.groups.setdefault(group, []).append(obj)
+        return out
 
     def read_file(self, done: Committed, rel: str) -> bytes:
         """One (small) file of ``done`` in memory, checked against its sha256.
 
         Raises:
             ArtifactCorruptError: it does not match the marker.
+            ArtifactNotFoundError: the artifact was removed meanwhile.
         """
-        client, name = self.cfg.client(), self.name(done.kind, done.key, rel)
-        body: bytes = call(
-            f"read of s3://{self.bucket}/{name}",
-            lambda: client.get_object(Bucket=self.bucket, Key=name)["Body"].read(),
-        )
+        client, name = self.cfg.client(), self.file(done, rel)
+        with self._still_there(done):
+            body: bytes = call(
+                f"read of s3://{self.bucket}/{name}",
+                lambda: client.get_object(Bucket=self.bucket, Key=name)["Body"].read(),
+            )
         if hashlib.sha256(body).hexdigest() != done.files[rel][1]:
             raise ArtifactCorruptError(
                 f"s3 object {name} does not match its recorded sha256: the copy in the "
@@ -137,14 +163,18 @@ class Bucket:
 
         Raises:
             ArtifactCorruptError: a file does not match the marker.
+            ArtifactNotFoundError: the artifact was removed meanwhile.
         """
-        with ThreadPoolExecutor(max_workers=min(4, max(1, len(done.files)))) as pool:
+        with (
+            self._still_there(done),
+            ThreadPoolExecutor(max_workers=min(4, max(1, len(done.files)))) as pool,
+        ):
             jobs = [
                 pool.submit(
                     download_file,
                     self.cfg,
                     self.bucket,
-                    self.name(done.kind, done.key, rel),
+                    self.file(done, rel),
                     dest / rel,
                     size,
                     sha,
@@ -154,42 +184,19 @@ class Bucket:
             for job in jobs:
                 job.result()
 
-    # -- publishing -----------------------------------------------------------------------
-    def publish(
-        self,
-        src: Path,
-        key: str,
-        kind: Kind,
-        hasher: FileHasher,
-        fence: int,
-        still_held: Callable[[], None] = lambda: None,
-    ) -> None:
-        """Upload ``src`` under a staging prefix, copy it into place, then write the
-        commit marker last; a failure before the marker publishes nothing.
-
-        Args:
-            fence: the build lock's fencing token, recorded in the marker.
-            still_held: raises when the build lock was lost; called before the copy
-                into place and before the marker.
-        """
-        token = f"{key}.{uuid.uuid4().hex}"
-        rels = relative_files(src)
-        hashes = hasher.sha256_many(src / r for r in rels)
-        files = {r: ((src / r).stat().st_size, hashes[src / r]) for r in rels}
-        with ThreadPoolExecutor(max_workers=4) as pool:
-            list(pool.map(lambda r: upload_file(
-                self.cfg, src / r, self.bucket, self.name(STAGING, token, r)), rels))  # fmt: skip
-            still_held()
-            list(pool.map(lambda r: self._copy(self.name(STAGING, token, r),
-                                               self.name(kind, key, r)), rels))  # fmt: skip
-        marker = {
-            "key": key, "kind": kind, "created": time.time(), "fence": fence,
-            "builder": f"{socket.gethostname()}:{token}",
-            "files": {r: {"size": s, "sha256": h} for r, (s, h) in files.items()},
-        }  # fmt: skip
-        still_held()
-        self._put(self.name(kind, key, COMMIT), json.dumps(marker).encode())
-        self.delete_prefix(self.name(STAGING, token) + "/")
+    @contextlib.contextmanager
+    def _still_there(self, done: Committed) -> Iterator[None]:
+        """Turn a failed read of ``done``'s files into ArtifactNotFoundError when
+        ``done`` is no longer the commit (removed, or removed and rebuilt)."""
+        try:
+            yield
+        except StoreUnavailableError:
+            if self.committed(done.key, done.kind) == done:
+                raise
+            raise ArtifactNotFoundError(
+                f"{done.kind[:-1]} {done.key} was removed from {self.url()} while it was "
+                "being read; run the job again to build it again"
+            ) from None
 
     def _copy(self, src: str, dst: str) -> None:
         client = self.cfg.client()
@@ -204,56 +211,77 @@ class Bucket:
         )
 
     # -- removal --------------------------------------------------------------------------
-    def uncommit(self, key: str, kind: Kind, reason: str = "") -> str:
-        """Hide ``key`` at once (its marker moves to ``.quarantine/``, files stay until
-        removed or rebuilt); returns where the marker went.
+    def delete(self, key: str, kind: Kind) -> Committed:
+        """Remove ``key``: its marker first (new readers everywhere stop seeing it),
+        then the files that marker names (uploads of a rebuild are not touched).
 
         Raises:
             ArtifactNotFoundError: ``key`` is not published.
         """
+        done = self._committed_or_raise(key, kind)
+        self.delete_names([self.name(kind, key, COMMIT)])
+        self.delete_names([self.file(done, r) for r in done.files])
+        return done
+
+    def uncommit(self, key: str, kind: Kind, reason: str = "") -> str:
+        """Hide ``key`` at once (its marker moves to ``.quarantine/``, files stay until
+        the sweep, a day after the quarantine); returns where the marker went.
+
+        Raises:
+            ArtifactNotFoundError: ``key`` is not published.
+        """
+        done = self._committed_or_raise(key, kind)
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        where = self.name(QUARANTINE, kind, f"{key}.{stamp}.{uuid.uuid4().hex[:6]}.json")
+        note = {
+            "reason": reason,
+            "data": done.data,
+            "files": {r: list(v) for r, v in done.files.items()},
+        }
+        self._put(where, json.dumps(note).encode())
+        self.delete_names([self.name(kind, key, COMMIT)])
+        return f"s3://{self.bucket}/{where}"
+
+    def _committed_or_raise(self, key: str, kind: Kind) -> Committed:
         done = self.committed(key, kind)
         if done is None:
             raise ArtifactNotFoundError(f"no {kind[:-1]} {key} in {self.url()}")
-        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        where = self.name(QUARANTINE, kind, f"{key}.{stamp}.{uuid.uuid4().hex[:6]}.json")
-        note = {"reason": reason, "files": {r: list(v) for r, v in done.files.items()}}
-        self._put(where, json.dumps(note).encode())
-        client, marker = self.cfg.client(), self.name(kind, key, COMMIT)
-        call(f"delete of {marker}", lambda: client.delete_object(Bucket=self.bucket, Key=marker))
-        return f"s3://{self.bucket}/{where}"
+        return done
 
     def delete_prefix(self, prefix: str) -> None:
+        self.delete_names([o["Key"] for o in list_objects(self.cfg, self.bucket, prefix)])
+
+    def delete_names(self, names: list[str]) -> None:
         client = self.cfg.client()
-        names = [o["Key"] for o in list_objects(self.cfg, self.bucket, prefix)]
         for i in range(0, len(names), 1000):
             batch = {"Objects": [{"Key": n} for n in names[i : i + 1000]], "Quiet": True}
             call(
-                f"delete under s3://{self.bucket}/{prefix}",
+                f"delete in s3://{self.bucket}/{self.prefix}",
                 functools.partial(client.delete_objects, Bucket=self.bucket, Delete=batch),
             )
 
     def sweep_staging(self, now: float | None = None) -> int:
-        """Delete staging objects older than ``STAGING_TTL_S`` (their builder died)."""
-        now = time.time() if now is None else now
-        old = [
-            o["Key"]
-            for o in list_objects(self.cfg, self.bucket, self.name(STAGING) + "/")
-            if _ts(o["LastModified"]) + STAGING_TTL_S < now
-        ]
-        client = self.cfg.client()
-        for name in old:
-            call(
-                f"delete of {name}",
-                functools.partial(client.delete_object, Bucket=self.bucket, Key=name),
-            )
-        return len(old)
+        """Delete uploads nobody committed, a day old (their builder died or lost);
+        returns how many objects went."""
+        from app.store.sweep import sweep
+
+        return sweep(self, time.time() if now is None else now, STAGING_TTL_S)
 
 
-def _ts(value: Any) -> float:
+@dataclass
+class Scanned:
+    """One key's objects as a listing shows them."""
+
+    marker: float | None = None  # the commit marker's LastModified
+    groups: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # prefix -> objects
+
+
+def ts(value: Any) -> float:
+    """A listing's LastModified as a POSIX time."""
     return float(value.timestamp()) if isinstance(value, datetime) else time.time()
 
 
 def _parse(key: str, kind: Kind, body: bytes) -> Committed:
     data = json.loads(body)
     files = {r: (int(e["size"]), str(e["sha256"])) for r, e in data["files"].items()}
-    return Committed(key, kind, files, float(data.get("created", 0.0)))
+    return Committed(key, kind, files, float(data.get("created", 0.0)), str(data.get("data", "")))

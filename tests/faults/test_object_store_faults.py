@@ -52,7 +52,7 @@ def test_builder_killed_mid_upload_publishes_nothing(
     script = _settings_code(s3_server, bucket, tmp_path / "dead") + textwrap.dedent(f"""
         import sys
         import time
-        import app.store.remote as remote
+        import app.store.commit as remote
         real = remote.upload_file
         def upload_then_hang(*args, **kw):
             real(*args, **kw)
@@ -74,7 +74,7 @@ def test_builder_killed_mid_upload_publishes_nothing(
     proc.wait(timeout=30)
     assert seen and "uploaded" in seen[-1], "".join(seen) + proc.stderr.read()
     names = [o["Key"] for o in s3_server.client().list_objects_v2(Bucket=bucket)["Contents"]]
-    assert any("/.staging/" in n for n in names) and not any(n.endswith(COMMIT) for n in names)
+    assert any("/.build-" in n for n in names) and not any(n.endswith(COMMIT) for n in names)
     reader = object_store(s3_server, bucket, tmp_path / "reader")
     assert reader.artifacts() == []
     with pytest.raises(ArtifactNotFoundError):
@@ -83,7 +83,8 @@ def test_builder_killed_mid_upload_publishes_nothing(
     assert res.created and reader.exists(res.key)
     assert reader.bucket.sweep_staging(now=time.time() + STAGING_TTL_S + 1) >= 1
     left = [o["Key"] for o in s3_server.client().list_objects_v2(Bucket=bucket)["Contents"]]
-    assert not any("/.staging/" in n for n in left)
+    builds = {n.split("/.build-")[1].split("/")[0] for n in left if "/.build-" in n}
+    assert len(builds) == 1  # the dead builder's upload is gone, the committed one stays
 
 
 def _first_shard(s3_server: S3Server, bucket: str, key: str) -> str:
@@ -154,10 +155,12 @@ def test_two_builder_processes_one_build_with_redis_lock(
             ) + textwrap.dedent(f"""
                 import time
                 from pathlib import Path
+                from app.jobs.locks import cluster_store
                 from app.merge import compute
+                store = cluster_store(settings)
                 while not Path({str(go)!r}).exists():
                     time.sleep(0.01)
-                res = compute({str(t.base)!r}, {str(t.instruct)!r}, settings=settings,
+                res = compute({str(t.base)!r}, {str(t.instruct)!r}, settings=settings, store=store,
                               progress=lambda p: time.sleep(0.05))
                 print("result", res.key, res.created, flush=True)
             """)
