@@ -9,10 +9,11 @@ from pathlib import Path
 from typing import Any
 
 from celery import signals
+from celery.utils.time import get_exponential_backoff_interval
 
 from app.core.errors import RecordsUnavailableError
 from app.core.settings import get_settings
-from app.jobs.broker import QUEUES, TASK_MERGE, TASK_VALIDATE
+from app.jobs.broker import QUEUES, TASK_MERGE, TASK_VALIDATE, jobs_in_broker
 from app.jobs.dispatch import HEARTBEAT_S
 from app.jobs.kv import RedisKV
 from app.jobs.models import WorkerInfo
@@ -23,6 +24,7 @@ from workers.celery_app import celery_app
 log = logging.getLogger("app.workers")
 _state: dict[str, Any] = {}
 TRANSIENT = (ConnectionError, TimeoutError, RecordsUnavailableError)
+TRANSIENT_RETRIES = 5  # then the message is dropped; housekeeping re-sends it later
 
 
 def runner(hostname: str = "") -> JobRunner:
@@ -30,7 +32,8 @@ def runner(hostname: str = "") -> JobRunner:
     if "runner" not in _state:
         settings = get_settings()
         assert settings.redis_url is not None
-        records = JobRecords(RedisKV(settings.redis_url))
+        kv = RedisKV(settings.redis_url)  # the broker's Redis too
+        records = JobRecords(kv)
         name = hostname or f"worker@{os.uname().nodename}:{os.getpid()}"
 
         def enqueue(task: str, job_id: str) -> None:
@@ -38,24 +41,57 @@ def runner(hostname: str = "") -> JobRunner:
 
         from workers.shard_tasks import CeleryShardQueue
 
-        _state["runner"] = JobRunner(records, settings, name, enqueue, CeleryShardQueue())
+        _state["runner"] = JobRunner(
+            records,
+            settings,
+            name,
+            enqueue,
+            CeleryShardQueue(),
+            pending=lambda: jobs_in_broker(kv.client),
+        )
     return _state["runner"]  # type: ignore[no-any-return]
 
 
-@celery_app.task(
-    name=TASK_VALIDATE, bind=True, autoretry_for=TRANSIENT, retry_backoff=True, max_retries=5
-)
-def validate(self: Any, job_id: str) -> None:
-    runner(self.request.hostname).validate(job_id)
+def _retry(task: Any, job_id: str, tries: int, exc: Exception) -> None:
+    """Try again later after a transient fault (the records unreachable), counted apart
+    from waits for a held lease; after the last try the message is dropped: say so,
+    naming the job and what happens next."""
+    if tries >= TRANSIENT_RETRIES:
+        after = runner(task.request.hostname).settings.job_requeue_after_s
+        log.error(
+            "job %s: %s gave up after %d tries (%s); its message is dropped and the job "
+            "stays as it is — worker housekeeping sends it again once the job has sat "
+            "%g s with no message (REALIGN_JOB_REQUEUE_AFTER_S)",
+            job_id,
+            task.name,
+            tries + 1,
+            exc,
+            after,
+        )
+        return
+    countdown = get_exponential_backoff_interval(1, tries, 600, True)
+    raise task.retry(
+        args=[job_id], kwargs={"transient": tries + 1}, exc=exc, countdown=countdown
+    ) from None
 
 
-@celery_app.task(
-    name=TASK_MERGE, bind=True, autoretry_for=TRANSIENT, retry_backoff=True, max_retries=5
-)
-def merge(self: Any, job_id: str) -> None:
+# max_retries=None: waiting out a held lease has no cap (the lease expires unless a
+# live worker renews it); transient faults are capped in _retry.
+@celery_app.task(name=TASK_VALIDATE, bind=True, max_retries=None)
+def validate(self: Any, job_id: str, transient: int = 0) -> None:
+    try:
+        runner(self.request.hostname).validate(job_id)
+    except TRANSIENT as exc:
+        _retry(self, job_id, transient, exc)
+
+
+@celery_app.task(name=TASK_MERGE, bind=True, max_retries=None)
+def merge(self: Any, job_id: str, transient: int = 0) -> None:
     r = runner(self.request.hostname)
     try:
         r.merge(job_id)
+    except TRANSIENT as exc:
+        _retry(self, job_id, transient, exc)
     except LeaseHeldError:
         # A previous delivery may still be running (or died holding the lease): come back
         # when the lease would have expired rather than running the merge twice at once.

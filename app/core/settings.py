@@ -132,7 +132,12 @@ class Settings(BaseSettings):
     visibility_timeout_s: int = Field(
         default=7 * 3600, description="Redis redelivery timeout; must exceed the job limit."
     )
-    max_deliveries: int = Field(default=3, description="A job redelivered more often fails.")
+    max_deliveries: int = Field(
+        default=3,
+        description="A job redelivered more often fails (worker_lost); so does one whose "
+        "queue message had to be re-sent this often (message_lost, see "
+        "`REALIGN_JOB_REQUEUE_AFTER_S`).",
+    )
     merge_parallel_min_shards: int = Field(
         default=4,
         ge=0,
@@ -287,6 +292,14 @@ class Settings(BaseSettings):
         description="A running merge renews its lease every third of this; a worker that "
         "dies is noticed once its lease expires (redelivery, or the job fails after "
         "max_deliveries).",
+    )
+    job_requeue_after_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="A queued job that nothing touched for this long, that no worker "
+        "holds and whose message is in no broker queue (lost in a records outage or a "
+        "broker restart) is sent again by worker housekeeping, at most once per this "
+        "period; after `REALIGN_MAX_DELIVERIES` re-sends it fails with code message_lost.",
     )
     min_free_disk_gb: float = Field(
         default=1.0,

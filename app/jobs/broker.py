@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import json
 from typing import Any
 
 from app.core.errors import UnsafeSettingsError
@@ -12,6 +14,49 @@ TASK_MERGE = "realign.merge"
 TASK_MERGE_SHARD = "realign.merge_shard"  # one output shard of a split merge
 TASK_ASSEMBLE = "realign.assemble"  # publishes a split merge once every shard is written
 QUEUES = {TASK_VALIDATE: "cpu", TASK_MERGE: "gpu", TASK_MERGE_SHARD: "gpu", TASK_ASSEMBLE: "cpu"}
+# kombu keeps priority sub-queues as "<name>\x06\x16<n>" beside "<name>", and messages
+# delivered but not yet acknowledged in the "unacked" hash as [message, exchange, key]
+PRIORITY_SEP = "\x06\x16"
+UNACKED = "unacked"
+
+
+def queue_keys(name: str) -> list[str]:
+    """The Redis lists of broker queue ``name`` (its priority sub-queues included)."""
+    return [name] + [f"{name}{PRIORITY_SEP}{p}" for p in range(1, 10)]
+
+
+def jobs_in_broker(client: Any) -> set[str]:
+    """Ids of the jobs that have a validate or merge message in the Redis broker: waiting
+    in a queue, or delivered to a worker and not acknowledged yet (running, or held for
+    a retry's countdown). Reads every message: call it only when a job looks lost.
+
+    Args:
+        client: a redis-py client of the broker (decoded responses).
+    """
+    pipe = client.pipeline(transaction=False)
+    for name in (QUEUES[TASK_VALIDATE], QUEUES[TASK_MERGE]):
+        for key in queue_keys(name):
+            pipe.lrange(key, 0, -1)
+    pipe.hvals(UNACKED)
+    *lists, unacked = pipe.execute()
+    payloads = [raw for found in lists for raw in found]
+    payloads += [json.dumps(json.loads(raw)[0]) for raw in unacked]
+    return {job for raw in payloads if (job := _job_of(raw)) is not None}
+
+
+def _job_of(raw: str) -> str | None:
+    """The job id a Celery message (protocol 2, JSON body) carries, if it is ours."""
+    try:
+        msg = json.loads(raw)
+        if msg["headers"]["task"] not in (TASK_VALIDATE, TASK_MERGE):
+            return None
+        body = msg["body"]
+        if msg["properties"].get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        args = json.loads(body)[0]
+        return str(args[0])
+    except (ValueError, KeyError, IndexError, TypeError):
+        return None  # not a task message of this service
 
 
 def check_timeouts(settings: Settings) -> None:

@@ -12,7 +12,7 @@ from typing import Any, Protocol
 
 from app.core.errors import RecordsUnavailableError
 from app.core.settings import Settings
-from app.jobs.broker import QUEUES, TASK_MERGE, TASK_VALIDATE
+from app.jobs.broker import QUEUES, TASK_MERGE, TASK_VALIDATE, queue_keys
 from app.jobs.models import WorkerInfo
 from app.jobs.records import JobRecords
 from app.jobs.runner import JobRunner, LeaseHeldError
@@ -40,11 +40,9 @@ class CeleryDispatcher:
         self.celery.send_task(task, args=[job_id], queue=QUEUES[task])
 
     def depths(self) -> dict[str, int]:
-        # kombu keeps priority sub-queues as "<name>\x06\x16<n>" beside "<name>"
         out = {}
         for name in sorted(set(QUEUES.values())):
-            keys = [name] + [f"{name}\x06\x16{p}" for p in (1, 2, 3, 4, 5, 6, 7, 8, 9)]
-            out[name] = sum(int(self.broker.llen(k)) for k in keys)
+            out[name] = sum(int(self.broker.llen(k)) for k in queue_keys(name))
         return out
 
     def start(self) -> None:
@@ -60,14 +58,22 @@ class ThreadDispatcher:
     def __init__(self, records: JobRecords, settings: Settings) -> None:
         self.records = records
         self.name = f"embedded@{socket.gethostname()}:{os.getpid()}"
-        self.runner = JobRunner(records, settings, self.name, self.send)
+        self.runner = JobRunner(records, settings, self.name, self.send, pending=self.pending)
         self.device = settings.device
         self._q: queue.Queue[tuple[str, str] | None] = queue.Queue()
         self._threads: list[threading.Thread] = []
         self._stop = threading.Event()
+        self._taken: str | None = None  # the job of the step the worker thread runs
 
     def send(self, task: str, job_id: str) -> None:
         self._q.put((task, job_id))
+
+    def pending(self) -> set[str]:
+        """Jobs with a step waiting in the queue or being run (none is ever lost here
+        unless a step crashed; housekeeping re-sends those)."""
+        with self._q.mutex:
+            waiting = {item[1] for item in self._q.queue if item is not None}
+        return waiting | ({self._taken} if self._taken else set())
 
     def depths(self) -> dict[str, int]:
         return {"embedded": self._q.qsize()}
@@ -99,20 +105,29 @@ class ThreadDispatcher:
     def _work(self) -> None:
         while (item := self._q.get()) is not None:
             task, job_id = item
+            self._taken = job_id
             try:
-                step = self.runner.merge if task == TASK_MERGE else self.runner.validate
-                step(job_id)
-            except LeaseHeldError:
-                time.sleep(1.0)
-                self.send(task, job_id)
-            except RecordsUnavailableError as exc:
-                # Raised before the step changed anything (reading the job, taking its
-                # lease): not a delivery. Try again once the records answer.
-                log.warning("job %s: %s put off, records unavailable (%s)", job_id, task, exc)
-                self._stop.wait(RECORDS_RETRY_S)
-                self.send(task, job_id)
-            except Exception:
-                log.exception("job %s: %s crashed", job_id, task)
+                self._step(task, job_id)
+            finally:
+                self._taken = None
+
+    def _step(self, task: str, job_id: str) -> None:
+        try:
+            step = self.runner.merge if task == TASK_MERGE else self.runner.validate
+            step(job_id)
+        except LeaseHeldError:
+            time.sleep(1.0)
+            self.send(task, job_id)
+        except RecordsUnavailableError as exc:
+            # Raised before the step changed anything (reading the job, taking its
+            # lease): not a delivery. Try again once the records answer.
+            log.warning("job %s: %s put off, records unavailable (%s)", job_id, task, exc)
+            self._stop.wait(RECORDS_RETRY_S)
+            self.send(task, job_id)
+        except Exception:
+            log.exception(
+                "job %s: %s crashed (housekeeping re-sends or ends the job)", job_id, task
+            )
 
     def _beat(self) -> None:
         while not self._stop.is_set():

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from datetime import timedelta
 from types import TracebackType
 
+from app.jobs.failures import lost_message
 from app.jobs.models import JobRecord, JobStage, JobStatus, utcnow
 from app.jobs.records import JobRecords
 
@@ -111,3 +113,41 @@ def orphans(records: JobRecords, ttl: float, max_deliveries: int) -> list[JobRec
         if records.lease_holder(job_id) is None:
             out.append(rec)
     return out
+
+
+def reap(
+    records: JobRecords,
+    holder: str,
+    ttl: float,
+    max_deliveries: int,
+    fail: Callable[[JobRecord, str], None],
+) -> list[str]:
+    """Fail (through ``fail(rec, message)``) the :func:`orphans`: those whose last
+    allowed delivery died with its worker, so none stays ``running`` waiting for a
+    delivery that would only fail it, and validations left behind. Each is taken under
+    the job's lease as ``holder``, so a live worker's job is never touched.
+
+    Returns:
+        The ids of the jobs failed.
+    """
+    reaped = []
+    for seen in orphans(records, ttl, max_deliveries):
+        if not records.acquire_lease(seen.id, holder, ttl):
+            continue  # a live worker is on it
+        try:
+            rec = records.get(seen.id)
+            if rec is not None and (rec.status, rec.stage) == (seen.status, seen.stage):
+                fail(rec, _lost(rec))
+                reaped.append(rec.id)
+        finally:
+            records.release_lease(seen.id, holder)
+    return reaped
+
+
+def _lost(rec: JobRecord) -> str:
+    if rec.status == JobStatus.validating:
+        return (
+            "validation stopped without an outcome (its worker died or could not write "
+            "the job's record) — check worker logs and the records store, then resubmit"
+        )
+    return lost_message(rec.deliveries)

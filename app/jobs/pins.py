@@ -7,15 +7,16 @@ from collections.abc import Collection
 from app.jobs.models import MergeSpec
 from app.residuals.refs import ModelRef
 from app.store.base import Store
-from app.store.inputs import resolve_input
+from app.store.inputs import pin_input
 
 PINNED_FIELDS = ("base", "instruct", "target")
 
 
 def pin_refs(spec: MergeSpec, store: Store, trusted_code: Collection[str] = ()) -> dict[str, str]:
     """The spec's refs that can move, resolved: ``hf:org/name@main`` to
-    ``hf:org/name@<commit>``, ``s3://bucket/prefix`` to
-    ``s3://bucket/prefix@sha256:<content digest>`` (downloading them into the store's
+    ``hf:org/name@<commit>`` (configs only: the weights are downloaded by the merge,
+    after its free-space check), ``s3://bucket/prefix`` to
+    ``s3://bucket/prefix@sha256:<content digest>`` (downloaded into the store's
     sources), a residual key prefix to the full key. Local directories are identified
     by content later.
 
@@ -28,7 +29,7 @@ def pin_refs(spec: MergeSpec, store: Store, trusted_code: Collection[str] = ()) 
         if text is None:
             continue
         if ModelRef.parse(text).kind in ("hf", "s3"):
-            pins[field] = resolve_input(text, store, trusted_code).ref
+            pins[field] = pin_input(text, store, trusted_code)
     if spec.residual is not None and "/" not in spec.residual:
         pins["residual"] = store.resolve(spec.residual)
     return pins

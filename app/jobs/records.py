@@ -21,7 +21,7 @@ P = "realign:"
 WORKER_TTL_S = 30.0
 INDEX_VERSION = "2"
 # per-job keys beside the record itself (suffixes of ``job:<id>``)
-_JOB_KEYS = ("", ":events", ":cancel", ":deliveries", ":lease")
+_JOB_KEYS = ("", ":events", ":cancel", ":deliveries", ":lease", ":resends", ":resent")
 _FINAL = tuple(s.value for s in JobStatus if s.terminal)
 
 
@@ -127,6 +127,12 @@ class JobRecords:
     def with_status(self, status: JobStatus) -> list[str]:
         return self.kv.zrevrange(f"{P}jobs:status:{status.value}", 0, -1)
 
+    def queued_before(self, created: datetime, limit: int) -> list[JobRecord]:
+        """Up to ``limit`` queued jobs created before ``created``, oldest first (from the
+        status index, no scan)."""
+        ids = self.kv.zrange_upto(f"{P}jobs:status:queued", created.timestamp(), limit)
+        return [r for r in self._load(ids) if r is not None]
+
     def purge_finished(self, older_than: datetime, batch: int = 500) -> int:
         """Delete terminal jobs finished before ``older_than``: record, events, flags and
         index entries. Returns how many went."""
@@ -188,6 +194,16 @@ class JobRecords:
 
     def deliveries(self, job_id: str) -> int:
         return int(self.kv.get(f"{P}job:{job_id}:deliveries") or 0)
+
+    def claim_resend(self, job_id: str, holder: str, period: float) -> bool:
+        """True for the one caller per ``period`` that may send the job's message again."""
+        return self.kv.set(f"{P}job:{job_id}:resent", holder, nx=True, ex=period)
+
+    def count_resend(self, job_id: str) -> int:
+        return self.kv.incr(f"{P}job:{job_id}:resends")
+
+    def resends(self, job_id: str) -> int:
+        return int(self.kv.get(f"{P}job:{job_id}:resends") or 0)
 
     def acquire_lease(self, job_id: str, holder: str, ttl: float) -> bool:
         """Take or renew the job's lease (compare-and-set: never over another holder)."""

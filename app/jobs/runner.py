@@ -17,11 +17,11 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
-from app.core.errors import IncompatibleModelsError, OperationCancelledError, RealignError
+from app.core.errors import OperationCancelledError, RealignError
 from app.core.settings import Settings
 from app.jobs.failures import drop_tracebacks, job_error, lost_message
 from app.jobs.finals import FinalWriter
-from app.jobs.lease import LeaseHeldError, LeaseKeeper, orphans
+from app.jobs.lease import LeaseHeldError, LeaseKeeper, reap
 from app.jobs.loads import LoadWatcher
 from app.jobs.models import (
     JobError,
@@ -34,6 +34,7 @@ from app.jobs.models import (
 )
 from app.jobs.records import JobFinishedError, JobRecords, ModelEntry
 from app.jobs.reporter import JobReporter
+from app.jobs.requeue import Pending, Requeuer
 from app.store.base import Store
 
 if TYPE_CHECKING:
@@ -55,6 +56,8 @@ class JobRunner:
         enqueue: how to queue the next step (Celery send_task or the embedded queue).
         shards: where the tasks of a merge split by output shard go; None runs every
             merge as one task (the embedded worker).
+        pending: the ids of the jobs with a message in the queue, for housekeeping to
+            re-send lost ones (see :mod:`app.jobs.requeue`); None: it never does.
     """
 
     def __init__(
@@ -64,6 +67,7 @@ class JobRunner:
         worker: str,
         enqueue: Enqueue,
         shards: ShardQueue | None = None,
+        pending: Pending | None = None,
     ) -> None:
         self.records = records
         self.settings = settings
@@ -75,6 +79,7 @@ class JobRunner:
         self._store: Store | None = None
         self._next_bucket_sweep = 0.0
         self.loads = LoadWatcher(records, settings, worker, self.finals)
+        self.requeue = Requeuer(self, pending)
         self.fanout: Fanout | None = None
         if shards is not None:
             from app.jobs.fanout import Fanout
@@ -156,33 +161,23 @@ class JobRunner:
                 self.current_job = None
 
     def reap(self) -> list[str]:
-        """Fail jobs whose step stopped without an outcome and that no lease holds:
-        those whose last allowed delivery died with its worker (deliveries used up), so
-        none stays ``running`` waiting for a delivery that would only fail it, and
-        validations left behind (see :func:`orphans`). Called by every heartbeat.
-
-        Returns:
-            The ids of the jobs failed.
-        """
-        reaped = []
-        holder = f"{self.worker}/reaper"  # never the merge's own lease holder
-        for seen in orphans(self.records, self.lease_s, self.settings.max_deliveries):
-            if not self.records.acquire_lease(seen.id, holder, self.lease_s):
-                continue  # a live worker is on it
-            try:
-                rec = self.records.get(seen.id)
-                if rec is not None and (rec.status, rec.stage) == (seen.status, seen.stage):
-                    self._fail(rec, "worker_lost", _lost(rec))
-                    reaped.append(rec.id)
-            finally:
-                self.records.release_lease(seen.id, holder)
-        return reaped
+        """Fail the jobs whose step stopped without an outcome and that no lease holds
+        (see :func:`app.jobs.lease.reap`); called by every heartbeat. Returns their ids."""
+        return reap(
+            self.records,
+            f"{self.worker}/reaper",  # never the merge's own lease holder
+            self.lease_s,
+            self.settings.max_deliveries,
+            lambda rec, message: self._fail(rec, "worker_lost", message),
+        )
 
     def housekeeping(self) -> None:
         """Periodic duties of a worker: write final states that failed to be written,
-        fail jobs of dead workers, drop records past their retention."""
+        fail jobs of dead workers, re-send lost messages, drop records past their
+        retention."""
         self.finals.flush()
         self.reap()
+        self.requeue.sweep()
         if self.fanout is not None:
             self.fanout.sweep()
         self._sweep_bucket()
@@ -332,67 +327,9 @@ class JobRunner:
     def _in_engine(
         self, rec: JobRecord, reporter: JobReporter, cancel: threading.Event
     ) -> tuple[JobResult, int]:
-        """Residual only; the engine computes target + alpha * R while loading it."""
-        from app.merge import compute, preflight, resolve_model
+        from app.jobs.inline import run_in_engine
 
-        s = self._spec(rec)
-        assert s.target is not None
-        store, settings = self.store, self.settings
-        if s.residual is None:
-            assert s.base is not None and s.instruct is not None
-            res = compute(
-                s.base,
-                s.instruct,
-                dtype=s.dtype,
-                store=store,
-                settings=settings,
-                device=self.settings.device,
-                progress=reporter,
-                cancel=cancel,
-                notice=self._notice(reporter),
-            )
-            key, manifest = res.key, res.manifest
-        else:
-            from app.store.recovery import verify_pack
-
-            key = store.resolve(s.residual)  # a key prefix names one pack
-            # The engine reads the pack itself: verify it here, in full, first.
-            manifest = verify_pack(store, key, self._notice(reporter))
-        if getattr(manifest, "vocab", None) is not None:
-            raise IncompatibleModelsError(
-                "in_engine serving needs the target's shapes to stay the same, but "
-                "the instruct model added vocabulary rows; use serve_mode "
-                "'checkpoint'"
-            )
-        preflight(target=s.target, residual=key, alpha=s.alpha, store=store, settings=settings)
-        reporter.check()
-        target = resolve_model(s.target, store, settings)
-        model_id = s.name or f"realign-{key[:8]}-inline"
-        self.records.register_model(
-            ModelEntry(
-                id=model_id,
-                path=str(target),
-                merged_key="",
-                residual_key=key,
-                residual_dir=str(store.path(key)),
-                alpha=s.alpha,
-                base=manifest.base.ref,
-                instruct=manifest.instruct.ref,
-                target=s.target,
-                owner=rec.owner,
-                job_id=rec.id,
-                serve=True,
-                serve_mode="in_engine",
-            )
-        )
-        result = JobResult(
-            model_id=model_id,
-            merged_key="",
-            residual_key=key,
-            output="",
-            manifest={"residual": key, "target": s.target, "alpha": s.alpha},
-        )
-        return result, 0
+        return run_in_engine(self, rec, reporter, cancel)
 
     def _live(self, job_id: str) -> JobRecord | None:
         rec = self.records.get(job_id)
@@ -481,12 +418,3 @@ class JobRunner:
         )
         log.info("job %s %s%s", rec.id, status.value, f": {error.message}" if error else "")
         self.finals.write(rec, nbytes)
-
-
-def _lost(rec: JobRecord) -> str:
-    if rec.status == JobStatus.validating:
-        return (
-            "validation stopped without an outcome (its worker died or could not write "
-            "the job's record) — check worker logs and the records store, then resubmit"
-        )
-    return lost_message(rec.deliveries)

@@ -6,13 +6,16 @@ below here reads the environment.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from app.core.errors import InvalidParameterError
 from app.core.settings import Settings
+from app.residuals.checkpoint import Checkpoint
 from app.residuals.dtypes import BY_NAME, DType
 from app.residuals.exact import to_f32
 from app.residuals.progress import CancelFlag, ProgressCallback
@@ -20,7 +23,13 @@ from app.residuals.refs import ResolvedModel
 from app.residuals.sources import RunOptions
 from app.store.base import Store
 from app.store.factory import store_from_settings
-from app.store.inputs import resolve_input
+from app.store.inputs import (
+    Need,
+    check_download_room,
+    download_bytes,
+    inspect_input,
+    resolve_input,
+)
 
 DTYPES = {name: BY_NAME[name] for name in ("bfloat16", "float16", "float32")}
 StoreArg = Store | Path | str | None
@@ -51,6 +60,29 @@ class Ctx:
     def resolve(self, ref: str) -> ResolvedModel:
         """A model reference made local (Hub and ``s3://`` refs downloaded, pinned)."""
         return resolve_input(ref, self.store, self.settings.trusted_code_sha256)
+
+    def headers(self, ref: str) -> Checkpoint:
+        """The model of ``ref``, headers only, to preflight: a Hub ref's weights are not
+        downloaded (their headers are read by ranges). Use it as a context manager."""
+        return inspect_input(ref, self.store, self.settings.trusted_code_sha256)
+
+    def fetch(
+        self, refs: Sequence[str], outputs: Callable[..., Iterable[Need]]
+    ) -> list[ResolvedModel]:
+        """``refs`` made local. When Hub weights must be downloaded first, the disks are
+        checked before: the download, and ``outputs(*checkpoints)`` (where the caller
+        will write how many bytes, from the refs' headers), plus 10 %, must fit.
+
+        Raises:
+            InsufficientStorageError: they do not fit; nothing was downloaded.
+        """
+        missing = download_bytes(refs, self.store)
+        if missing:
+            with contextlib.ExitStack() as stack:
+                heads = [stack.enter_context(self.headers(r)) for r in refs]
+                out = list(outputs(*heads))
+            check_download_room(self.store, missing, out)
+        return [self.resolve(r) for r in refs]
 
     def options(
         self,

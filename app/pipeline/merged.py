@@ -47,7 +47,12 @@ def merge(
     st, res_dtype = ctx.store, dtype_of(dtype)
     get_method(method)
     check_output(out, overwrite=overwrite)
-    refs = [ctx.resolve(r) for r in (instruct, base, target)]
+
+    def outputs(i: Checkpoint, b: Checkpoint, t: Checkpoint) -> list[tuple[Path, int]]:
+        merged = (out, merged_bytes(t, i, i.path))
+        return [merged] if no_cache else [(st.root, residual_bytes(i, res_dtype)), merged]
+
+    refs = ctx.fetch([instruct, base, target], outputs)  # Hub weights: after a space check
     opts = ctx.options(device, progress, cancel, max_shard_gb, hash_outputs)
     with contextlib.ExitStack() as stack:
         ckpts = [stack.enter_context(Checkpoint.open(r.path)) for r in refs]

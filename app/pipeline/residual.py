@@ -63,7 +63,8 @@ def compute(
     ``app.merge.compute``)."""
     st, torch_dtype = ctx.store, dtype_of(dtype)
     get_method(method)
-    ins, bas = ctx.resolve(instruct), ctx.resolve(base)
+    # Hub weights are downloaded once the disk has room for them and the pack
+    ins, bas = ctx.fetch([instruct, base], lambda i, b: [(st.root, residual_bytes(i, torch_dtype))])
     with Checkpoint.open(ins.path) as i_ckpt, Checkpoint.open(bas.path) as b_ckpt:
         preflight_residual(i_ckpt, b_ckpt)  # headers only: refuse before hashing gigabytes
         i_src, b_src = describe_source(ins, st.hasher), describe_source(bas, st.hasher)
@@ -122,7 +123,8 @@ def apply(
     check_alpha(alpha)
     st = ctx.store
     check_output(out, overwrite=overwrite)
-    tgt = ctx.resolve(target)
+    # A Hub target: downloaded once the disks hold it and the model (at its own shapes)
+    (tgt,) = ctx.fetch([target], lambda t: [(out, merged_bytes(t, t, t.path))])
     opts = ctx.options(device, progress, cancel, max_shard_gb, hash_outputs)
 
     def use(pack_dir: Path) -> MergeResult:

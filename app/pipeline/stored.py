@@ -46,8 +46,7 @@ def preflight(
     """Every check of a merge request that needs no tensor data (see
     ``app.merge.preflight``)."""
     check_alpha(alpha)
-    tgt = ctx.resolve(target)
-    with Checkpoint.open(tgt.path) as t_ckpt:
+    with ctx.headers(target) as t_ckpt:  # a Hub model's headers: no weights downloaded
         if residual is not None:
             with open_residual(residual, ctx.store) as pack_dir:
                 try:
@@ -59,8 +58,7 @@ def preflight(
             return
         if base is None or instruct is None:
             raise InvalidParameterError("give either a residual key or both base and instruct")
-        ins, bas = ctx.resolve(instruct), ctx.resolve(base)
-        with Checkpoint.open(ins.path) as i_ckpt, Checkpoint.open(bas.path) as b_ckpt:
+        with ctx.headers(instruct) as i_ckpt, ctx.headers(base) as b_ckpt:
             plan_fused(i_ckpt, b_ckpt, t_ckpt, alpha)
 
 
@@ -104,7 +102,9 @@ def merge_to_store(
             cancel=cancel, notice=notice, verify_pack=False,
         )  # fmt: skip
         res_key, created_residual = res.key, res.created
-    tgt = ctx.resolve(target)
+    # A Hub target is downloaded once the disk has room for it and the merged model
+    # (estimated at the target's own shapes and assets).
+    (tgt,) = ctx.fetch([target], lambda t: [(st.root, merged_bytes(t, t, t.path))])
 
     def use(pack_dir: Path) -> tuple[str, bool, str]:
         with Checkpoint.open(tgt.path) as t_ckpt:
@@ -141,7 +141,11 @@ def _store_first_merge(
     """``merge_to_store`` when the residual is not stored yet: one pass publishes the
     residual and the merged model (None when the residual exists: apply it instead)."""
     st = ctx.store
-    refs = [ctx.resolve(r) for r in (instruct, base, target)]
+
+    def outputs(i: Checkpoint, b: Checkpoint, t: Checkpoint) -> list[tuple[Path, int]]:
+        return [(st.root, residual_bytes(i, dtype_of(dtype)) + merged_bytes(t, i, i.path))]
+
+    refs = ctx.fetch([instruct, base, target], outputs)  # Hub weights: after a space check
     with contextlib.ExitStack() as stack:
         i_c, b_c, t_c = (stack.enter_context(Checkpoint.open(r.path)) for r in refs)
         plan_fused(i_c, b_c, t_c, alpha)

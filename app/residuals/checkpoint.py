@@ -10,104 +10,35 @@ from __future__ import annotations
 
 import errno
 import json
-import math
 import mmap
 import os
-import struct
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 from app.core.errors import CorruptCheckpointError, ModelNotFoundError, UnsafeCheckpointError
-from app.residuals.dtypes import DTYPES, DType
+from app.residuals.headers import TensorInfo, corrupt, header_of, read_header
 from app.residuals.integrity import ReadVerifier
+
+__all__ = [
+    "INDEX_NAME",
+    "PICKLE_SUFFIXES",
+    "Checkpoint",
+    "TensorInfo",
+    "header_of",
+    "read_config",
+    "read_header",
+    "weight_files",
+]
 
 INDEX_NAME = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-_MAX_HEADER = 100 * 1024 * 1024
 _UNSUPPORTED = {errno.EINVAL, errno.ENOSYS, errno.ENODEV, errno.EOPNOTSUPP}
 # Linux >= 5.14 (Python < 3.13 lacks the name); elsewhere pages fault in on first use.
 _MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22 if sys.platform == "linux" else -1)
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """Where one tensor lives on disk and what it is."""
-
-    name: str
-    file: Path
-    dtype: DType
-    shape: tuple[int, ...]
-    offset: int  # absolute byte offset of the data in ``file``
-    nbytes: int
-
-    @property
-    def is_float(self) -> bool:
-        return self.dtype.is_floating_point
-
-    @property
-    def rows(self) -> int:
-        return self.shape[0] if self.shape else 1
-
-    @property
-    def row_bytes(self) -> int:
-        return self.nbytes // self.rows if self.rows else 0
-
-
-def _corrupt(path: Path, what: str) -> CorruptCheckpointError:
-    return CorruptCheckpointError(
-        f"{path}: {what} — the file is truncated or not a safetensors file; "
-        "re-download or re-export it"
-    )
-
-
-def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """Parse and validate a safetensors header without reading tensor data.
-
-    Args:
-        path: a ``.safetensors`` file.
-
-    Returns:
-        The tensors by name and the ``__metadata__`` mapping.
-
-    Raises:
-        CorruptCheckpointError: the header is malformed or points past the file end.
-    """
-    size = path.stat().st_size
-    with path.open("rb") as fh:
-        head = fh.read(8)
-        if len(head) < 8:
-            raise _corrupt(path, f"only {size} bytes")
-        (hlen,) = struct.unpack("<Q", head)
-        if hlen > min(_MAX_HEADER, size - 8):
-            raise _corrupt(path, f"header length {hlen} exceeds the file ({size} bytes)")
-        try:
-            raw: dict[str, Any] = json.loads(fh.read(hlen))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise _corrupt(path, f"header is not valid JSON ({exc})") from exc
-    if not isinstance(raw, dict):
-        raise _corrupt(path, "header is not a JSON object")
-    metadata = raw.pop("__metadata__", None) or {}
-    base = 8 + hlen
-    tensors = {name: _tensor_info(path, name, entry, base, size) for name, entry in raw.items()}
-    return tensors, {str(k): str(v) for k, v in metadata.items()}
-
-
-def _tensor_info(path: Path, name: str, entry: Any, base: int, size: int) -> TensorInfo:
-    try:
-        dtype = DTYPES[entry["dtype"]]
-        shape = tuple(int(d) for d in entry["shape"])
-        begin, end = (int(x) for x in entry["data_offsets"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise _corrupt(path, f"tensor {name!r} has a malformed header entry ({exc!r})") from exc
-    nbytes = math.prod(shape) * dtype.itemsize
-    if end - begin != nbytes or begin < 0:
-        raise _corrupt(path, f"tensor {name!r}: offsets {begin}..{end} do not hold {shape}")
-    if base + end > size:
-        raise _corrupt(path, f"tensor {name!r} ends at byte {base + end} of {size}")
-    return TensorInfo(name, path, dtype, shape, base + begin, nbytes)
 
 
 def weight_files(directory: Path) -> list[Path]:
@@ -167,23 +98,25 @@ class Checkpoint:
         Raises:
             ModelNotFoundError, UnsafeCheckpointError, CorruptCheckpointError.
         """
-        if not path.is_dir():
-            raise ModelNotFoundError(f"{path} is not a directory with a model in it")
-        config_path = path / "config.json"
-        if not config_path.is_file():
-            raise ModelNotFoundError(f"{path} has no config.json — not a Hugging Face model dir")
-        try:
-            config = json.loads(config_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise CorruptCheckpointError(f"{config_path}: invalid JSON ({exc})") from exc
-        if not isinstance(config, dict):
-            raise CorruptCheckpointError(
-                f"{config_path}: expected a JSON object of model settings, found a "
-                f"{type(config).__name__} — restore the model's config.json"
-            )
+        config = read_config(path)
+        return cls.from_headers(path, config, ((f, read_header(f)[0]) for f in weight_files(path)))
+
+    @classmethod
+    def from_headers(
+        cls,
+        path: Path,
+        config: dict[str, Any],
+        headers: Iterable[tuple[Path, dict[str, TensorInfo]]],
+    ) -> Checkpoint:
+        """The checkpoint at ``path`` from its config and the headers of its weight files
+        (read there, or by ranges from files not downloaded yet: tensor data cannot be
+        read from such a checkpoint, only planned with).
+
+        Raises:
+            CorruptCheckpointError: a tensor in two files, or the index disagrees.
+        """
         tensors: dict[str, TensorInfo] = {}
-        for file in weight_files(path):
-            found, _ = read_header(file)
+        for file, found in headers:
             for name, info in found.items():
                 if name in tensors:
                     raise CorruptCheckpointError(
@@ -204,7 +137,7 @@ class Checkpoint:
         while done < want:
             got = os.preadv(fd, [view[done:]], offset + done)
             if got == 0:
-                raise _corrupt(info.file, f"unexpected end of file in {info.name!r}")
+                raise corrupt(info.file, f"unexpected end of file in {info.name!r}")
             done += got
         if self.verifier is not None:
             self.verifier.consume(info.file, offset, view)
@@ -235,7 +168,7 @@ class Checkpoint:
             fd = self._fd(info.file)
             size = os.fstat(fd).st_size
             if size == 0:
-                raise _corrupt(info.file, "empty file")
+                raise corrupt(info.file, "empty file")
             try:
                 mm = mmap.mmap(fd, size, access=mmap.ACCESS_COPY)
             except OSError as exc:
@@ -247,7 +180,7 @@ class Checkpoint:
         start = info.offset + row0 * info.row_bytes
         end = start + (row1 - row0) * info.row_bytes
         if end > len(mm):
-            raise _corrupt(info.file, f"unexpected end of file in {info.name!r}")
+            raise corrupt(info.file, f"unexpected end of file in {info.name!r}")
         if end > start and _MADV_POPULATE_READ >= 0:
             ahead = min(len(mm), 2 * end - start)
             os.posix_fadvise(self._fds[info.file], start, ahead - start, os.POSIX_FADV_WILLNEED)
@@ -256,7 +189,7 @@ class Checkpoint:
             except OSError as exc:
                 if exc.errno != errno.EFAULT:
                     raise
-                raise _corrupt(info.file, f"{info.name!r} lies past the end of file") from exc
+                raise corrupt(info.file, f"{info.name!r} lies past the end of file") from exc
         if self.verifier is not None:
             self.verifier.consume(info.file, start, view[start:end], stable=True)
         return view[start:end]
@@ -305,6 +238,30 @@ def _advise(mm: mmap.mmap, advice: int, start: int, end: int) -> None:
         except OSError as exc:
             if exc.errno not in _UNSUPPORTED:
                 raise
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """The ``config.json`` of the model directory ``path``.
+
+    Raises:
+        ModelNotFoundError: no directory, or no config in it.
+        CorruptCheckpointError: the config is not a JSON object.
+    """
+    if not path.is_dir():
+        raise ModelNotFoundError(f"{path} is not a directory with a model in it")
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise ModelNotFoundError(f"{path} has no config.json — not a Hugging Face model dir")
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CorruptCheckpointError(f"{config_path}: invalid JSON ({exc})") from exc
+    if not isinstance(config, dict):
+        raise CorruptCheckpointError(
+            f"{config_path}: expected a JSON object of model settings, found a "
+            f"{type(config).__name__} — restore the model's config.json"
+        )
+    return config
 
 
 def _check_index(path: Path, tensors: dict[str, TensorInfo]) -> None:

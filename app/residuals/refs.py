@@ -2,7 +2,8 @@
 
 A reference is parsed without IO; :func:`resolve_ref` turns it into a local
 directory, pinning Hub revisions to commit hashes and fetching only safetensors,
-JSON, tokenizer and chat-template files. A model that ships code (``auto_map``,
+JSON, tokenizer and chat-template files (see :mod:`app.residuals.hub`: the weights
+only once the disk has room for them). A model that ships code (``auto_map``,
 ``*.py``) is refused there, before any weight is read or downloaded.
 """
 
@@ -11,13 +12,13 @@ from __future__ import annotations
 import re
 from collections.abc import Collection
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
 from app.core.errors import InvalidRefError, ModelNotFoundError, UnsafeCheckpointError
 from app.residuals.checkpoint import PICKLE_SUFFIXES
-from app.residuals.remote_code import CODE_SUFFIX, check_remote_code
+from app.residuals.remote_code import check_remote_code
 
 _REPO = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _REV = re.compile(r"^[\w./-]+$")
@@ -159,38 +160,7 @@ def resolve_ref(
 def _resolve_hub(
     ref: ModelRef, sources_dir: Path, token: str | None, trusted_code: Collection[str]
 ) -> ResolvedModel:
-    from huggingface_hub import HfApi, snapshot_download
-    from huggingface_hub.errors import (
-        HfHubHTTPError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
+    from app.residuals.hub import resolve_hub
 
-    assert ref.repo is not None
-    try:
-        info: Any = HfApi(token=token).model_info(ref.repo, revision=ref.revision)
-    except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
-        raise ModelNotFoundError(f"{ref}: not found on the Hub ({exc.__class__.__name__})") from exc
-    except (HfHubHTTPError, OSError) as exc:
-        raise ModelNotFoundError(f"{ref}: the Hub could not be reached ({exc})") from exc
-    files = [s.rfilename for s in info.siblings or []]
-    refuse_pickle_only(files, str(ref))
-    commit = str(info.sha)
-    pinned = ModelRef(kind="hf", repo=ref.repo, revision=commit)
-
-    def download(patterns: list[str]) -> Path:
-        return Path(
-            snapshot_download(
-                ref.repo or "",
-                revision=commit,  # pinned: the files cannot move under us mid-merge
-                allow_patterns=patterns,
-                cache_dir=sources_dir,
-                token=token,
-            )
-        )
-
-    # Configs (and the code, to hash it; never run) first: refuse before the weights.
-    code = [f"*{CODE_SUFFIX}"] if any(f.endswith(CODE_SUFFIX) for f in files) else []
-    check_remote_code(download(["*.json", *code]), str(pinned), trusted_code)
-    path = download(HUB_PATTERNS)
-    return ResolvedModel(ref=f"hf:{ref.repo}@{commit}", path=path, commit=commit)
+    pinned, path, commit = resolve_hub(ref, sources_dir, token, trusted_code)
+    return ResolvedModel(ref=pinned, path=path, commit=commit)

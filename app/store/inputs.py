@@ -4,6 +4,10 @@ An ``s3://bucket/prefix`` model is downloaded into ``sources/s3/`` of the node's
 store directory (once per listing of its objects) and identified by the sha256 of
 its files, like any input; its pinned form ``s3://bucket/prefix@sha256:<digest>``
 (recorded on a job) refuses objects that changed since.
+
+A Hub ref is pinned and preflighted without its weights (configs, tokenizer files and
+safetensors headers only, see :mod:`app.residuals.hub`); :func:`download_bytes` says
+what its download will write, for a free-space check before it.
 """
 
 from __future__ import annotations
@@ -14,9 +18,12 @@ import hashlib
 import os
 import shutil
 import uuid
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
+from pathlib import Path
 
 from app.core.errors import ModelNotFoundError
+from app.residuals.checkpoint import Checkpoint
+from app.residuals.hub import fetch_small, inspect_hub, list_hub, missing_bytes
 from app.residuals.refs import (
     HUB_PATTERNS,
     ModelRef,
@@ -26,8 +33,11 @@ from app.residuals.refs import (
 )
 from app.residuals.remote_code import CODE_SUFFIX, check_remote_code
 from app.residuals.sources import describe_source
+from app.residuals.space import ensure_space
 from app.store.base import Store
 from app.store.s3 import download_file, list_objects, split_url
+
+Need = tuple[Path, int]  # (where, bytes to write there)
 
 
 def resolve_input(text: str, store: Store, trusted_code: Collection[str] = ()) -> ResolvedModel:
@@ -39,8 +49,64 @@ def resolve_input(text: str, store: Store, trusted_code: Collection[str] = ()) -
     """
     ref = ModelRef.parse(text)
     if ref.kind != "s3":
-        return resolve_ref(ref, store.root / "sources", trusted_code=trusted_code)
+        return resolve_ref(ref, hub_cache(store), trusted_code=trusted_code)
     return _fetch_s3(ref, store, trusted_code)
+
+
+def pin_input(text: str, store: Store, trusted_code: Collection[str] = ()) -> str:
+    """The reference pinned: a Hub ref to its commit (configs fetched and checked for
+    code, no weights), an ``s3://`` ref to its content (downloaded); others as given.
+
+    Raises:
+        as :func:`resolve_input`.
+    """
+    ref = ModelRef.parse(text)
+    if ref.kind == "hf":
+        listing = list_hub(ref)
+        fetch_small(listing, hub_cache(store), None, trusted_code)
+        return listing.ref
+    if ref.kind == "s3":
+        return resolve_input(text, store, trusted_code).ref
+    return text
+
+
+def inspect_input(text: str, store: Store, trusted_code: Collection[str] = ()) -> Checkpoint:
+    """The model of a reference, headers only, to preflight (a Hub ref's weights are
+    not downloaded: their headers are read remotely). Close it after use.
+
+    Raises:
+        as :func:`resolve_input`, and CorruptCheckpointError.
+    """
+    ref = ModelRef.parse(text)
+    if ref.kind == "hf":
+        return inspect_hub(ref, hub_cache(store), None, trusted_code)
+    return Checkpoint.open(resolve_input(text, store, trusted_code).path)
+
+
+def download_bytes(texts: Collection[str], store: Store) -> int:
+    """Bytes resolving ``texts`` will download into the Hub cache (files not there yet)."""
+    total = 0
+    for text in texts:
+        ref = ModelRef.parse(text)
+        if ref.kind == "hf":
+            total += missing_bytes(list_hub(ref), hub_cache(store))
+    return total
+
+
+def check_download_room(store: Store, download: int, outputs: Iterable[Need]) -> None:
+    """Refuse a Hub download of ``download`` bytes unless the Hub cache's file system
+    takes it and each destination of ``outputs`` (path, bytes the caller will write
+    there) takes those, + 10 % (on one file system: their sum).
+
+    Raises:
+        InsufficientStorageError: naming the paths and the bytes needed and free.
+    """
+    ensure_space([(hub_cache(store), download), *outputs])
+
+
+def hub_cache(store: Store) -> Path:
+    """Where Hub downloads go: ``sources/`` of the store's local directory."""
+    return store.root / "sources"
 
 
 def _fetch_s3(ref: ModelRef, store: Store, trusted_code: Collection[str]) -> ResolvedModel:

@@ -103,7 +103,7 @@ class Workers:
     logdir: Path
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
-    def start(self, name: str) -> subprocess.Popen[bytes]:
+    def start(self, name: str, queues: str = "gpu,cpu") -> subprocess.Popen[bytes]:
         log = (self.logdir / f"{name}.log").open("ab")
         proc = subprocess.Popen(
             [
@@ -114,7 +114,7 @@ class Workers:
                 "workers.celery_app",
                 "worker",
                 "-Q",
-                "gpu,cpu",
+                queues,
                 "--pool",
                 "solo",
                 "-n",

@@ -1,0 +1,99 @@
+"""A serve=true job in ``in_engine`` mode: only the residual is stored; the engine
+computes target + alpha * R while it loads (no merged checkpoint is written)."""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING
+
+from app.core.errors import IncompatibleModelsError
+from app.jobs.models import JobRecord, JobResult, MergeSpec
+from app.jobs.records import ModelEntry
+from app.jobs.reporter import JobReporter
+from app.residuals.manifest import ResidualManifest
+
+if TYPE_CHECKING:
+    from app.jobs.runner import JobRunner
+
+
+def run_in_engine(
+    runner: JobRunner, rec: JobRecord, reporter: JobReporter, cancel: threading.Event
+) -> tuple[JobResult, int]:
+    """Compute (or verify the stored) residual, check it against the target and register
+    the model for the engine to merge while loading; the job's result and size (0).
+
+    Raises:
+        IncompatibleModelsError: the instruct side added vocabulary rows (the target's
+            shapes would change: only a merged checkpoint can serve that).
+    """
+    from app.merge import preflight, resolve_model
+
+    s = runner.job_spec(rec)
+    assert s.target is not None
+    store, settings = runner.store, runner.settings
+    key, manifest = _residual(runner, s, reporter, cancel)
+    if getattr(manifest, "vocab", None) is not None:
+        raise IncompatibleModelsError(
+            "in_engine serving needs the target's shapes to stay the same, but "
+            "the instruct model added vocabulary rows; use serve_mode "
+            "'checkpoint'"
+        )
+    preflight(target=s.target, residual=key, alpha=s.alpha, store=store, settings=settings)
+    reporter.check()
+    target = resolve_model(s.target, store, settings)
+    model_id = s.name or f"realign-{key[:8]}-inline"
+    runner.records.register_model(
+        ModelEntry(
+            id=model_id,
+            path=str(target),
+            merged_key="",
+            residual_key=key,
+            residual_dir=str(store.path(key)),
+            alpha=s.alpha,
+            base=manifest.base.ref,
+            instruct=manifest.instruct.ref,
+            target=s.target,
+            owner=rec.owner,
+            job_id=rec.id,
+            serve=True,
+            serve_mode="in_engine",
+        )
+    )
+    result = JobResult(
+        model_id=model_id,
+        merged_key="",
+        residual_key=key,
+        output="",
+        manifest={"residual": key, "target": s.target, "alpha": s.alpha},
+    )
+    return result, 0
+
+
+def _residual(
+    runner: JobRunner, s: MergeSpec, reporter: JobReporter, cancel: threading.Event
+) -> tuple[str, ResidualManifest]:
+    """The residual's key and manifest: computed (or reused), or the stored one given,
+    verified in full (the engine reads the pack itself)."""
+    from app.merge import compute
+    from app.store.recovery import verify_pack
+
+    def notice(msg: str) -> object:  # a rebuilt corrupt artifact is told in the events
+        return runner.records.add_event(reporter.rec, "status", msg)
+
+    store = runner.store
+    if s.residual is not None:
+        key = store.resolve(s.residual)  # a key prefix names one pack
+        return key, verify_pack(store, key, notice)
+    assert s.base is not None and s.instruct is not None
+    res = compute(
+        s.base,
+        s.instruct,
+        dtype=s.dtype,
+        store=store,
+        settings=runner.settings,
+        device=runner.settings.device,
+        progress=reporter,
+        cancel=cancel,
+        notice=notice,
+    )
+    return res.key, res.manifest

@@ -1,0 +1,123 @@
+"""Jobs whose queue message is gone: sent again by worker housekeeping, failed after a few.
+
+A job waits ``queued`` for its validate message, and again, after "preflight passed",
+for its merge message. A message can vanish: a task that gave up its retries during
+a records outage, a broker restarted without persistence or evicting keys, a crash
+between recording a job and queueing it. Every worker's housekeeping looks at the
+queued jobs nothing touched for ``REALIGN_JOB_REQUEUE_AFTER_S`` that no worker holds
+(no lease): if the broker holds no message for one (neither waiting nor delivered),
+it sends the step's message again and records that as a job event. A long queue is
+no reason: its messages are in the broker. Duplicates are harmless (every step is
+idempotent under the job lease); one worker per period re-sends a job, and a job
+re-sent ``REALIGN_MAX_DELIVERIES`` times fails with ``message_lost`` instead of
+waiting forever. ``validating`` jobs nobody runs are the reaper's (they fail).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Collection
+from datetime import timedelta
+from typing import TYPE_CHECKING
+
+from app.jobs.broker import TASK_MERGE, TASK_VALIDATE
+from app.jobs.models import JobError, JobRecord, JobStage, JobStatus, utcnow
+
+if TYPE_CHECKING:
+    from app.jobs.runner import JobRunner
+
+log = logging.getLogger("app.jobs")
+MESSAGE_LOST = "message_lost"
+BATCH = 500  # oldest queued jobs looked at per sweep
+Pending = Callable[[], Collection[str]]  # ids of the jobs with a message in the broker
+
+
+def next_task(rec: JobRecord) -> str | None:
+    """The message a queued job waits for: validate, or merge once preflight passed."""
+    if rec.status != JobStatus.queued:
+        return None
+    if rec.stage is None:
+        return TASK_VALIDATE
+    return TASK_MERGE if rec.stage == JobStage.preflight else None
+
+
+class Requeuer:
+    """Re-sends the messages of queued jobs that no broker queue holds any more.
+
+    Args:
+        runner: this worker's runner (records, settings, enqueue, final states).
+        pending: the ids of the jobs with a message in the broker (waiting or
+            delivered); None turns the sweep off.
+    """
+
+    def __init__(self, runner: JobRunner, pending: Pending | None) -> None:
+        self.runner = runner
+        self.records = runner.records
+        self.pending = pending
+        self.after = runner.settings.job_requeue_after_s
+        self.cap = runner.settings.max_deliveries
+        self.holder = f"{runner.worker}/requeue"
+
+    def sweep(self) -> list[str]:
+        """Re-send (or fail, past the cap) every queued job whose message is lost.
+
+        Returns:
+            The ids of the jobs re-sent or failed.
+        """
+        if self.pending is None:
+            return []
+        cutoff = utcnow() - timedelta(seconds=self.after)
+        stale = [
+            rec
+            for rec in self.records.queued_before(cutoff, BATCH)
+            if rec.updated_at <= cutoff
+            and next_task(rec) is not None
+            and rec.deliveries < self.cap  # a merge that died too often: the reaper's
+            and self.records.lease_holder(rec.id) is None
+        ]
+        if not stale:
+            return []
+        present = set(self.pending())  # read only now: it lists every queued message
+        return [rec.id for rec in stale if rec.id not in present and self._resend(rec)]
+
+    def _resend(self, seen: JobRecord) -> bool:
+        if not self.records.claim_resend(seen.id, self.holder, self.after):
+            return False  # another worker re-sent it within the period
+        if not self.records.acquire_lease(seen.id, self.holder, self.runner.lease_s):
+            return False  # a worker took it meanwhile
+        try:
+            rec = self.records.get(seen.id)
+            if rec is None or (rec.status, rec.stage, rec.updated_at) != (
+                seen.status,
+                seen.stage,
+                seen.updated_at,
+            ):
+                return False  # it moved on
+            task = next_task(rec)
+            assert task is not None
+            done = self.records.resends(rec.id)
+            if done >= self.cap:
+                self.runner.finish(rec, JobStatus.failed, error=self._lost(done))
+                return True
+            n = self.records.count_resend(rec.id)
+            step = "validate" if task == TASK_VALIDATE else "merge"
+            message = (
+                f"message re-sent: the job sat queued {self.after:g} s with no {step} "
+                f"message in the broker (dropped after a records outage, or lost in a "
+                f"broker restart); re-send {n} of {self.cap}"
+            )
+            self.records.add_event(rec, "status", message)
+            log.warning("job %s: %s", rec.id, message)
+        finally:
+            self.records.release_lease(seen.id, self.holder)
+        self.runner.enqueue(task, rec.id)  # after the release: the step takes the lease
+        return True
+
+    def _lost(self, done: int) -> JobError:
+        return JobError(
+            code=MESSAGE_LOST,
+            message=f"the job's queue message was lost {done + 1} times (sent again "
+            f"{done} times, each after {self.after:g} s queued with no message in the "
+            "broker) — check the broker (Redis persistence, maxmemory-policy "
+            "noeviction) and the worker logs for task errors, then submit the job again",
+        )

@@ -1,0 +1,211 @@
+"""A job whose queue message is lost never stays ``queued``: worker housekeeping sends it
+again (a job event says so) and the job runs; one whose messages keep getting lost fails
+``message_lost`` after ``REALIGN_MAX_DELIVERIES`` re-sends; a job waiting in a queue (its
+message is there) is left alone. Real Redis, real ``celery worker`` processes; the
+broker losing a message is a real ``DEL`` of its queue list in Redis."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from app.core.settings import Settings
+from app.demo.tiny import TinyTriple
+from app.jobs.broker import jobs_in_broker, queue_keys
+from app.jobs.models import Caller, JobRecord, JobStage, JobStatus, MergeSpec
+from app.jobs.records import JobRecords
+from app.jobs.requeue import MESSAGE_LOST
+from app.jobs.runner import JobRunner
+from app.jobs.service import JobService
+from app.jobs.sqlite_kv import SqliteKV
+from tests.jobs.conftest import RedisServer, Workers, service_env
+
+ALICE = Caller(name="alice")
+# The documented timing knob (REALIGN_JOB_REQUEUE_AFTER_S), short so the test does not
+# wait minutes; housekeeping itself runs on every worker heartbeat (10 s).
+AFTER_S = 2.0
+RESENT = "message re-sent"
+
+
+def _spec(t: TinyTriple) -> MergeSpec:
+    return MergeSpec(base=str(t.base), instruct=str(t.instruct), target=str(t.new_base))
+
+
+def _resent(svc: JobService, job_id: str) -> list[str]:
+    return [e.message for e in svc.events(job_id, ALICE) if e.message.startswith(RESENT)]
+
+
+def _until(what: str, check: Callable[[], bool], workers: Workers, timeout: float = 90) -> None:
+    end = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < end, f"timed out waiting for {what}\n{workers.logs()}"
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def cluster(
+    redis_server: RedisServer, llama_triple: TinyTriple, store_dir: Path, tmp_path: Path
+) -> Iterator[tuple[JobService, Workers, redis.Redis]]:
+    """The job service (no worker yet), a worker starter and a client of the broker."""
+    roots = [llama_triple.base.parent]
+    after = str(AFTER_S)
+    env = service_env(redis_server.url, store_dir, roots, REALIGN_JOB_REQUEUE_AFTER_S=after)
+    settings = Settings(
+        redis_url=redis_server.url,
+        models_cache_dir=store_dir,
+        allowed_roots=roots,
+        job_time_limit_s=8,
+        visibility_timeout_s=10,
+    )
+    workers = Workers(env, tmp_path)
+    broker = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        yield JobService.from_settings(settings), workers, broker
+    finally:
+        workers.stop_all()
+
+
+@pytest.mark.slow
+def test_lost_messages_are_sent_again_and_the_job_succeeds(
+    cluster: tuple[JobService, Workers, redis.Redis], llama_triple: TinyTriple
+) -> None:
+    """The validate message is lost before any worker took it, then the merge message
+    after validation: housekeeping sends each again and the job succeeds."""
+    svc, workers, broker = cluster
+    rec, _ = svc.submit(_spec(llama_triple), ALICE)
+    assert jobs_in_broker(broker) == {rec.id}  # the probe sees the waiting message
+    broker.delete(*queue_keys("cpu"))  # the broker loses it
+    assert jobs_in_broker(broker) == set()
+    workers.start("light", queues="cpu")  # validates; nothing takes merges yet
+
+    def validated() -> bool:
+        job = svc.get(rec.id, ALICE)
+        return job.status == JobStatus.queued and job.stage == JobStage.preflight
+
+    _until("the re-sent validation", validated, workers)
+    assert len(_resent(svc, rec.id)) == 1
+    _until("the merge message", lambda: broker.llen("gpu") == 1, workers)
+    broker.delete(*queue_keys("gpu"))  # lost too
+    _until("the merge message re-sent", lambda: len(_resent(svc, rec.id)) == 2, workers)
+    workers.start("heavy", queues="gpu")
+    _until("the merge", lambda: svc.get(rec.id, ALICE).status.terminal, workers)
+    job = svc.get(rec.id, ALICE)
+    assert job.status == JobStatus.succeeded, (job.error, workers.logs())
+    first, second = _resent(svc, rec.id)
+    assert "no validate message" in first and "re-send 1 of 3" in first
+    assert "no merge message" in second and "re-send 2 of 3" in second
+    assert job.deliveries == 1  # a re-send is not a delivery
+
+
+@pytest.mark.slow
+def test_a_waiting_job_is_left_alone_and_one_always_lost_fails(
+    cluster: tuple[JobService, Workers, redis.Redis], llama_triple: TinyTriple
+) -> None:
+    """No worker takes validations: the job's message waits in the queue and is never
+    re-sent. Then the broker loses every message sent to that queue: after three
+    re-sends the job fails 'message_lost' instead of staying queued."""
+    svc, workers, broker = cluster
+    rec, _ = svc.submit(_spec(llama_triple), ALICE)
+    workers.start("heavy", queues="gpu")  # runs housekeeping, takes no validations
+    _wait_beats(svc, workers, since=time.time() + AFTER_S, beats=2)
+    assert svc.get(rec.id, ALICE).status == JobStatus.queued
+    assert _resent(svc, rec.id) == [] and jobs_in_broker(broker) == {rec.id}
+
+    stop = threading.Event()
+
+    def lose() -> None:  # a broker that drops everything sent to "cpu"
+        while not stop.wait(0.05):
+            broker.delete(*queue_keys("cpu"))
+
+    loser = threading.Thread(target=lose, daemon=True)
+    loser.start()
+    try:
+        _until("the job to end", lambda: svc.get(rec.id, ALICE).status.terminal, workers, 120)
+    finally:
+        stop.set()
+        loser.join()
+    job = svc.get(rec.id, ALICE)
+    assert job.status == JobStatus.failed and job.error is not None, job
+    assert job.error.code == MESSAGE_LOST
+    assert "lost 4 times" in job.error.message and "broker" in job.error.message
+    assert len(_resent(svc, rec.id)) == 3
+
+
+def _wait_beats(svc: JobService, workers: Workers, since: float, beats: int) -> None:
+    """Until a worker has beaten ``beats`` times after ``since`` (epoch seconds); the
+    housekeeping of every beat but the last has run by then."""
+    seen: set[float] = set()
+
+    def beat() -> bool:
+        for w in svc.records.workers():
+            if w.seen_at.timestamp() > since:
+                seen.add(w.seen_at.timestamp())
+        return len(seen) >= beats
+
+    _until(f"{beats} worker heartbeats", beat, workers)
+
+
+# -- the sweep on embedded records (no broker: the step queue is a list) -----------------
+PERIOD = 1.5  # the two sweeps of one period must run within it on a busy machine
+
+
+def test_resend_once_per_period_then_fail(tmp_path: Path) -> None:
+    """One re-send per period, even with two workers sweeping; a job already taken or
+    with its message present is left alone; past the cap the job fails."""
+    settings = Settings(models_cache_dir=tmp_path / "store", job_requeue_after_s=PERIOD)
+    records = JobRecords(SqliteKV(tmp_path / "jobs.sqlite"))
+    sent: list[tuple[str, str]] = []
+    present: set[str] = set()
+
+    def runner(name: str) -> JobRunner:
+        return JobRunner(
+            records, settings, name, lambda t, j: sent.append((t, j)), None, lambda: present
+        )
+
+    w1, w2 = runner("w1"), runner("w2")
+    lost, waiting = (
+        JobRecord(id=i, owner="alice", spec=MergeSpec(residual="ab"))
+        for i in ("mrg_lost", "mrg_wait")
+    )
+    for rec in (lost, waiting):
+        records.create(rec)
+    present.add(waiting.id)
+    assert w1.requeue.sweep() == []  # too recent
+    time.sleep(PERIOD + 0.05)
+    assert w1.requeue.sweep() == [lost.id] and w2.requeue.sweep() == []
+    assert sent == [("realign.validate", lost.id)]
+    for n in (2, 3):
+        time.sleep(PERIOD + 0.05)
+        assert w2.requeue.sweep() == [lost.id] and len(sent) == n
+    time.sleep(PERIOD + 0.05)
+    assert w1.requeue.sweep() == [lost.id] and len(sent) == 3  # the cap: failed, not sent
+    failed = records.get(lost.id)
+    assert failed is not None and failed.status == JobStatus.failed
+    assert failed.error is not None and failed.error.code == MESSAGE_LOST
+    assert records.get(waiting.id).status == JobStatus.queued  # type: ignore[union-attr]
+
+
+def test_the_probe_sees_messages_delivered_but_not_acknowledged(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """A message a consumer holds (acks_late: running, or waiting out a countdown) is
+    in kombu's unacked hash, not in the queue: the job is not re-sent for that."""
+    from app.jobs.broker import make_celery
+
+    settings = Settings(redis_url=redis_server.url, models_cache_dir=tmp_path / "store")
+    app = make_celery(settings)
+    app.send_task("realign.merge", args=["mrg_held"], queue="gpu")
+    app.send_task("realign.validate", args=["mrg_waiting"], queue="cpu")
+    app.send_task("realign.assemble", args=["mrg_other"], queue="cpu")  # not a job step
+    broker = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    with app.connection_for_read() as conn:
+        held = conn.SimpleQueue("gpu", no_ack=False).get(timeout=5)
+        assert broker.llen("gpu") == 0 and broker.hlen("unacked") == 1
+        assert jobs_in_broker(broker) == {"mrg_held", "mrg_waiting"}
+        held.ack()
+    assert jobs_in_broker(broker) == {"mrg_waiting"}
