@@ -307,7 +307,6 @@ class JobRunner:
         self.records.register_model(
             ModelEntry(
                 id=model_id,
-                path=str(done.path),
                 merged_key=done.key,
                 residual_key=done.residual_key,
                 alpha=s.alpha,
@@ -333,7 +332,8 @@ class JobRunner:
         self, rec: JobRecord, reporter: JobReporter, cancel: threading.Event
     ) -> tuple[JobResult, int]:
         """Residual only; the engine computes target + alpha * R while loading it."""
-        from app.merge import compute, preflight, resolve_model
+        from app.merge import compute, preflight
+        from app.store.inputs import resolve_input
 
         s = self._spec(rec)
         assert s.target is not None
@@ -366,19 +366,18 @@ class JobRunner:
             )
         preflight(target=s.target, residual=key, alpha=s.alpha, store=store, settings=settings)
         reporter.check()
-        target = resolve_model(s.target, store, settings)
+        # serving resolves the target again on its own node: record the pinned ref
+        target = resolve_input(s.target, store, settings.trusted_code_sha256)
         model_id = s.name or f"realign-{key[:8]}-inline"
         self.records.register_model(
             ModelEntry(
                 id=model_id,
-                path=str(target),
                 merged_key="",
                 residual_key=key,
-                residual_dir=str(store.path(key)),
                 alpha=s.alpha,
                 base=manifest.base.ref,
                 instruct=manifest.instruct.ref,
-                target=s.target,
+                target=target.ref,
                 owner=rec.owner,
                 job_id=rec.id,
                 serve=True,
