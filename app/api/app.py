@@ -1,6 +1,7 @@
 """The FastAPI application factory, for one plane or both (``REALIGN_SERVE_ROLE``).
 
-- ``api``: the job plane: merges, residuals, admin, health and metrics; no engines.
+- ``api``: the job plane: merges, residuals, admin, health and metrics; no engines (the
+  admin's engine routes ask the serving replicas, through the hand-off records).
 - ``serving``: a serving replica: engines and the OpenAI routes, health and metrics.
 - ``all``: both in one process (the single-box default).
 
@@ -24,10 +25,11 @@ from app.api.content import JsonBodyMiddleware
 from app.api.errors import install_error_handlers
 from app.api.limits import BodyLimitMiddleware
 from app.api.metrics import metrics_registry
-from app.api.routes import admin, health, merges, models, openai, residuals
+from app.api.routes import admin, health, merges, models, openai, replicas, residuals
 from app.api.throttle import ThrottleMiddleware, limits_from, make_limiter
 from app.core.errors import InvalidSettingsError
 from app.core.settings import Settings, get_settings
+from app.handoff.requests import ReplicaRequests
 from app.jobs.service import JobService
 
 if TYPE_CHECKING:
@@ -57,7 +59,7 @@ TAGS = [
 # to the API.
 ROUTERS = {
     "all": (merges, residuals, openai, models, admin, health),
-    "api": (merges, residuals, admin, health),
+    "api": (merges, residuals, admin, replicas, health),
     "serving": (openai, models, health),
 }
 
@@ -71,6 +73,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         service = JobService.from_settings(settings)
         service.start()
         app.state.readiness = service.readiness
+        if settings.serve_role == "api":  # role all answers them from its own engines
+            app.state.requests = _requests(settings, service)
     if settings.serve_role != "api":
         serving = _serving(settings, service)
         serving.start()
@@ -100,6 +104,14 @@ def _serving(settings: Settings, service: JobService | None) -> ServingService:
         assert settings.redis_url is not None  # checked in create_app
         kv = RedisKV(settings.redis_url)
     return ServingService(settings, LoadBoard(kv), role=settings.serve_role)
+
+
+def _requests(settings: Settings, service: JobService) -> ReplicaRequests:
+    """The admin's engine control of the job plane: asks every serving replica."""
+    from app.handoff.bus import make_bus
+
+    bus = make_bus(settings.redis_url)
+    return ReplicaRequests(service.records.board, bus, settings.serve_load_timeout_s)
 
 
 def _check_role(settings: Settings) -> None:

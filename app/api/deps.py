@@ -10,6 +10,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from app.api.auth import KeyRing
 from app.core.errors import PermissionDeniedError
 from app.core.settings import Settings
+from app.handoff.requests import ReplicaRequests
 from app.jobs.models import Caller
 from app.jobs.service import JobService
 
@@ -37,6 +38,11 @@ def get_serving(request: Request) -> ServingService:
     return serving
 
 
+def get_requests(request: Request) -> ReplicaRequests:
+    requests: ReplicaRequests = request.app.state.requests
+    return requests
+
+
 def get_caller(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
@@ -53,6 +59,7 @@ def require_admin(caller: Annotated[Caller, Depends(get_caller)]) -> Caller:
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 ServiceDep = Annotated[JobService, Depends(get_service)]
+RequestsDep = Annotated[ReplicaRequests, Depends(get_requests)]
 if TYPE_CHECKING:
     ServingDep = Annotated[ServingService, Depends(get_serving)]
 else:  # the engines are not imported by the job plane: FastAPI needs no class here

@@ -258,6 +258,20 @@ class ModelLoadFailedError(ServiceUnavailableError):
         self.reason = reason
 
 
+class ReplicaRequestError(ServiceUnavailableError):
+    """An admin's load or unload through the job plane did not get done by the serving
+    replicas: one could not (``model_load_failed``, with its reason; not retryable),
+    none answered in time (``load_timeout``), or none is running (``no_serving_replica``).
+    """
+
+    code = "replica_request_failed"
+
+    def __init__(self, message: str, code: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.retryable = code != "model_load_failed"
+
+
 class InvalidSettingsError(RealignError, ValueError):
     """An environment variable of the settings does not parse or is out of range."""
 

@@ -6,6 +6,12 @@ the wrong weights. A swap takes the lock exclusively: it waits for in-flight
 generations, reloads in place (same architecture) and verifies a few parameters
 before the model is marked ready.
 
+Weights are opened through their :class:`~app.engines.source.ModelSource` (fetched
+into the node cache when they come from a shared store) and stay pinned while an
+engine holds them: the pin is released when the model is swapped out, evicted or
+unloaded, so node-cache eviction never deletes files a loaded model came from (vLLM
+may read them again, e.g. a restart after a swap failed).
+
 A load that fails is remembered (:meth:`EnginePool.failure`) until a new load of that
 model is requested, so requests get the reason at once instead of one doomed load
 (or a bare 500) each.
@@ -15,22 +21,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from app.core.errors import ModelLoadFailedError, RealignError, ServiceUnavailableError
-from app.engines.base import ChatEngine, InlineMerge
+from app.engines.base import ChatEngine
 from app.engines.factory import EngineFactory
 from app.engines.rwlock import RWLock
+from app.engines.source import (
+    VERIFY_TENSOR,
+    LocalModel,
+    ModelSource,
+    expected_checksum,
+    signature,
+)
 from app.residuals.manifest import verify_merged_dir
 
+__all__ = ["EnginePool", "LocalModel", "ModelLoadingError", "ModelSource", "describe"]
 log = logging.getLogger("app.engines")
-VERIFY_TENSOR = "model.norm.weight"
 
 
 class ModelLoadingError(ServiceUnavailableError):
@@ -43,43 +54,21 @@ class ModelLoadingError(ServiceUnavailableError):
         self.retry_after = retry_after
 
 
-@dataclass(frozen=True)
-class ModelSource:
-    """What to load for a model id: a merged checkpoint, or an in-engine merge."""
-
-    model_id: str
-    path: Path  # the merged dir, or for in-engine merges the target (config/shapes)
-    inline: InlineMerge | None = None
-
-
-# Config fields an engine does not build anything from: tokens are the front end's.
-_NOT_ENGINE = frozenset(
-    {"_name_or_path", "transformers_version", "bos_token_id", "eos_token_id", "pad_token_id",
-     "use_cache", "auto_map"}
-)  # fmt: skip
-
-
-def signature(model_dir: Path) -> str:
-    """Models with equal signatures can swap weights in place in one engine.
-
-    Everything else in ``config.json`` counts: an engine bakes more than shapes in at
-    start (RoPE tables from ``rope_theta``/``rope_scaling``, its context length from
-    ``max_position_embeddings``, norm epsilons), so Llama 3 -> 3.1 weights in a Llama 3
-    engine would run with the wrong positions.
-    """
-    cfg = json.loads((model_dir / "config.json").read_text())
-    return json.dumps({k: v for k, v in cfg.items() if k not in _NOT_ENGINE}, sort_keys=True)
-
-
 @dataclass
 class _Slot:
     engine: ChatEngine
     signature: str
-    model_id: str
+    source: ModelSource
+    local: LocalModel
+    pin: contextlib.ExitStack  # the store's hold on ``local`` (released with the model)
     lock: RWLock = field(default_factory=RWLock)
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     last_used: float = field(default_factory=time.monotonic)
     loads: int = 0
+
+    @property
+    def model_id(self) -> str:
+        return self.source.model_id
 
 
 class EnginePool:
@@ -109,6 +98,11 @@ class EnginePool:
         states = dict.fromkeys(self._failures, "failed")
         states.update({s.model_id: "ready" if s.ready.is_set() else "loading" for s in self._slots})
         return states
+
+    def local(self, model_id: str) -> LocalModel | None:
+        """Where the weights of loaded ``model_id`` are on this node (pinned), or None."""
+        slot = self._find(model_id)
+        return slot.local if slot is not None else None
 
     def failure(self, src: ModelSource) -> ModelLoadFailedError | None:
         """Why the last load of ``src`` failed, until a new load is requested."""
@@ -149,8 +143,9 @@ class EnginePool:
         (evicting the least recently used one beyond the budget). Returns how.
 
         Raises:
-            ModelLoadFailedError: the engine could not load it (also remembered, see
-                :meth:`failure`, until the next call for this model).
+            ModelLoadFailedError: its weights could not be fetched or checked, or the
+                engine could not load them (also remembered, see :meth:`failure`, until
+                the next call for this model).
         """
         self._failures.pop(src.model_id, None)
         try:
@@ -164,67 +159,91 @@ class EnginePool:
     async def _load(self, src: ModelSource) -> str:
         async with self._manage:
             current = self._find(src.model_id)
-            if current is not None and src.inline is None:
+            if current is not None and current.source == src:
                 return "already loaded"
-            # Serve only what was published: a byte changed since fails the load.
-            await asyncio.to_thread(verify_merged_dir, src.path)
-            sig = signature(src.path)
-            same = sorted((s for s in self._slots if s.signature == sig), key=lambda s: s.last_used)
-            if same:
-                await self._swap(same[0], src)
-                return "swapped in place"
-            while len(self._slots) >= self.max_engines:
-                await self._evict(min(self._slots, key=lambda s: s.last_used))
-            await self._start(src, sig)
-            return "started a new engine"
+            pin = contextlib.ExitStack()
+            try:
+                # Fetched (and checked while read) into the node cache, pinned there.
+                local = await asyncio.to_thread(lambda: pin.enter_context(src.open()))
+                # Serve only what was published: a byte changed since fails the load.
+                await asyncio.to_thread(verify_merged_dir, local.path)
+                return await self._place(src, local, pin, current)
+            except BaseException:
+                pin.close()
+                raise
 
-    async def _swap(self, slot: _Slot, src: ModelSource) -> None:
+    async def _place(
+        self, src: ModelSource, local: LocalModel, pin: contextlib.ExitStack, current: _Slot | None
+    ) -> str:
+        """Put opened weights in an engine: the one holding an older version of this model
+        or another model of the same shape (in place), else a new one."""
+        sig = signature(local.path)
+        if current is not None and current.signature != sig:
+            await self._evict(current)  # other weights under this id, of another shape
+            current = None
+        same = sorted(
+            (s for s in self._slots if s.signature == sig),
+            key=lambda s: (s is not current, s.last_used),
+        )
+        if same:
+            await self._swap(same[0], src, local, pin)
+            return "swapped in place"
+        while len(self._slots) >= self.max_engines:
+            await self._evict(min(self._slots, key=lambda s: s.last_used))
+        await self._start(src, local, pin, sig)
+        return "started a new engine"
+
+    async def _swap(
+        self, slot: _Slot, src: ModelSource, local: LocalModel, pin: contextlib.ExitStack
+    ) -> None:
         started = time.perf_counter()
         async with slot.lock.write():
             slot.ready.clear()
-            old, slot.model_id = slot.model_id, src.model_id
+            old = slot.source
+            slot.source, slot.local = src, local
             try:
-                if src.inline is not None:
-                    await slot.engine.reload_merged(src.inline)
+                if local.inline is not None:
+                    await slot.engine.reload_merged(local.inline)
                 else:
-                    await slot.engine.reload(src.path)
-                await self._verify(slot.engine, src)
+                    await slot.engine.reload(local.path)
+                await self._verify(slot.engine, src.model_id, local)
             except BaseException:
                 self._slots.remove(slot)  # weights are in an unknown state: drop the engine
                 await slot.engine.close()
+                slot.pin.close()
                 raise
+            slot.pin.close()  # the old model's files may go now
+            slot.pin = pin
             slot.loads += 1
             slot.ready.set()
-        log.info(
-            "swapped %s -> %s in place in %.3f s", old, src.model_id, time.perf_counter() - started
-        )
+        took = time.perf_counter() - started
+        log.info("swapped %s -> %s in place in %.3f s", old.model_id, src.model_id, took)
 
-    async def _start(self, src: ModelSource, sig: str) -> None:
+    async def _start(
+        self, src: ModelSource, local: LocalModel, pin: contextlib.ExitStack, sig: str
+    ) -> None:
         started = time.perf_counter()
-        engine = self.factory(src.path)
-        slot = _Slot(engine, sig, src.model_id)
+        engine = self.factory(local.path)
+        slot = _Slot(engine, sig, src, local, pin)
         self._slots.append(slot)
         try:
             await engine.start()
-            if src.inline is not None:
-                await engine.reload_merged(src.inline)
-            await self._verify(engine, src)
+            if local.inline is not None:
+                await engine.reload_merged(local.inline)
+            await self._verify(engine, src.model_id, local)
         except BaseException:
             self._slots.remove(slot)
             await engine.close()
             raise
         slot.ready.set()
-        log.info(
-            "started %s engine for %s in %.1f s",
-            engine.kind,
-            src.model_id,
-            time.perf_counter() - started,
-        )
+        took = time.perf_counter() - started
+        log.info("started %s engine for %s in %.1f s", engine.kind, src.model_id, took)
 
     async def _evict(self, slot: _Slot) -> None:
         async with slot.lock.write():
             self._slots.remove(slot)
             await slot.engine.close()
+            slot.pin.close()
         log.info("evicted %s (least recently used)", slot.model_id)
 
     async def unload(self, model_id: str) -> bool:
@@ -240,39 +259,19 @@ class EnginePool:
         for slot in list(self._slots):
             await self._evict(slot)
 
-    async def _verify(self, engine: ChatEngine, src: ModelSource) -> None:
+    async def _verify(self, engine: ChatEngine, model_id: str, local: LocalModel) -> None:
         checksum = getattr(engine, "checksum", None)
         if checksum is None:
             return
-        expected = _expected_checksum(src)
+        expected = expected_checksum(local)
         if expected is None:
             return
         got = (await checksum([VERIFY_TENSOR])).get(VERIFY_TENSOR)
         if got is not None and abs(got - expected) > 1e-3 * max(1.0, abs(expected)):
             raise ServiceUnavailableError(
-                f"{src.model_id}: weights after the swap do not match the checkpoint "
+                f"{model_id}: weights after the swap do not match the checkpoint "
                 f"({VERIFY_TENSOR} sum {got} vs {expected}); the engine was dropped"
             )
-
-
-def _expected_checksum(src: ModelSource) -> float | None:
-    from app.residuals.checkpoint import Checkpoint
-    from app.residuals.inline import stream_merged
-
-    if src.inline is not None:
-        i = src.inline
-        for _, t in stream_merged(i.residual_dir, i.target_dir, i.alpha, names={VERIFY_TENSOR}):
-            return float(t.double().sum())
-        return None
-    with Checkpoint.open(src.path) as ckpt:
-        info = ckpt.tensors.get(VERIFY_TENSOR)
-        if info is None:
-            return None
-        import torch
-
-        buf = torch.empty(info.nbytes, dtype=torch.uint8)
-        ckpt.read_into(info, 0, info.rows, memoryview(buf.numpy()))  # type: ignore[arg-type]
-        return float(buf.view(info.dtype.torch).double().sum())
 
 
 def load_reason(exc: BaseException) -> str:
@@ -289,7 +288,7 @@ def load_reason(exc: BaseException) -> str:
 
 
 def describe(pool: EnginePool) -> list[dict[str, Any]]:
-    """Admin view of the engines."""
+    """Admin view of the engines (safe to call from another thread: reads a copy)."""
     return [
         {
             "model": s.model_id,
@@ -298,5 +297,5 @@ def describe(pool: EnginePool) -> list[dict[str, Any]]:
             "state": "ready" if s.ready.is_set() else "loading",
             "swaps": s.loads,
         }
-        for s in pool._slots
+        for s in list(pool._slots)
     ]

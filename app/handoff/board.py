@@ -2,15 +2,20 @@
 reports and replica heartbeats, on the job records' key-value store (Redis or SQLite).
 
 Keys (prefix ``realign:``): ``model:<id>`` and the ``models`` index (the catalog);
-``serve:notices`` (index of notices waiting, by time) and ``serve:notice:<job>`` (the
-notice) with ``serve:notice:<job>:reports`` (what each replica reported, in order);
-``replica:<id>`` (a serving replica's heartbeat, expiring) and the ``replicas`` index.
+``serve:notices`` (index of notices waiting, by time) and ``serve:notice:<id>`` (the
+notice) with ``serve:notice:<id>:reports`` (what each replica reported, in order);
+``replica:<id>`` (a serving replica's heartbeat with its engines, expiring) and the
+``replicas`` index.
+
+A notice comes from a ``serve: true`` job (its id is the job's) or from an admin's load
+or unload through the job plane (id ``adm_…``, expiring: nobody waits for it after its
+request ends).
 """
 
 from __future__ import annotations
 
 import time
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, Field
 
@@ -20,6 +25,7 @@ P = "realign:"
 REPLICA_TTL_S = 15.0  # a replica not seen for this long is gone
 REPLICA_BEAT_S = 5.0
 ReportState = Literal["loading", "ready", "failed"]
+Action = Literal["load", "unload"]
 
 
 class KeyValue(Protocol):
@@ -38,19 +44,23 @@ class KeyValue(Protocol):
 
 
 class LoadNotice(BaseModel):
-    """A published model that serving replicas should load (a ``serve: true`` job)."""
+    """A published model that serving replicas should load (a ``serve: true`` job), or
+    load or unload (an admin's request through the job plane)."""
 
-    job_id: str
+    job_id: str  # the job's id, or the admin request's (``adm_…``)
     model_id: str
     announced_at: float = Field(default_factory=time.time)
+    action: Action = "load"
+    by: Literal["job", "admin"] = "job"
 
 
 class LoadReport(BaseModel):
-    """What one replica did with a notice."""
+    """What one replica did with a notice (``ready``: done; ``how`` says how)."""
 
     replica: str
     state: ReportState
     reason: str = ""
+    how: str = ""
     at: float = Field(default_factory=time.time)
 
 
@@ -63,6 +73,7 @@ class ReplicaInfo(BaseModel):
     pid: int
     started_at: float
     seen_at: float = Field(default_factory=time.time)
+    engines: list[dict[str, Any]] = Field(default_factory=list)  # as GET /admin/engines
 
 
 class LoadBoard:
@@ -91,9 +102,12 @@ class LoadBoard:
     # -- notices --------------------------------------------------------------------------
     def announce(self, job_id: str, model_id: str) -> LoadNotice:
         """Record that ``job_id``'s model is ready to load (kept until withdrawn)."""
-        notice = LoadNotice(job_id=job_id, model_id=model_id)
-        self.kv.set(f"{P}serve:notice:{job_id}", notice.model_dump_json())
-        self.kv.zadd(f"{P}serve:notices", job_id, notice.announced_at)
+        return self.post(LoadNotice(job_id=job_id, model_id=model_id))
+
+    def post(self, notice: LoadNotice, ttl_s: float | None = None) -> LoadNotice:
+        """Record ``notice`` until withdrawn (or, with ``ttl_s``, until it expires)."""
+        self.kv.set(f"{P}serve:notice:{notice.job_id}", notice.model_dump_json(), ex=ttl_s)
+        self.kv.zadd(f"{P}serve:notices", notice.job_id, notice.announced_at)
         return notice
 
     def notice(self, job_id: str) -> LoadNotice | None:
@@ -104,6 +118,9 @@ class LoadBoard:
         """Every notice not withdrawn yet, oldest first."""
         ids = list(reversed(self.kv.zrevrange(f"{P}serve:notices", 0, -1)))
         raws = self.kv.mget([f"{P}serve:notice:{i}" for i in ids])
+        for notice_id, raw in zip(ids, raws, strict=True):
+            if raw is None:  # expired (an admin request whose caller went away)
+                self.withdraw(notice_id)
         return [LoadNotice.model_validate_json(r) for r in raws if r]
 
     def withdraw(self, job_id: str) -> None:
@@ -112,12 +129,13 @@ class LoadBoard:
         self.kv.delete(f"{P}serve:notice:{job_id}", f"{P}serve:notice:{job_id}:reports")
 
     # -- reports --------------------------------------------------------------------------
-    def report(self, job_id: str, replica: str, state: ReportState, reason: str = "") -> bool:
+    def report(
+        self, job_id: str, replica: str, state: ReportState, reason: str = "", how: str = ""
+    ) -> bool:
         """Add a replica's report; False when the notice was withdrawn meanwhile."""
         key = f"{P}serve:notice:{job_id}:reports"
-        self.kv.rpush(
-            key, LoadReport(replica=replica, state=state, reason=reason).model_dump_json()
-        )
+        rep = LoadReport(replica=replica, state=state, reason=reason, how=how)
+        self.kv.rpush(key, rep.model_dump_json())
         if self.notice(job_id) is None:
             self.kv.delete(key)  # the job ended while this replica loaded
             return False

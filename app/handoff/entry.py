@@ -8,17 +8,20 @@ from pydantic import BaseModel, Field
 
 
 class ModelEntry(BaseModel):
-    """A merged model that serving can load, with its provenance."""
+    """A merged model that serving can load, with its provenance.
+
+    Only store keys and model refs: a serving replica on another node loads the model
+    from the shared store by them (entries written before carried the worker's paths,
+    which are ignored).
+    """
 
     id: str
-    path: str
-    merged_key: str
-    residual_key: str
-    residual_dir: str | None = None  # in-engine merges: no merged checkpoint on disk
+    merged_key: str  # merged/<key> in the store; "" for an in-engine merge
+    residual_key: str  # residuals/<key>; an in-engine merge loads it with the target
     alpha: float
     base: str
     instruct: str
-    target: str
+    target: str  # the target's ref (pinned when it came from the Hub or a bucket)
     owner: str
     job_id: str
     created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))

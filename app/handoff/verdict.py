@@ -25,6 +25,7 @@ def judge(
     need: int | None,
     timeout_s: float,
     now: float,
+    hint: str | None = None,
 ) -> Verdict | None:
     """The job's end, or None while it should keep waiting.
 
@@ -35,6 +36,7 @@ def judge(
         need: replicas that must have it loaded; None = every live replica (and one at least).
         timeout_s: how long after the notice the job may wait.
         now: the current time (epoch seconds).
+        hint: what to do after a timeout (default: how a job's model still gets loaded).
     """
     ready = sorted(r for r, rep in reports.items() if rep.state == "ready")
     failed = {r: rep for r, rep in reports.items() if rep.state == "failed"}
@@ -52,7 +54,7 @@ def judge(
         if failed and len(ready) + len(waiting) < need:
             return _failed(failed)
     if now - notice.announced_at >= timeout_s:
-        return _timed_out(notice, reports, live, need, timeout_s)
+        return _timed_out(notice, reports, live, need, timeout_s, hint)
     return None
 
 
@@ -70,6 +72,7 @@ def _timed_out(
     live: set[str],
     need: int | None,
     timeout_s: float,
+    hint: str | None,
 ) -> Verdict:
     ready = [r for r, rep in reports.items() if rep.state == "ready"]
     wanted = "every live replica" if need is None else f"{need} replica(s)"
@@ -83,11 +86,15 @@ def _timed_out(
         why = "no serving replica is running (start `realign serve`, role all or serving)"
     else:
         why = f"{len(live)} replica(s) running, none took it"
+    if hint is None:
+        hint = (
+            "The merged model is published and registered: a replica loads it on its "
+            f"first request, or with POST /admin/models/{notice.model_id}/load"
+        )
+    done = "loaded" if notice.action == "load" else "unloaded"
     return Verdict(
         "failed",
-        f"model {notice.model_id!r} was not loaded on {wanted} within {timeout_s:g} s "
-        f"(REALIGN_SERVE_LOAD_TIMEOUT_S): ready on {len(ready)}; {why}. The merged model "
-        f"is published and registered: a replica loads it on its first request, or with "
-        f"POST /admin/models/{notice.model_id}/load",
+        f"model {notice.model_id!r} was not {done} on {wanted} within {timeout_s:g} s "
+        f"(REALIGN_SERVE_LOAD_TIMEOUT_S): ready on {len(ready)}; {why}. {hint}",
         "load_timeout",
     )

@@ -26,7 +26,8 @@ def run_in_engine(
         IncompatibleModelsError: the instruct side added vocabulary rows (the target's
             shapes would change: only a merged checkpoint can serve that).
     """
-    from app.merge import preflight, resolve_model
+    from app.merge import preflight
+    from app.store.inputs import resolve_input
 
     s = runner.job_spec(rec)
     assert s.target is not None
@@ -40,19 +41,18 @@ def run_in_engine(
         )
     preflight(target=s.target, residual=key, alpha=s.alpha, store=store, settings=settings)
     reporter.check()
-    target = resolve_model(s.target, store, settings)
+    # serving resolves the target again on its own node: record the pinned ref
+    target = resolve_input(s.target, store, settings.trusted_code_sha256)
     model_id = s.name or f"realign-{key[:8]}-inline"
     runner.records.register_model(
         ModelEntry(
             id=model_id,
-            path=str(target),
             merged_key="",
             residual_key=key,
-            residual_dir=str(store.path(key)),
             alpha=s.alpha,
             base=manifest.base.ref,
             instruct=manifest.instruct.ref,
-            target=s.target,
+            target=target.ref,
             owner=rec.owner,
             job_id=rec.id,
             serve=True,

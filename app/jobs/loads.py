@@ -62,8 +62,8 @@ class LoadWatcher:
     def settle(self, job_id: str) -> Verdict | None:
         """End the job if its replicas' reports (or its wait) decide it."""
         notice = self.board.notice(job_id)
-        if notice is None:
-            return None
+        if notice is None or notice.by != "job":
+            return None  # withdrawn, or an admin's request (its caller waits for it)
         rec = self.records.get(job_id)
         if rec is None or rec.status.terminal or rec.stage != JobStage.load:
             if rec is None or rec.status.terminal:

@@ -302,7 +302,6 @@ class JobRunner:
         self.records.register_model(
             ModelEntry(
                 id=model_id,
-                path=str(done.path),
                 merged_key=done.key,
                 residual_key=done.residual_key,
                 alpha=s.alpha,

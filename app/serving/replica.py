@@ -1,6 +1,7 @@
-"""This process as a serving replica: it heartbeats, takes "model ready to load" notices
-(a message, or the records when it starts or missed one), loads the model and reports
-back. The job plane decides from the reports when the job ends."""
+"""This process as a serving replica: it heartbeats (with the engines it holds), takes
+"model ready to load" notices (a message, or the records when it starts or missed one),
+loads (or, for an admin's unload, unloads) the model and reports back. The job plane
+decides from the reports when the job, or the admin's request, ends."""
 
 from __future__ import annotations
 
@@ -11,15 +12,31 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
 
 from app.core.errors import RealignError
 from app.engines.pool import load_reason
-from app.handoff.board import REPLICA_BEAT_S, LoadBoard, ReplicaInfo, ReportState
+from app.handoff.board import REPLICA_BEAT_S, LoadBoard, LoadNotice, ReplicaInfo, ReportState
 from app.handoff.bus import LOAD_CHANNEL, REPORT_CHANNEL, Bus, Subscription
 
 log = logging.getLogger("app.serving")
 SWEEP_S = 30.0  # notices are re-read this often, beside the messages (a safety net)
+
+
+class Served(Protocol):
+    """What a replica does with its engine pool."""
+
+    async def load(self, model_id: str) -> str:
+        """Load a model id; returns how, raises why not."""
+        ...
+
+    async def unload(self, model_id: str) -> bool:
+        """Unload a model id; False when it was not loaded."""
+        ...
+
+    def engines(self) -> list[dict[str, Any]]:
+        """The engines held now (called from the heartbeat thread)."""
+        ...
 
 
 class Replica:
@@ -28,16 +45,14 @@ class Replica:
     Args:
         board: the hand-off records.
         bus: the channels.
-        load: loads a model id into the pool; returns how, raises why not.
+        served: the engine pool's owner (loads, unloads, lists engines).
         role: the role this process runs (for the heartbeat).
     """
 
-    def __init__(
-        self, board: LoadBoard, bus: Bus, load: Callable[[str], Awaitable[str]], role: str
-    ) -> None:
+    def __init__(self, board: LoadBoard, bus: Bus, served: Served, role: str) -> None:
         self.board = board
         self.bus = bus
-        self.load = load
+        self.served = served
         host = socket.gethostname()
         self.info = ReplicaInfo(
             id=f"{role}@{host}:{os.getpid()}", role=role, host=host, pid=os.getpid(),
@@ -77,10 +92,14 @@ class Replica:
         with contextlib.suppress(Exception):
             await asyncio.to_thread(self.board.forget_replica, self.id)
 
+    def beat(self) -> None:
+        """Write this replica's heartbeat, with the engines it holds now."""
+        self.board.heartbeat(self.info.model_copy(update={"engines": self.served.engines()}))
+
     def _beats(self) -> None:
         while not self._stop.is_set():
             try:
-                self.board.heartbeat(self.info)
+                self.beat()
             except Exception as exc:  # Redis restarting: next beat
                 log.warning("replica heartbeat failed: %s", exc)
             self._stop.wait(REPLICA_BEAT_S)
@@ -130,20 +149,31 @@ class Replica:
             return  # withdrawn (the job ended), or another store's job
         await self._report(job_id, "loading")
         try:
-            how = await self.load(notice.model_id)
+            how = await self._act(notice)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             reason = exc.message if isinstance(exc, RealignError) else load_reason(exc)
-            log.warning("replica %s: job %s: %s failed to load", self.id, job_id, notice.model_id)
+            log.warning("replica %s: %s: %s failed to %s", self.id, job_id, notice.model_id,
+                        notice.action)  # fmt: skip
             await self._report(job_id, "failed", reason)
             return
-        log.info("replica %s: job %s: %s %s", self.id, job_id, notice.model_id, how)
-        await self._report(job_id, "ready")
+        log.info("replica %s: %s: %s %s", self.id, job_id, notice.model_id, how)
+        with contextlib.suppress(Exception):  # the engines it lists now, before "ready"
+            await asyncio.to_thread(self.beat)
+        await self._report(job_id, "ready", how=how)
 
-    async def _report(self, job_id: str, state: ReportState, reason: str = "") -> None:
+    async def _act(self, notice: LoadNotice) -> str:
+        if notice.action == "unload":
+            unloaded = await self.served.unload(notice.model_id)
+            return "unloaded" if unloaded else "was not loaded"
+        return await self.served.load(notice.model_id)
+
+    async def _report(
+        self, job_id: str, state: ReportState, reason: str = "", how: str = ""
+    ) -> None:
         try:
-            await asyncio.to_thread(self.board.report, job_id, self.id, state, reason)
+            await asyncio.to_thread(self.board.report, job_id, self.id, state, reason, how)
             await asyncio.to_thread(self.bus.publish, REPORT_CHANNEL, job_id)
         except Exception as exc:  # records down: the next sweep takes the notice again
             log.warning("replica %s: job %s: report %s lost (%s)", self.id, job_id, state, exc)

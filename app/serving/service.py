@@ -1,19 +1,23 @@
-"""ServingService: the served-model registry, tokenizers, engines, and loading."""
+"""ServingService: the served-model registry, tokenizers, engines, and loading.
+
+Models are loaded from the store by the keys of their catalog entries
+(:mod:`app.serving.sources`): fetched into this node's cache when the store is a
+bucket, read in place when it is local, and pinned while an engine holds them.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 from app.core.errors import ModelLoadFailedError, ModelNotFoundError, RealignError
 from app.core.settings import Settings
-from app.engines.base import InlineMerge
 from app.engines.factory import factory_from_settings
 from app.engines.pool import EnginePool, ModelLoadingError, ModelSource, describe, load_reason
 from app.engines.sizing import context_length
+from app.engines.source import LocalModel
 from app.handoff.board import LoadBoard
 from app.handoff.bus import Bus, make_bus
 from app.handoff.entry import ModelEntry
@@ -26,7 +30,10 @@ from app.serving.protocol import (
     ModelCard,
 )
 from app.serving.replica import Replica
+from app.serving.sources import source_of
 from app.serving.tokens import ServedTokenizer
+from app.store.base import Store
+from app.store.factory import store_from_settings
 
 log = logging.getLogger("app.serving")
 
@@ -36,24 +43,31 @@ class ServingService:
     the models the job plane announces.
 
     Args:
-        settings: engines and waits.
+        settings: engines, waits, and the store.
         board: the hand-off records (catalog, load notices, replica heartbeats).
         bus: the channels the notices arrive on (from the settings when None).
         role: the role of this process (``all`` or ``serving``), for the heartbeat.
+        store: where models are loaded from (``store_from_settings(settings)`` when None).
     """
 
     def __init__(
-        self, settings: Settings, board: LoadBoard, bus: Bus | None = None, role: str = "all"
+        self,
+        settings: Settings,
+        board: LoadBoard,
+        bus: Bus | None = None,
+        role: str = "all",
+        store: Store | None = None,
     ) -> None:
         self.settings = settings
         self.board = board
+        self.store = store if store is not None else store_from_settings(settings)
         factory = factory_from_settings(settings)
         self.pool = EnginePool(factory, settings.max_engines, settings.engine_wait_s)
         self.chat_service = ChatService(self.pool, self.tokenizer, self.context_length)
         self._tokenizers: dict[tuple[str, str], ServedTokenizer] = {}
         self._loading: dict[str, asyncio.Task[str]] = {}
         bus = bus if bus is not None else make_bus(settings.redis_url)
-        self.replica = Replica(board, bus, self.load, role)
+        self.replica = Replica(board, bus, self, role)
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
@@ -79,9 +93,16 @@ class ServingService:
             )
         return entry
 
+    def _local(self, model_id: str) -> LocalModel:
+        """Where loaded ``model_id``'s files are on this node (pinned by the pool)."""
+        self.entry(model_id)  # 404 for unknown ids
+        local = self.pool.local(model_id)
+        if local is None:
+            raise ModelLoadingError(f"model {model_id!r} is not loaded; retry shortly")
+        return local
+
     def tokenizer(self, model_id: str) -> ServedTokenizer:
-        entry = self.entry(model_id)
-        where = Path(entry.residual_dir) / "assets" if entry.residual_dir else Path(entry.path)
+        where = self._local(model_id).assets
         key = (model_id, str(where))
         if key not in self._tokenizers:
             try:
@@ -95,14 +116,10 @@ class ServingService:
     def context_length(self, model_id: str) -> int:
         """Prompt + completion tokens ``model_id`` is served with (the model's own limit
         unless REALIGN_ENGINE_MAX_MODEL_LEN lowers it)."""
-        path = Path(self.entry(model_id).path)
-        return context_length(path, self.settings.engine_max_model_len)
+        return context_length(self._local(model_id).path, self.settings.engine_max_model_len)
 
     def source(self, entry: ModelEntry) -> ModelSource:
-        inline = None
-        if entry.residual_dir:
-            inline = InlineMerge(Path(entry.residual_dir), Path(entry.path), entry.alpha)
-        return ModelSource(entry.id, Path(entry.path), inline)
+        return source_of(entry, self.store, self.settings.trusted_code_sha256)
 
     def models(self) -> list[ModelCard]:
         state = self.pool.loaded()
@@ -133,9 +150,14 @@ class ServingService:
         task = self._loading.get(model_id)
         if task is None or task.done():
             source = self.source(self.entry(model_id))
-            task = asyncio.get_running_loop().create_task(self.pool.load(source))
+            task = asyncio.get_running_loop().create_task(self._load(source))
             self._loading[model_id] = task
         return task
+
+    async def _load(self, source: ModelSource) -> str:
+        how = await self.pool.load(source)
+        self.tokenizer(source.model_id)  # broken tokenizer files fail the load too
+        return how
 
     def _in_flight(self) -> set[str]:
         return {m for m, task in self._loading.items() if not task.done()}
@@ -157,11 +179,11 @@ class ServingService:
                 re-registered with other weights is loaded afresh.
             ModelLoadingError: still loading after ``engine_wait_s``.
         """
-        self.tokenizer(model_id)  # 404 for unknown ids, before anything else
+        entry = self.entry(model_id)  # 404 for unknown ids, before anything else
         state = self.pool.loaded().get(model_id)
         if state == "ready":
             return
-        failed = self.pool.failure(self.source(self.entry(model_id)))
+        failed = self.pool.failure(self.source(entry))
         if failed is not None and model_id not in self._in_flight():
             raise ModelLoadFailedError(model_id, failed.reason)
         try:

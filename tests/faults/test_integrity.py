@@ -438,7 +438,7 @@ def test_serving_refuses_a_merged_model_changed_after_publication(
 
     async def load() -> None:
         pool = EnginePool(factory)  # type: ignore[arg-type]
-        await pool.load(ModelSource("m", done.path))
+        await pool.load(ModelSource.at("m", done.path))
 
     with pytest.raises(Exception, match="does not match its recorded checksum"):
         asyncio.run(load())

@@ -3,13 +3,24 @@ contract: the split planes need Redis."""
 
 from __future__ import annotations
 
+import asyncio
+import time
+from pathlib import Path
+
 import pytest
 
 from app.api.app import create_app
-from app.core.errors import InvalidSettingsError
+from app.core.errors import InvalidSettingsError, ModelNotFoundError, ReplicaRequestError
 from app.core.settings import Settings
 from app.handoff.board import LoadNotice, LoadReport
+from app.handoff.bus import LocalBus
+from app.handoff.entry import ModelEntry
+from app.handoff.requests import ReplicaRequests
 from app.handoff.verdict import judge
+from app.jobs.finals import FinalWriter
+from app.jobs.loads import LoadWatcher
+from app.jobs.records import JobRecords
+from app.jobs.sqlite_kv import SqliteKV
 
 NOTICE = LoadNotice(job_id="mrg_1", model_id="m", announced_at=1000.0)
 
@@ -76,3 +87,44 @@ def test_replicas_setting() -> None:
     assert Settings(serve_replicas="3").replicas_needed() == 3
     with pytest.raises(ValueError, match="number of replicas"):
         Settings(serve_replicas="0")
+
+
+def test_the_job_plane_answers_the_admin_engine_routes() -> None:
+    """A gateway sends `/admin/*` to the API: its engine routes are there (relayed to the
+    serving replicas), and no inference route is."""
+    settings = Settings(serve_role="api", redis_url="redis://127.0.0.1:1/0")
+    paths = set(create_app(settings).openapi()["paths"])
+    admin = {"/admin/engines", "/admin/models/{model_id}/load", "/admin/models/{model_id}/unload"}
+    assert admin <= paths and "/v1/chat/completions" not in paths
+
+
+def test_an_admin_request_is_left_to_its_caller_and_expires(tmp_path: Path) -> None:
+    """The workers' load watcher ends jobs only: it neither ends nor withdraws an admin's
+    notice, which expires on its own if the API process that waits for it goes away."""
+    records = JobRecords(SqliteKV(tmp_path / "jobs.sqlite"))
+    board = records.board
+    board.post(LoadNotice(job_id="adm_1", model_id="m", action="unload", by="admin"), 0.5)
+    watcher = LoadWatcher(records, Settings(), "w1", FinalWriter(records), LocalBus())
+    assert watcher.settle("adm_1") is None
+    watcher.sweep()
+    assert [(n.job_id, n.action) for n in board.pending()] == [("adm_1", "unload")]
+    assert board.report("adm_1", "r1", "ready", how="unloaded")
+    assert board.reports("adm_1")["r1"].how == "unloaded"
+    time.sleep(0.6)
+    assert board.pending() == [] and board.notice("adm_1") is None
+    assert not board.report("adm_1", "r2", "ready")  # expired: a late report is dropped
+
+
+def test_an_admin_request_needs_the_model_and_a_live_replica(tmp_path: Path) -> None:
+    board = JobRecords(SqliteKV(tmp_path / "jobs.sqlite")).board
+    requests = ReplicaRequests(board, LocalBus(), timeout_s=5)
+    with pytest.raises(ModelNotFoundError, match="'m' does not exist"):
+        asyncio.run(requests.load("m"))
+    board.register_model(
+        ModelEntry(id="m", merged_key="k", residual_key="r", alpha=1.0, base="b",
+                   instruct="i", target="t", owner="o", job_id="j")
+    )  # fmt: skip
+    with pytest.raises(ReplicaRequestError, match="no serving replica is running") as exc:
+        asyncio.run(requests.unload("m"))
+    assert exc.value.code == "no_serving_replica" and board.pending() == []
+    assert requests.engines() == []
