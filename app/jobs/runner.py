@@ -34,6 +34,7 @@ from app.jobs.models import (
 )
 from app.jobs.records import JobFinishedError, JobRecords, ModelEntry
 from app.jobs.reporter import JobReporter
+from app.jobs.requests import check_in_engine, residual_inputs
 from app.store.base import Store
 
 if TYPE_CHECKING:
@@ -118,6 +119,9 @@ class JobRunner:
                     residual=s.residual,
                     alpha=s.alpha,
                     store=self.store,
+                    method=s.method,
+                    params=dict(s.params),
+                    residuals=residual_inputs(s),
                     settings=self.settings,
                 )
             self._move(rec, JobStatus.queued, JobStage.preflight, "preflight passed")
@@ -294,6 +298,9 @@ class JobRunner:
             progress=reporter,
             cancel=cancel,
             notice=self._notice(reporter),
+            method=s.method,
+            params=dict(s.params),
+            residuals=residual_inputs(s),
         )
         reporter.check()  # nothing registered for a job this worker no longer owns
         rec = self._move(reporter.rec, JobStatus.running, JobStage.publish)
@@ -337,6 +344,7 @@ class JobRunner:
 
         s = self._spec(rec)
         assert s.target is not None
+        check_in_engine(s)
         store, settings = self.store, self.settings
         if s.residual is None:
             assert s.base is not None and s.instruct is not None
@@ -465,7 +473,9 @@ class JobRunner:
     @staticmethod
     def _spec(rec: JobRecord) -> MergeSpec:
         """The job's spec with its pinned refs."""
-        return rec.spec.model_copy(update=rec.resolved) if rec.resolved else rec.spec
+        from app.jobs.pins import apply_pins
+
+        return apply_pins(rec.spec, rec.resolved) if rec.resolved else rec.spec
 
     def _finish(
         self,
