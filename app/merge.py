@@ -11,12 +11,15 @@ callers pass ``app.jobs.locks.cluster_store(settings)``). The work is done in
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
+from app.core.errors import InvalidParameterError
 from app.core.settings import Settings, get_settings
-from app.pipeline import catalog, merged, stored
+from app.pipeline import catalog, merged, multi, stored
 from app.pipeline import residual as residuals
 from app.pipeline.context import DTYPES, Ctx, StoreArg
+from app.pipeline.multi import ResidualInput, Run
 from app.pipeline.residual import ComputeResult, MergeResult
 from app.pipeline.stored import StoredMerge
 from app.residuals.manifest import MergeManifest, ResidualManifest
@@ -28,6 +31,7 @@ __all__ = [
     "DTYPES",
     "ComputeResult",
     "MergeResult",
+    "ResidualInput",
     "StoredMerge",
     "apply",
     "compute",
@@ -90,7 +94,7 @@ def compute(
 
 
 def apply(
-    residual: str,
+    residual: str | Sequence[ResidualInput],
     target: str,
     out: Path,
     *,
@@ -103,16 +107,29 @@ def apply(
     max_shard_gb: float | None = None,
     hash_outputs: bool = False,
     notice: Notice | None = None,
+    method: str = "task_arithmetic",
+    params: dict[str, object] | None = None,
+    dtype: str = "bfloat16",
     settings: Settings | None = None,
 ) -> MergeResult:
     """Apply a stored residual (key, key prefix or pack directory) to ``target``,
     writing a model directory at ``out`` atomically.
 
+    ``residual`` may also be several residuals with weights (a pair's pack computed in
+    ``dtype`` first), merged by ``method`` with ``params`` in one pass over the target.
     The pack is verified as it is read; a stored pack found corrupt is quarantined
     and rebuilt from its sources (``notice`` is told), else the error says what to do.
     Nothing is written to ``out`` from a corrupt pack."""
+    ctx = _ctx(store, settings)
+    inputs = [ResidualInput(key=residual)] if isinstance(residual, str) else list(residual)
+    if not multi.is_classic(method, params, inputs) or inputs[0].key is None:
+        return multi.merge_to_dir(
+            ctx, target=target, inputs=inputs, out=out, alpha=alpha, method=method,
+            params=params, dtype=dtype, run=Run(device, progress, cancel, notice),
+            overwrite=overwrite, max_shard_gb=max_shard_gb, hash_outputs=hash_outputs,
+        )  # fmt: skip
     return residuals.apply(
-        _ctx(store, settings), residual, target, out, alpha=alpha, device=device,
+        ctx, inputs[0].key, target, out, alpha=alpha, device=device,
         progress=progress, cancel=cancel, overwrite=overwrite, max_shard_gb=max_shard_gb,
         hash_outputs=hash_outputs, notice=notice,
     )  # fmt: skip
@@ -136,16 +153,33 @@ def merge(
     hash_outputs: bool = False,
     method: str = "task_arithmetic",
     notice: Notice | None = None,
+    params: dict[str, object] | None = None,
     settings: Settings | None = None,
 ) -> MergeResult:
     """``target + alpha * (instruct - base)`` into ``out``.
 
     With ``no_cache`` it runs one fused pass and stores nothing. Otherwise a stored
     residual is applied; when there is none yet, one pass over the three inputs
-    writes the residual into the store and the merged model together.
+    writes the residual into the store and the merged model together. Another
+    ``method`` (``ties``, ``dare``, with ``params``) transforms the stored residual as
+    it is applied (``no_cache`` is refused: those methods need a stored pack).
     """
+    ctx = _ctx(store, settings)
+    pair = [ResidualInput(base=base, instruct=instruct)]
+    if not multi.is_classic(method, params, pair):
+        multi.check_request(method, params, pair)
+        if no_cache:
+            raise InvalidParameterError(
+                f"--no-cache runs the fused one-pass task-arithmetic merge; {method} "
+                "transforms a stored residual pack as it applies it: drop --no-cache"
+            )
+        return multi.merge_to_dir(
+            ctx, target=target, inputs=pair, out=out, alpha=alpha, method=method,
+            params=params, dtype=dtype, run=Run(device, progress, cancel, notice),
+            overwrite=overwrite, max_shard_gb=max_shard_gb, hash_outputs=hash_outputs,
+        )  # fmt: skip
     return merged.merge(
-        _ctx(store, settings), base, instruct, target, out, alpha=alpha, dtype=dtype,
+        ctx, base, instruct, target, out, alpha=alpha, dtype=dtype,
         device=device, no_cache=no_cache, progress=progress, cancel=cancel,
         overwrite=overwrite, max_shard_gb=max_shard_gb, hash_outputs=hash_outputs,
         method=method, notice=notice,
@@ -189,18 +223,28 @@ def preflight(
     residual: str | None = None,
     alpha: float = 1.0,
     store: StoreArg = None,
+    method: str = "task_arithmetic",
+    params: dict[str, object] | None = None,
+    residuals: Sequence[ResidualInput] | None = None,
     settings: Settings | None = None,
 ) -> None:
     """Every check of a merge request that needs no tensor data (configs, tokenizers,
-    safetensors headers): refs resolve, families match, names and shapes line up.
+    safetensors headers): refs resolve, families match, names and shapes line up; the
+    method and its parameters, the residuals and their weights.
 
     Raises:
         RealignError subclasses describing the first problem found.
     """
+    ctx = _ctx(store, settings)
+    inputs = multi.inputs_of(residual, base, instruct, residuals)
+    if not multi.is_classic(method, params, inputs):
+        multi.preflight(
+            ctx, target=target, inputs=inputs, alpha=alpha, method=method, params=params
+        )
+        return
     stored.preflight(
-        _ctx(store, settings), target=target, base=base, instruct=instruct,
-        residual=residual, alpha=alpha,
-    )  # fmt: skip
+        ctx, target=target, base=base, instruct=instruct, residual=residual, alpha=alpha
+    )
 
 
 def merge_to_store(
@@ -216,6 +260,9 @@ def merge_to_store(
     progress: ProgressCallback | None = None,
     cancel: CancelFlag | None = None,
     notice: Notice | None = None,
+    method: str = "task_arithmetic",
+    params: dict[str, object] | None = None,
+    residuals: Sequence[ResidualInput] | None = None,
     settings: Settings | None = None,
 ) -> StoredMerge:
     """Compute or reuse the residual, then publish ``target + alpha * R`` as a
@@ -225,11 +272,23 @@ def merge_to_store(
     reused by hashing its shards before it is handed out. A corrupt one is
     quarantined and rebuilt from its sources, and ``notice`` hears of it.
 
+    Another ``method`` (``ties``, ``dare``) with ``params``, or several ``residuals``
+    (instead of ``residual`` or ``base`` + ``instruct``), run in one pass over the
+    target; the merged model's key holds the method, its parameters and the weights.
+
     Raises:
         ArtifactCorruptError: a corrupt pack whose sources are not available.
+        InvalidParameterError: an unknown method, bad parameters or weights.
     """
+    ctx = _ctx(store, settings)
+    inputs = multi.inputs_of(residual, base, instruct, residuals)
+    if not multi.is_classic(method, params, inputs):
+        return multi.merge_to_store(
+            ctx, target=target, inputs=inputs, alpha=alpha, method=method, params=params,
+            dtype=dtype, run=Run(device, progress, cancel, notice),
+        )  # fmt: skip
     return stored.merge_to_store(
-        _ctx(store, settings), target=target, base=base, instruct=instruct,
+        ctx, target=target, base=base, instruct=instruct,
         residual=residual, alpha=alpha, dtype=dtype, device=device, progress=progress,
         cancel=cancel, notice=notice,
     )  # fmt: skip

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 from app.demo.tiny import TinyTriple
 from tests.helpers import stored
 
@@ -154,3 +156,71 @@ def test_unusable_alpha_is_refused_before_any_work(
         assert res.returncode == 1, res.stderr
         assert "alpha must be a finite number" in res.stderr and "Traceback" not in res.stderr
         assert not (tmp_path / "out").exists() and stored(tmp_path / "s") == []
+
+
+def test_merge_and_apply_by_method(
+    llama_triple: TinyTriple, store_dir: Path, tmp_path: Path
+) -> None:
+    from app.merge import ResidualInput, apply, merge
+    from tests.helpers import load_dir
+
+    t = llama_triple
+    pair = ["-b", str(t.base), "-i", str(t.instruct), "-t", str(t.new_base)]
+    res = realign(
+        "merge", *pair, "-o", str(tmp_path / "ties"), "--store", str(store_dir),
+        "--method", "ties", "--density", "0.4",
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    same = merge(
+        str(t.base), str(t.instruct), str(t.new_base), tmp_path / "ties-api", method="ties",
+        params={"density": 0.4}, store=store_dir,
+    )  # fmt: skip
+    assert same.residual_key is not None and not same.residual_created
+    got, want = load_dir(tmp_path / "ties"), load_dir(same.out)
+    assert all(torch.equal(got[n], want[n]) for n in want)
+
+    key = same.residual_key
+    res = realign(
+        "apply", "-r", key[:10], "-r", key, "-w", "1", "-w", "0.5", "-t", str(t.new_base),
+        "-o", str(tmp_path / "dare"), "--store", str(store_dir), "--method", "dare",
+        "--drop-rate", "0.3", "--param", "seed=4",
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    both = [ResidualInput(key=key), ResidualInput(key=key, weight=0.5)]
+    same = apply(
+        both, str(t.new_base), tmp_path / "dare-api", method="dare",
+        params={"drop_rate": 0.3, "seed": 4}, store=store_dir,
+    )  # fmt: skip
+    got, want = load_dir(tmp_path / "dare"), load_dir(same.out)
+    assert all(torch.equal(got[n], want[n]) for n in want)
+    shown = realign("inspect", str(tmp_path / "dare")).stdout
+    assert "method=dare" in shown and "drop_rate=0.3" in shown and "seed=4" in shown
+    assert "weight 0.5" in shown
+
+
+def test_bad_method_options_exit_2_before_any_work(
+    llama_triple: TinyTriple, store_dir: Path, tmp_path: Path
+) -> None:
+    t = llama_triple
+    out = tmp_path / "out"
+    pair = ["-b", str(t.base), "-i", str(t.instruct), "-t", str(t.new_base)]
+    cases = [
+        (["merge", *pair, "--method", "slerp"], "unknown merge method 'slerp'"),
+        (["merge", *pair, "--method", "ties", "--drop-rate", "0.5"], "no parameter 'drop_rate'"),
+        (["merge", *pair, "--method", "ties", "--density", "1.5"], "density=1.5 is out of range"),
+        (["merge", *pair, "--method", "dare", "--param", "seed"], "give NAME=VALUE"),
+        (["merge", *pair, "--method", "dare", "--param", "seed=x"], "must be a number"),
+        (["merge", *pair, "--density", "0.5"], "task_arithmetic has no parameter 'density'"),
+        (["merge", *pair, "--method", "ties", "--no-cache"], "drop --no-cache"),
+        (
+            ["apply", "-r", "abcdef", "-r", "abcdef", "-w", "1", "-t", str(t.new_base)],
+            "1 --weight for 2 --residual",
+        ),
+    ]
+    for args, message in cases:
+        res = realign(*args, "-o", str(out), "--store", str(store_dir))
+        assert res.returncode == 2, (args, res.stderr)
+        assert message in res.stderr, (args, res.stderr)
+        assert res.stderr.strip().startswith("error:") and "Traceback" not in res.stderr
+        assert not out.exists()
+    assert stored(store_dir) == []

@@ -22,9 +22,20 @@ from app.cli.common import (
     app,
     builder_store,
     err,
+    fail,
     friendly,
     out,
     progress_bar,
+)
+from app.cli.methods import (
+    Density,
+    DropRate,
+    Method,
+    Param,
+    Seed,
+    Weight,
+    method_params,
+    weighted,
 )
 
 
@@ -44,16 +55,29 @@ def merge(
     ] = False,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
+    method: Method = "task_arithmetic",
+    density: Density = None,
+    drop_rate: DropRate = None,
+    seed: Seed = None,
+    param: Param = None,
 ) -> None:
     """Merge: out = target + alpha * (instruct - base), reusing a cached residual.
 
     Models are local Hugging Face directories or hf:org/name@rev. The residual is
     computed once and stored (unless --no-cache); prints the output directory last.
+    --method ties or dare transform the stored residual as it is applied.
 
     Example: realign merge -b base/ -i instruct/ -t new_base/ -o merged/
     """
     from app.merge import merge as run
 
+    params = method_params(method, density, drop_rate, seed, param)
+    if no_cache and method != "task_arithmetic":
+        raise fail(
+            f"--no-cache runs the fused one-pass task-arithmetic merge; --method {method} "
+            "transforms a stored residual as it applies it: drop --no-cache",
+            2,
+        )
     with progress_bar(quiet) as (cb, cancel):
         res = run(
             base,
@@ -68,6 +92,8 @@ def merge(
             progress=cb,
             cancel=cancel,
             overwrite=overwrite,
+            method=method,
+            params=params,
         )
     if res.residual_key:
         how = "computed" if res.residual_created else "reused"
@@ -111,7 +137,12 @@ def compute(
 @friendly
 def apply(
     residual: Annotated[
-        str, typer.Option("--residual", "-r", help="Residual key, key prefix or pack dir.")
+        list[str],
+        typer.Option(
+            "--residual",
+            "-r",
+            help="Residual key, key prefix or pack dir; repeat it to merge several in one pass.",
+        ),
     ],
     target: Target,
     out_dir: OutDir,
@@ -120,16 +151,29 @@ def apply(
     device: Device = "cpu",
     overwrite: Overwrite = False,
     quiet: Quiet = False,
+    weight: Weight = None,
+    method: Method = "task_arithmetic",
+    density: Density = None,
+    drop_rate: DropRate = None,
+    seed: Seed = None,
+    param: Param = None,
 ) -> None:
     """Apply a residual to a new base: out = target + alpha * R.
 
+    With several --residual (and --weight), out = target + alpha * merge(w_i * R_i)
+    by --method, in one pass over the target.
+
     Example: realign apply -r "$KEY" -t new_base/ -o merged/ --alpha 0.8
     """
+    from app.merge import ResidualInput
     from app.merge import apply as run
 
+    params = method_params(method, density, drop_rate, seed, param)
+    pairs = weighted(residual, weight)
+    residuals = [ResidualInput(key=k, weight=w) for k, w in pairs]
     with progress_bar(quiet) as (cb, cancel):
         res = run(
-            residual,
+            residual[0] if len(pairs) == 1 and pairs[0][1] == 1.0 else residuals,
             target,
             out_dir,
             alpha=alpha,
@@ -138,6 +182,8 @@ def apply(
             progress=cb,
             cancel=cancel,
             overwrite=overwrite,
+            method=method,
+            params=params,
         )
     err.print(f"merged model written to {res.out}")
     out.print(str(res.out), highlight=False)
@@ -176,6 +222,10 @@ def inspect(
     else:
         out.print(f"  target    {m.target.ref}  ({m.target.digest[:12]})")
         out.print(f"  alpha {m.alpha}  residual {m.residual_key or 'fused, not stored'}")
+        if m.params:
+            out.print("  params " + "  ".join(f"{k}={v}" for k, v in m.params.items()))
+        for r in m.residuals:
+            out.print(f"    residual {r.key}  weight {r.weight}  ({r.instruct})", highlight=False)
     if m.vocab:
         out.print(
             f"  vocabulary {m.vocab.base_rows} -> {m.vocab.instruct_rows} rows ({m.vocab.policy})"

@@ -10,6 +10,7 @@ from app.core.errors import IncompatibleModelsError
 from app.jobs.models import JobRecord, JobResult, MergeSpec
 from app.jobs.records import ModelEntry
 from app.jobs.reporter import JobReporter
+from app.jobs.requests import check_in_engine
 from app.residuals.manifest import ResidualManifest
 
 if TYPE_CHECKING:
@@ -31,6 +32,7 @@ def run_in_engine(
 
     s = runner.job_spec(rec)
     assert s.target is not None
+    check_in_engine(s)
     store, settings = runner.store, runner.settings
     key, manifest = _residual(runner, s, reporter, cancel)
     if getattr(manifest, "vocab", None) is not None:

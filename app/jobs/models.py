@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
 
 
 class JobStatus(StrEnum):
@@ -34,6 +34,27 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+class ResidualSpec(BaseModel):
+    """One residual of a merge of several: a stored residual, or a base + instruct pair
+    (its pack computed or reused), and its weight."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    key: str | None = Field(default=None, description="A stored residual key (or unique prefix).")
+    base: str | None = Field(default=None, examples=["hf:meta-llama/Meta-Llama-3-8B@main"])
+    instruct: str | None = Field(
+        default=None, examples=["hf:meta-llama/Meta-Llama-3-8B-Instruct@main"]
+    )
+    weight: float = Field(
+        default=1.0, ge=-10.0, le=10.0, description="Scale of this residual in the merge."
+    )
+
+
+# Fields a spec gained after its first release: left out of the request fingerprint while
+# at their defaults, so a request sent before and after an upgrade is the same request.
+_LATER_FIELDS: dict[str, object] = {"method": "task_arithmetic", "params": {}, "residuals": ()}
+
+
 class MergeSpec(BaseModel):
     """What to merge: references only (they cross the queue as JSON)."""
 
@@ -52,6 +73,25 @@ class MergeSpec(BaseModel):
     residual: str | None = Field(
         default=None, description="A stored residual key, instead of base + instruct."
     )
+    residuals: tuple[ResidualSpec, ...] = Field(
+        default=(),
+        max_length=16,
+        description="Several residuals with weights, merged in one pass over the target "
+        "(instead of 'residual' or 'base' + 'instruct'); the first one's tokenizer is used.",
+    )
+    method: str = Field(
+        default="task_arithmetic",
+        max_length=64,
+        pattern=r"^[a-z0-9_]+$",
+        description="Merge method: task_arithmetic (default), ties or dare.",
+    )
+    params: dict[Annotated[str, Field(max_length=64)], StrictInt | StrictFloat] = Field(
+        default_factory=dict,
+        max_length=16,
+        description="The method's parameters: ties takes density; dare takes drop_rate "
+        "and seed. Missing ones take their defaults.",
+        examples=[{"density": 0.2}],
+    )
     alpha: float = Field(default=1.0, ge=-10.0, le=10.0)
     dtype: Literal["bfloat16", "float16", "float32"] = Field(
         default="bfloat16",
@@ -66,6 +106,12 @@ class MergeSpec(BaseModel):
         description="Served model id; default realign-<key prefix>.",
     )
     metadata: dict[str, str] = Field(default_factory=dict, max_length=64)
+
+    def fingerprint_json(self) -> str:
+        """The spec as JSON for request fingerprints (fields added later left out at their
+        defaults, so the fingerprint of an older request does not change)."""
+        same = {k for k, v in _LATER_FIELDS.items() if getattr(self, k) == v}
+        return self.model_dump_json(exclude=same)
 
 
 class JobProgress(BaseModel):

@@ -34,6 +34,7 @@ from app.jobs.models import (
 )
 from app.jobs.records import JobFinishedError, JobRecords, ModelEntry
 from app.jobs.reporter import JobReporter
+from app.jobs.requests import residual_inputs
 from app.jobs.requeue import Pending, Requeuer
 from app.store.base import Store
 
@@ -123,6 +124,9 @@ class JobRunner:
                     residual=s.residual,
                     alpha=s.alpha,
                     store=self.store,
+                    method=s.method,
+                    params=dict(s.params),
+                    residuals=residual_inputs(s),
                     settings=self.settings,
                 )
             self._move(rec, JobStatus.queued, JobStage.preflight, "preflight passed")
@@ -289,6 +293,9 @@ class JobRunner:
             progress=reporter,
             cancel=cancel,
             notice=self._notice(reporter),
+            method=s.method,
+            params=dict(s.params),
+            residuals=residual_inputs(s),
         )
         reporter.check()  # nothing registered for a job this worker no longer owns
         rec = self._move(reporter.rec, JobStatus.running, JobStage.publish)
@@ -401,7 +408,9 @@ class JobRunner:
     @staticmethod
     def _spec(rec: JobRecord) -> MergeSpec:
         """The job's spec with its pinned refs."""
-        return rec.spec.model_copy(update=rec.resolved) if rec.resolved else rec.spec
+        from app.jobs.pins import apply_pins
+
+        return apply_pins(rec.spec, rec.resolved) if rec.resolved else rec.spec
 
     def _finish(
         self,

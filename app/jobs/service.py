@@ -25,6 +25,7 @@ from app.jobs.kv import RedisKV
 from app.jobs.locks import cluster_store
 from app.jobs.models import Caller, JobEvent, JobRecord, JobStatus, MergeSpec, WorkerInfo
 from app.jobs.records import JobRecords, ModelEntry
+from app.jobs.requests import check_method
 from app.jobs.sqlite_kv import SqliteKV
 from app.residuals.refs import ModelRef
 
@@ -77,7 +78,7 @@ class JobService:
             same idempotency key already had one).
         """
         self._validate(spec)
-        fingerprint = hashlib.sha256(spec.model_dump_json().encode()).hexdigest()
+        fingerprint = hashlib.sha256(spec.fingerprint_json().encode()).hexdigest()
         if idempotency_key:
             existing = self.records.kv.get(f"realign:claim:idem:{caller.name}:{idempotency_key}")
             if existing:
@@ -144,7 +145,9 @@ class JobService:
 
     # -- validation -----------------------------------------------------------------------
     def _validate(self, spec: MergeSpec) -> None:
-        if spec.residual is not None:
+        if spec.residuals:
+            self._validate_residuals(spec)
+        elif spec.residual is not None:
             if spec.base or spec.instruct:
                 raise InvalidRefError("give either residual or base + instruct, not both")
             if spec.target is None:
@@ -155,6 +158,19 @@ class JobService:
         for ref in (spec.base, spec.instruct, spec.target):
             if ref is not None:
                 self._check_ref(ref)
+        check_method(spec)
+
+    def _validate_residuals(self, spec: MergeSpec) -> None:
+        if spec.residual or spec.base or spec.instruct:
+            raise InvalidRefError("give either residuals or one residual, not both")
+        if spec.target is None:
+            raise InvalidRefError("residuals need a target to apply them to")
+        for item in spec.residuals:
+            if item.key is not None:
+                self.store.resolve(item.key)
+            for ref in (item.base, item.instruct):
+                if ref is not None:
+                    self._check_ref(ref)
 
     def allowed_roots(self) -> list[Path]:
         roots = self.settings.allowed_roots or [self.settings.models_cache_dir]

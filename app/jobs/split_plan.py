@@ -63,7 +63,8 @@ def plan_split(
     cancel: threading.Event,
 ) -> SplitPlan | None:
     """The split of the job's merge, or None when it runs as one task (small output,
-    split off, a residual given as a directory, the model already stored, in-engine).
+    split off, a residual given as a directory, the model already stored, in-engine,
+    a method other than task arithmetic or several residuals).
 
     Raises:
         RealignError subclasses: inputs that do not resolve or fit (the job fails).
@@ -71,6 +72,8 @@ def plan_split(
     minimum = settings.merge_parallel_min_shards
     if minimum <= 0 or spec.target is None or (spec.serve and spec.serve_mode == "in_engine"):
         return None
+    if spec.method != "task_arithmetic" or spec.params or spec.residuals:
+        return None  # apply-time methods and several residuals: one task, tensor by tensor
     if spec.residual is not None and not _stored(spec.residual):
         return None
     tgt = _resolve(spec.target, settings, st)

@@ -61,6 +61,6 @@ def remove(key: str, st: Store) -> str:
         with contextlib.suppress(OSError, ValueError, ArtifactNotFoundError, ArtifactInUseError):
             text = st.read_text(item.key, MERGE_MANIFEST, "merged")
             made = MergeManifest.model_validate_json(text)
-            if made.residual_key == full:
+            if made.residual_key == full or any(r.key == full for r in made.residuals):
                 st.remove(item.key, "merged")
     return full

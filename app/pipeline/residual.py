@@ -18,7 +18,7 @@ from app.residuals.manifest import (
     ResidualManifest,
     read_residual_manifest,
 )
-from app.residuals.methods import get_method
+from app.residuals.methods import pack_method
 from app.residuals.progress import CancelFlag, ProgressCallback
 from app.residuals.publish import check_output, staging_dir
 from app.residuals.sources import describe_source
@@ -62,7 +62,7 @@ def compute(
     """Compute (or reuse) the residual pack of ``instruct - base`` in the store (see
     ``app.merge.compute``)."""
     st, torch_dtype = ctx.store, dtype_of(dtype)
-    get_method(method)
+    method = pack_method(method)  # apply-time methods (ties, dare) share the R = I - B pack
     # Hub weights are downloaded once the disk has room for them and the pack
     ins, bas = ctx.fetch([instruct, base], lambda i, b: [(st.root, residual_bytes(i, torch_dtype))])
     with Checkpoint.open(ins.path) as i_ckpt, Checkpoint.open(bas.path) as b_ckpt:

@@ -19,6 +19,18 @@ def render_card(m: MergeManifest) -> str:
             f"token rows ({m.vocab.base_rows} -> {m.vocab.instruct_rows}); they are taken "
             "verbatim from the instruct model.\n"
         )
+    method = ""
+    if m.params:
+        method += "\nMethod parameters: " + ", ".join(f"{k}={v}" for k, v in m.params.items())
+    if m.residuals:
+        rows = "\n".join(
+            f"| `{r.key or '(pack directory)'}` | `{r.instruct}` | `{r.base}` | {r.weight} |"
+            for r in m.residuals
+        )
+        method += (
+            "\n\nResiduals merged in one pass (tokenizer files from the first):\n\n"
+            f"| residual | instruct | base | weight |\n| --- | --- | --- | --- |\n{rows}\n"
+        )
     return f"""---
 base_model: {m.target.ref}
 tags:
@@ -38,7 +50,7 @@ generation config come from the instruct model.
 {_row("instruct", m.instruct)}
 {_row("base", m.base)}
 
-Residual: {residual}; computed in one fused pass: {"yes" if m.fused else "no"}.
+Residual: {residual}; computed in one fused pass: {"yes" if m.fused else "no"}.{method}
 {vocab}
 Made by Realign {m.tool_version} on {m.created_at:%Y-%m-%d %H:%M UTC}. Full provenance
 is in `realign.json`.

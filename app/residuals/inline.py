@@ -3,7 +3,7 @@ engine without writing the merged checkpoint first (in-engine merge)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -25,6 +25,9 @@ def stream_merged(
     alpha: float = 1.0,
     device: str = "cpu",
     names: set[str] | None = None,
+    *,
+    method: str = "task_arithmetic",
+    params: Mapping[str, object] | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``target + alpha * R`` tensor by tensor (each element rounded once to the target's
     dtype), exactly the values :func:`app.residuals.apply.apply_residual` writes.
@@ -35,6 +38,10 @@ def stream_merged(
         alpha: residual scale.
         device: where the math runs and where tensors are yielded.
         names: only these tensors (e.g. to verify a few parameters after a swap).
+        method: the merge method; an apply-time one (``ties``, ``dare``) transforms R per
+            tensor first, giving the values :func:`app.residuals.multi.apply_residuals`
+            writes for this one residual.
+        params: the method's parameters (defaults filled in for those left out).
 
     Raises:
         IncompatibleModelsError: the target does not fit the residual (checked first).
@@ -42,8 +49,10 @@ def stream_merged(
             their recorded checksums (hashed as they were read; not checked for ``names``):
             the caller must not mark the engine ready.
     """
+    merger = get_method(method)
+    checked = merger.check_params(params or {})
     manifest, pack = open_pack(pack_dir)
-    method = get_method(manifest.method)
+    fn = get_method(manifest.method)
     with pack, Checkpoint.open(target_dir) as target:
         jobs = plan_apply(manifest, pack, target, alpha)
         for job in jobs:
@@ -57,9 +66,10 @@ def stream_merged(
             t = _read(target, t_src.info).to(device)
             common = job.common_rows
             out = torch.empty(job.spec.shape, dtype=job.spec.dtype.torch, device=device)
-            merged, _ = method.combine(
-                "apply", [r[:common].reshape(-1), t.reshape(-1)], alpha, out.dtype
-            )
+            delta = r[:common].reshape(-1)
+            if merger.per_tensor:
+                delta = merger.merge([delta.float()], [1.0], checked, job.spec.name)
+            merged, _ = fn.combine("apply", [delta, t.reshape(-1)], alpha, out.dtype)
             out[:common].copy_(merged.view(t.shape))
             out[common:].copy_(r[common:])  # rows the instruct side added, verbatim
             yield job.spec.name, out

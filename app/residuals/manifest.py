@@ -127,6 +127,16 @@ class ResidualManifest(_Frozen):
         return sum(f.size for f in self.files.values())
 
 
+class ResidualUse(_Frozen):
+    """One residual of a merge by an apply-time method or of several residuals."""
+
+    key: str | None = Field(description="The pack's store key (None: a pack directory).")
+    weight: float
+    dtype: str
+    instruct: str = Field(description="The instruct model's reference.")
+    base: str = Field(description="The base model's reference.")
+
+
 class MergeManifest(_Frozen):
     """Provenance of a merged model directory."""
 
@@ -147,6 +157,14 @@ class MergeManifest(_Frozen):
         default_factory=dict,
         description="Config, tokenizer and generation files with their checksums (all but "
         "the weights, this manifest and README.md), checked when the model is reused.",
+    )
+    params: dict[str, float | int] = Field(
+        default_factory=dict, description="The method's parameters, defaults filled in."
+    )
+    residuals: list[ResidualUse] = Field(
+        default_factory=list,
+        description="Every residual merged, in order, with its weight (empty: the one "
+        "residual of instruct and base, weight 1). The first one's tokenizer files are used.",
     )
 
 

@@ -7,17 +7,26 @@ removed (see :mod:`app.residuals.torch_math`). # fp32 then one cast: alpha-scali
 bf16 would round twice. Methods that the native kernel implements set ``native``;
 the torch implementation serves the CUDA backend, the CPU fallback and in-engine
 merges, with the same bits.
+
+Methods that transform whole residual tensors at apply time (TIES trims by a per-tensor
+magnitude threshold, DARE drops at random: :mod:`app.residuals.sparsify`) set
+``per_tensor``: they run on the tensor-by-tensor path (:mod:`app.residuals.multi`), which
+also combines several residuals in one pass. Their packs are task-arithmetic packs
+(``R = instruct - base``), so one stored pack serves every method and parameter.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Protocol
 
-from app.core.errors import InvalidRefError
+from app.core.errors import InvalidParameterError
 
 if TYPE_CHECKING:
     import torch
+
+Params = dict[str, float | int]
+"""A method's parameters, checked and with its defaults filled in (keyed into merges)."""
 
 
 class MergeMethod(Protocol):
@@ -26,6 +35,7 @@ class MergeMethod(Protocol):
     name: str
     description: str
     native: bool  # the native CPU kernel implements this method
+    per_tensor: bool  # needs whole residual tensors: runs on the tensor-by-tensor path
 
     def combine(
         self, kind: str, xs: Sequence[torch.Tensor], alpha: float, out_dtype: torch.dtype
@@ -36,6 +46,19 @@ class MergeMethod(Protocol):
         Returns:
             The result in ``out_dtype`` and the fp32 values its statistics are taken from.
         """
+
+    def check_params(self, params: Mapping[str, object]) -> Params:
+        """The method's parameters with defaults filled in.
+
+        Raises:
+            InvalidParameterError: an unknown parameter or a value out of range.
+        """
+
+    def merge(
+        self, deltas: Sequence[torch.Tensor], weights: Sequence[float], params: Params, name: str
+    ) -> torch.Tensor:
+        """Merge one tensor's residuals (fp32, 1-D, equal length, one per residual, in
+        order) into one fp32 delta; ``name`` is the tensor's (seeds random methods)."""
 
 
 class TaskArithmetic:
@@ -49,6 +72,7 @@ class TaskArithmetic:
     name = "task_arithmetic"
     description = "new = target + alpha * (instruct - base)"
     native = True
+    per_tensor = False
 
     def combine(
         self, kind: str, xs: Sequence[torch.Tensor], alpha: float, out_dtype: torch.dtype
@@ -56,6 +80,19 @@ class TaskArithmetic:
         from app.residuals.torch_math import combine
 
         return combine(kind, xs, alpha, out_dtype)
+
+    def check_params(self, params: Mapping[str, object]) -> Params:
+        from app.residuals.sparsify import check_params
+
+        return check_params(self.name, params, {})
+
+    def merge(
+        self, deltas: Sequence[torch.Tensor], weights: Sequence[float], params: Params, name: str
+    ) -> torch.Tensor:
+        """The weighted sum, in fp32, in residual order (one residual of weight 1: R)."""
+        from app.residuals.sparsify import weighted_sum
+
+        return weighted_sum(deltas, weights)
 
 
 METHODS: dict[str, MergeMethod] = {}
@@ -71,13 +108,26 @@ def get_method(name: str) -> MergeMethod:
     """Look a method up by name.
 
     Raises:
-        InvalidRefError: no such method.
+        InvalidParameterError: no such method.
     """
     try:
         return METHODS[name]
     except KeyError:
         known = ", ".join(sorted(METHODS))
-        raise InvalidRefError(f"unknown merge method {name!r}; known: {known}") from None
+        raise InvalidParameterError(f"unknown merge method {name!r}; known: {known}") from None
 
 
-register_method(TaskArithmetic())
+def pack_method(name: str) -> str:
+    """The method whose residual a pack of merges by ``name`` stores: methods that
+    transform R at apply time share the task-arithmetic pack ``instruct - base``."""
+    return TaskArithmetic.name if get_method(name).per_tensor else name
+
+
+def _register_builtin() -> None:
+    from app.residuals.sparsify import Dare, Ties
+
+    for method in (TaskArithmetic(), Ties(), Dare()):
+        register_method(method)
+
+
+_register_builtin()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Collection
+from collections.abc import Collection, Mapping, Sequence
 
 from app.core.errors import AmbiguousKeyError, ArtifactNotFoundError
 
@@ -27,16 +27,36 @@ def residual_key(instruct_digest: str, base_digest: str, *, method: str, dtype: 
     )
 
 
-def merged_key(residual: str, target_digest: str, *, alpha: float) -> str:
-    """Key of a merged model made from a residual and a target."""
-    return _key(
-        {
-            "kind": "merged",
-            "residual": residual,
-            "target": target_digest,
-            "alpha": repr(float(alpha)),
-        }
-    )
+def merged_key(
+    residual: str,
+    target_digest: str,
+    *,
+    alpha: float,
+    method: str = "task_arithmetic",
+    params: Mapping[str, float | int] | None = None,
+    residuals: Sequence[tuple[str, float]] | None = None,
+) -> str:
+    """Key of a merged model made from a residual (the first one) and a target.
+
+    A merge by another method than task arithmetic, with parameters, or of several (or
+    weighted) ``residuals`` (``(key, weight)`` in order) keys those too; the task-
+    arithmetic merge of one residual keeps the key it always had.
+    """
+    fields = {
+        "kind": "merged",
+        "residual": residual,
+        "target": target_digest,
+        "alpha": repr(float(alpha)),
+    }
+    if method != "task_arithmetic" or params:
+        fields["method"] = method
+        fields["params"] = json.dumps(
+            {k: repr(v) if isinstance(v, float) else v for k, v in (params or {}).items()},
+            sort_keys=True,
+        )
+    if residuals and [(k, float(w)) for k, w in residuals] != [(residual, 1.0)]:
+        fields["residuals"] = json.dumps([[k, repr(float(w))] for k, w in residuals])
+    return _key(fields)
 
 
 def _key(fields: dict[str, str]) -> str:

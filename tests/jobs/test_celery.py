@@ -141,6 +141,26 @@ def test_sigkill_mid_merge_is_redelivered_and_completes_identically(
     assert int(records.kv.get(f"realign:job:{rec.id}:deliveries") or 0) >= 2
 
 
+def test_ties_job_on_a_worker_equals_the_engine(
+    service: JobService, workers: Workers, llama_triple: TinyTriple, tmp_path: Path
+) -> None:
+    """A merge by TIES through Redis and a real worker process: the stored residual is
+    computed, then trimmed, elected and applied tensor by tensor, in one task."""
+    workers.start("w1")
+    t = llama_triple
+    pair = {"base": str(t.base), "instruct": str(t.instruct), "target": str(t.new_base)}
+    spec = MergeSpec(**pair, method="ties", params={"density": 0.3})
+    rec, _ = service.submit(spec, ALICE)
+    done = wait_for(service, rec.id, lambda r: r.status.terminal, 90, workers)
+    assert done.status == JobStatus.succeeded, (done.error, workers.logs())
+    assert done.result is not None and done.result.manifest["method"] == "ties"
+    ref = merge_to_store(
+        **pair, method="ties", params={"density": 0.3}, store=tmp_path / "reference-store"
+    )
+    assert done.result.merged_key == ref.key
+    assert digest(Path(done.result.output)) == digest(ref.path)
+
+
 def test_redis_restart_during_a_job(
     service: JobService, workers: Workers, redis_server: RedisServer, llama_triple: TinyTriple
 ) -> None:

@@ -16,6 +16,7 @@ from app.jobs.models import (
     JobStage,
     JobStatus,
     MergeSpec,
+    ResidualSpec,
     WorkerInfo,
 )
 
@@ -48,6 +49,31 @@ _MERGE_EXAMPLE: dict[str, Any] = {
 }
 
 
+class ResidualItem(ResidualSpec):
+    """One residual of a merge of several: a stored ``key``, or ``base`` + ``instruct``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    key: str | None = Field(
+        default=None,
+        pattern=r"^[0-9a-f]{6,64}$",
+        description="A stored residual key (or unique prefix), instead of base + instruct.",
+    )
+    base: RefText | None = Field(default=None, examples=["hf:meta-llama/Meta-Llama-3-8B@main"])
+    instruct: RefText | None = Field(
+        default=None, examples=["hf:meta-llama/Meta-Llama-3-8B-Instruct@main"]
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ResidualItem:
+        pair = self.base is not None or self.instruct is not None
+        if self.key is not None and pair:
+            raise ValueError("give either 'key' or 'base' + 'instruct', not both")
+        if self.key is None and (self.base is None or self.instruct is None):
+            raise ValueError("give 'base' and 'instruct' (or a stored residual 'key')")
+        return self
+
+
 class MergeCreate(MergeSpec):
     """A merge request: ``target + alpha * (instruct - base)``, or a stored ``residual``
     applied to ``target``."""
@@ -71,9 +97,24 @@ class MergeCreate(MergeSpec):
         description="A stored residual key (or unique prefix), instead of base + instruct.",
     )
 
+    residuals: tuple[ResidualItem, ...] = Field(
+        default=(),
+        max_length=16,
+        description="Several residuals with weights, merged in one pass over the target "
+        "(instead of 'residual' or 'base' + 'instruct'); the first one's tokenizer is used.",
+        examples=[[{"key": "3f9a2c"}, {"key": "b71e04", "weight": 0.5}]],
+    )
+
     @model_validator(mode="after")
     def _one_source(self) -> MergeCreate:
         pair = self.base is not None or self.instruct is not None
+        if self.residuals and (pair or self.residual is not None):
+            raise ValueError(
+                "give either 'residuals' or one residual ('residual', or 'base' + "
+                "'instruct'), not both"
+            )
+        if self.residuals:
+            return self
         if self.residual is not None and pair:
             raise ValueError("give either 'residual' or 'base' + 'instruct', not both")
         if self.residual is None and (self.base is None or self.instruct is None):

@@ -1,0 +1,298 @@
+"""Merges by an apply-time method (TIES, DARE) or of several residuals at once, into a
+directory or into the store; and their preflight.
+
+Every residual is a stored task-arithmetic pack (``R = instruct - base``), computed
+first when it is given as a base and instruct pair, so one pack serves every method
+and every parameter: the method transforms R while the merged model is written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from app.core.errors import ArtifactCorruptError, InvalidParameterError
+from app.pipeline.context import Ctx, check_alpha
+from app.pipeline.residual import MergeResult, compute, open_residual
+
+# The store-side steps every merge into the store shares (reuse checked, manifest read).
+from app.pipeline.stored import StoredMerge, _checked_reuse, _stored
+from app.residuals.apply import open_pack, plan_fused
+from app.residuals.checkpoint import Checkpoint
+from app.residuals.manifest import RESIDUAL_MANIFEST
+from app.residuals.methods import Params, get_method
+from app.residuals.multi import WeightedPack, apply_residuals, plan_residuals
+from app.residuals.progress import CancelFlag, ProgressCallback
+from app.residuals.publish import check_output, staging_dir
+from app.residuals.sources import RunOptions, describe_source
+from app.residuals.space import ensure_space, merged_bytes, reports_disk_full
+from app.store.base import Store
+from app.store.keys import merged_key
+from app.store.recovery import Notice, verify_pack
+
+MAX_RESIDUALS = 16
+
+
+@dataclass(frozen=True)
+class ResidualInput:
+    """One residual of a merge and its weight: a stored residual (``key``: a key, a
+    unique key prefix or a pack directory), or the pair ``base`` + ``instruct`` whose
+    pack is computed (or reused)."""
+
+    key: str | None = None
+    base: str | None = None
+    instruct: str | None = None
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class Run:
+    """How a merge runs: device, progress, cancellation, notices of rebuilt packs."""
+
+    device: str = "cpu"
+    progress: ProgressCallback | None = None
+    cancel: CancelFlag | None = None
+    notice: Notice | None = None
+
+
+def is_classic(
+    method: str, params: dict[str, object] | None, inputs: Sequence[ResidualInput]
+) -> bool:
+    """Whether a request is the task-arithmetic merge of one residual at weight 1: the
+    streaming paths (one pass, split by output shard) run it as they always did."""
+    one = len(inputs) == 1 and inputs[0].weight == 1.0
+    return method == "task_arithmetic" and not params and one
+
+
+def inputs_of(
+    residual: str | None,
+    base: str | None,
+    instruct: str | None,
+    residuals: Sequence[ResidualInput] | None,
+) -> list[ResidualInput]:
+    """The residuals of a request given either way (one ``residual`` or pair, or a list).
+
+    Raises:
+        InvalidParameterError: both ways, or neither.
+    """
+    if residuals:
+        if residual is not None or base is not None or instruct is not None:
+            raise InvalidParameterError(
+                "give either 'residuals' or one residual ('residual', or 'base' + "
+                "'instruct'), not both"
+            )
+        return list(residuals)
+    if residual is not None:
+        return [ResidualInput(key=residual)]
+    if base is None or instruct is None:
+        raise InvalidParameterError("give either a residual key or both base and instruct")
+    return [ResidualInput(base=base, instruct=instruct)]
+
+
+def check_request(
+    method: str, params: dict[str, object] | None, inputs: Sequence[ResidualInput]
+) -> Params:
+    """The method's checked parameters, after checking the residuals' shape and weights.
+
+    Raises:
+        InvalidParameterError: an unknown method, a bad parameter, a residual given by
+            neither (or both) a key and a pair, a weight that is 0 or not finite.
+    """
+    checked = get_method(method).check_params(params or {})
+    if not inputs or len(inputs) > MAX_RESIDUALS:
+        raise InvalidParameterError(f"give 1 to {MAX_RESIDUALS} residuals, not {len(inputs)}")
+    for i, r in enumerate(inputs):
+        paired = r.base is not None or r.instruct is not None
+        if (r.key is not None and paired) or (
+            r.key is None and (r.base is None or r.instruct is None)
+        ):
+            raise InvalidParameterError(
+                f"residuals[{i}]: give either 'key' or both 'base' and 'instruct'"
+            )
+        if not math.isfinite(r.weight) or r.weight == 0:
+            raise InvalidParameterError(
+                f"residuals[{i}]: weight must be a finite nonzero number, not {r.weight!r}"
+            )
+    return checked
+
+
+def _is_dir(ref: str) -> bool:
+    return (Path(ref).expanduser() / RESIDUAL_MANIFEST).is_file()
+
+
+def preflight(
+    ctx: Ctx,
+    *,
+    target: str,
+    inputs: Sequence[ResidualInput],
+    alpha: float,
+    method: str,
+    params: dict[str, object] | None,
+) -> None:
+    """Every check that needs no tensor data (headers, configs, tokenizers)."""
+    check_alpha(alpha)
+    check_request(method, params, inputs)
+    with Checkpoint.open(ctx.resolve(target).path) as t_ckpt:
+        for r in inputs:
+            if r.key is not None:
+                with open_residual(r.key, ctx.store) as pack_dir:
+                    try:
+                        manifest, pack = open_pack(pack_dir)
+                    except ArtifactCorruptError:
+                        continue  # the merge quarantines and rebuilds it, or says what to do
+                    with pack:
+                        plan_residuals([(manifest, pack)], t_ckpt, alpha)
+                continue
+            assert r.base is not None and r.instruct is not None
+            refs = [ctx.resolve(x).path for x in (r.instruct, r.base)]
+            with Checkpoint.open(refs[0]) as i_ckpt, Checkpoint.open(refs[1]) as b_ckpt:
+                plan_fused(i_ckpt, b_ckpt, t_ckpt, alpha)
+
+
+def _pack_refs(
+    ctx: Ctx, inputs: Sequence[ResidualInput], dtype: str, run: Run, opts: RunOptions
+) -> tuple[list[str], bool]:
+    """Each residual's pack: a pack directory as given, else its full store key (a stored
+    pack verified in full, a corrupt one rebuilt; a pair's pack computed when new).
+
+    Returns:
+        The refs, and whether a pack was computed.
+    """
+    refs, created = [], False
+    for r in inputs:
+        if r.key is not None:
+            ref = r.key if _is_dir(r.key) else ctx.store.resolve(r.key)
+            if not _is_dir(r.key):
+                verify_pack(ctx.store, ref, run.notice, opts)
+            refs.append(ref)
+            continue
+        assert r.base is not None and r.instruct is not None
+        res = compute(
+            ctx, r.base, r.instruct, dtype=dtype, device=run.device, progress=run.progress,
+            cancel=run.cancel, notice=run.notice,
+        )  # fmt: skip
+        refs.append(res.key)
+        created |= res.created
+    return refs, created
+
+
+@contextlib.contextmanager
+def _held(st: Store, refs: Sequence[str]) -> Iterator[list[Path]]:
+    """The packs' directories, stored ones held (not evicted) meanwhile."""
+    with contextlib.ExitStack() as stack:
+        yield [
+            Path(ref).expanduser() if _is_dir(ref) else stack.enter_context(st.using(ref))
+            for ref in refs
+        ]
+
+
+def _keyed(
+    packs: Sequence[WeightedPack], t_ckpt: Checkpoint, alpha: float
+) -> tuple[list[str], int]:
+    """Preflight of the packs against the target: their keys (a directory's name when it
+    has none) and the merged model's expected size."""
+    with contextlib.ExitStack() as stack:
+        opened = [open_pack(p.path) for p in packs]
+        for _, ck in opened:
+            stack.enter_context(ck)
+        plan_residuals(opened, t_ckpt, alpha)
+        size = merged_bytes(t_ckpt, opened[0][1], packs[0].path / "assets")
+    return [m.key or p.path.name for (m, _), p in zip(opened, packs, strict=True)], size
+
+
+def _merged_key(keys: list[str], packs: Sequence[WeightedPack], t_digest: str, alpha: float,
+                method: str, params: Params) -> str:  # fmt: skip
+    weighted = [(k, p.weight) for k, p in zip(keys, packs, strict=True)]
+    return merged_key(
+        keys[0], t_digest, alpha=alpha, method=method, params=params, residuals=weighted
+    )
+
+
+@reports_disk_full("ctx")
+def merge_to_store(
+    ctx: Ctx,
+    *,
+    target: str,
+    inputs: Sequence[ResidualInput],
+    alpha: float = 1.0,
+    method: str = "task_arithmetic",
+    params: dict[str, object] | None = None,
+    dtype: str = "bfloat16",
+    run: Run | None = None,
+) -> StoredMerge:
+    """Publish ``target + alpha * method(residuals)`` as ``merged/<key>``; the key holds
+    the method, its parameters and every residual with its weight. Idempotent."""
+    run = run or Run()
+    check_alpha(alpha)
+    checked = check_request(method, params, inputs)
+    st = ctx.store
+    opts = ctx.options(run.device, run.progress, run.cancel, None, hash_outputs=True)
+    refs, created_residual = _pack_refs(ctx, inputs, dtype, run, opts)
+    tgt = ctx.resolve(target)
+    with _held(st, refs) as dirs, Checkpoint.open(tgt.path) as t_ckpt:
+        packs = [WeightedPack(d, r.weight) for d, r in zip(dirs, inputs, strict=True)]
+        keys, size = _keyed(packs, t_ckpt, alpha)
+        t_src = describe_source(tgt, st.hasher)
+        key = _merged_key(keys, packs, t_src.digest, alpha, method, checked)
+        if not st.exists(key, "merged"):  # free space for the model, before writing
+            ensure_space([(st.root, size)])
+
+        def build(tmp: Path) -> None:
+            apply_residuals(
+                packs, t_ckpt, tmp, target_src=t_src, method=method, params=checked,
+                alpha=alpha, opts=opts,
+            )  # fmt: skip
+
+        stored = [r for r in refs if not _is_dir(r)]
+        created = st.get_or_build(key, build, kind="merged", keep=stored)
+    done = _stored(st, key, keys[0], created_residual, created)
+
+    def again() -> StoredMerge:
+        return merge_to_store(
+            ctx, target=target, inputs=inputs, alpha=alpha, method=method, params=params,
+            dtype=dtype, run=run,
+        )  # fmt: skip
+
+    return _checked_reuse(st, done, again, run.notice)
+
+
+@reports_disk_full("out", "ctx")
+def merge_to_dir(
+    ctx: Ctx,
+    *,
+    target: str,
+    inputs: Sequence[ResidualInput],
+    out: Path,
+    alpha: float = 1.0,
+    method: str = "task_arithmetic",
+    params: dict[str, object] | None = None,
+    dtype: str = "bfloat16",
+    run: Run | None = None,
+    overwrite: bool = False,
+    max_shard_gb: float | None = None,
+    hash_outputs: bool = False,
+) -> MergeResult:
+    """Write ``target + alpha * method(residuals)`` into ``out`` (atomically); pairs'
+    packs are computed into the store (or reused) first."""
+    run = run or Run()
+    check_alpha(alpha)
+    checked = check_request(method, params, inputs)
+    check_output(out, overwrite=overwrite)
+    st = ctx.store
+    opts = ctx.options(run.device, run.progress, run.cancel, max_shard_gb, hash_outputs)
+    refs, created_residual = _pack_refs(ctx, inputs, dtype, run, opts)
+    tgt = ctx.resolve(target)
+    with _held(st, refs) as dirs, Checkpoint.open(tgt.path) as t_ckpt:
+        packs = [WeightedPack(d, r.weight) for d, r in zip(dirs, inputs, strict=True)]
+        keys, size = _keyed(packs, t_ckpt, alpha)
+        t_src = describe_source(tgt, st.hasher)
+        ensure_space([(out, size)])
+        with staging_dir(out, overwrite=overwrite) as tmp:
+            merged = apply_residuals(
+                packs, t_ckpt, tmp, target_src=t_src, method=method, params=checked,
+                alpha=alpha, opts=opts,
+            )  # fmt: skip
+    return MergeResult(out, merged, keys[0], created_residual)
