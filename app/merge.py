@@ -209,6 +209,7 @@ def merge_to_store(
     residual: str | None = None,
     alpha: float = 1.0,
     dtype: str = "bfloat16",
+    method: str = "task_arithmetic",
     store: StoreArg = None,
     device: str = "cpu",
     progress: ProgressCallback | None = None,
@@ -219,15 +220,16 @@ def merge_to_store(
     """Compute or reuse the residual, then publish ``target + alpha * R`` as a
     content-addressed merged model in the store (``merged/<key>``); idempotent.
 
-    Every stored input is verified: a pack as it is read, a merged model that is
-    reused by hashing its shards before it is handed out. A corrupt one is
-    quarantined and rebuilt from its sources, and ``notice`` hears of it.
+    ``method`` is the merge method of a residual computed here (a stored ``residual``
+    is applied with its own). Every stored input is verified: a pack as it is read,
+    a merged model that is reused by hashing its shards before it is handed out. A
+    corrupt one is quarantined and rebuilt from its sources, and ``notice`` hears of it.
 
     Raises:
         ArtifactCorruptError: a corrupt pack whose sources are not available.
     """
     return stored.merge_to_store(
         _ctx(store, settings), target=target, base=base, instruct=instruct,
-        residual=residual, alpha=alpha, dtype=dtype, device=device, progress=progress,
-        cancel=cancel, notice=notice,
+        residual=residual, alpha=alpha, dtype=dtype, method=method, device=device,
+        progress=progress, cancel=cancel, notice=notice,
     )  # fmt: skip

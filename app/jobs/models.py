@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 
 class JobStatus(StrEnum):
@@ -34,6 +34,17 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def _known_method(name: str) -> str:
+    from app.residuals.methods import get_method
+
+    get_method(name)  # InvalidRefError (a ValueError) names the known ones
+    return name
+
+
+# A merge method's registered name (checked against the registry).
+MethodName = Annotated[str, Field(max_length=64), AfterValidator(_known_method)]
+
+
 class MergeSpec(BaseModel):
     """What to merge: references only (they cross the queue as JSON)."""
 
@@ -56,6 +67,11 @@ class MergeSpec(BaseModel):
     dtype: Literal["bfloat16", "float16", "float32"] = Field(
         default="bfloat16",
         description="Residual storage dtype; the merged model keeps the target's dtype.",
+    )
+    method: MethodName = Field(
+        default="task_arithmetic",
+        description="Merge method (a registered name) of a residual computed from base + "
+        "instruct; a stored residual is applied with the method it was made with.",
     )
     serve: bool = Field(default=False, description="Load the merged model for chat when done.")
     serve_mode: Literal["checkpoint", "in_engine"] = "checkpoint"

@@ -16,6 +16,7 @@ from app.jobs.models import (
     JobStage,
     JobStatus,
     MergeSpec,
+    MethodName,
     WorkerInfo,
 )
 
@@ -104,6 +105,7 @@ class ResidualCreate(BaseModel):
     base: RefText
     instruct: RefText
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    method: MethodName = "task_arithmetic"
     metadata: dict[str, str] = Field(default_factory=dict, max_length=64)
 
     def to_spec(self) -> MergeSpec:
@@ -112,6 +114,7 @@ class ResidualCreate(BaseModel):
             base=self.base,
             instruct=self.instruct,
             dtype=self.dtype,
+            method=self.method,
             metadata=self.metadata,
         )
 
