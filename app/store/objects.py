@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import uuid
 from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from app.store.base import ArtifactInfo, Kind, evict_lru
 from app.store.keys import pick_key
 from app.store.local import LocalStore
 from app.store.locks import BuildLock, Held, hold
-from app.store.remote import Bucket
+from app.store.remote import STAGING, Bucket
 from app.store.s3 import S3Config, split_url
 from app.store.staging import copy_tree
 
@@ -166,6 +167,40 @@ class ObjectStore:
             )  # fmt: skip
         self.evict(keep={key, *keep})
         return created
+
+    def publish_staged(
+        self,
+        key: str,
+        stage: Callable[[str], dict[str, tuple[int, str]]],
+        kind: Kind = "merged",
+        keep: Collection[str] = (),
+    ) -> bool:
+        """Publish ``key`` from objects that ``stage`` puts under the staging prefix it
+        is given (server-side copies, small uploads), returning their (size, sha256) by
+        relative path: nothing passes through this node's cache. An artifact already
+        published wins; a failed ``stage`` publishes nothing.
+
+        Returns:
+            True when this call published.
+        """
+        name = f"{kind}/{key}"
+        if self.exists(key, kind):
+            return False
+        with self._locked(name) as held:
+            if self.exists(key, kind):
+                return False
+            token = f"{key}.{uuid.uuid4().hex}"
+            try:
+                files = stage(self.bucket.name(STAGING, token))
+                self.bucket.commit_staged(
+                    token, key, kind, files, held.token, still_held=lambda: held.check(name)
+                )
+            except BaseException:
+                with contextlib.suppress(Exception):  # else swept after STAGING_TTL_S
+                    self.bucket.delete_prefix(self.bucket.name(STAGING, token) + "/")
+                raise
+        self.evict(keep={key, *keep})
+        return True
 
     def publish(self, src: Path, key: str, kind: Kind = "residuals") -> bool:
         """Publish a finished directory ``src`` as ``key`` (into the cache, then the

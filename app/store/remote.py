@@ -31,6 +31,7 @@ from app.store.base import Kind
 from app.store.s3 import (
     S3Config,
     call,
+    copy_object,
     download_file,
     is_missing,
     list_objects,
@@ -182,6 +183,37 @@ class Bucket:
             still_held()
             list(pool.map(lambda r: self._copy(self.name(STAGING, token, r),
                                                self.name(kind, key, r)), rels))  # fmt: skip
+        marker = {
+            "key": key, "kind": kind, "created": time.time(), "fence": fence,
+            "builder": f"{socket.gethostname()}:{token}",
+            "files": {r: {"size": s, "sha256": h} for r, (s, h) in files.items()},
+        }  # fmt: skip
+        still_held()
+        self._put(self.name(kind, key, COMMIT), json.dumps(marker).encode())
+        self.delete_prefix(self.name(STAGING, token) + "/")
+
+    def commit_staged(
+        self,
+        token: str,
+        key: str,
+        kind: Kind,
+        files: dict[str, tuple[int, str]],
+        fence: int,
+        still_held: Callable[[], None] = lambda: None,
+    ) -> None:
+        """Finish a publish whose ``files`` ((size, sha256) by relative path) are already
+        under the staging prefix ``token`` (put there by server-side copies and small
+        uploads): copy them into place on the server, write the commit marker last (as
+        :meth:`publish` does), delete the staging objects.
+        """
+
+        def place(rel: str) -> None:
+            src, dst = self.name(STAGING, token, rel), self.name(kind, key, rel)
+            copy_object(self.cfg, self.bucket, src, dst, files[rel][0])
+
+        still_held()
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            list(pool.map(place, sorted(files)))
         marker = {
             "key": key, "kind": kind, "created": time.time(), "fence": fence,
             "builder": f"{socket.gethostname()}:{token}",
