@@ -255,12 +255,12 @@ def merge_to_store(
     residual: str | None = None,
     alpha: float = 1.0,
     dtype: str = "bfloat16",
+    method: str = "task_arithmetic",
     store: StoreArg = None,
     device: str = "cpu",
     progress: ProgressCallback | None = None,
     cancel: CancelFlag | None = None,
     notice: Notice | None = None,
-    method: str = "task_arithmetic",
     params: dict[str, object] | None = None,
     residuals: Sequence[ResidualInput] | None = None,
     settings: Settings | None = None,
@@ -268,9 +268,10 @@ def merge_to_store(
     """Compute or reuse the residual, then publish ``target + alpha * R`` as a
     content-addressed merged model in the store (``merged/<key>``); idempotent.
 
-    Every stored input is verified: a pack as it is read, a merged model that is
-    reused by hashing its shards before it is handed out. A corrupt one is
-    quarantined and rebuilt from its sources, and ``notice`` hears of it.
+    ``method`` is the merge method of a residual computed here (a stored ``residual``
+    is applied with its own). Every stored input is verified: a pack as it is read,
+    a merged model that is reused by hashing its shards before it is handed out. A
+    corrupt one is quarantined and rebuilt from its sources, and ``notice`` hears of it.
 
     Another ``method`` (``ties``, ``dare``) with ``params``, or several ``residuals``
     (instead of ``residual`` or ``base`` + ``instruct``), run in one pass over the
@@ -289,6 +290,6 @@ def merge_to_store(
         )  # fmt: skip
     return stored.merge_to_store(
         ctx, target=target, base=base, instruct=instruct,
-        residual=residual, alpha=alpha, dtype=dtype, device=device, progress=progress,
-        cancel=cancel, notice=notice,
+        residual=residual, alpha=alpha, dtype=dtype, method=method, device=device,
+        progress=progress, cancel=cancel, notice=notice,
     )  # fmt: skip

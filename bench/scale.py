@@ -1,19 +1,29 @@
 """Scale on paper: wall time of a shard-parallel merge of a 70B and a 405B model on
-N = 1..64 workers, from the per-worker figures measured in bench/RESULTS.md and the
-object-store, network and Redis figures of a cluster given as parameters.
+N = 1..64 workers sharing an object store, from the per-worker figures measured in
+bench/RESULTS.md and the object-store, network and Redis figures of a cluster given
+as parameters.
 
     python bench/scale.py                      # markdown table, defaults below
-    python bench/scale.py --store-gbps 40 --nic-gbit 100 --mode apply --every
+    python bench/scale.py --store-gbps 40 --nic-gbit 100 --copy-gbps 8 --every
 
-The model. A merge writes S = ceil(output / max shard) output shards; each is one Celery
-task. Workers take shards in waves of at most N; a shard streams its inputs from the
-object store (through the node's cache disk), merges, and uploads its output, so its
-time is the slowest of: the merge math (measured output GB/s of one worker), the cache
-disk (measured durable write bandwidth), the worker's NIC, and its share of the object
-store's aggregate bandwidth (shared by the shards of the wave). Then one final task
-writes the index, manifest and model card from the shards' digests (no re-read of the
-output): a fixed cost plus a small cost per shard. Redis carries task messages, chord
-counters, progress and heartbeats: its load is counted against its capacity.
+The model follows what the code does (app/jobs/fanout.py and the modules it uses):
+
+1. Pin (one node, serial): the job's ``s3://`` target is downloaded whole and hashed
+   to pin its content (``first``: instruct and base too).
+2. ``first`` only (one node, serial): the residual pack is computed and published
+   (hashed, uploaded, copied into place on the server).
+3. Shard tasks, in waves of at most N: each fetches, whole, the pack files and the
+   target files its output shard reads (pack files are cut like the output: about one
+   shard's bytes; target files are the checkpoint's own, so on average a shard's bytes
+   plus one target file), then merges, then uploads its shard. Fetch, math and upload
+   run one after the other; fetch and upload share the worker's NIC, its cache disk
+   and its share of the object store's bandwidth with the other shards of the wave.
+4. Final task: headers only; every shard is copied twice on the server (into the
+   model's staging prefix, then into place), at the store's server-side copy rate,
+   then index, manifest, card and commit marker. No weight byte passes through it.
+
+Redis carries task messages, chord counters, progress and heartbeats: its load is
+counted against its capacity.
 """
 
 from __future__ import annotations
@@ -22,14 +32,14 @@ import argparse
 import math
 from dataclasses import dataclass
 
-# bench/RESULTS.md, 1.1B bf16 triple (2.2 GB per checkpoint), inputs in page cache:
-# wall seconds per mode, bytes read and written in units of one checkpoint.
-MEASURED_WALL_S = {"fused": 2.33, "first": 4.79, "apply": 2.22}
+# bench/RESULTS.md, 1.1B bf16 triple (2.2 GB per checkpoint), inputs in page cache.
+MEASURED_APPLY_S = 2.22  # apply of a stored residual: the shard tasks' math
 MEASURED_OUT_GB = 2.2
 MEASURED_DISK_GBPS = 1.82  # O_DIRECT + fsync write bandwidth of the benchmark machine
+MEASURED_SHA_GBPS = 1.8  # sha256 of one core
 MEASURED_RSS_GB = 0.33  # peak RSS of a merge, flat in model size
-IO = {"fused": (3, 1), "first": (3, 2), "apply": (2, 1)}  # (reads, writes) per output byte
-MODES = tuple(IO)
+PINNED = {"apply": 1, "first": 3}  # checkpoints the pin downloads and hashes
+MODES = tuple(PINNED)
 
 
 @dataclass(frozen=True)
@@ -39,34 +49,53 @@ class Cluster:
     worker_gbps: float  # output GB/s one worker merges when nothing else limits it
     disk_gbps: float  # a worker's cache disk, GB/s
     nic_gbps: float  # a worker's network, GB/s
-    store_gbps: float  # object store aggregate bandwidth, GB/s (reads + writes)
+    store_gbps: float  # object store aggregate bandwidth to clients, GB/s
+    copy_gbps: float = 5.0  # server-side copy rate the final task gets
+    hash_cores: int = 8  # cores hashing the pinned inputs (one file per core)
     shard_gb: float = 5.0  # REALIGN_MAX_SHARD_GB
+    target_file_gb: float = 5.0  # safetensors files of the target checkpoint
     task_overhead_s: float = 2.0  # queue pickup, headers, manifest writes of one shard
-    final_s: float = 5.0  # final task: index, manifest, model card, commit marker
-    final_per_shard_s: float = 0.02  # final task: one digest/HEAD per shard
+    final_s: float = 5.0  # final task: headers, index, manifest, card, marker
+    final_per_shard_s: float = 0.05  # final task: a HEAD and two copy requests per shard
     redis_ops_per_s: float = 50_000.0  # a single Redis, small commands
-    progress_hz: float = 1.0  # progress writes per running shard per second
+    progress_hz: float = 2.0  # progress writes per running shard per second
 
 
 @dataclass(frozen=True)
 class Estimate:
     wall_s: float
-    bound: str  # what limits the busiest wave
+    bound: str  # what keeps more workers from making it faster
+    phases: dict[str, float]  # seconds of each phase
     redis_load: float  # peak share of Redis capacity used
 
 
-def shard_time(c: Cluster, mode: str, out_gb: float, concurrent: int) -> tuple[float, str]:
-    """Seconds one shard of ``out_gb`` takes with ``concurrent`` shards in flight."""
-    reads, writes = IO[mode]
-    moved = out_gb * (reads + writes)
-    limits = {
-        "merge math": out_gb / c.worker_gbps,
-        "cache disk": moved / c.disk_gbps,
-        "worker NIC": moved / c.nic_gbps,
-        "object-store bandwidth": moved / (c.store_gbps / concurrent),
+def shard_time(c: Cluster, out_gb: float, concurrent: int) -> tuple[float, str]:
+    """Seconds one shard of ``out_gb`` takes with ``concurrent`` shards in flight, and
+    what limits it."""
+    fetched = out_gb + out_gb + c.target_file_gb  # pack files + target files touched
+    links = {
+        "cache disk": c.disk_gbps,
+        "worker NIC": c.nic_gbps,
+        "object-store bandwidth": c.store_gbps / concurrent,
     }
-    bound = max(limits, key=lambda k: limits[k])
-    return limits[bound] + c.task_overhead_s, bound
+    link = min(links, key=lambda k: links[k])
+    moving = (fetched + out_gb) / links[link]  # fetch whole files, upload the shard
+    math_s = out_gb / c.worker_gbps
+    bound = link if moving >= math_s else "merge math"
+    return moving + math_s + c.task_overhead_s, bound
+
+
+def serial_phases(c: Cluster, mode: str, out_gb: float) -> dict[str, float]:
+    """The phases one node runs alone, before and after the shard tasks."""
+    link = min(c.disk_gbps, c.nic_gbps, c.store_gbps)
+    pinned = PINNED[mode] * out_gb
+    phases = {"input pin": pinned / link + pinned / (MEASURED_SHA_GBPS * c.hash_cores)}
+    if mode == "first":  # compute the pack (2 reads, 1 write, like apply), publish it
+        publish = out_gb / MEASURED_SHA_GBPS + out_gb / link + out_gb / c.copy_gbps
+        phases["residual"] = out_gb / c.worker_gbps + publish
+    shards = math.ceil(out_gb / c.shard_gb)
+    phases["final copies"] = c.final_s + c.final_per_shard_s * shards + 2 * out_gb / c.copy_gbps
+    return phases
 
 
 def estimate(c: Cluster, mode: str, params: float, workers: int) -> Estimate:
@@ -76,20 +105,21 @@ def estimate(c: Cluster, mode: str, params: float, workers: int) -> Estimate:
     shards = math.ceil(out_gb / c.shard_gb)
     sizes = [c.shard_gb] * (shards - 1) + [out_gb - c.shard_gb * (shards - 1)]
     waves = [sizes[i : i + workers] for i in range(0, shards, workers)]
-    timed = [max(shard_time(c, mode, gb, len(wave)) for gb in wave) for wave in waves]
-    final = c.final_s + c.final_per_shard_s * shards
-    wall = sum(t for t, _ in timed) + final
+    timed = [max(shard_time(c, gb, len(wave)) for gb in wave) for wave in waves]
+    phases = {**serial_phases(c, mode, out_gb), "shard tasks": sum(t for t, _ in timed)}
+    wall = sum(phases.values())
     in_flight = len(waves[0])
-    redis = (in_flight * (c.progress_hz + 0.1) + 8 * shards / wall) / c.redis_ops_per_s
+    redis = (in_flight * (c.progress_hz * 3 + 0.1) + 8 * shards / wall) / c.redis_ops_per_s
+    serial = max((k for k in phases if k != "shard tasks"), key=lambda k: phases[k])
     if redis >= 1:
         bound = "Redis"
-    elif final >= wall / 2:
-        bound = "final index task"
+    elif phases[serial] >= phases["shard tasks"]:
+        bound = serial
     elif workers >= shards:
         bound = "shard count"
     else:
         bound = timed[0][1]
-    return Estimate(wall, bound, redis)
+    return Estimate(wall, bound, phases, redis)
 
 
 def knee(c: Cluster, mode: str, params: float, top: int = 64) -> tuple[int, Estimate]:
@@ -117,30 +147,17 @@ def table(c: Cluster, mode: str, models: dict[str, float], ns: list[int]) -> str
     return "\n".join(rows)
 
 
-def store_saturation(c: Cluster, mode: str) -> float:
-    """Workers whose shards, each at full speed, use the object store's whole bandwidth."""
-    reads, writes = IO[mode]
-    moved = c.shard_gb * (reads + writes)
-    alone = max(c.shard_gb / c.worker_gbps, moved / c.disk_gbps, moved / c.nic_gbps)
-    return c.store_gbps / (moved / (alone + c.task_overhead_s))
-
-
 def summary(c: Cluster, mode: str, models: dict[str, float]) -> list[str]:
-    sat = store_saturation(c, mode)
-    lines = [
-        f"- The object store saturates at ~{sat:.1f} workers ({c.store_gbps:g} GB/s over "
-        "the per-worker demand): past that, more workers only split the same bandwidth.",
-    ]
+    lines = []
     for m, p in models.items():
         shards = math.ceil(p * 2 / 1e9 / c.shard_gb)
         n, e = knee(c, mode, p)
-        final = c.final_s + c.final_per_shard_s * shards
+        parts = ", ".join(f"{k} {fmt_s(v)}" for k, v in e.phases.items())
         lines.append(
             f"- {m} ({p * 2 / 1e9:.0f} GB out, {shards} shards of {c.shard_gb:g} GB, so at "
             f"most {shards} workers busy): within 5% of its best time from **{n} workers** "
-            f"({fmt_s(e.wall_s)}), limited by the {e.bound}. Final index task "
-            f"{final:.1f} s ({final / e.wall_s:.0%} of that); Redis at {e.redis_load:.2%} "
-            "of its capacity."
+            f"({fmt_s(e.wall_s)}: {parts}), limited by the {e.bound}. Redis at "
+            f"{e.redis_load:.2%} of its capacity."
         )
     return lines
 
@@ -150,23 +167,23 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--mode",
         choices=MODES,
-        default="first",
-        help="first: residual + model written in one pass (3 reads, 2 writes); "
-        "apply: a stored residual onto a new base (2 reads, 1 write); fused: no "
-        "residual kept (3 reads, 1 write)",
+        default="apply",
+        help="apply: a stored residual onto an s3:// target; first: the pair's residual "
+        "is computed (and published) by the merge task first",
     )
-    p.add_argument(
-        "--worker-gbps",
-        type=float,
-        default=None,
-        help="output GB/s of one worker (default: bench/RESULTS.md for the mode)",
-    )
+    p.add_argument("--worker-gbps", type=float, default=MEASURED_OUT_GB / MEASURED_APPLY_S)
     p.add_argument("--disk-gbps", type=float, default=MEASURED_DISK_GBPS)
     p.add_argument("--nic-gbit", type=float, default=25.0, help="per worker, Gbit/s")
+    p.add_argument("--store-gbps", type=float, default=10.0, help="aggregate, GB/s")
     p.add_argument(
-        "--store-gbps", type=float, default=10.0, help="object store aggregate bandwidth, GB/s"
+        "--copy-gbps",
+        type=float,
+        default=None,
+        help="server-side copy rate of the final task, GB/s (default: half the store's "
+        "bandwidth, each copied byte being read and written inside the store)",
     )
     p.add_argument("--shard-gb", type=float, default=5.0)
+    p.add_argument("--target-file-gb", type=float, default=5.0)
     p.add_argument("--redis-ops", type=float, default=50_000.0)
     p.add_argument("--every", action="store_true", help="one row per N = 1..64")
     return p.parse_args(argv)
@@ -175,11 +192,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> str:
     a = parse(argv)
     c = Cluster(
-        worker_gbps=a.worker_gbps or MEASURED_OUT_GB / MEASURED_WALL_S[a.mode],
+        worker_gbps=a.worker_gbps,
         disk_gbps=a.disk_gbps,
         nic_gbps=a.nic_gbit / 8,
         store_gbps=a.store_gbps,
+        copy_gbps=a.copy_gbps or a.store_gbps / 2,
         shard_gb=a.shard_gb,
+        target_file_gb=a.target_file_gb,
         redis_ops_per_s=a.redis_ops,
     )
     models = {"70B": 70e9, "405B": 405e9}
@@ -187,7 +206,8 @@ def main(argv: list[str] | None = None) -> str:
     out = [
         f"Mode `{a.mode}`; worker {c.worker_gbps:.2f} GB/s of output, cache disk "
         f"{c.disk_gbps:g} GB/s, NIC {a.nic_gbit:g} Gbit/s, object store {c.store_gbps:g} "
-        f"GB/s, shards of {c.shard_gb:g} GB, bf16; memory per worker "
+        f"GB/s, server-side copies {c.copy_gbps:g} GB/s, output shards of {c.shard_gb:g} GB, "
+        f"target files of {c.target_file_gb:g} GB, bf16; memory per worker "
         f"~{MEASURED_RSS_GB:g} GB RSS whatever the model.",
         "",
         table(c, a.mode, models, ns),

@@ -6,10 +6,13 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import uuid
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 from app.core.settings import Settings
 from app.store.factory import store_from_settings
@@ -30,12 +33,26 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@dataclass(frozen=True)
+class S3Request:
+    """One request the server answered: what a client asked of which object."""
+
+    method: str
+    bucket: str
+    key: str
+    range: str | None  # the Range header of a GET
+    copy_source: str | None  # "bucket/key" of a server-side copy (CopyObject, UploadPartCopy)
+
+
 @dataclass
 class S3Server:
-    """A moto S3 server in this process, on its own port."""
+    """A moto S3 server in this process, on its own port, keeping a log of the requests
+    it answers (:meth:`requests`), as an object store's access log would."""
 
     port: int
     server: Any = None
+    log: list[S3Request] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def endpoint(self) -> str:
@@ -48,6 +65,32 @@ class S3Server:
 
         self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
         self.server.start()
+        wsgi = self.server._server  # the werkzeug server: log every request it serves
+        wsgi.app = self._logged(wsgi.app)
+
+    def _logged(self, app: Callable[..., Iterable[bytes]]) -> Callable[..., Iterable[bytes]]:
+        def logged(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+            bucket, _, key = unquote(environ.get("PATH_INFO", "")).lstrip("/").partition("/")
+            copy = environ.get("HTTP_X_AMZ_COPY_SOURCE")
+            entry = S3Request(
+                environ.get("REQUEST_METHOD", ""), bucket, key, environ.get("HTTP_RANGE"),
+                unquote(copy).lstrip("/") if copy else None,
+            )  # fmt: skip
+            with self._lock:
+                self.log.append(entry)
+            return app(environ, start_response)
+
+        return logged
+
+    def mark(self) -> int:
+        """A position in the request log, to read what came after it."""
+        with self._lock:
+            return len(self.log)
+
+    def requests(self, bucket: str, since: int = 0) -> list[S3Request]:
+        """The requests about ``bucket`` answered since ``since`` (see :meth:`mark`)."""
+        with self._lock:
+            return [r for r in self.log[since:] if r.bucket == bucket]
 
     def stop(self) -> None:
         if self.server is not None:

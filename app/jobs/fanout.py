@@ -1,13 +1,17 @@
 """A merge split by output shard: one task per shard, run by as many workers as there
 are, then one final task that publishes the model.
 
-The merge task plans the split (headers only) and queues the shard tasks as a group;
-each writes its shard into the job's shard staging and records its sha256; the task
-that records the last shard queues the final task, which links the shards into the
-store's staging, writes index, config, tokenizer files, manifest and card, and
-publishes through the store. The files are those of the single-task merge, byte for
-byte. Cancellation, failure and worker loss end the whole job once (the first ender
-wins, see :class:`SplitRecords`); nothing is published unless every shard was written.
+The merge task plans the split (headers only) and queues the shard tasks as a group.
+The plan holds references only (the residual key, the pinned target ref): each shard
+task resolves them on its own node and reads only what its output shard needs (see
+:mod:`app.jobs.shard_inputs`), writes its shard into the job's shard staging and
+records its sha256; the task that records the last shard queues the final task,
+which writes index, config, tokenizer files, manifest and card and publishes through
+the store (on an object store by server-side copies of the staged shards, see
+:mod:`app.jobs.split_publish`). The files are those of the single-task merge, byte
+for byte. Cancellation, failure and worker loss end the whole job once (the first
+ender wins, see :class:`SplitRecords`); nothing is published unless every shard was
+written.
 """
 
 from __future__ import annotations
@@ -16,18 +20,18 @@ import contextlib
 import logging
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from app.core.errors import OperationCancelledError, RealignError
 from app.jobs.failures import job_error, lost_message
 from app.jobs.models import JobError, JobRecord, JobStage, JobStatus
+from app.jobs.shard_inputs import open_inputs
 from app.jobs.shard_records import ShardResult, SplitPlan, SplitRecords
 from app.jobs.shard_staging import SHARDS, LocalShardStaging, ObjectShardStaging, ShardStaging
 from app.jobs.split_plan import plan_split
 from app.jobs.split_progress import ShardReporter
-from app.residuals.apply_shard import ShardOutput, apply_shard, assemble_merged
-from app.residuals.checkpoint import Checkpoint
+from app.jobs.split_publish import CANCELLED, FinalStep, publish_split
+from app.residuals.apply_shard import ShardOutput, apply_shard
 from app.residuals.sources import RunOptions
 from app.store.base import Store
 from app.store.objects import ObjectStore
@@ -37,7 +41,6 @@ if TYPE_CHECKING:
     from app.jobs.runner import JobRunner
 
 log = logging.getLogger("app.jobs")
-CANCELLED = "cancelled; nothing was published"
 
 
 class ShardQueue(Protocol):
@@ -120,7 +123,7 @@ class Fanout:
             return False
         split.count_delivery(index)
         try:
-            out = self._write_shard(split, rec, plan, index)
+            out, fetched = self._write_shard(split, rec, plan, index)
         except OperationCancelledError:
             self._end(split, JobStatus.cancelled, JobError(code="cancelled", message=CANCELLED))
             return False
@@ -131,13 +134,15 @@ class Fanout:
                 self._fail(split, rec, exc)
             return False
         worker = self.runner.worker
-        split.record(index, ShardResult(**vars(out), worker=worker))
-        self.records.add_event(rec, "log", f"{out.file} written by {worker}")
+        split.record(index, ShardResult(**vars(out), worker=worker, fetched=fetched))
+        read = f" ({fetched / 1e6:.1f} MB of inputs fetched)" if fetched else ""
+        self.records.add_event(rec, "log", f"{out.file} written by {worker}{read}")
         return True
 
     def _write_shard(
         self, split: SplitRecords, rec: JobRecord, plan: SplitPlan, index: int
-    ) -> ShardOutput:
+    ) -> tuple[ShardOutput, int]:
+        """Write the shard from the inputs it needs; returns it and the bytes fetched."""
         cancel = threading.Event()
         rate = self.settings.max_read_mbps
         opts = RunOptions(
@@ -149,15 +154,18 @@ class Fanout:
             max_read_bps=rate * 1e6 if rate else None,
         )
         with (
-            self.store.using(plan.residual_key) as pack_dir,
-            Checkpoint.open(Path(plan.target)) as target,
             self.staging.writing(rec.id) as tmp,
+            open_inputs(plan, self.store, self.settings, tmp, index) as inputs,
         ):
-            out = apply_shard(pack_dir, target, tmp, alpha=plan.alpha, index=index, opts=opts)
+            (tmp / "out").mkdir()
+            out = apply_shard(
+                inputs.pack_dir, inputs.target, tmp / "out", alpha=plan.alpha, index=index,
+                opts=opts, layout=plan.layout, pack_checked=inputs.pack_checked,
+            )  # fmt: skip
             if self._stopped(split):
                 raise OperationCancelledError(CANCELLED)
-            self.staging.put(rec.id, tmp / out.file)
-        return out
+            self.staging.put(rec.id, tmp / "out" / out.file)
+        return out, inputs.fetched
 
     def _maybe_assemble(self, split: SplitRecords, plan: SplitPlan) -> None:
         if all(r is not None for r in split.results(len(plan.files))):
@@ -199,32 +207,9 @@ class Fanout:
     def _publish(
         self, split: SplitRecords, rec: JobRecord, plan: SplitPlan, results: list[ShardResult]
     ) -> None:
-        from app.merge import StoredMerge
-        from app.residuals.manifest import read_merge_manifest
-
         rec = self.runner.move(rec, JobStatus.running, JobStage.publish)
-        outputs = [ShardOutput(r.file, r.size, r.sha256) for r in results]
-        st = self.store
-        with st.using(plan.residual_key) as pack_dir, Checkpoint.open(Path(plan.target)) as tgt:
-
-            def build(tmp: Path) -> None:
-                for o in outputs:
-                    self.staging.take(rec.id, o.file, tmp / o.file, o.size, o.sha256)
-                assemble_merged(
-                    tmp, pack_dir, tgt, target_src=plan.target_src, alpha=plan.alpha,
-                    max_shard_bytes=plan.max_shard_bytes, outputs=outputs,
-                )  # fmt: skip
-                if self._stopped(split):  # the last moment a cancel still stops it
-                    raise OperationCancelledError(CANCELLED)
-
-            created = st.get_or_build(
-                plan.merged_key, build, kind="merged", keep=(plan.residual_key,)
-            )
-        if self._stopped(split):  # cancelled during the upload: stored, but not handed out
-            raise OperationCancelledError(CANCELLED)
-        with st.using(plan.merged_key, "merged") as path:  # fetched when another node built it
-            manifest = read_merge_manifest(path)
-        done = StoredMerge(plan.merged_key, path, manifest, plan.residual_key, False, created)
+        step = FinalStep(self.store, self.staging, self.settings, lambda: self._stopped(split))
+        done = publish_split(step, rec.id, plan, results)
         result, nbytes = self.runner.register(rec, done)
         self.runner.conclude(self.records.get(rec.id) or rec, result, nbytes)
         self.staging.discard(rec.id)

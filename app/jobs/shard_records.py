@@ -25,11 +25,17 @@ class SplitPlan(BaseModel):
     """A merge split by output shard: only references, sizes and names.
 
     Attributes:
-        residual_key: the stored residual pack applied.
-        target: local directory of the (resolved) target.
-        target_src: identity of the target, for the manifest.
+        residual_key: the stored residual pack applied (every task reads it through
+            its own node's store).
+        target: the target as every node resolves it: a pinned ``s3://…@sha256:…`` or
+            ``hf:org/name@<commit>`` ref, or a local directory when the store is local
+            (a file system the workers share).
+        target_src: identity of the target, for the manifest (and, for an ``s3://``
+            target, the size and sha256 of each file a task fetches).
         merged_key: where the merged model is published.
         max_shard_bytes: the shard size every worker plans with.
+        layout: :func:`~app.residuals.plan.layout_digest` of the output, which each
+            task checks against the inputs it reads.
         files: output shard names, in order; ``nbytes`` their tensor bytes.
     """
 
@@ -41,13 +47,15 @@ class SplitPlan(BaseModel):
     alpha: float
     merged_key: str
     max_shard_bytes: int
+    layout: str
     files: list[str]
     nbytes: list[int]
     tensors: list[int]
 
 
 class ShardResult(BaseModel):
-    """A written shard: its file, size and sha256, and the worker that wrote it."""
+    """A written shard: its file, size and sha256, the worker that wrote it and the
+    input bytes it fetched from the object store (0: it read a shared file system)."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -55,6 +63,8 @@ class ShardResult(BaseModel):
     size: int
     sha256: str
     worker: str
+    fetched: int = 0
+    xxh3_128: str | None = None  # the read-path checksum (None: recorded before it)
 
 
 class SplitEnd(BaseModel):

@@ -2,13 +2,15 @@
 
 Each delivery of a shard task writes into a directory of its own, then moves the
 finished file into the job's staging area; nothing there is visible as a model. The
-final task links the files into the store's own staging directory and publishes
-through the store, so a reader sees all shards with their manifest or nothing.
+final task publishes the files through the store, so a reader sees all shards with
+their manifest or nothing.
 
 ``LocalShardStaging`` keeps the area on the store's filesystem (a directory every
-worker mounts). An object-store backend keeps the same contract with a key prefix:
-``put`` uploads one finished file, ``take`` downloads it (sha256 checked against what
-its writer recorded), ``discard`` deletes the prefix.
+worker mounts); the final task links the files into the store's staging directory.
+``ObjectShardStaging`` keeps it under a key prefix of the object store's bucket:
+``put`` uploads one finished file, ``copy_to`` copies it on the server into the
+model's staging prefix (the final task reads none of it), ``discard`` deletes the
+prefix.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
+from app.core.errors import ArtifactCorruptError
 from app.store.remote import Bucket
-from app.store.s3 import download_file, list_objects, upload_file
+from app.store.s3 import copy_object, download_file, list_objects, object_size, upload_file
 
 SHARDS = ".shards"  # beside the store's artifacts, never listed as one
 
@@ -109,8 +112,8 @@ class LocalShardStaging:
 
 class ObjectShardStaging:
     """Shard staging under ``<store prefix>/.shards/<job>/`` in the object store's bucket,
-    for workers on different machines: each shard is uploaded when written and
-    downloaded, sha256 checked, by the final task.
+    for workers on different machines: each shard is uploaded when written and copied
+    on the server into the model's staging prefix by the final task.
 
     Args:
         bucket: the object store's bucket and prefix.
@@ -136,6 +139,28 @@ class ObjectShardStaging:
         key = self._name(job_id, name)
         download_file(self.bucket.cfg, self.bucket.bucket, key, dest, size, sha256)
 
+    def copy_to(self, job_id: str, name: str, dest: str, size: int) -> None:
+        """Copy the staged shard ``name`` to the object ``dest`` of the same bucket, on the
+        server, once its size is the ``size`` its writer recorded (a HEAD, no GET).
+
+        Raises:
+            ArtifactCorruptError: the staged object is missing or of another size.
+        """
+        key = self._name(job_id, name)
+        found = object_size(self.bucket.cfg, self.bucket.bucket, key)
+        if found != size:
+            raise ArtifactCorruptError(
+                f"staged shard s3://{self.bucket.bucket}/{key}: "
+                f"{'missing' if found is None else f'{found} bytes'}, its worker wrote {size}; "
+                "nothing was published — submit the merge again",
+                file=name,
+            )
+        copy_object(self.bucket.cfg, self.bucket.bucket, key, dest, size)
+
+    def upload(self, file: Path, dest: str) -> None:
+        """Upload a small file of the final task to the object ``dest`` of the bucket."""
+        upload_file(self.bucket.cfg, file, self.bucket.bucket, dest)
+
     def discard(self, job_id: str) -> None:
         self.bucket.delete_prefix(self._name(job_id) + "/")
         self.local.discard(job_id)
@@ -143,4 +168,5 @@ class ObjectShardStaging:
     def jobs(self) -> list[str]:
         prefix = self.bucket.name(SHARDS) + "/"
         found = list_objects(self.bucket.cfg, self.bucket.bucket, prefix)
-        return sorted({o["Key"][len(prefix) :].split("/", 1)[0] for o in found})
+        staged = {o["Key"][len(prefix) :].split("/", 1)[0] for o in found}
+        return sorted(staged | set(self.local.jobs()))  # and this node's scratch

@@ -14,6 +14,7 @@ from app.pipeline.residual import compute, open_residual
 from app.residuals.apply import apply_residual, open_pack, plan_apply, plan_fused
 from app.residuals.checkpoint import Checkpoint
 from app.residuals.manifest import MergeManifest, read_merge_manifest
+from app.residuals.methods import get_method
 from app.residuals.progress import CancelFlag, ProgressCallback
 from app.residuals.sources import RunOptions, describe_source
 from app.residuals.space import ensure_space, merged_bytes, reports_disk_full, residual_bytes
@@ -72,6 +73,7 @@ def merge_to_store(
     residual: str | None = None,
     alpha: float = 1.0,
     dtype: str = "bfloat16",
+    method: str = "task_arithmetic",
     device: str = "cpu",
     progress: ProgressCallback | None = None,
     cancel: CancelFlag | None = None,
@@ -84,8 +86,8 @@ def merge_to_store(
     def again() -> StoredMerge:
         return merge_to_store(
             ctx, target=target, base=base, instruct=instruct, residual=residual,
-            alpha=alpha, dtype=dtype, device=device, progress=progress, cancel=cancel,
-            notice=notice,
+            alpha=alpha, dtype=dtype, method=method, device=device, progress=progress,
+            cancel=cancel, notice=notice,
         )  # fmt: skip
 
     created_residual = False
@@ -94,12 +96,12 @@ def merge_to_store(
     if res_key is None:
         if base is None or instruct is None:
             raise InvalidParameterError("give either a residual key or both base and instruct")
-        first = _store_first_merge(ctx, instruct, base, target, alpha, dtype, opts)
+        first = _store_first_merge(ctx, (instruct, base, target), alpha, dtype, method, opts)
         if first is not None:
             return _checked_reuse(st, first, again, notice)
         res = compute(
-            ctx, base, instruct, dtype=dtype, device=device, progress=progress,
-            cancel=cancel, notice=notice, verify_pack=False,
+            ctx, base, instruct, dtype=dtype, method=method, device=device,
+            progress=progress, cancel=cancel, notice=notice, verify_pack=False,
         )  # fmt: skip
         res_key, created_residual = res.key, res.created
     # A Hub target is downloaded once the disk has room for it and the merged model
@@ -136,21 +138,28 @@ def _stored(st: Store, key: str, rkey: str, created_residual: bool, created: boo
 
 
 def _store_first_merge(
-    ctx: Ctx, instruct: str, base: str, target: str, alpha: float, dtype: str, opts: RunOptions
+    ctx: Ctx,
+    inputs: tuple[str, str, str],
+    alpha: float,
+    dtype: str,
+    method: str,
+    opts: RunOptions,
 ) -> StoredMerge | None:
     """``merge_to_store`` when the residual is not stored yet: one pass publishes the
-    residual and the merged model (None when the residual exists: apply it instead)."""
+    residual (of ``method``) and the merged model (None when the residual exists:
+    apply it instead). ``inputs``: the (instruct, base, target) refs."""
+    get_method(method)  # an unknown name fails before any input is resolved
     st = ctx.store
 
     def outputs(i: Checkpoint, b: Checkpoint, t: Checkpoint) -> list[tuple[Path, int]]:
         return [(st.root, residual_bytes(i, dtype_of(dtype)) + merged_bytes(t, i, i.path))]
 
-    refs = ctx.fetch([instruct, base, target], outputs)  # Hub weights: after a space check
+    refs = ctx.fetch(list(inputs), outputs)  # Hub weights: after a space check
     with contextlib.ExitStack() as stack:
         i_c, b_c, t_c = (stack.enter_context(Checkpoint.open(r.path)) for r in refs)
         plan_fused(i_c, b_c, t_c, alpha)
         i_src, b_src, t_src = (describe_source(r, st.hasher) for r in refs)
-        key = residual_key(i_src.digest, b_src.digest, method="task_arithmetic", dtype=dtype)
+        key = residual_key(i_src.digest, b_src.digest, method=method, dtype=dtype)
         if st.exists(key):
             return None
         mkey = merged_key(key, t_src.digest, alpha=alpha)
@@ -162,7 +171,7 @@ def _store_first_merge(
         def build(tmp: Path) -> None:
             _, created = residual_and_merge(
                 st, key, (i_c, b_c, t_c), (i_src, b_src, t_src), tmp,
-                dtype=dtype_of(dtype), alpha=alpha, method="task_arithmetic", opts=opts,
+                dtype=dtype_of(dtype), alpha=alpha, method=method, opts=opts,
             )  # fmt: skip
             built.append(created)
 

@@ -3,8 +3,10 @@ there are, then assembled: the same files, bit for bit, as :func:`apply_residual
 
 A worker writes one shard (:func:`apply_shard`) into a directory of its own; once
 every shard exists, one step (:func:`assemble_merged`) adds the index, config,
-tokenizer files, manifest and model card beside them. The pack is verified by the
-workers between them: each pack file by the first shard that reads it.
+tokenizer files, manifest and model card beside them (or, when the shards are in an
+object store, writes those files alone). The pack is verified by the workers between
+them: each pack file by the first shard that reads it, or, where a worker fetched
+the files it reads (:func:`shard_reads`), as each file is fetched.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from app.core.errors import ArtifactCorruptError
+from app.core.errors import ArtifactCorruptError, CorruptCheckpointError
 from app.residuals.apply import (
     applied_manifest,
     check_pack,
@@ -24,7 +26,7 @@ from app.residuals.apply import (
 from app.residuals.checkpoint import Checkpoint
 from app.residuals.integrity import ReadVerifier
 from app.residuals.manifest import FileEntry, MergeManifest, ResidualManifest, SourceInfo
-from app.residuals.plan import OutputShard, plan_output, shard_jobs
+from app.residuals.plan import OutputShard, layout_digest, plan_output, shard_jobs
 from app.residuals.shards import plan_shards, shard_files, write_index
 from app.residuals.sources import RunOptions, make_runner
 from app.residuals.stream import TensorJob
@@ -53,6 +55,47 @@ def plan_apply_shards(
     with pack:
         jobs = plan_apply(manifest, pack, target, alpha)
     return manifest, plan_output([j.spec for j in jobs], max_shard_bytes)
+
+
+def check_layout(jobs: list[TensorJob], max_shard_bytes: int, layout: str | None) -> None:
+    """Refuse to write when the inputs as read here plan other files than the split's.
+
+    Raises:
+        ArtifactCorruptError: the layout differs (a header read on this node does not
+            match the one the split was planned from).
+    """
+    if layout is not None and layout_digest([j.spec for j in jobs], max_shard_bytes) != layout:
+        raise ArtifactCorruptError(
+            "the residual pack and target as read on this node plan other output files than "
+            "the split was planned with: a header changed in the store — nothing was "
+            "published; check the inputs (`realign verify`) and submit the merge again",
+            file="",
+        )
+
+
+def shard_reads(
+    pack_dir: Path, target: Checkpoint, alpha: float, index: int, max_shard_bytes: int
+) -> tuple[set[str], set[str]]:
+    """The pack files and target files whose tensors output shard ``index`` reads
+    (names relative to their directories; headers only). Pack files no shard reads
+    are given to shard 0, so that every pack file is read whole by some shard.
+
+    Raises:
+        IncompatibleModelsError, CorruptCheckpointError: as :func:`plan_apply_shards`.
+    """
+    manifest, pack = open_pack(pack_dir)
+    with pack:
+        jobs = plan_apply(manifest, pack, target, alpha)
+        shards = plan_output([j.spec for j in jobs], max_shard_bytes)
+        if not 0 <= index < len(shards):
+            raise CorruptCheckpointError(f"the merge has {len(shards)} output shards, no {index}")
+        mine = shard_jobs(jobs, shards[index])
+        reads = [s for j in mine for s in j.inputs]
+        packs = {s.info.file.name for s in reads if s.checkpoint is pack}
+        if index == 0:
+            used = {s.info.file.name for j in jobs for s in j.inputs if s.checkpoint is pack}
+            packs |= {n for n in manifest.files if n.endswith(".safetensors")} - used
+    return packs, {s.info.file.name for s in reads if s.checkpoint is target}
 
 
 def _verify_owned(
@@ -91,6 +134,8 @@ def apply_shard(
     alpha: float,
     index: int,
     opts: RunOptions,
+    layout: str | None = None,
+    pack_checked: bool = False,
 ) -> ShardOutput:
     """Write output shard ``index`` of ``target + alpha * R`` into the empty ``out_dir``.
 
@@ -101,18 +146,27 @@ def apply_shard(
         alpha: residual scale.
         index: which shard (0-based) of :func:`plan_apply_shards`.
         opts: device, progress, cancellation, shard size (must be the plan's).
+        layout: the split's :func:`~app.residuals.plan.layout_digest`, checked first.
+        pack_checked: the pack files this shard reads were checked whole already (as
+            they were downloaded), so they are not hashed again.
 
     Raises:
-        ArtifactCorruptError: a pack file this shard read does not match its sha256.
+        ArtifactCorruptError: a pack file this shard read does not match its sha256,
+            or the inputs plan another layout.
         OperationCancelledError: cancelled; the caller discards ``out_dir``.
     """
     manifest, pack = open_pack(pack_dir)
     with pack:
         jobs = plan_apply(manifest, pack, target, alpha)
         shards = plan_output([j.spec for j in jobs], opts.max_shard_bytes)
+        check_layout(jobs, opts.max_shard_bytes, layout)
         shard = shards[index]
         mine = shard_jobs(jobs, shard)
-        _verify_owned(pack_dir, manifest, pack, jobs, shards, index)
+        if not pack_checked:
+            _verify_owned(pack_dir, manifest, pack, jobs, shards, index)
+        elif pack.verifier is not None:
+            pack.verifier.close()  # nothing left to check: each file was, as it landed
+            pack.verifier = None
         runner = make_runner(manifest.method, "apply", opts)
         with merged_writer(out_dir, [j.spec for j in jobs], opts, only=index) as writer:
             runner.run(mine, writer)
@@ -132,9 +186,12 @@ def assemble_merged(
     alpha: float,
     max_shard_bytes: int,
     outputs: list[ShardOutput],
+    shards_here: bool = True,
 ) -> MergeManifest:
     """Complete a model directory whose shards (``outputs``, all of them, in file
     order) are already in ``out_dir``: index, config, tokenizer files, manifest, card.
+    With ``shards_here=False`` the shards are elsewhere (an object store's staging)
+    and ``out_dir`` gets the other files only.
 
     Raises:
         ArtifactCorruptError: a shard is missing or not the size its writer reported.
@@ -146,7 +203,7 @@ def assemble_merged(
     files = shard_files("model", len(shards))
     if [o.file for o in outputs] != files:
         raise ValueError(f"shard outputs {[o.file for o in outputs]} are not the plan's {files}")
-    for o in outputs:
+    for o in outputs if shards_here else ():
         path = out_dir / o.file
         if not path.is_file() or path.stat().st_size != o.size:
             raise ArtifactCorruptError(

@@ -8,6 +8,7 @@ files one writer would have written: same names, same headers, same bytes.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 from app.residuals.shards import TensorSpec, plan_shards, shard_files
@@ -65,3 +66,13 @@ def shard_jobs(jobs: list[TensorJob], shard: OutputShard) -> list[TensorJob]:
     if missing:
         raise ValueError(f"{shard.file}: the merge plan has no tensor {missing[0]!r}")
     return [by_name[n] for n in shard.tensors]
+
+
+def layout_digest(specs: list[TensorSpec], max_shard_bytes: int) -> str:
+    """sha256 of every output tensor's name, dtype and shape in write order, and the
+    shard size: what decides the output files, so two planners of a split that agree on
+    it write the same files."""
+    h = hashlib.sha256(f"{max_shard_bytes}\n".encode())
+    for s in specs:
+        h.update(f"{s.name}\0{s.dtype.code}\0{list(s.shape)}\n".encode())
+    return h.hexdigest()

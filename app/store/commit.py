@@ -53,15 +53,10 @@ def publish(
         StoreUnavailableError: the store failed; nothing of this builder is visible
             unless its commit went through unanswered.
     """
-    data = f"{BUILD}{fence}-{uuid.uuid4().hex[:12]}"
+    data = build_prefix(fence)
     rels = relative_files(src)
     hashes = hasher.sha256_many(src / r for r in rels)
-    marker = {
-        "key": key, "kind": kind, "created": time.time(), "fence": fence, "data": data,
-        "builder": f"{socket.gethostname()}:{os.getpid()}",
-        "files": {r: {"size": (src / r).stat().st_size, "sha256": hashes[src / r]}
-                  for r in rels},
-    }  # fmt: skip
+    files = {r: ((src / r).stat().st_size, hashes[src / r]) for r in rels}
     own = bucket.name(kind, key, data) + "/"
     try:
         still_held()
@@ -73,11 +68,35 @@ def publish(
         with contextlib.suppress(Exception):  # else the sweep removes them a day later
             bucket.delete_prefix(own)
         raise
+    return commit_files(bucket, key, kind, data, files, fence)
+
+
+def build_prefix(fence: int) -> str:
+    """A new builder's own upload prefix (under ``<kind>/<key>/``)."""
+    return f"{BUILD}{fence}-{uuid.uuid4().hex[:12]}"
+
+
+def commit_files(
+    bucket: Bucket,
+    key: str,
+    kind: Kind,
+    data: str,
+    files: dict[str, tuple[int, str]],
+    fence: int,
+) -> bool:
+    """Commit the ``files`` ((size, sha256) by relative path) uploaded under the
+    builder prefix ``data``: write the marker only if ``key`` has none; a builder that
+    lost deletes its uploads. Returns whether this commit published ``key``."""
+    marker = {
+        "key": key, "kind": kind, "created": time.time(), "fence": fence, "data": data,
+        "builder": f"{socket.gethostname()}:{os.getpid()}",
+        "files": {r: {"size": size, "sha256": sha} for r, (size, sha) in files.items()},
+    }  # fmt: skip
     # A commit that fails with its outcome unknown leaves the uploads in place: the
     # marker may name them; if it does not, the sweep removes them.
     won = commit(bucket, bucket.name(kind, key, COMMIT), json.dumps(marker).encode())
     if not won:
-        bucket.delete_prefix(own)
+        bucket.delete_prefix(bucket.name(kind, key, data) + "/")
     return won
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from app.core.errors import ArtifactCorruptError, ArtifactNotFoundError, BuildLockLostError
 from app.residuals.manifest import MergeManifest, ResidualManifest
 from app.store.base import ArtifactInfo, Kind, evict_lru
-from app.store.commit import publish
+from app.store.commit import build_prefix, commit_files, publish
 from app.store.keys import pick_key
 from app.store.local import LocalStore
 from app.store.locks import BuildLock, Held, hold
@@ -210,6 +210,42 @@ class ObjectStore:
             return False
         self.touch(key)
         return True
+
+    def publish_staged(
+        self,
+        key: str,
+        stage: Callable[[str], dict[str, tuple[int, str]]],
+        kind: Kind = "merged",
+        keep: Collection[str] = (),
+    ) -> bool:
+        """Publish ``key`` from objects that ``stage`` puts under the object prefix it is
+        given (server-side copies, small uploads; this builder's own prefix, committed
+        in place), returning their (size, sha256) by relative path: nothing passes
+        through this node's cache. An artifact already published wins; a failed
+        ``stage`` or a lost lease publishes nothing.
+
+        Returns:
+            True when this call published.
+        """
+        name = f"{kind}/{key}"
+        if self.exists(key, kind):
+            return False
+        with self._locked(name) as held:
+            if self.exists(key, kind):
+                return False
+            data = build_prefix(held.token)
+            own = self.bucket.name(kind, key, data)
+            try:
+                held.confirm()
+                files = stage(own)
+                held.confirm()
+            except BaseException:
+                with contextlib.suppress(Exception):  # else swept a day later
+                    self.bucket.delete_prefix(own + "/")
+                raise
+            won = commit_files(self.bucket, key, kind, data, files, held.token)
+        self.evict(keep={key, *keep})
+        return won
 
     def publish(self, src: Path, key: str, kind: Kind = "residuals") -> bool:
         """Publish a finished directory ``src`` as ``key`` (into the bucket, then the

@@ -9,6 +9,7 @@ byte ranges in parallel and hash each file as it is written.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from collections.abc import Callable, Iterator
@@ -20,6 +21,8 @@ from typing import Any, TypeVar
 from app.core.errors import ArtifactCorruptError, MissingExtraError, StoreUnavailableError
 
 PART_BYTES = 16 * 1024**2
+MAX_COPY_BYTES = 5 * 1024**3  # the largest object one CopyObject request may copy
+MAX_PARTS = 10_000  # parts of one multipart upload
 T = TypeVar("T")
 
 
@@ -153,6 +156,79 @@ def download_file(
     if size == 0:
         dest.write_bytes(b"")
     _check(dest, size, sha256, key)
+
+
+def read_range(cfg: S3Config, bucket: str, key: str, start: int, end: int) -> bytes:
+    """Bytes ``[start, end]`` (inclusive, as HTTP ranges are) of one object.
+
+    Raises:
+        StoreUnavailableError: the store cannot be reached.
+    """
+    client = cfg.client()
+    return call(  # type: ignore[no-any-return]
+        f"read of s3://{bucket}/{key} bytes {start}-{end}",
+        lambda: client.get_object(Bucket=bucket, Key=key, Range=f"bytes={start}-{end}")[
+            "Body"
+        ].read(),
+    )
+
+
+def object_size(cfg: S3Config, bucket: str, key: str) -> int | None:
+    """The size of an object (a HEAD request), or None when there is none."""
+    from botocore.exceptions import ClientError
+
+    client = cfg.client()
+
+    def head() -> int | None:
+        try:
+            return int(client.head_object(Bucket=bucket, Key=key)["ContentLength"])
+        except ClientError as exc:
+            if is_missing(exc):
+                return None
+            raise
+
+    return call(f"HEAD of s3://{bucket}/{key}", head)
+
+
+def copy_object(
+    cfg: S3Config, bucket: str, src: str, dst: str, size: int, max_single: int = MAX_COPY_BYTES
+) -> None:
+    """Copy ``src`` to ``dst`` inside ``bucket`` on the server: one CopyObject up to
+    ``max_single`` bytes, else a multipart upload of UploadPartCopy ranges in parallel.
+    No byte passes through this machine.
+
+    Raises:
+        StoreUnavailableError: the store refused or cannot be reached.
+    """
+    client = cfg.client()
+    source = {"Bucket": bucket, "Key": src}
+    what = f"copy of s3://{bucket}/{src} to {dst}"
+    if size <= max_single:
+        call(what, lambda: client.copy_object(Bucket=bucket, Key=dst, CopySource=source))
+        return
+    part = max(cfg.part_bytes, -(-size // MAX_PARTS))
+    upload = call(what, lambda: client.create_multipart_upload(Bucket=bucket, Key=dst))
+    uid = upload["UploadId"]
+
+    def one(number: int, start: int) -> dict[str, Any]:
+        span = f"bytes={start}-{min(start + part, size) - 1}"
+        got = client.upload_part_copy(
+            Bucket=bucket, Key=dst, UploadId=uid, PartNumber=number,
+            CopySource=source, CopySourceRange=span,
+        )  # fmt: skip
+        return {"PartNumber": number, "ETag": got["CopyPartResult"]["ETag"]}
+
+    try:
+        with ThreadPoolExecutor(max_workers=cfg.workers) as pool:
+            starts = range(0, size, part)
+            parts = call(what, lambda: list(pool.map(one, range(1, len(starts) + 1), starts)))
+        done = {"Parts": parts}
+        call(what, lambda: client.complete_multipart_upload(
+            Bucket=bucket, Key=dst, UploadId=uid, MultipartUpload=done))  # fmt: skip
+    except BaseException:
+        with contextlib.suppress(Exception):  # else a lifecycle rule removes the parts
+            client.abort_multipart_upload(Bucket=bucket, Key=dst, UploadId=uid)
+        raise
 
 
 def _check(dest: Path, size: int, sha256: str | None, key: str) -> None:

@@ -1,7 +1,8 @@
 """A merge split by output shard across two real `celery worker` processes on a real
-Redis: both take part, the model is byte-identical to a single-process merge, a
-cancel publishes nothing and stops every shard task, a SIGKILLed worker's shard is
-redelivered and the job still succeeds."""
+Redis and a shared store directory: both take part, the model is byte-identical to a
+single-process merge, a cancel publishes nothing and stops every shard task, a
+SIGKILLed worker's shard is redelivered and the job still succeeds. (Workers that
+share only Redis and an object store: tests/jobs/test_split_object_store.py.)"""
 
 from __future__ import annotations
 
@@ -23,7 +24,6 @@ from app.jobs.models import Caller, JobRecord, JobStatus, MergeSpec
 from app.jobs.service import JobService
 from app.merge import compute, merge_to_store
 from tests.jobs.conftest import ROOT, RedisServer, Workers, service_env
-from tests.s3server import S3Server, object_settings
 
 pytestmark = pytest.mark.slow
 ALICE = Caller(name="alice")
@@ -223,53 +223,3 @@ def test_sigkill_of_a_worker_mid_shard_still_ends_the_job_identically(
     assert done.status == JobStatus.succeeded, (done.error, workers.logs())
     assert done.result is not None
     _same_model(Path(done.result.output), _single_process(llama_triple, tmp_path, monkeypatch))
-
-
-def test_split_merge_on_the_object_store_with_a_cache_per_worker(
-    redis_server: RedisServer,
-    s3_server: S3Server,
-    bucket: str,
-    llama_triple: TinyTriple,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """Two workers that share only Redis and the bucket (each its own node cache, as on
-    two machines): shards travel through the bucket, the published model is the same
-    bytes as one process's, and the staged shards are gone afterwards."""
-    store_url = f"s3://{bucket}/realign"
-    extra = {
-        "REALIGN_STORE_URL": store_url,
-        "REALIGN_S3_ENDPOINT_URL": s3_server.endpoint,
-        "REALIGN_MAX_SHARD_GB": MAX_SHARD_GB,
-        "REALIGN_MERGE_PARALLEL_MIN_SHARDS": "2",
-        "REALIGN_MAX_READ_MBPS": "1",  # slow enough that both workers take shards
-    }
-    roots = [llama_triple.base.parent]
-    pools = [
-        Workers(service_env(redis_server.url, tmp_path / f"node{i}", roots, **extra), tmp_path)
-        for i in (1, 2)
-    ]
-    service = JobService.from_settings(
-        object_settings(
-            s3_server, bucket, tmp_path / "api-node", redis_url=redis_server.url,
-            allowed_roots=roots, job_time_limit_s=8, visibility_timeout_s=10,
-        )
-    )  # fmt: skip
-    try:
-        pools[0].start("w1")
-        pools[1].start("w2")
-        end = time.monotonic() + 60
-        while len(service.workers()) < 2 and time.monotonic() < end:
-            time.sleep(0.2)
-        rec, _ = service.submit(_spec(llama_triple), ALICE)
-        done = _wait(service, rec.id, lambda r: r.status.terminal, 180, pools[0])
-        assert done.status == JobStatus.succeeded, (done.error, pools[0].logs(), pools[1].logs())
-        assert done.result is not None
-        assert len(_writers(service, rec.id)) == 2  # both nodes wrote shards
-        _same_model(Path(done.result.output), _single_process(llama_triple, tmp_path, monkeypatch))
-        client = s3_server.client()
-        listed = client.list_objects_v2(Bucket=bucket, Prefix="realign/.shards/")
-        assert listed.get("KeyCount", 0) == 0  # staged shards removed after publishing
-    finally:
-        for pool in pools:
-            pool.stop_all()

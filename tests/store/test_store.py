@@ -192,3 +192,32 @@ def test_read_verifier_hashes_each_byte_once_in_order(tmp_path: Path) -> None:
     check.consume(f, 1000, memoryview(bytes(bad))[1000:], stable=True)
     with pytest.raises(IntegrityError, match=r"pack: shard\.safetensors does not match"):
         check.finish()
+
+
+def test_a_stored_merge_computes_its_residual_with_the_requested_method(
+    llama_triple: TinyTriple, tmp_path: Path
+) -> None:
+    """The method of the request names the residual (key and manifest) that the first
+    stored merge of a pair writes, instead of a fixed one."""
+    from app.merge import merge_to_store
+    from app.residuals.methods import METHODS, TaskArithmetic, register_method
+
+    class Probe(TaskArithmetic):
+        name = "probe_task_arithmetic"
+        native = False  # the torch path: the same bits
+
+    t = llama_triple
+    req = {"base": str(t.base), "instruct": str(t.instruct), "target": str(t.new_base)}
+    register_method(Probe())
+    try:
+        probe = merge_to_store(**req, method=Probe.name, store=tmp_path / "s")
+    finally:
+        METHODS.pop(Probe.name)
+    plain = merge_to_store(**req, store=tmp_path / "s")
+    assert probe.manifest.method == Probe.name and plain.manifest.method == "task_arithmetic"
+    assert probe.residual_created and plain.residual_created
+    assert probe.residual_key != plain.residual_key
+    weights = sorted(probe.path.glob("*.safetensors"))
+    assert [p.read_bytes() for p in weights] == [
+        (plain.path / p.name).read_bytes() for p in weights
+    ]

@@ -145,6 +145,13 @@ class ResidualCreate(BaseModel):
     base: RefText
     instruct: RefText
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    method: str = Field(
+        default="task_arithmetic",
+        max_length=64,
+        pattern=r"^[a-z0-9_]+$",
+        description="Merge method the residual is made for (ties and dare share the "
+        "task_arithmetic pack).",
+    )
     metadata: dict[str, str] = Field(default_factory=dict, max_length=64)
 
     def to_spec(self) -> MergeSpec:
@@ -153,6 +160,7 @@ class ResidualCreate(BaseModel):
             base=self.base,
             instruct=self.instruct,
             dtype=self.dtype,
+            method=self.method,
             metadata=self.metadata,
         )
 
