@@ -17,7 +17,7 @@ from app.pipeline import residual as residuals
 from app.pipeline.context import DTYPES, Ctx, StoreArg
 from app.pipeline.residual import ComputeResult, MergeResult
 from app.pipeline.stored import StoredMerge
-from app.residuals.manifest import MergeManifest, ResidualManifest
+from app.residuals.manifest import LineageInfo, MergeManifest, ResidualManifest
 from app.residuals.progress import CancelFlag, ProgressCallback
 from app.store.base import ArtifactInfo, Store
 from app.store.recovery import Notice
@@ -69,21 +69,24 @@ def compute(
     max_shard_gb: float | None = None,
     notice: Notice | None = None,
     verify_pack: bool = True,
+    force: bool = False,
     settings: Settings | None = None,
 ) -> ComputeResult:
     """Compute (or reuse) the residual pack of ``instruct - base`` in the store.
 
     A stored pack is verified before its key is handed on (``verify_pack=False``: only
     its manifest, for callers that read the pack next, which verifies it); a corrupt one
-    is quarantined and rebuilt (``notice`` hears of it).
+    is quarantined and rebuilt (``notice`` hears of it). ``force`` computes it even when
+    the lineage check finds the instruct model unrelated to the base.
 
     Raises:
+        UnrelatedModelsError: the instruct model does not descend from the base.
         RealignError subclasses for bad refs, incompatible models, cancellation.
     """
     return residuals.compute(
         _ctx(store, settings), base, instruct, dtype=dtype, method=method, device=device,
         progress=progress, cancel=cancel, max_shard_gb=max_shard_gb, notice=notice,
-        verify_pack=verify_pack,
+        verify_pack=verify_pack, force=force,
     )  # fmt: skip
 
 
@@ -101,6 +104,7 @@ def apply(
     max_shard_gb: float | None = None,
     hash_outputs: bool = False,
     notice: Notice | None = None,
+    force: bool = False,
     settings: Settings | None = None,
 ) -> MergeResult:
     """Apply a stored residual (key, key prefix or pack directory) to ``target``,
@@ -108,11 +112,12 @@ def apply(
 
     The pack is verified as it is read; a stored pack found corrupt is quarantined
     and rebuilt from its sources (``notice`` is told), else the error says what to do.
-    Nothing is written to ``out`` from a corrupt pack."""
+    Nothing is written to ``out`` from a corrupt pack. The target is checked against
+    the residual's base when that is at hand (``force``: merged even when unrelated)."""
     return residuals.apply(
         _ctx(store, settings), residual, target, out, alpha=alpha, device=device,
         progress=progress, cancel=cancel, overwrite=overwrite, max_shard_gb=max_shard_gb,
-        hash_outputs=hash_outputs, notice=notice,
+        hash_outputs=hash_outputs, notice=notice, force=force,
     )  # fmt: skip
 
 
@@ -134,6 +139,7 @@ def merge(
     hash_outputs: bool = False,
     method: str = "task_arithmetic",
     notice: Notice | None = None,
+    force: bool = False,
     settings: Settings | None = None,
 ) -> MergeResult:
     """``target + alpha * (instruct - base)`` into ``out``.
@@ -141,12 +147,16 @@ def merge(
     With ``no_cache`` it runs one fused pass and stores nothing. Otherwise a stored
     residual is applied; when there is none yet, one pass over the three inputs
     writes the residual into the store and the merged model together.
+
+    Raises:
+        UnrelatedModelsError: the instruct model or the target does not descend from the
+            base (the lineage check; ``force`` merges anyway and records the figures).
     """
     return merged.merge(
         _ctx(store, settings), base, instruct, target, out, alpha=alpha, dtype=dtype,
         device=device, no_cache=no_cache, progress=progress, cancel=cancel,
         overwrite=overwrite, max_shard_gb=max_shard_gb, hash_outputs=hash_outputs,
-        method=method, notice=notice,
+        method=method, notice=notice, force=force,
     )  # fmt: skip
 
 
@@ -186,18 +196,24 @@ def preflight(
     instruct: str | None = None,
     residual: str | None = None,
     alpha: float = 1.0,
+    force: bool = False,
     store: StoreArg = None,
     settings: Settings | None = None,
-) -> None:
-    """Every check of a merge request that needs no tensor data (configs, tokenizers,
-    safetensors headers): refs resolve, families match, names and shapes line up.
+) -> LineageInfo | None:
+    """Every check of a merge request made before the merge: refs resolve, families
+    match, names and shapes line up (configs, tokenizers, safetensors headers), and the
+    lineage check, from a few sampled rows of a few tensors (milliseconds).
+
+    Returns:
+        The lineage figures (None: a stored residual found corrupt, rebuilt by the job).
 
     Raises:
+        UnrelatedModelsError: a model does not descend from the base and ``force`` is unset.
         RealignError subclasses describing the first problem found.
     """
-    stored.preflight(
+    return stored.preflight(
         _ctx(store, settings), target=target, base=base, instruct=instruct,
-        residual=residual, alpha=alpha,
+        residual=residual, alpha=alpha, force=force,
     )  # fmt: skip
 
 
@@ -214,6 +230,7 @@ def merge_to_store(
     progress: ProgressCallback | None = None,
     cancel: CancelFlag | None = None,
     notice: Notice | None = None,
+    force: bool = False,
     settings: Settings | None = None,
 ) -> StoredMerge:
     """Compute or reuse the residual, then publish ``target + alpha * R`` as a
@@ -229,5 +246,5 @@ def merge_to_store(
     return stored.merge_to_store(
         _ctx(store, settings), target=target, base=base, instruct=instruct,
         residual=residual, alpha=alpha, dtype=dtype, device=device, progress=progress,
-        cancel=cancel, notice=notice,
+        cancel=cancel, notice=notice, force=force,
     )  # fmt: skip

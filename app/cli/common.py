@@ -9,7 +9,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -25,6 +25,9 @@ from rich.text import Text
 
 from app.core.errors import OperationCancelledError, RealignError
 from app.residuals.progress import Progress as Snapshot
+
+if TYPE_CHECKING:
+    from app.residuals.manifest import LineageInfo
 
 app = typer.Typer(
     name="realign",
@@ -66,6 +69,14 @@ Store = Annotated[
 Device = Annotated[str, typer.Option("--device", help="cpu or cuda[:N].")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+Force = Annotated[
+    bool,
+    typer.Option(
+        "--force",
+        help="Merge even when the lineage check finds a model unrelated to the base "
+        "(the figures are recorded in realign.json and the model card).",
+    ),
+]
 
 
 def fail(message: str, code: int) -> typer.Exit:
@@ -91,6 +102,23 @@ def friendly(fn: F) -> F:
             raise fail(os_error_message(exc), 1) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def lineage_note(info: LineageInfo | None) -> None:
+    """Tell the user what the lineage check measured (a warning when forced past it)."""
+    if info is None:
+        return
+    if info.passed:
+        err.print(f"lineage: {info.summary()}", highlight=False, soft_wrap=True)
+        return
+    err.print(
+        Text.assemble(
+            ("warning:", "bold yellow"),
+            f" lineage: {info.summary()} — task arithmetic needs models of one lineage, so "
+            "the result may be noise",
+        ),
+        highlight=False, soft_wrap=True,
+    )  # fmt: skip
 
 
 def os_error_message(exc: OSError) -> str:

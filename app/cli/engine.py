@@ -13,6 +13,7 @@ from app.cli.common import (
     Base,
     Device,
     DType,
+    Force,
     Instruct,
     OutDir,
     Overwrite,
@@ -22,6 +23,7 @@ from app.cli.common import (
     app,
     err,
     friendly,
+    lineage_note,
     out,
     progress_bar,
 )
@@ -42,6 +44,7 @@ def merge(
         bool, typer.Option("--no-cache", help="One fused pass; do not store the residual.")
     ] = False,
     overwrite: Overwrite = False,
+    force: Force = False,
     quiet: Quiet = False,
 ) -> None:
     """Merge: out = target + alpha * (instruct - base), reusing a cached residual.
@@ -67,7 +70,9 @@ def merge(
             progress=cb,
             cancel=cancel,
             overwrite=overwrite,
+            force=force,
         )
+    lineage_note(res.manifest.lineage)
     if res.residual_key:
         how = "computed" if res.residual_created else "reused"
         err.print(f"residual {res.residual_key} ({how})")
@@ -83,6 +88,7 @@ def compute(
     dtype: DType = "bfloat16",
     store: Store = None,
     device: Device = "cpu",
+    force: Force = False,
     quiet: Quiet = False,
 ) -> None:
     """Compute (or reuse) the residual instruct - base; prints its key last.
@@ -93,8 +99,10 @@ def compute(
 
     with progress_bar(quiet) as (cb, cancel):
         res = run(
-            base, instruct, dtype=dtype, store=store, device=device, progress=cb, cancel=cancel
-        )
+            base, instruct, dtype=dtype, store=store, device=device, progress=cb,
+            cancel=cancel, force=force,
+        )  # fmt: skip
+    lineage_note(res.lineage)
     size = res.manifest.total_bytes / 1e6
     err.print(f"{'computed' if res.created else 'reused'} residual at {res.path} ({size:.1f} MB)")
     out.print(res.key, highlight=False)
@@ -112,6 +120,7 @@ def apply(
     store: Store = None,
     device: Device = "cpu",
     overwrite: Overwrite = False,
+    force: Force = False,
     quiet: Quiet = False,
 ) -> None:
     """Apply a residual to a new base: out = target + alpha * R.
@@ -131,7 +140,9 @@ def apply(
             progress=cb,
             cancel=cancel,
             overwrite=overwrite,
+            force=force,
         )
+    lineage_note(res.manifest.lineage)
     err.print(f"merged model written to {res.out}")
     out.print(str(res.out), highlight=False)
 
@@ -169,6 +180,8 @@ def inspect(
     else:
         out.print(f"  target    {m.target.ref}  ({m.target.digest[:12]})")
         out.print(f"  alpha {m.alpha}  residual {m.residual_key or 'fused, not stored'}")
+        if m.lineage is not None:
+            out.print(f"  lineage {m.lineage.summary()}", highlight=False)
     if m.vocab:
         out.print(
             f"  vocabulary {m.vocab.base_rows} -> {m.vocab.instruct_rows} rows ({m.vocab.policy})"

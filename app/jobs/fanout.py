@@ -35,6 +35,7 @@ from app.store.objects import ObjectStore
 if TYPE_CHECKING:
     from app.jobs.reporter import JobReporter
     from app.jobs.runner import JobRunner
+    from app.residuals.manifest import LineageInfo
 
 log = logging.getLogger("app.jobs")
 CANCELLED = "cancelled; nothing was published"
@@ -206,13 +207,14 @@ class Fanout:
         outputs = [ShardOutput(r.file, r.size, r.sha256) for r in results]
         st = self.store
         with st.using(plan.residual_key) as pack_dir, Checkpoint.open(Path(plan.target)) as tgt:
+            lineage = self._lineage(rec, pack_dir, tgt)
 
             def build(tmp: Path) -> None:
                 for o in outputs:
                     self.staging.take(rec.id, o.file, tmp / o.file, o.size, o.sha256)
                 assemble_merged(
                     tmp, pack_dir, tgt, target_src=plan.target_src, alpha=plan.alpha,
-                    max_shard_bytes=plan.max_shard_bytes, outputs=outputs,
+                    max_shard_bytes=plan.max_shard_bytes, outputs=outputs, lineage=lineage,
                 )  # fmt: skip
                 if self._stopped(split):  # the last moment a cancel still stops it
                     raise OperationCancelledError(CANCELLED)
@@ -229,6 +231,17 @@ class Fanout:
         self.runner.conclude(self.records.get(rec.id) or rec, result, nbytes)
         self.staging.discard(rec.id)
         split.clear(len(plan.files))
+
+    def _lineage(self, rec: JobRecord, pack_dir: Path, target: Checkpoint) -> LineageInfo:
+        """The lineage figures for the manifest (the job's preflight already refused an
+        unrelated target): the target against the residual's base, where that is at hand."""
+        from app.pipeline.context import Ctx
+        from app.pipeline.lineage import check_pack_target
+        from app.residuals.manifest import read_residual_manifest
+
+        manifest = read_residual_manifest(pack_dir)
+        ctx = Ctx(self.settings, self.store)
+        return check_pack_target(ctx, manifest, target, force=rec.spec.force)
 
     # -- ending ---------------------------------------------------------------------------
     def _open(self, job_id: str) -> tuple[SplitRecords, JobRecord | None, SplitPlan | None]:

@@ -111,15 +111,18 @@ class JobRunner:
             rec = self._pin(rec)
             s = self._spec(rec)
             if s.target is not None:
-                preflight(
+                lineage = preflight(
                     target=s.target,
                     base=s.base,
                     instruct=s.instruct,
                     residual=s.residual,
                     alpha=s.alpha,
+                    force=s.force,
                     store=self.store,
                     settings=self.settings,
                 )
+                if lineage is not None:
+                    self.records.add_event(rec, "log", f"lineage: {lineage.summary()}")
             self._move(rec, JobStatus.queued, JobStage.preflight, "preflight passed")
             self.enqueue("realign.merge", rec.id)
         except Exception as exc:
@@ -264,6 +267,7 @@ class JobRunner:
             progress=reporter,
             cancel=cancel,
             notice=self._notice(reporter),
+            force=s.force,
         )
         result = JobResult(
             model_id="",
@@ -271,6 +275,7 @@ class JobRunner:
             residual_key=res.key,
             output=str(res.path),
             manifest=res.manifest.model_dump(mode="json"),
+            lineage=res.lineage,
         )
         return result, res.manifest.total_bytes
 
@@ -294,6 +299,7 @@ class JobRunner:
             progress=reporter,
             cancel=cancel,
             notice=self._notice(reporter),
+            force=s.force,
         )
         reporter.check()  # nothing registered for a job this worker no longer owns
         rec = self._move(reporter.rec, JobStatus.running, JobStage.publish)
@@ -326,6 +332,7 @@ class JobRunner:
             residual_key=done.residual_key,
             output=str(done.path),
             manifest=m.model_dump(mode="json"),
+            lineage=m.lineage,
         )
         return result, sum(f.size for f in m.files.values())
 
@@ -350,6 +357,7 @@ class JobRunner:
                 progress=reporter,
                 cancel=cancel,
                 notice=self._notice(reporter),
+                force=s.force,
             )
             key, manifest = res.key, res.manifest
         else:
@@ -364,7 +372,10 @@ class JobRunner:
                 "the instruct model added vocabulary rows; use serve_mode "
                 "'checkpoint'"
             )
-        preflight(target=s.target, residual=key, alpha=s.alpha, store=store, settings=settings)
+        lineage = preflight(
+            target=s.target, residual=key, alpha=s.alpha, force=s.force, store=store,
+            settings=settings,
+        )  # fmt: skip
         reporter.check()
         target = resolve_model(s.target, store, settings)
         model_id = s.name or f"realign-{key[:8]}-inline"
@@ -391,6 +402,7 @@ class JobRunner:
             residual_key=key,
             output="",
             manifest={"residual": key, "target": s.target, "alpha": s.alpha},
+            lineage=lineage,
         )
         return result, 0
 

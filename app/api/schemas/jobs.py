@@ -105,6 +105,11 @@ class ResidualCreate(BaseModel):
     instruct: RefText
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     metadata: dict[str, str] = Field(default_factory=dict, max_length=64)
+    force: bool = Field(
+        default=False,
+        description="Compute it even when the lineage check finds the instruct model "
+        "unrelated to the base.",
+    )
 
     def to_spec(self) -> MergeSpec:
         return MergeSpec(
@@ -113,6 +118,7 @@ class ResidualCreate(BaseModel):
             instruct=self.instruct,
             dtype=self.dtype,
             metadata=self.metadata,
+            force=self.force,
         )
 
 
