@@ -22,7 +22,7 @@ from app.pipeline.context import DTYPES, Ctx, StoreArg
 from app.pipeline.multi import ResidualInput, Run
 from app.pipeline.residual import ComputeResult, MergeResult
 from app.pipeline.stored import StoredMerge
-from app.residuals.manifest import MergeManifest, ResidualManifest
+from app.residuals.manifest import LineageInfo, MergeManifest, ResidualManifest
 from app.residuals.progress import CancelFlag, ProgressCallback
 from app.store.base import ArtifactInfo, Store
 from app.store.recovery import Notice
@@ -75,21 +75,24 @@ def compute(
     max_shard_gb: float | None = None,
     notice: Notice | None = None,
     verify_pack: bool = True,
+    force: bool = False,
     settings: Settings | None = None,
 ) -> ComputeResult:
     """Compute (or reuse) the residual pack of ``instruct - base`` in the store.
 
     A stored pack is verified before its key is handed on (``verify_pack=False``: only
     its manifest, for callers that read the pack next, which verifies it); a corrupt one
-    is quarantined and rebuilt (``notice`` hears of it).
+    is quarantined and rebuilt (``notice`` hears of it). ``force`` computes it even when
+    the lineage check finds the instruct model unrelated to the base.
 
     Raises:
+        UnrelatedModelsError: the instruct model does not descend from the base.
         RealignError subclasses for bad refs, incompatible models, cancellation.
     """
     return residuals.compute(
         _ctx(store, settings), base, instruct, dtype=dtype, method=method, device=device,
         progress=progress, cancel=cancel, max_shard_gb=max_shard_gb, notice=notice,
-        verify_pack=verify_pack,
+        verify_pack=verify_pack, force=force,
     )  # fmt: skip
 
 
@@ -110,6 +113,7 @@ def apply(
     method: str = "task_arithmetic",
     params: dict[str, object] | None = None,
     dtype: str = "bfloat16",
+    force: bool = False,
     settings: Settings | None = None,
 ) -> MergeResult:
     """Apply a stored residual (key, key prefix or pack directory) to ``target``,
@@ -119,7 +123,8 @@ def apply(
     ``dtype`` first), merged by ``method`` with ``params`` in one pass over the target.
     The pack is verified as it is read; a stored pack found corrupt is quarantined
     and rebuilt from its sources (``notice`` is told), else the error says what to do.
-    Nothing is written to ``out`` from a corrupt pack."""
+    Nothing is written to ``out`` from a corrupt pack. The target is checked against
+    the residual's base when that is at hand (``force``: merged even when unrelated)."""
     ctx = _ctx(store, settings)
     inputs = [ResidualInput(key=residual)] if isinstance(residual, str) else list(residual)
     if not multi.is_classic(method, params, inputs) or inputs[0].key is None:
@@ -131,7 +136,7 @@ def apply(
     return residuals.apply(
         ctx, inputs[0].key, target, out, alpha=alpha, device=device,
         progress=progress, cancel=cancel, overwrite=overwrite, max_shard_gb=max_shard_gb,
-        hash_outputs=hash_outputs, notice=notice,
+        hash_outputs=hash_outputs, notice=notice, force=force,
     )  # fmt: skip
 
 
@@ -154,6 +159,7 @@ def merge(
     method: str = "task_arithmetic",
     notice: Notice | None = None,
     params: dict[str, object] | None = None,
+    force: bool = False,
     settings: Settings | None = None,
 ) -> MergeResult:
     """``target + alpha * (instruct - base)`` into ``out``.
@@ -163,6 +169,10 @@ def merge(
     writes the residual into the store and the merged model together. Another
     ``method`` (``ties``, ``dare``, with ``params``) transforms the stored residual as
     it is applied (``no_cache`` is refused: those methods need a stored pack).
+
+    Raises:
+        UnrelatedModelsError: the instruct model or the target does not descend from the
+            base (the lineage check; ``force`` merges anyway and records the figures).
     """
     ctx = _ctx(store, settings)
     pair = [ResidualInput(base=base, instruct=instruct)]
@@ -182,7 +192,7 @@ def merge(
         ctx, base, instruct, target, out, alpha=alpha, dtype=dtype,
         device=device, no_cache=no_cache, progress=progress, cancel=cancel,
         overwrite=overwrite, max_shard_gb=max_shard_gb, hash_outputs=hash_outputs,
-        method=method, notice=notice,
+        method=method, notice=notice, force=force,
     )  # fmt: skip
 
 
@@ -222,17 +232,24 @@ def preflight(
     instruct: str | None = None,
     residual: str | None = None,
     alpha: float = 1.0,
+    force: bool = False,
     store: StoreArg = None,
     method: str = "task_arithmetic",
     params: dict[str, object] | None = None,
     residuals: Sequence[ResidualInput] | None = None,
     settings: Settings | None = None,
-) -> None:
-    """Every check of a merge request that needs no tensor data (configs, tokenizers,
-    safetensors headers): refs resolve, families match, names and shapes line up; the
-    method and its parameters, the residuals and their weights.
+) -> LineageInfo | None:
+    """Every check of a merge request made before the merge: refs resolve, families
+    match, names and shapes line up (configs, tokenizers, safetensors headers); the
+    method and its parameters, the residuals and their weights; and the lineage check,
+    from a few sampled rows of a few tensors (milliseconds; not for several residuals
+    or the ties/dare methods yet).
+
+    Returns:
+        The lineage figures (None: a stored residual found corrupt, rebuilt by the job).
 
     Raises:
+        UnrelatedModelsError: a model does not descend from the base and ``force`` is unset.
         RealignError subclasses describing the first problem found.
     """
     ctx = _ctx(store, settings)
@@ -241,10 +258,11 @@ def preflight(
         multi.preflight(
             ctx, target=target, inputs=inputs, alpha=alpha, method=method, params=params
         )
-        return
-    stored.preflight(
-        ctx, target=target, base=base, instruct=instruct, residual=residual, alpha=alpha
-    )
+        return None
+    return stored.preflight(
+        ctx, target=target, base=base, instruct=instruct, residual=residual, alpha=alpha,
+        force=force,
+    )  # fmt: skip
 
 
 def merge_to_store(
@@ -263,6 +281,7 @@ def merge_to_store(
     notice: Notice | None = None,
     params: dict[str, object] | None = None,
     residuals: Sequence[ResidualInput] | None = None,
+    force: bool = False,
     settings: Settings | None = None,
 ) -> StoredMerge:
     """Compute or reuse the residual, then publish ``target + alpha * R`` as a
@@ -291,5 +310,5 @@ def merge_to_store(
     return stored.merge_to_store(
         ctx, target=target, base=base, instruct=instruct,
         residual=residual, alpha=alpha, dtype=dtype, method=method, device=device,
-        progress=progress, cancel=cancel, notice=notice,
+        progress=progress, cancel=cancel, notice=notice, force=force,
     )  # fmt: skip

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from app.demo.tiny import TinyTriple, make_triple
+from app.demo.tiny import TinyTriple, make_triple, write_model
 from tests.s3server import S3Server, start_s3_server
 
 
@@ -50,6 +50,14 @@ def llama_triple_extra_vocab(tmp_path_factory: pytest.TempPathFactory) -> TinyTr
 def llama_triple_tied(tmp_path_factory: pytest.TempPathFactory) -> TinyTriple:
     """Llama triple with tied input/output embeddings (no `lm_head.weight`)."""
     return make_triple(tmp_path_factory.mktemp("llama_tied"), tie_word_embeddings=True)
+
+
+@pytest.fixture(scope="session")
+def llama_unrelated(llama_triple: TinyTriple) -> Path:
+    """A Llama of `llama_triple`'s config and layout from another seed: it passes every
+    header check but does not descend from the triple's base (next to the triple, so
+    under the same allowed root)."""
+    return write_model(llama_triple.base.parent / "unrelated", seed=8, shards=2)
 
 
 @pytest.fixture

@@ -27,6 +27,9 @@ from app.core.errors import OperationCancelledError, RealignError
 from app.core.settings import get_settings
 from app.residuals.progress import Progress as Snapshot
 
+if TYPE_CHECKING:
+    from app.residuals.manifest import LineageInfo
+
 app = typer.Typer(
     name="realign",
     help="Keep LLMs instruction-aligned while their knowledge moves: "
@@ -69,6 +72,14 @@ if TYPE_CHECKING:
     from app.store.base import Store as StoreT
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+Force = Annotated[
+    bool,
+    typer.Option(
+        "--force",
+        help="Merge even when the lineage check finds a model unrelated to the base "
+        "(the figures are recorded in realign.json and the model card).",
+    ),
+]
 
 
 def builder_store(store: Path | None) -> Path | StoreT | None:
@@ -108,6 +119,23 @@ def friendly(fn: F) -> F:
             raise fail(os_error_message(exc), 1) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def lineage_note(info: LineageInfo | None) -> None:
+    """Tell the user what the lineage check measured (a warning when forced past it)."""
+    if info is None:
+        return
+    if info.passed:
+        err.print(f"lineage: {info.summary()}", highlight=False, soft_wrap=True)
+        return
+    err.print(
+        Text.assemble(
+            ("warning:", "bold yellow"),
+            f" lineage: {info.summary()} — task arithmetic needs models of one lineage, so "
+            "the result may be noise",
+        ),
+        highlight=False, soft_wrap=True,
+    )  # fmt: skip
 
 
 def os_error_message(exc: OSError) -> str:

@@ -13,6 +13,7 @@ from app.cli.common import (
     Base,
     Device,
     DType,
+    Force,
     Instruct,
     OutDir,
     Overwrite,
@@ -24,6 +25,7 @@ from app.cli.common import (
     err,
     fail,
     friendly,
+    lineage_note,
     out,
     progress_bar,
 )
@@ -54,6 +56,7 @@ def merge(
         bool, typer.Option("--no-cache", help="One fused pass; do not store the residual.")
     ] = False,
     overwrite: Overwrite = False,
+    force: Force = False,
     quiet: Quiet = False,
     method: Method = "task_arithmetic",
     density: Density = None,
@@ -94,7 +97,9 @@ def merge(
             overwrite=overwrite,
             method=method,
             params=params,
+            force=force,
         )
+    lineage_note(res.manifest.lineage)
     if res.residual_key:
         how = "computed" if res.residual_created else "reused"
         err.print(f"residual {res.residual_key} ({how})")
@@ -110,6 +115,7 @@ def compute(
     dtype: DType = "bfloat16",
     store: Store = None,
     device: Device = "cpu",
+    force: Force = False,
     quiet: Quiet = False,
 ) -> None:
     """Compute (or reuse) the residual instruct - base; prints its key last.
@@ -127,7 +133,9 @@ def compute(
             device=device,
             progress=cb,
             cancel=cancel,
+            force=force,
         )
+    lineage_note(res.lineage)
     size = res.manifest.total_bytes / 1e6
     err.print(f"{'computed' if res.created else 'reused'} residual at {res.path} ({size:.1f} MB)")
     out.print(res.key, highlight=False)
@@ -150,6 +158,7 @@ def apply(
     store: Store = None,
     device: Device = "cpu",
     overwrite: Overwrite = False,
+    force: Force = False,
     quiet: Quiet = False,
     weight: Weight = None,
     method: Method = "task_arithmetic",
@@ -184,7 +193,9 @@ def apply(
             overwrite=overwrite,
             method=method,
             params=params,
+            force=force,
         )
+    lineage_note(res.manifest.lineage)
     err.print(f"merged model written to {res.out}")
     out.print(str(res.out), highlight=False)
 
@@ -226,6 +237,8 @@ def inspect(
             out.print("  params " + "  ".join(f"{k}={v}" for k, v in m.params.items()))
         for r in m.residuals:
             out.print(f"    residual {r.key}  weight {r.weight}  ({r.instruct})", highlight=False)
+        if m.lineage is not None:
+            out.print(f"  lineage {m.lineage.summary()}", highlight=False)
     if m.vocab:
         out.print(
             f"  vocabulary {m.vocab.base_rows} -> {m.vocab.instruct_rows} rows ({m.vocab.policy})"

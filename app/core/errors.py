@@ -56,6 +56,13 @@ class IncompatibleModelsError(RealignError, ValueError):
     code = "incompatible_models"
 
 
+class UnrelatedModelsError(IncompatibleModelsError):
+    """A model's weights are too far from the base's to descend from it: task arithmetic
+    needs models of one lineage (fine-tuned or continually pre-trained from one base)."""
+
+    code = "unrelated_models"
+
+
 class ArtifactNotFoundError(RealignError, KeyError):
     """No stored artifact matches a key."""
 

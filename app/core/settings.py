@@ -100,6 +100,14 @@ class Settings(BaseSettings):
         "unset = as fast as the disk allows.",
         examples=["200"],
     )
+    lineage_max_distance: float = Field(
+        default=0.8,
+        gt=0,
+        description="Preflight refuses an instruct model or target whose sampled weights are "
+        "farther than this from the base (median of |x - base| / |base| per tensor): "
+        "fine-tunes measure ~0.001-0.01, continual pre-training up to a few tenths, unrelated "
+        "models 1 or more (~1.4). Override one merge with `--force` / `force: true`.",
+    )
     log_level: str = Field(
         default="INFO", description="DEBUG, INFO, WARNING or ERROR.", examples=["DEBUG"]
     )

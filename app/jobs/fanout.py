@@ -37,8 +37,12 @@ from app.store.base import Store
 from app.store.objects import ObjectStore
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from app.jobs.reporter import JobReporter
     from app.jobs.runner import JobRunner
+    from app.residuals.checkpoint import Checkpoint
+    from app.residuals.manifest import LineageInfo
 
 log = logging.getLogger("app.jobs")
 
@@ -208,12 +212,26 @@ class Fanout:
         self, split: SplitRecords, rec: JobRecord, plan: SplitPlan, results: list[ShardResult]
     ) -> None:
         rec = self.runner.move(rec, JobStatus.running, JobStage.publish)
-        step = FinalStep(self.store, self.staging, self.settings, lambda: self._stopped(split))
+        step = FinalStep(
+            self.store, self.staging, self.settings, lambda: self._stopped(split),
+            lineage=lambda pack_dir, tgt: self._lineage(rec, pack_dir, tgt),
+        )  # fmt: skip
         done = publish_split(step, rec.id, plan, results)
         result, nbytes = self.runner.register(rec, done)
         self.runner.conclude(self.records.get(rec.id) or rec, result, nbytes)
         self.staging.discard(rec.id)
         split.clear(len(plan.files))
+
+    def _lineage(self, rec: JobRecord, pack_dir: Path, target: Checkpoint) -> LineageInfo:
+        """The lineage figures for the manifest (the job's preflight already refused an
+        unrelated target): the target against the residual's base, where that is at hand."""
+        from app.pipeline.context import Ctx
+        from app.pipeline.lineage import check_pack_target
+        from app.residuals.manifest import read_residual_manifest
+
+        manifest = read_residual_manifest(pack_dir)
+        ctx = Ctx(self.settings, self.store)
+        return check_pack_target(ctx, manifest, target, force=rec.spec.force)
 
     # -- ending ---------------------------------------------------------------------------
     def _open(self, job_id: str) -> tuple[SplitRecords, JobRecord | None, SplitPlan | None]:

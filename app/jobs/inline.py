@@ -41,7 +41,10 @@ def run_in_engine(
             "the instruct model added vocabulary rows; use serve_mode "
             "'checkpoint'"
         )
-    preflight(target=s.target, residual=key, alpha=s.alpha, store=store, settings=settings)
+    lineage = preflight(
+        target=s.target, residual=key, alpha=s.alpha, force=s.force, store=store,
+        settings=settings,
+    )  # fmt: skip
     reporter.check()
     # serving resolves the target again on its own node: record the pinned ref
     target = resolve_input(s.target, store, settings.trusted_code_sha256)
@@ -67,6 +70,7 @@ def run_in_engine(
         residual_key=key,
         output="",
         manifest={"residual": key, "target": s.target, "alpha": s.alpha},
+        lineage=lineage,
     )
     return result, 0
 
@@ -97,5 +101,6 @@ def _residual(
         progress=reporter,
         cancel=cancel,
         notice=notice,
+        force=s.force,
     )
     return res.key, res.manifest

@@ -8,6 +8,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
 
+from app.residuals.manifest import LineageInfo
+
 
 class JobStatus(StrEnum):
     queued = "queued"
@@ -106,6 +108,12 @@ class MergeSpec(BaseModel):
         description="Served model id; default realign-<key prefix>.",
     )
     metadata: dict[str, str] = Field(default_factory=dict, max_length=64)
+    force: bool = Field(
+        default=False,
+        description="Merge even when the lineage check finds the instruct model or the "
+        "target unrelated to the base (past REALIGN_LINEAGE_MAX_DISTANCE); the figures "
+        "are recorded in the result, the manifest and the model card.",
+    )
 
     def fingerprint_json(self) -> str:
         """The spec as JSON for request fingerprints (fields added later left out at their
@@ -129,6 +137,11 @@ class JobResult(BaseModel):
     residual_key: str
     output: str
     manifest: dict[str, Any]
+    lineage: LineageInfo | None = Field(
+        default=None,
+        description="Figures of the lineage check: relative weight distances of the "
+        "instruct model and the target from the base, and the limit applied.",
+    )
 
 
 class JobError(BaseModel):

@@ -117,18 +117,21 @@ class JobRunner:
             rec = self._pin(rec)
             s = self._spec(rec)
             if s.target is not None:
-                preflight(
+                lineage = preflight(
                     target=s.target,
                     base=s.base,
                     instruct=s.instruct,
                     residual=s.residual,
                     alpha=s.alpha,
+                    force=s.force,
                     store=self.store,
                     method=s.method,
                     params=dict(s.params),
                     residuals=residual_inputs(s),
                     settings=self.settings,
                 )
+                if lineage is not None:
+                    self.records.add_event(rec, "log", f"lineage: {lineage.summary()}")
             self._move(rec, JobStatus.queued, JobStage.preflight, "preflight passed")
             self.enqueue("realign.merge", rec.id)
         except Exception as exc:
@@ -263,6 +266,7 @@ class JobRunner:
             progress=reporter,
             cancel=cancel,
             notice=self._notice(reporter),
+            force=s.force,
         )
         result = JobResult(
             model_id="",
@@ -270,6 +274,7 @@ class JobRunner:
             residual_key=res.key,
             output=str(res.path),
             manifest=res.manifest.model_dump(mode="json"),
+            lineage=res.lineage,
         )
         return result, res.manifest.total_bytes
 
@@ -296,6 +301,7 @@ class JobRunner:
             notice=self._notice(reporter),
             params=dict(s.params),
             residuals=residual_inputs(s),
+            force=s.force,
         )
         reporter.check()  # nothing registered for a job this worker no longer owns
         rec = self._move(reporter.rec, JobStatus.running, JobStage.publish)
@@ -327,6 +333,7 @@ class JobRunner:
             residual_key=done.residual_key,
             output=str(done.path),
             manifest=m.model_dump(mode="json"),
+            lineage=m.lineage,
         )
         return result, sum(f.size for f in m.files.values())
 

@@ -161,6 +161,7 @@ def _compute(
         cancel=cancel,
         notice=lambda msg: reporter.runner.records.add_event(reporter.rec, "status", msg),
         verify_pack=False,  # the shard tasks read and verify it
+        force=spec.force,
         settings=settings,
     )
     return res.key

@@ -26,8 +26,9 @@ from app.jobs.shard_records import ShardResult, SplitPlan
 from app.jobs.shard_staging import ObjectShardStaging, ShardStaging
 from app.pipeline.stored import StoredMerge
 from app.residuals.apply_shard import ShardOutput, assemble_merged
+from app.residuals.checkpoint import Checkpoint
 from app.residuals.hashing import sha256_file
-from app.residuals.manifest import MERGE_MANIFEST, read_merge_manifest
+from app.residuals.manifest import MERGE_MANIFEST, LineageInfo, read_merge_manifest
 from app.store.base import Store
 from app.store.objects import ObjectStore
 from app.store.s3 import relative_files
@@ -51,6 +52,7 @@ class FinalStep:
     staging: ShardStaging
     settings: Settings
     stopped: Callable[[], bool]
+    lineage: Callable[[Path, Checkpoint], LineageInfo | None] = lambda pack_dir, target: None
 
     def check(self) -> None:
         if self.stopped():
@@ -92,6 +94,7 @@ def _publish_local(
             assemble_merged(
                 tmp, inputs.pack_dir, inputs.target, target_src=plan.target_src,
                 alpha=plan.alpha, max_shard_bytes=plan.max_shard_bytes, outputs=outputs,
+                lineage=step.lineage(inputs.pack_dir, inputs.target),
             )  # fmt: skip
             step.check()  # the last moment a cancel still stops it
 
@@ -116,7 +119,7 @@ def _publish_remote(
             manifest = assemble_merged(
                 out, inputs.pack_dir, inputs.target, target_src=plan.target_src,
                 alpha=plan.alpha, max_shard_bytes=plan.max_shard_bytes, outputs=outputs,
-                shards_here=False,
+                shards_here=False, lineage=step.lineage(inputs.pack_dir, inputs.target),
             )  # fmt: skip
 
         def stage(prefix: str) -> dict[str, tuple[int, str]]:

@@ -6,11 +6,12 @@ import contextlib
 from pathlib import Path
 
 from app.pipeline.context import Ctx, check_alpha, dtype_of
+from app.pipeline.lineage import check_models
 from app.pipeline.residual import MergeResult, apply, compute
 from app.residuals.apply import apply_residual, merge_fused, plan_fused
 from app.residuals.checkpoint import Checkpoint
 from app.residuals.dtypes import DType
-from app.residuals.manifest import MergeManifest, SourceInfo
+from app.residuals.manifest import LineageInfo, MergeManifest, SourceInfo
 from app.residuals.methods import get_method
 from app.residuals.onepass import compute_and_apply
 from app.residuals.progress import CancelFlag, ProgressCallback
@@ -41,6 +42,7 @@ def merge(
     hash_outputs: bool = False,
     method: str = "task_arithmetic",
     notice: Notice | None = None,
+    force: bool = False,
 ) -> MergeResult:
     """``target + alpha * (instruct - base)`` into ``out`` (see ``app.merge.merge``)."""
     check_alpha(alpha)
@@ -58,13 +60,14 @@ def merge(
         ckpts = [stack.enter_context(Checkpoint.open(r.path)) for r in refs]
         i_c, b_c, t_c = ckpts
         plan_fused(i_c, b_c, t_c, alpha)  # preflight of the whole triple, headers only
+        lineage = check_models(ctx, b_c, instruct=i_c, target=t_c, force=force)
         ensure_space([(out, merged_bytes(t_c, i_c, i_c.path))])  # before hashing or writing
         if no_cache:
             srcs = [describe_source(r, st.hasher) for r in refs]
             with staging_dir(out, overwrite=overwrite) as tmp:
                 merged = merge_fused(
                     i_c, b_c, t_c, tmp, sources=(srcs[0], srcs[1], srcs[2]),
-                    alpha=alpha, method=method, opts=opts,
+                    alpha=alpha, method=method, opts=opts, lineage=lineage,
                 )  # fmt: skip
             return MergeResult(out, merged, None, False)
         i_src, b_src = (describe_source(r, st.hasher) for r in refs[:2])
@@ -78,18 +81,19 @@ def merge(
             with staging_dir(out, overwrite=overwrite) as tmp:
                 merged, created = residual_and_merge(
                     st, key, (i_c, b_c, t_c), (i_src, b_src, t_src), tmp,
-                    dtype=res_dtype, alpha=alpha, method=method, opts=opts,
+                    dtype=res_dtype, alpha=alpha, method=method, opts=opts, lineage=lineage,
                 )  # fmt: skip
             return MergeResult(out, merged, key, created)
     res = compute(
         ctx, base, instruct, dtype=dtype, method=method, device=device, progress=progress,
         cancel=cancel, max_shard_gb=max_shard_gb, notice=notice,
         verify_pack=False,  # the apply below verifies it as it reads
+        force=force,
     )  # fmt: skip
     done = apply(
         ctx, res.key, target, out, alpha=alpha, device=device, progress=progress,
         cancel=cancel, overwrite=overwrite, max_shard_gb=max_shard_gb,
-        hash_outputs=hash_outputs, notice=notice,
+        hash_outputs=hash_outputs, notice=notice, force=force, lineage=lineage,
     )  # fmt: skip
     return MergeResult(out, done.manifest, res.key, res.created)
 
@@ -105,6 +109,7 @@ def residual_and_merge(
     alpha: float,
     method: str,
     opts: RunOptions,
+    lineage: LineageInfo | None = None,
 ) -> tuple[MergeManifest, bool]:
     """Build residual ``key`` in the store and write the merged model into ``out_dir``
     in one pass; if another process stored the residual meanwhile, apply that one.
@@ -117,7 +122,7 @@ def residual_and_merge(
     def build(res_dir: Path) -> None:
         _, merged = compute_and_apply(
             *ckpts, res_dir, out_dir, sources=sources, dtype=dtype, alpha=alpha,
-            method=method, key=key, opts=opts,
+            method=method, key=key, opts=opts, lineage=lineage,
         )  # fmt: skip
         made.append(merged)
 
@@ -125,6 +130,7 @@ def residual_and_merge(
         return made[0], True
     with st.using(key) as pack_dir:
         merged = apply_residual(
-            pack_dir, ckpts[2], out_dir, target_src=sources[2], alpha=alpha, opts=opts
-        )
+            pack_dir, ckpts[2], out_dir, target_src=sources[2], alpha=alpha, opts=opts,
+            lineage=lineage,
+        )  # fmt: skip
     return merged, False

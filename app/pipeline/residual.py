@@ -9,11 +9,13 @@ from pathlib import Path
 
 from app.core.errors import CorruptCheckpointError
 from app.pipeline.context import Ctx, check_alpha, dtype_of
+from app.pipeline.lineage import check_models, check_pack_target
 from app.residuals.apply import apply_residual, open_pack, plan_apply
 from app.residuals.checkpoint import Checkpoint
 from app.residuals.compute import compute_residual, preflight_residual
 from app.residuals.manifest import (
     RESIDUAL_MANIFEST,
+    LineageInfo,
     MergeManifest,
     ResidualManifest,
     read_residual_manifest,
@@ -34,6 +36,7 @@ class ComputeResult:
     path: Path
     manifest: ResidualManifest
     created: bool
+    lineage: LineageInfo | None = None  # figures of the lineage check
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,7 @@ def compute(
     max_shard_gb: float | None = None,
     notice: Notice | None = None,
     verify_pack: bool = True,
+    force: bool = False,
 ) -> ComputeResult:
     """Compute (or reuse) the residual pack of ``instruct - base`` in the store (see
     ``app.merge.compute``)."""
@@ -67,6 +71,7 @@ def compute(
     ins, bas = ctx.fetch([instruct, base], lambda i, b: [(st.root, residual_bytes(i, torch_dtype))])
     with Checkpoint.open(ins.path) as i_ckpt, Checkpoint.open(bas.path) as b_ckpt:
         preflight_residual(i_ckpt, b_ckpt)  # headers only: refuse before hashing gigabytes
+        lineage = check_models(ctx, b_ckpt, instruct=i_ckpt, force=force)  # sampled rows
         i_src, b_src = describe_source(ins, st.hasher), describe_source(bas, st.hasher)
         key = residual_key(i_src.digest, b_src.digest, method=method, dtype=dtype)
         opts = ctx.options(device, progress, cancel, max_shard_gb)
@@ -86,7 +91,7 @@ def compute(
             if created
             else reuse_pack(st, key, build, notice, full=verify_pack)
         )
-    return ComputeResult(key, path, manifest, created)
+    return ComputeResult(key, path, manifest, created, lineage)
 
 
 @contextlib.contextmanager
@@ -117,9 +122,14 @@ def apply(
     max_shard_gb: float | None = None,
     hash_outputs: bool = False,
     notice: Notice | None = None,
+    force: bool = False,
+    lineage: LineageInfo | None = None,
 ) -> MergeResult:
     """Apply a stored residual (key, key prefix or pack directory) to ``target``,
-    writing a model directory at ``out`` atomically (see ``app.merge.apply``)."""
+    writing a model directory at ``out`` atomically (see ``app.merge.apply``).
+
+    ``lineage``: the figures of a check the caller made (else the target is checked
+    against the residual's base, where that is at hand)."""
     check_alpha(alpha)
     st = ctx.store
     check_output(out, overwrite=overwrite)
@@ -132,12 +142,14 @@ def apply(
             manifest, pack = open_pack(pack_dir)
             with pack:
                 plan_apply(manifest, pack, t_ckpt, alpha)  # preflight before hashing the target
+            info = lineage or check_pack_target(ctx, manifest, t_ckpt, force=force)
             t_src = describe_source(tgt, st.hasher)
             ensure_space([(out, merged_bytes(t_ckpt, pack, pack_dir / "assets"))])
             with staging_dir(out, overwrite=overwrite) as tmp:
                 merged = apply_residual(
-                    pack_dir, t_ckpt, tmp, target_src=t_src, alpha=alpha, opts=opts
-                )
+                    pack_dir, t_ckpt, tmp, target_src=t_src, alpha=alpha, opts=opts,
+                    lineage=info,
+                )  # fmt: skip
         return MergeResult(out, merged, manifest.key, False)
 
     return with_pack(st, residual, use, notice, opts)

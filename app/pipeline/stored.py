@@ -9,11 +9,12 @@ from pathlib import Path
 
 from app.core.errors import ArtifactCorruptError, InvalidParameterError
 from app.pipeline.context import Ctx, check_alpha, dtype_of
+from app.pipeline.lineage import check_models, check_pack_target
 from app.pipeline.merged import residual_and_merge
 from app.pipeline.residual import compute, open_residual
 from app.residuals.apply import apply_residual, open_pack, plan_apply, plan_fused
 from app.residuals.checkpoint import Checkpoint
-from app.residuals.manifest import MergeManifest, read_merge_manifest
+from app.residuals.manifest import LineageInfo, MergeManifest, read_merge_manifest
 from app.residuals.methods import get_method
 from app.residuals.progress import CancelFlag, ProgressCallback
 from app.residuals.sources import RunOptions, describe_source
@@ -43,9 +44,11 @@ def preflight(
     instruct: str | None = None,
     residual: str | None = None,
     alpha: float = 1.0,
-) -> None:
-    """Every check of a merge request that needs no tensor data (see
-    ``app.merge.preflight``)."""
+    force: bool = False,
+) -> LineageInfo | None:
+    """Every check of a merge request made before the merge (see
+    ``app.merge.preflight``); returns the figures of the lineage check (None for a
+    stored residual found corrupt: the job rebuilds it and checks then)."""
     check_alpha(alpha)
     with ctx.headers(target) as t_ckpt:  # a Hub model's headers: no weights downloaded
         if residual is not None:
@@ -53,14 +56,15 @@ def preflight(
                 try:
                     manifest, pack = open_pack(pack_dir)
                 except ArtifactCorruptError:
-                    return  # the job quarantines and rebuilds it, or says what to do
+                    return None  # the job quarantines and rebuilds it, or says what to do
                 with pack:
                     plan_apply(manifest, pack, t_ckpt, alpha)
-            return
+            return check_pack_target(ctx, manifest, t_ckpt, force=force)
         if base is None or instruct is None:
             raise InvalidParameterError("give either a residual key or both base and instruct")
         with ctx.headers(instruct) as i_ckpt, ctx.headers(base) as b_ckpt:
             plan_fused(i_ckpt, b_ckpt, t_ckpt, alpha)
+            return check_models(ctx, b_ckpt, instruct=i_ckpt, target=t_ckpt, force=force)
 
 
 @reports_disk_full("ctx")
@@ -78,6 +82,7 @@ def merge_to_store(
     progress: ProgressCallback | None = None,
     cancel: CancelFlag | None = None,
     notice: Notice | None = None,
+    force: bool = False,
 ) -> StoredMerge:
     """Publish ``target + alpha * R`` as ``merged/<key>`` (see ``app.merge.merge_to_store``)."""
     check_alpha(alpha)
@@ -87,21 +92,24 @@ def merge_to_store(
         return merge_to_store(
             ctx, target=target, base=base, instruct=instruct, residual=residual,
             alpha=alpha, dtype=dtype, method=method, device=device, progress=progress,
-            cancel=cancel, notice=notice,
+            cancel=cancel, notice=notice, force=force,
         )  # fmt: skip
 
     created_residual = False
     opts = ctx.options(device, progress, cancel, None, hash_outputs=True)
     res_key = residual
+    lineage: LineageInfo | None = None
     if res_key is None:
         if base is None or instruct is None:
             raise InvalidParameterError("give either a residual key or both base and instruct")
-        first = _store_first_merge(ctx, (instruct, base, target), alpha, dtype, method, opts)
+        first, lineage = _store_first_merge(
+            ctx, (instruct, base, target), alpha, dtype, method, opts, force
+        )
         if first is not None:
             return _checked_reuse(st, first, again, notice)
         res = compute(
             ctx, base, instruct, dtype=dtype, method=method, device=device,
-            progress=progress, cancel=cancel, notice=notice, verify_pack=False,
+            progress=progress, cancel=cancel, notice=notice, verify_pack=False, force=force,
         )  # fmt: skip
         res_key, created_residual = res.key, res.created
     # A Hub target is downloaded once the disk has room for it and the merged model
@@ -113,6 +121,7 @@ def merge_to_store(
             manifest, pack = open_pack(pack_dir)
             with pack:
                 plan_apply(manifest, pack, t_ckpt, alpha)
+            info = lineage or check_pack_target(ctx, manifest, t_ckpt, force=force)
             t_src = describe_source(tgt, st.hasher)
             key = merged_key(manifest.key or pack_dir.name, t_src.digest, alpha=alpha)
             if not st.exists(key, "merged"):  # free space for the model, before writing
@@ -120,7 +129,13 @@ def merge_to_store(
             created = st.get_or_build(
                 key,
                 lambda tmp: apply_residual(
-                    pack_dir, t_ckpt, tmp, target_src=t_src, alpha=alpha, opts=opts
+                    pack_dir,
+                    t_ckpt,
+                    tmp,
+                    target_src=t_src,
+                    alpha=alpha,
+                    opts=opts,
+                    lineage=info,
                 ),
                 kind="merged",
             )
@@ -144,10 +159,12 @@ def _store_first_merge(
     dtype: str,
     method: str,
     opts: RunOptions,
-) -> StoredMerge | None:
+    force: bool,
+) -> tuple[StoredMerge | None, LineageInfo]:
     """``merge_to_store`` when the residual is not stored yet: one pass publishes the
     residual (of ``method``) and the merged model (None when the residual exists:
-    apply it instead). ``inputs``: the (instruct, base, target) refs."""
+    apply it instead), with the figures of the triple's lineage check. ``inputs``: the
+    (instruct, base, target) refs."""
     get_method(method)  # an unknown name fails before any input is resolved
     st = ctx.store
 
@@ -158,10 +175,11 @@ def _store_first_merge(
     with contextlib.ExitStack() as stack:
         i_c, b_c, t_c = (stack.enter_context(Checkpoint.open(r.path)) for r in refs)
         plan_fused(i_c, b_c, t_c, alpha)
+        lineage = check_models(ctx, b_c, instruct=i_c, target=t_c, force=force)
         i_src, b_src, t_src = (describe_source(r, st.hasher) for r in refs)
         key = residual_key(i_src.digest, b_src.digest, method=method, dtype=dtype)
         if st.exists(key):
-            return None
+            return None, lineage
         mkey = merged_key(key, t_src.digest, alpha=alpha)
         if not st.exists(mkey, "merged"):  # free space for pack and model, before writing
             need = residual_bytes(i_c, dtype_of(dtype)) + merged_bytes(t_c, i_c, i_c.path)
@@ -172,11 +190,12 @@ def _store_first_merge(
             _, created = residual_and_merge(
                 st, key, (i_c, b_c, t_c), (i_src, b_src, t_src), tmp,
                 dtype=dtype_of(dtype), alpha=alpha, method=method, opts=opts,
+                lineage=lineage,
             )  # fmt: skip
             built.append(created)
 
         created = st.get_or_build(mkey, build, kind="merged", keep=(key,))
-    return _stored(st, mkey, key, bool(built) and built[0], created)
+    return _stored(st, mkey, key, bool(built) and built[0], created), lineage
 
 
 def _checked_reuse(

@@ -23,6 +23,7 @@ from app.residuals.manifest import (
     MERGE_MANIFEST,
     FamilyInfo,
     FileEntry,
+    LineageInfo,
     MergeManifest,
     ResidualManifest,
     SourceInfo,
@@ -274,6 +275,7 @@ def apply_residual(
     target_src: SourceInfo,
     alpha: float = 1.0,
     opts: RunOptions | None = None,
+    lineage: LineageInfo | None = None,
 ) -> MergeManifest:
     """Write ``target + alpha * R`` (each element rounded once to the target's dtype) as a
     model directory into the empty ``out_dir``.
@@ -285,6 +287,7 @@ def apply_residual(
         target_src: identity of ``target`` for provenance.
         alpha: residual scale.
         opts: device, progress, cancellation, shard size, output hashing.
+        lineage: figures of the lineage check, for the manifest.
 
     Raises:
         IncompatibleModelsError: the target does not fit the residual.
@@ -296,14 +299,18 @@ def apply_residual(
         jobs = plan_apply(manifest, pack, target, alpha)
         files = _write_merged(jobs, out_dir, manifest.method, opts)
         check_pack(pack)  # nothing made from a corrupt pack gets published
-    merged = applied_manifest(manifest, target_src, alpha, files)
+    merged = applied_manifest(manifest, target_src, alpha, files, lineage)
     return finish_merged(
         out_dir, merged, target, pack_dir / "assets", dict(manifest.special_tokens)
     )
 
 
 def applied_manifest(
-    manifest: ResidualManifest, target_src: SourceInfo, alpha: float, files: dict[str, FileEntry]
+    manifest: ResidualManifest,
+    target_src: SourceInfo,
+    alpha: float,
+    files: dict[str, FileEntry],
+    lineage: LineageInfo | None = None,
 ) -> MergeManifest:
     """The provenance of ``target + alpha * R`` for the pack of ``manifest``, whoever
     wrote its ``files`` (one writer, or one worker per output shard)."""
@@ -318,6 +325,7 @@ def applied_manifest(
         target=target_src,
         tool_version=app.__version__,
         vocab=manifest.vocab,
+        lineage=lineage,
         files=files,
     )
 
@@ -332,11 +340,13 @@ def merge_fused(
     alpha: float = 1.0,
     method: str = "task_arithmetic",
     opts: RunOptions | None = None,
+    lineage: LineageInfo | None = None,
 ) -> MergeManifest:
     """One pass ``target + alpha * (instruct - base)`` without materialising R.
 
     Args:
         sources: identities of (instruct, base, target).
+        lineage: figures of the lineage check, for the manifest.
 
     Raises:
         IncompatibleModelsError, OperationCancelledError.
@@ -355,6 +365,7 @@ def merge_fused(
         target=sources[2],
         tool_version=app.__version__,
         vocab=vocab,
+        lineage=lineage,
         files=files,
     )
     tokens = special_tokens(instruct.path, instruct.config)

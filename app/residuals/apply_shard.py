@@ -25,7 +25,13 @@ from app.residuals.apply import (
 )
 from app.residuals.checkpoint import Checkpoint
 from app.residuals.integrity import ReadVerifier
-from app.residuals.manifest import FileEntry, MergeManifest, ResidualManifest, SourceInfo
+from app.residuals.manifest import (
+    FileEntry,
+    LineageInfo,
+    MergeManifest,
+    ResidualManifest,
+    SourceInfo,
+)
 from app.residuals.plan import OutputShard, layout_digest, plan_output, shard_jobs
 from app.residuals.shards import plan_shards, shard_files, write_index
 from app.residuals.sources import RunOptions, make_runner
@@ -187,6 +193,7 @@ def assemble_merged(
     max_shard_bytes: int,
     outputs: list[ShardOutput],
     shards_here: bool = True,
+    lineage: LineageInfo | None = None,
 ) -> MergeManifest:
     """Complete a model directory whose shards (``outputs``, all of them, in file
     order) are already in ``out_dir``: index, config, tokenizer files, manifest, card.
@@ -216,7 +223,7 @@ def assemble_merged(
     entries = {
         o.file: FileEntry(size=o.size, sha256=o.sha256, xxh3_128=o.xxh3_128) for o in outputs
     }
-    merged = applied_manifest(manifest, target_src, alpha, entries)
+    merged = applied_manifest(manifest, target_src, alpha, entries, lineage)
     return finish_merged(
         out_dir, merged, target, pack_dir / "assets", dict(manifest.special_tokens)
     )

@@ -2,11 +2,33 @@
 
 from __future__ import annotations
 
-from app.residuals.manifest import MergeManifest, SourceInfo
+from app.residuals.manifest import LineageInfo, MergeManifest, SourceInfo
 
 
 def _row(role: str, s: SourceInfo) -> str:
     return f"| {role} | `{s.ref}` | {s.commit or '—'} | `{s.digest[:16]}` |"
+
+
+def _lineage(info: LineageInfo | None) -> str:
+    if info is None:
+        return ""
+    figures = ", ".join(
+        f"{pair.replace('-', ' vs ')} {d.median:.3g} (max {d.max:.3g}, {len(d.tensors)} tensors)"
+        for pair, d in info.distances.items()
+    )
+    text = (
+        f"\nLineage check (relative weight distance |x - y| / |y| over {info.rows_per_tensor} "
+        f"sampled rows per tensor, median; limit {info.max_distance:g}): "
+        f"{figures or 'not measured'}."
+    )
+    if info.skipped:
+        text += f" Not measured: {'; '.join(info.skipped)}."
+    if not info.passed:
+        text += (
+            " **Merged with --force although a model is past the limit: task arithmetic "
+            "needs models of one lineage, so this model may be noise.**"
+        )
+    return text + "\n"
 
 
 def render_card(m: MergeManifest) -> str:
@@ -51,7 +73,7 @@ generation config come from the instruct model.
 {_row("base", m.base)}
 
 Residual: {residual}; computed in one fused pass: {"yes" if m.fused else "no"}.{method}
-{vocab}
+{vocab}{_lineage(m.lineage)}
 Made by Realign {m.tool_version} on {m.created_at:%Y-%m-%d %H:%M UTC}. Full provenance
 is in `realign.json`.
 """

@@ -97,6 +97,48 @@ class VocabInfo(_Frozen):
     tensors: list[str]
 
 
+class LineageDistance(_Frozen):
+    """How far one model's sampled weights are from another's."""
+
+    median: float = Field(
+        description="Median over the sampled tensors of |model - other| / |other| (the figure "
+        "the limit applies to)."
+    )
+    max: float = Field(description="The largest of the per-tensor figures.")
+    tensors: dict[str, float] = Field(description="Relative distance per sampled tensor.")
+
+
+class LineageInfo(_Frozen):
+    """The lineage check of a merge: relative distances of the instruct model and the
+    target from the base over a seeded sample of weight rows (see
+    :mod:`app.residuals.lineage`)."""
+
+    method: Literal["sampled-rows/1"] = "sampled-rows/1"
+    rows_per_tensor: int
+    seed: int
+    max_distance: float = Field(
+        description="The limit applied (REALIGN_LINEAGE_MAX_DISTANCE) to 'instruct-base' "
+        "and 'target-base'; 'target-instruct' is recorded, not limited."
+    )
+    forced: bool = Field(description="The check was overridden (--force / force: true).")
+    passed: bool = Field(description="Every limited distance measured is within the limit.")
+    distances: dict[str, LineageDistance] = Field(
+        description="By pair: 'instruct-base', 'target-base', 'target-instruct'."
+    )
+    skipped: list[str] = Field(
+        default_factory=list, description="What could not be measured, and why."
+    )
+
+    def summary(self) -> str:
+        """One line: ``instruct-base 0.012, target-base 0.031 (limit 0.8)``, with what was
+        forced or not measured."""
+        figures = ", ".join(f"{pair} {d.median:.3g}" for pair, d in self.distances.items())
+        text = f"{figures or 'not measured'} (limit {self.max_distance:g})"
+        if not self.passed:
+            text += "; past the limit, merged with force"
+        return "; ".join([text, *self.skipped])
+
+
 def _now() -> datetime:
     return datetime.now(UTC)
 
@@ -152,6 +194,10 @@ class MergeManifest(_Frozen):
     tool_version: str
     created_at: datetime = Field(default_factory=_now)
     vocab: VocabInfo | None = None
+    lineage: LineageInfo | None = Field(
+        default=None,
+        description="Figures of the lineage check (absent in manifests written before it).",
+    )
     files: dict[str, FileEntry] = Field(default_factory=dict)
     other_files: dict[str, FileEntry] = Field(
         default_factory=dict,

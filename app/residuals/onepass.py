@@ -24,6 +24,7 @@ from app.residuals.compat import family_of
 from app.residuals.compute import finish_residual, plan_residual, residual_writer
 from app.residuals.dtypes import DType
 from app.residuals.manifest import (
+    LineageInfo,
     MergeManifest,
     ResidualManifest,
     SourceInfo,
@@ -47,6 +48,7 @@ def compute_and_apply(
     method: str = "task_arithmetic",
     key: str | None = None,
     opts: RunOptions | None = None,
+    lineage: LineageInfo | None = None,
 ) -> tuple[ResidualManifest, MergeManifest]:
     """Write the residual pack of (instruct, base) into ``residual_dir`` and ``target +
     alpha * R`` into ``out_dir`` (both empty staging directories), in one pass.
@@ -54,6 +56,7 @@ def compute_and_apply(
     Args:
         sources: identities of (instruct, base, target).
         dtype: storage dtype of R; the merged model keeps the target's dtypes.
+        lineage: figures of the lineage check, for the merged model's manifest.
 
     Returns:
         The residual's manifest and the merged model's.
@@ -115,6 +118,7 @@ def compute_and_apply(
         target=sources[2],
         tool_version=app.__version__,
         vocab=residual.vocab,
+        lineage=lineage,
         files=files,
     )
     merged = finish_merged(

@@ -14,6 +14,7 @@ from app.core.errors import (
     CorruptCheckpointError,
     IncompatibleModelsError,
     RealignError,
+    UnrelatedModelsError,
 )
 from app.residuals.checkpoint import Checkpoint
 from app.residuals.compute import compute_residual
@@ -76,6 +77,8 @@ def with_pack(
     try:
         with st.using(key) as pack_dir:
             return use(pack_dir)
+    except UnrelatedModelsError:
+        raise  # measured on the base and target, not the pack: no damage to it causes it
     except (ArtifactCorruptError, CorruptCheckpointError, IncompatibleModelsError) as exc:
         bad = _corruption(st, key, exc)
         if bad is None:

@@ -153,6 +153,11 @@ class ResidualCreate(BaseModel):
         "task_arithmetic pack).",
     )
     metadata: dict[str, str] = Field(default_factory=dict, max_length=64)
+    force: bool = Field(
+        default=False,
+        description="Compute it even when the lineage check finds the instruct model "
+        "unrelated to the base.",
+    )
 
     def to_spec(self) -> MergeSpec:
         return MergeSpec(
@@ -162,6 +167,7 @@ class ResidualCreate(BaseModel):
             dtype=self.dtype,
             method=self.method,
             metadata=self.metadata,
+            force=self.force,
         )
 
 
