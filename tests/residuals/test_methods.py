@@ -37,7 +37,7 @@ class Packs:
 
 
 def _packs(root: Path, triple: TinyTriple, dtype: torch.dtype) -> Packs:
-    domain = write_model(root / "domain", seed=11, dtype=dtype, like=triple.base, delta_scale=0.02)
+    domain = write_model(root / "domain", seed=11, dtype=dtype, like=triple.base, delta_scale=0.005)
     store = root / "store"
     res_dtype = "float32" if dtype == torch.float32 else "bfloat16"
     keys = [
