@@ -229,6 +229,15 @@ class Fanout:
         from app.pipeline.lineage import check_pack_target
         from app.residuals.manifest import read_residual_manifest
 
+        if isinstance(self.store, ObjectStore):  # this node holds the files' headers only
+            from app.residuals.lineage import unmeasured
+
+            why = (
+                "split merge across nodes: the final task reads headers only; the job's "
+                "validation measured the lineage (its 'lineage:' event)"
+            )
+            limit = self.settings.lineage_max_distance
+            return unmeasured(why, max_distance=limit, force=rec.spec.force)
         manifest = read_residual_manifest(pack_dir)
         ctx = Ctx(self.settings, self.store)
         return check_pack_target(ctx, manifest, target, force=rec.spec.force)
