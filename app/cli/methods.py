@@ -23,7 +23,7 @@ Density = Annotated[
     float | None,
     typer.Option(
         "--density",
-        help="ties: fraction of each residual tensor kept, by magnitude [default: 0.2].",
+        help="ties: fraction of each residual tensor kept, by magnitude (default 0.2).",
         show_default=False,
     ),
 ]
@@ -31,13 +31,13 @@ DropRate = Annotated[
     float | None,
     typer.Option(
         "--drop-rate",
-        help="dare: probability that a residual element is dropped [default: 0.9].",
+        help="dare: probability that a residual element is dropped (default 0.9).",
         show_default=False,
     ),
 ]
 Seed = Annotated[
     int | None,
-    typer.Option("--seed", help="dare: seed of the drop pattern [default: 0].", show_default=False),
+    typer.Option("--seed", help="dare: seed of the drop pattern (default 0).", show_default=False),
 ]
 Param = Annotated[
     list[str] | None,

@@ -61,10 +61,14 @@ class Run:
 def is_classic(
     method: str, params: dict[str, object] | None, inputs: Sequence[ResidualInput]
 ) -> bool:
-    """Whether a request is the task-arithmetic merge of one residual at weight 1: the
+    """Whether a request is an element-wise merge (task arithmetic, or another method
+    that is not ``per_tensor``) of one residual at weight 1 without parameters: the
     streaming paths (one pass, split by output shard) run it as they always did."""
+    from app.residuals.methods import METHODS
+
+    found = METHODS.get(method)
     one = len(inputs) == 1 and inputs[0].weight == 1.0
-    return method == "task_arithmetic" and not params and one
+    return found is not None and not found.per_tensor and not params and one
 
 
 def inputs_of(
