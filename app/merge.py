@@ -130,7 +130,7 @@ def apply(
     if not multi.is_classic(method, params, inputs) or inputs[0].key is None:
         return multi.merge_to_dir(
             ctx, target=target, inputs=inputs, out=out, alpha=alpha, method=method,
-            params=params, dtype=dtype, run=Run(device, progress, cancel, notice),
+            params=params, dtype=dtype, run=Run(device, progress, cancel, notice, force),
             overwrite=overwrite, max_shard_gb=max_shard_gb, hash_outputs=hash_outputs,
         )  # fmt: skip
     return residuals.apply(
@@ -185,7 +185,7 @@ def merge(
             )
         return multi.merge_to_dir(
             ctx, target=target, inputs=pair, out=out, alpha=alpha, method=method,
-            params=params, dtype=dtype, run=Run(device, progress, cancel, notice),
+            params=params, dtype=dtype, run=Run(device, progress, cancel, notice, force),
             overwrite=overwrite, max_shard_gb=max_shard_gb, hash_outputs=hash_outputs,
         )  # fmt: skip
     return merged.merge(
@@ -305,7 +305,7 @@ def merge_to_store(
     if not multi.is_classic(method, params, inputs):
         return multi.merge_to_store(
             ctx, target=target, inputs=inputs, alpha=alpha, method=method, params=params,
-            dtype=dtype, run=Run(device, progress, cancel, notice),
+            dtype=dtype, run=Run(device, progress, cancel, notice, force),
         )  # fmt: skip
     return stored.merge_to_store(
         ctx, target=target, base=base, instruct=instruct,

@@ -267,8 +267,9 @@ class ModelLoadFailedError(ServiceUnavailableError):
 
 class ReplicaRequestError(ServiceUnavailableError):
     """An admin's load or unload through the job plane did not get done by the serving
-    replicas: one could not (``model_load_failed``, with its reason; not retryable),
-    none answered in time (``load_timeout``), or none is running (``no_serving_replica``).
+    replicas: one could not (``model_load_failed`` or ``model_unload_failed``, with its
+    reason; not retryable), none answered in time (``load_timeout``), or none is running
+    (``no_serving_replica``).
     """
 
     code = "replica_request_failed"
@@ -276,7 +277,7 @@ class ReplicaRequestError(ServiceUnavailableError):
     def __init__(self, message: str, code: str) -> None:
         super().__init__(message)
         self.code = code
-        self.retryable = code != "model_load_failed"
+        self.retryable = code not in ("model_load_failed", "model_unload_failed")
 
 
 class InvalidSettingsError(RealignError, ValueError):

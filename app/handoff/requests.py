@@ -81,7 +81,8 @@ class ReplicaRequests:
         finally:
             await asyncio.to_thread(self._end, notice.job_id, sub)
         if verdict.status != "succeeded":
-            code = "model_load_failed" if verdict.code == "load_failed" else "load_timeout"
+            failed = "model_load_failed" if action == "load" else "model_unload_failed"
+            code = failed if verdict.code == "load_failed" else "load_timeout"
             raise ReplicaRequestError(verdict.message, code)
         return {r: rep for r, rep in reports.items() if rep.state == "ready"}
 

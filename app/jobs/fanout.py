@@ -214,7 +214,7 @@ class Fanout:
         rec = self.runner.move(rec, JobStatus.running, JobStage.publish)
         step = FinalStep(
             self.store, self.staging, self.settings, lambda: self._stopped(split),
-            lineage=lambda pack_dir, tgt: self._lineage(rec, pack_dir, tgt),
+            lineage=lambda pack_dir, tgt: plan.lineage or self._lineage(rec, pack_dir, tgt),
         )  # fmt: skip
         done = publish_split(step, rec.id, plan, results)
         result, nbytes = self.runner.register(rec, done)
@@ -233,8 +233,9 @@ class Fanout:
             from app.residuals.lineage import unmeasured
 
             why = (
-                "split merge across nodes: the final task reads headers only; the job's "
-                "validation measured the lineage (its 'lineage:' event)"
+                "split merge across nodes of a stored residual: the final task reads "
+                "headers only, so the target was checked at validation where its base "
+                "was at hand (the job's 'lineage:' event)"
             )
             limit = self.settings.lineage_max_distance
             return unmeasured(why, max_distance=limit, force=rec.spec.force)

@@ -54,7 +54,12 @@ class ResidualSpec(BaseModel):
 
 # Fields a spec gained after its first release: left out of the request fingerprint while
 # at their defaults, so a request sent before and after an upgrade is the same request.
-_LATER_FIELDS: dict[str, object] = {"method": "task_arithmetic", "params": {}, "residuals": ()}
+_LATER_FIELDS: dict[str, object] = {
+    "method": "task_arithmetic",
+    "params": {},
+    "residuals": (),
+    "force": False,
+}
 
 
 class MergeSpec(BaseModel):

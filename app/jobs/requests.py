@@ -44,10 +44,15 @@ def check_method(spec: MergeSpec) -> None:
     from app.pipeline.multi import check_request, inputs_of
 
     if spec.target is None:
-        if spec.method != "task_arithmetic" or spec.params or spec.residuals:
+        from app.residuals.methods import METHODS
+
+        if spec.method not in METHODS:
+            known = ", ".join(sorted(METHODS))
+            raise InvalidParameterError(f"unknown merge method {spec.method!r}; known: {known}")
+        if spec.params or spec.residuals:
             raise InvalidParameterError(
-                "a residual-only job takes no method, params or residuals: those apply "
-                "when a residual is merged into a target"
+                "a residual-only job takes no params or residuals: those apply when a "
+                "residual is merged into a target"
             )
         return
     inputs = inputs_of(spec.residual, spec.base, spec.instruct, residual_inputs(spec))

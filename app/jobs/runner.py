@@ -260,6 +260,7 @@ class JobRunner:
             s.base,
             s.instruct,
             dtype=s.dtype,
+            method=s.method,
             store=self.store,
             settings=self.settings,
             device=self.settings.device,

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict
 
 from app.jobs.kv import KeyValue
 from app.jobs.models import JobError, JobStatus
-from app.residuals.manifest import SourceInfo
+from app.residuals.manifest import LineageInfo, SourceInfo
 
 _P = "realign:job:"
 _TTL_S = 30 * 24 * 3600.0  # a split whose job vanished does not stay forever
@@ -37,6 +37,8 @@ class SplitPlan(BaseModel):
         layout: :func:`~app.residuals.plan.layout_digest` of the output, which each
             task checks against the inputs it reads.
         files: output shard names, in order; ``nbytes`` their tensor bytes.
+        lineage: the target against the base, measured by the planning node (which holds
+            both); None when the residual was given (its base may be elsewhere).
     """
 
     model_config = ConfigDict(frozen=True)
@@ -51,6 +53,7 @@ class SplitPlan(BaseModel):
     files: list[str]
     nbytes: list[int]
     tensors: list[int]
+    lineage: LineageInfo | None = None
 
 
 class ShardResult(BaseModel):

@@ -24,6 +24,7 @@ from app.jobs.shard_records import SplitPlan
 from app.residuals.apply import open_pack, plan_apply, plan_fused
 from app.residuals.apply_shard import plan_apply_shards
 from app.residuals.checkpoint import Checkpoint
+from app.residuals.manifest import LineageInfo
 from app.residuals.plan import layout_digest, plan_output
 from app.residuals.refs import ModelRef, ResolvedModel
 from app.residuals.sources import describe_source
@@ -93,8 +94,35 @@ def plan_split(
         note = f"not split: the target {tgt.ref} is a local path other nodes cannot read"
         reporter.runner.records.add_event(reporter.rec, "log", f"{note}; give s3:// or hf:")
         return None
+    lineage = _check_target(spec, settings, st, tgt)  # before the residual is computed
     res_key = spec.residual or _compute(spec, settings, st, reporter, cancel)
-    return _plan(spec, settings, st, tgt, res_key)
+    plan = _plan(spec, settings, st, tgt, res_key)
+    return plan.model_copy(update={"lineage": lineage}) if plan is not None else None
+
+
+def _check_target(
+    spec: MergeSpec, settings: Settings, st: Store, tgt: ResolvedModel
+) -> LineageInfo | None:
+    """The instruct model and the target against the base, on this node, which holds
+    them (the shard tasks and the final task read parts only); None when a stored
+    residual was given.
+
+    Raises:
+        UnrelatedModelsError: the target does not descend from the base (no ``force``).
+    """
+    from app.pipeline.context import Ctx
+    from app.pipeline.lineage import check_models
+
+    if spec.base is None:
+        return None
+    assert spec.instruct is not None
+    with (
+        Checkpoint.open(_resolve(spec.base, settings, st).path) as base,
+        Checkpoint.open(_resolve(spec.instruct, settings, st).path) as instruct,
+        Checkpoint.open(tgt.path) as target,
+    ):
+        ctx = Ctx(settings, st)
+        return check_models(ctx, base, instruct=instruct, target=target, force=spec.force)
 
 
 def _plan(

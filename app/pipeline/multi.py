@@ -50,12 +50,14 @@ class ResidualInput:
 
 @dataclass(frozen=True)
 class Run:
-    """How a merge runs: device, progress, cancellation, notices of rebuilt packs."""
+    """How a merge runs: device, progress, cancellation, notices of rebuilt packs, and
+    ``force`` past the lineage check of the packs it computes."""
 
     device: str = "cpu"
     progress: ProgressCallback | None = None
     cancel: CancelFlag | None = None
     notice: Notice | None = None
+    force: bool = False
 
 
 def is_classic(
@@ -176,7 +178,7 @@ def _pack_refs(
         assert r.base is not None and r.instruct is not None
         res = compute(
             ctx, r.base, r.instruct, dtype=dtype, device=run.device, progress=run.progress,
-            cancel=run.cancel, notice=run.notice,
+            cancel=run.cancel, notice=run.notice, force=run.force,
         )  # fmt: skip
         refs.append(res.key)
         created |= res.created

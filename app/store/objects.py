@@ -226,7 +226,24 @@ class ObjectStore:
 
         Returns:
             True when this call published.
+
+        Raises:
+            BuildLockLostError: the lease was lost twice (once: staged again).
         """
+        for attempt in range(2):
+            try:
+                won = self._publish_staged(key, stage, kind)
+                break
+            except BuildLockLostError as exc:
+                if attempt:
+                    raise
+                log.warning("%s; trying again", exc)
+        self.evict(keep={key, *keep})
+        return won
+
+    def _publish_staged(
+        self, key: str, stage: Callable[[str], dict[str, tuple[int, str]]], kind: Kind
+    ) -> bool:
         name = f"{kind}/{key}"
         if self.exists(key, kind):
             return False
@@ -243,9 +260,7 @@ class ObjectStore:
                 with contextlib.suppress(Exception):  # else swept a day later
                     self.bucket.delete_prefix(own + "/")
                 raise
-            won = commit_files(self.bucket, key, kind, data, files, held.token)
-        self.evict(keep={key, *keep})
-        return won
+            return commit_files(self.bucket, key, kind, data, files, held.token)
 
     def publish(self, src: Path, key: str, kind: Kind = "residuals") -> bool:
         """Publish a finished directory ``src`` as ``key`` (into the bucket, then the

@@ -87,10 +87,7 @@ def _same_model(got: Path, want: Path) -> None:
         for field in ("created_at", "manifest_sha256"):
             m.pop(field)
         m["target"].pop("path")
-    # the split's final task holds headers only: its job's validation measured the lineage
-    assert "split merge across nodes" in json.dumps(ma.pop("lineage"))
-    assert mb.pop("lineage")["passed"]
-    assert ma == mb
+    assert ma == mb  # the lineage too: measured by the planning node, which holds the inputs
 
 
 def test_split_merge_of_an_s3_target_on_two_nodes(

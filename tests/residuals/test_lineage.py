@@ -191,6 +191,21 @@ def test_compute_refuses_an_unrelated_instruct_model(
     assert ok.lineage is not None and ok.lineage.passed
 
 
+def test_force_reaches_the_methods_that_apply_a_stored_pack(
+    llama_triple: TinyTriple, store_dir: Path, tmp_path: Path
+) -> None:
+    """ties, dare and several residuals compute their packs through the same check, and
+    ``force`` gets them past it."""
+    t = llama_triple
+    stranger = write_model(tmp_path / "stranger", seed=11, chat=True)
+    req = {"base": str(t.base), "instruct": str(stranger), "target": str(t.new_base)}
+    with pytest.raises(UnrelatedModelsError):
+        merge(**req, out=tmp_path / "no", method="ties", store=store_dir)
+    assert not (tmp_path / "no").exists()
+    out = merge(**req, out=tmp_path / "yes", method="ties", store=store_dir, force=True).out
+    assert (out / "config.json").is_file()
+
+
 def test_the_limit_is_a_setting(
     llama_triple: TinyTriple, llama_unrelated: Path, store_dir: Path, tmp_path: Path
 ) -> None:
