@@ -127,6 +127,12 @@ class MemoryLimiter:
     async def close(self) -> None:
         return None
 
+    def forget(self) -> None:
+        """Drop every count and held slot (a fresh start: every caller's window opens now)."""
+        with self._lock:
+            self._rates.clear()
+            self._slots.clear()
+
 
 class RedisLimiter:
     """Counts shared by every API process through Redis.

@@ -12,6 +12,7 @@ import pytest
 
 from app.api.app import create_app
 from app.api.auth import hash_key
+from app.api.ratelimit import MemoryLimiter
 from app.core.settings import Settings
 from app.demo.tiny import TinyTriple
 from tests.api.live import LiveServer
@@ -71,6 +72,16 @@ def live(api_settings: Settings) -> Iterator[LiveServer]:
     """The API with keys (alice, bob: users; root: admin) on a real port."""
     with LiveServer(create_app(api_settings)) as server:
         yield server
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fresh_rate_window(request: pytest.FixtureRequest) -> None:
+    """One server serves every module here under the default per-key rate limits: each
+    module's callers start with a fresh window, as separate clients' runs would."""
+    live: LiveServer = request.getfixturevalue("live")
+    limiter = live.app.state.limiter
+    if isinstance(limiter, MemoryLimiter):
+        limiter.forget()
 
 
 def _client(live: LiveServer, name: str | None) -> Iterator[httpx.Client]:

@@ -21,6 +21,7 @@ class LiveServer:
     """Serve ``app`` on a free loopback port (lifespan included) for the ``with`` block."""
 
     def __init__(self, app: FastAPI) -> None:
+        self.app = app
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
