@@ -167,14 +167,7 @@ class ObjectStore:
         Raises:
             BuildLockLostError: the lease was lost twice.
         """
-        for attempt in range(2):
-            try:
-                created = self._get_or_build(key, build, kind, keep)
-                break
-            except BuildLockLostError as exc:
-                if attempt:
-                    raise
-                log.warning("%s; trying again", exc)
+        created = _twice(lambda: self._get_or_build(key, build, kind, keep))
         self.evict(keep={key, *keep})
         return created
 
@@ -230,14 +223,7 @@ class ObjectStore:
         Raises:
             BuildLockLostError: the lease was lost twice (once: staged again).
         """
-        for attempt in range(2):
-            try:
-                won = self._publish_staged(key, stage, kind)
-                break
-            except BuildLockLostError as exc:
-                if attempt:
-                    raise
-                log.warning("%s; trying again", exc)
+        won = _twice(lambda: self._publish_staged(key, stage, kind))
         self.evict(keep={key, *keep})
         return won
 
@@ -350,3 +336,17 @@ class ObjectStore:
         for kind in ("residuals", "merged"):
             kept |= {k for k, (_, t) in self.bucket.listing(kind).items() if t > young}
         return removed + evict_lru(self, self.budget_bytes, kept)
+
+
+def _twice(publish: Callable[[], bool]) -> bool:
+    """Run ``publish`` again once when its builder lost the lease before committing (it
+    was paused): by then the builder that took over has usually published the entry.
+
+    Raises:
+        BuildLockLostError: the lease was lost on both attempts.
+    """
+    try:
+        return publish()
+    except BuildLockLostError as exc:
+        log.warning("%s; trying again", exc)
+        return publish()
