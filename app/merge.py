@@ -66,7 +66,7 @@ def compute(
     base: str,
     instruct: str,
     *,
-    dtype: str = "bfloat16",
+    dtype: str | None = None,
     method: str = "task_arithmetic",
     store: StoreArg = None,
     device: str = "cpu",
@@ -89,8 +89,10 @@ def compute(
         UnrelatedModelsError: the instruct model does not descend from the base.
         RealignError subclasses for bad refs, incompatible models, cancellation.
     """
+    ctx = _ctx(store, settings)
     return residuals.compute(
-        _ctx(store, settings), base, instruct, dtype=dtype, method=method, device=device,
+        ctx, base, instruct, dtype=dtype or ctx.settings.residual_dtype, method=method,
+        device=device,
         progress=progress, cancel=cancel, max_shard_gb=max_shard_gb, notice=notice,
         verify_pack=verify_pack, force=force,
     )  # fmt: skip
@@ -112,7 +114,7 @@ def apply(
     notice: Notice | None = None,
     method: str = "task_arithmetic",
     params: dict[str, object] | None = None,
-    dtype: str = "bfloat16",
+    dtype: str | None = None,
     force: bool = False,
     settings: Settings | None = None,
 ) -> MergeResult:
@@ -130,7 +132,8 @@ def apply(
     if not multi.is_classic(method, params, inputs) or inputs[0].key is None:
         return multi.merge_to_dir(
             ctx, target=target, inputs=inputs, out=out, alpha=alpha, method=method,
-            params=params, dtype=dtype, run=Run(device, progress, cancel, notice, force),
+            params=params, dtype=dtype or ctx.settings.residual_dtype,
+            run=Run(device, progress, cancel, notice, force),
             overwrite=overwrite, max_shard_gb=max_shard_gb, hash_outputs=hash_outputs,
         )  # fmt: skip
     return residuals.apply(
@@ -147,7 +150,7 @@ def merge(
     out: Path,
     *,
     alpha: float = 1.0,
-    dtype: str = "bfloat16",
+    dtype: str | None = None,
     store: StoreArg = None,
     device: str = "cpu",
     no_cache: bool = False,
@@ -175,6 +178,7 @@ def merge(
             base (the lineage check; ``force`` merges anyway and records the figures).
     """
     ctx = _ctx(store, settings)
+    dtype = dtype or ctx.settings.residual_dtype
     pair = [ResidualInput(base=base, instruct=instruct)]
     if not multi.is_classic(method, params, pair):
         multi.check_request(method, params, pair)
@@ -272,7 +276,7 @@ def merge_to_store(
     instruct: str | None = None,
     residual: str | None = None,
     alpha: float = 1.0,
-    dtype: str = "bfloat16",
+    dtype: str | None = None,
     method: str = "task_arithmetic",
     store: StoreArg = None,
     device: str = "cpu",
@@ -301,6 +305,7 @@ def merge_to_store(
         InvalidParameterError: an unknown method, bad parameters or weights.
     """
     ctx = _ctx(store, settings)
+    dtype = dtype or ctx.settings.residual_dtype
     inputs = multi.inputs_of(residual, base, instruct, residuals)
     if not multi.is_classic(method, params, inputs):
         return multi.merge_to_store(

@@ -12,15 +12,34 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from app.residuals.apply import open_pack
+from app.residuals.checkpoint import Checkpoint, TensorInfo
+from app.residuals.framed import FRAMES_INDEX, NEG
 from app.residuals.progress import Progress
 
 
 def load_dir(path: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a model directory or residual pack."""
+    """Every tensor of a model directory or residual pack (an exact pack's residuals as
+    ``p - neg`` in float32)."""
     out: dict[str, torch.Tensor] = {}
+    if (path / FRAMES_INDEX).is_file():
+        _, pack = open_pack(path)
+        with pack:
+            for name, info in pack.tensors.items():
+                if name.endswith(NEG):
+                    continue
+                p, neg = (_read_all(pack, i) for i in (info, pack.tensors[name + NEG]))
+                out[name] = p.float() - neg.float()
+        return out
     for f in sorted(path.glob("*.safetensors")):
         out.update(load_file(f))
     return out
+
+
+def _read_all(ckpt: Checkpoint, info: TensorInfo) -> torch.Tensor:
+    buf = torch.empty(info.nbytes, dtype=torch.uint8)
+    ckpt.read_into(info, 0, info.rows, memoryview(buf.numpy()))
+    return buf.view(info.dtype.torch).reshape(info.shape)
 
 
 def copy_model(src: Path, dest: Path) -> Path:

@@ -79,7 +79,8 @@ def test_compute_apply_inspect_verify_ls_rm(
     assert (out / "config.json").is_file()
     shown = realign("inspect", str(out)).stdout
     assert "alpha 0.5" in shown and key in shown
-    assert "bfloat16" in realign("inspect", key, "--store", str(store_dir)).stdout
+    shown = realign("inspect", key, "--store", str(store_dir)).stdout
+    assert "exact (lossless)" in shown and "x the bf16 pack" in shown
     assert realign("verify", key, "--store", str(store_dir)).returncode == 0
     assert key in realign("ls", "--store", str(store_dir)).stdout
     assert realign("rm", key, "--store", str(store_dir)).returncode == 0
@@ -118,7 +119,7 @@ def test_user_mistakes_are_one_line_errors(
         (["--instruct", str(tmp_path / "missing")], "no such directory"),
         (["--instruct", str(tmp_path / "[bold]x")], f"{tmp_path}/[bold]x"),  # no markup
         (["--instruct", "gs://bucket/model"], "not supported"),
-        (["--instruct", str(t.instruct), "--dtype", "int8"], "dtype must be one of"),
+        (["--instruct", str(t.instruct), "--dtype", "int8"], "pack format"),
         (["--instruct", str(t.instruct), "--device", "cuda"], "no CUDA device"),
     ]
     for extra, message in cases:

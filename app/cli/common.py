@@ -56,8 +56,26 @@ OutDir = Annotated[
     Path, typer.Option("--out", "-o", help="Output model directory (must not exist).")
 ]
 Alpha = Annotated[float, typer.Option("--alpha", help="Residual scale.")]
+_PACK_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def _pack(value: str | None) -> str | None:
+    if value is None:
+        return None
+    return _PACK_ALIASES.get(value.lower(), value)  # others are checked with the request
+
+
 DType = Annotated[
-    str, typer.Option("--dtype", help="Residual storage dtype: bfloat16, float16 or float32.")
+    str | None,
+    typer.Option(
+        "--pack",
+        "--dtype",
+        callback=_pack,
+        help="Residual pack format: exact (R = instruct - base kept exactly, coded smaller "
+        "than bf16; the merge gives the bits of --no-cache), or R rounded to bfloat16 / "
+        "float16 / float32 (bf16, fp16, fp32). Default: $REALIGN_RESIDUAL_DTYPE, else exact.",
+        show_default=False,
+    ),
 ]
 Store = Annotated[
     Path | None,

@@ -49,7 +49,7 @@ def merge(
     target: Target,
     out_dir: OutDir,
     alpha: Alpha = 1.0,
-    dtype: DType = "bfloat16",
+    dtype: DType = None,
     store: Store = None,
     device: Device = "cpu",
     no_cache: Annotated[
@@ -112,7 +112,7 @@ def merge(
 def compute(
     base: Base,
     instruct: Instruct,
-    dtype: DType = "bfloat16",
+    dtype: DType = None,
     store: Store = None,
     device: Device = "cpu",
     force: Force = False,
@@ -227,6 +227,7 @@ def inspect(
             f"  key {m.key}  dtype {m.dtype}  family {m.family.model_type}  "
             f"{len(m.tensors)} tensors  {m.total_bytes / 1e6:.1f} MB"
         )
+        out.print(f"  pack {m.storage_line()}", highlight=False)
         top = sorted(m.tensors.items(), key=lambda kv: kv[1].norm, reverse=True)[:5]
         for name, t in top:
             out.print(f"    {name:<50} |R|={t.norm:.4g} max={t.max_abs:.3g}", highlight=False)

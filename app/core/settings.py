@@ -89,8 +89,10 @@ class Settings(BaseSettings):
         examples=["500"],
     )
     device: Literal["cpu", "cuda"] = Field(default="cpu", description="Where merge math runs.")
-    residual_dtype: Literal["bfloat16", "float16", "float32"] = Field(
-        default="bfloat16", description="Storage dtype of residuals computed by the service."
+    residual_dtype: Literal["exact", "bfloat16", "float16", "float32"] = Field(
+        default="exact",
+        description="Pack format of residuals the service computes when a request names "
+        "none: exact (lossless, smaller than bf16) or R rounded to bfloat16/float16/float32.",
     )
     max_shard_gb: float = Field(default=5.0, gt=0, description="Largest output shard in GB.")
     max_read_mbps: float | None = Field(

@@ -100,9 +100,11 @@ class MergeSpec(BaseModel):
         examples=[{"density": 0.2}],
     )
     alpha: float = Field(default=1.0, ge=-10.0, le=10.0)
-    dtype: Literal["bfloat16", "float16", "float32"] = Field(
-        default="bfloat16",
-        description="Residual storage dtype; the merged model keeps the target's dtype.",
+    dtype: Literal["exact", "bfloat16", "float16", "float32"] | None = Field(
+        default=None,
+        description="Residual pack format (unset: the service's REALIGN_RESIDUAL_DTYPE, "
+        "exact by default): exact keeps R = instruct - base exactly, coded smaller than "
+        "bf16; the others round R. The merged model keeps the target's dtype.",
     )
     serve: bool = Field(default=False, description="Load the merged model for chat when done.")
     serve_mode: Literal["checkpoint", "in_engine"] = "checkpoint"

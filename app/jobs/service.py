@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from app.core.errors import (
+    ArtifactCorruptError,
     InvalidRefError,
     JobNotFoundError,
     JobStateError,
@@ -27,6 +28,7 @@ from app.jobs.models import Caller, JobEvent, JobRecord, JobStatus, MergeSpec, W
 from app.jobs.records import JobRecords, ModelEntry
 from app.jobs.requests import check_method
 from app.jobs.sqlite_kv import SqliteKV
+from app.residuals.manifest import ResidualManifest, read_residual_manifest
 from app.residuals.refs import ModelRef
 
 IDEMPOTENCY_TTL_S = 24 * 3600
@@ -77,6 +79,8 @@ class JobService:
             The job and whether it was created (False: an identical in-flight job or the
             same idempotency key already had one).
         """
+        if spec.dtype is None:
+            spec = spec.model_copy(update={"dtype": self.settings.residual_dtype})
         self._validate(spec)
         fingerprint = hashlib.sha256(spec.fingerprint_json().encode()).hexdigest()
         if idempotency_key:
@@ -236,16 +240,27 @@ class JobService:
         }
 
     def residuals(self) -> list[dict[str, Any]]:
-        return [_artifact(a) for a in self.store.artifacts("residuals")]
+        """Stored packs, each with how it stores R (format, lossless or not) where its
+        manifest is at hand on this node."""
+        out = []
+        for a in self.store.artifacts("residuals"):
+            item = _artifact(a)
+            try:
+                m = read_residual_manifest(Path(a.path))
+            except (OSError, ValueError, ArtifactCorruptError):
+                m = None
+            if m is not None:
+                item |= {"format": m.dtype, "lossless": m.exact}
+            out.append(item)
+        return out
 
     def residual(self, key: str) -> dict[str, Any]:
         from app.merge import inspect
 
         full = self.store.resolve(key)
-        return {
-            "key": full,
-            "manifest": inspect(full, self.store, self.settings).model_dump(mode="json"),
-        }
+        manifest = inspect(full, self.store, self.settings)
+        storage = manifest.storage() if isinstance(manifest, ResidualManifest) else None
+        return {"key": full, "storage": storage, "manifest": manifest.model_dump(mode="json")}
 
     def delete_residual(self, key: str) -> None:
         self.store.remove(self.store.resolve(key))

@@ -16,7 +16,7 @@ from pathlib import Path
 from app.core.errors import InvalidParameterError
 from app.core.settings import Settings
 from app.residuals.checkpoint import Checkpoint
-from app.residuals.dtypes import BY_NAME, DType
+from app.residuals.dtypes import PACK_DTYPES, DType
 from app.residuals.exact import to_f32
 from app.residuals.progress import CancelFlag, ProgressCallback
 from app.residuals.refs import ResolvedModel
@@ -31,7 +31,7 @@ from app.store.inputs import (
     resolve_input,
 )
 
-DTYPES = {name: BY_NAME[name] for name in ("bfloat16", "float16", "float32")}
+DTYPES = PACK_DTYPES
 StoreArg = Store | Path | str | None
 
 
@@ -127,5 +127,6 @@ def dtype_of(name: str) -> DType:
         return DTYPES[name]
     except KeyError:
         raise InvalidParameterError(
-            f"dtype must be one of {', '.join(DTYPES)}, not {name!r}"
+            f"the residual pack format (--pack/--dtype) must be one of {', '.join(DTYPES)} "
+            f"(bf16, fp16, fp32 for short), not {name!r}"
         ) from None

@@ -32,7 +32,7 @@ def merge(
     out: Path,
     *,
     alpha: float = 1.0,
-    dtype: str = "bfloat16",
+    dtype: str = "exact",
     device: str = "cpu",
     no_cache: bool = False,
     progress: ProgressCallback | None = None,

@@ -226,7 +226,7 @@ def merge_to_store(
     alpha: float = 1.0,
     method: str = "task_arithmetic",
     params: dict[str, object] | None = None,
-    dtype: str = "bfloat16",
+    dtype: str = "exact",
     run: Run | None = None,
 ) -> StoredMerge:
     """Publish ``target + alpha * method(residuals)`` as ``merged/<key>``; the key holds
@@ -275,7 +275,7 @@ def merge_to_dir(
     alpha: float = 1.0,
     method: str = "task_arithmetic",
     params: dict[str, object] | None = None,
-    dtype: str = "bfloat16",
+    dtype: str = "exact",
     run: Run | None = None,
     overwrite: bool = False,
     max_shard_gb: float | None = None,

@@ -53,7 +53,7 @@ def compute(
     base: str,
     instruct: str,
     *,
-    dtype: str = "bfloat16",
+    dtype: str = "exact",
     method: str = "task_arithmetic",
     device: str = "cpu",
     progress: ProgressCallback | None = None,

@@ -76,7 +76,7 @@ def merge_to_store(
     instruct: str | None = None,
     residual: str | None = None,
     alpha: float = 1.0,
-    dtype: str = "bfloat16",
+    dtype: str = "exact",
     method: str = "task_arithmetic",
     device: str = "cpu",
     progress: ProgressCallback | None = None,

@@ -436,6 +436,145 @@ int64_t realign_combine(void *out, int32_t out_code, const void *in0, int32_t co
     return b;
 }
 
+/* ---- exact residual packs: the error of the rounded difference ------------------- */
+
+/* For p = RN_W(x0 - x1) (the residual kind's output, W = code, x0/x1 of the same code),
+ * writes neg = -((x0 - x1) - p), which W holds exactly (the error of a rounded sum is
+ * representable in the sum's format), so that p - neg == x0 - x1 exactly and a fused merge
+ * of (p, neg) gives the bits of the fused merge of (x0, x1). All in fp32, which holds every
+ * W value: x0 - x1 = s + e (TwoSum, exact), s - p is exact (Sterbenz: s and p are both the
+ * difference rounded, to fp32 and to W), so (s - p) + e is the error rounded once, i.e.
+ * exactly. Where p overflowed (|x0 - x1| beyond W's range) the pair itself is stored:
+ * p = x0, neg = x1. Non-finite inputs keep p and get neg = +0; a zero error is +0.
+ * Returns how many neg elements are not +0 (how sparse the corrections are). */
+/* One block, branch-free so that it vectorises; returns the count of non-zero neg bits and
+ * sets *any when an element overflowed. */
+RL_CLONES
+static int64_t split_block(const float *restrict x0, const float *restrict x1,
+                           const float *restrict pv, int64_t m, uint32_t *restrict bits,
+                           uint32_t *restrict over, uint32_t *any) {
+    int64_t nonzero = 0;
+    uint32_t seen = 0;
+    for (int64_t i = 0; i < m; i++) {
+        float a = x0[i], c = x1[i], p = pv[i];
+        float s = a - c, bb = s - a;
+        float e = (a - (s - bb)) + (-c - bb);
+        float ne = -((s - p) + e);
+        uint32_t ua = f2u(a), uc = f2u(c), up = f2u(p), un = f2u(ne);
+        uint32_t fin = ((ua & 0x7F800000u) != 0x7F800000u) & ((uc & 0x7F800000u) != 0x7F800000u);
+        uint32_t ov = fin & ((up & 0x7F800000u) == 0x7F800000u);
+        uint32_t keep = fin & ((un & 0x7FFFFFFFu) != 0u) & (ov ^ 1u);
+        uint32_t out = (un & (0u - keep)) | (uc & (0u - ov));
+        bits[i] = out;
+        over[i] = ov;
+        seen |= ov;
+        nonzero += out != 0u;
+    }
+    *any = seen;
+    return nonzero;
+}
+
+int64_t realign_exact_split(const void *in0, const void *in1, int32_t code, void *p, void *neg,
+                            int64_t n) {
+    if (code < RL_F32 || code > RL_F16) return -1;
+    float x0[RL_BLOCK], x1[RL_BLOCK], pv[RL_BLOCK];
+    uint32_t bits[RL_BLOCK], over[RL_BLOCK];
+    int64_t nonzero = 0, size = itemsize(code);
+    for (int64_t b = 0; b < n; b += RL_BLOCK) {
+        int64_t m = n - b < RL_BLOCK ? n - b : RL_BLOCK;
+        uint32_t any = 0;
+        decode(x0, at(in0, code, b), code, m, 0.0f);
+        decode(x1, at(in1, code, b), code, m, 0.0f);
+        decode(pv, at(p, code, b), code, m, 0.0f);
+        nonzero += split_block(x0, x1, pv, m, bits, over, &any);
+        for (int64_t i = 0; any && i < m; i++)
+            if (over[i]) memcpy((char *)p + (b + i) * size, at(in0, code, b + i), (size_t)size);
+        encode((char *)neg + b * size, code, bits, m);
+    }
+    return nonzero;
+}
+
+/* Byte-plane layout of exact-pack frames (app/residuals/frames.py): plane j holds byte j of
+ * every element, planes back to back. */
+void realign_planes(const uint8_t *restrict in, int64_t n, int32_t size, uint8_t *restrict out) {
+    if (size == 2) {
+        for (int64_t i = 0; i < n; i++) {
+            out[i] = in[2 * i];
+            out[n + i] = in[2 * i + 1];
+        }
+        return;
+    }
+    for (int64_t i = 0; i < n; i++)
+        for (int32_t j = 0; j < size; j++) out[j * n + i] = in[i * size + j];
+}
+
+void realign_unplanes(const uint8_t *const *planes, int64_t n, int32_t size,
+                      uint8_t *restrict out) {
+    if (size == 2) {
+        const uint8_t *restrict lo = planes[0], *restrict hi = planes[1];
+        for (int64_t i = 0; i < n; i++) {
+            out[2 * i] = lo[i];
+            out[2 * i + 1] = hi[i];
+        }
+        return;
+    }
+    for (int64_t i = 0; i < n; i++)
+        for (int32_t j = 0; j < size; j++) out[i * size + j] = planes[j][i];
+}
+
+/* The non-zero elements of neg (n elements of size bytes): the gap from the previous one
+ * (the first: its index) into gaps, their bytes into values; returns how many. */
+int64_t realign_sparse(const uint8_t *restrict neg, int64_t n, int32_t size,
+                       uint32_t *restrict gaps, uint8_t *restrict values) {
+    int64_t m = 0, last = 0;
+    if (size == 2 || size == 4) { /* whole-word tests, 16 bytes at a time past zero runs */
+        const int64_t group = 16 / size;
+        for (int64_t i = 0; i < n; i++) {
+            if (i % group == 0 && i + group <= n) {
+                uint64_t w[2];
+                memcpy(w, neg + i * size, 16);
+                if (!(w[0] | w[1])) {
+                    i += group - 1;
+                    continue;
+                }
+            }
+            uint32_t v = 0;
+            memcpy(&v, neg + i * size, (size_t)size);
+            if (!v) continue;
+            gaps[m] = (uint32_t)(i - last);
+            memcpy(values + m * size, &v, (size_t)size);
+            last = i;
+            m++;
+        }
+        return m;
+    }
+    for (int64_t i = 0; i < n; i++) {
+        const uint8_t *e = neg + i * size;
+        uint32_t any = 0;
+        for (int32_t j = 0; j < size; j++) any |= e[j];
+        if (!any) continue;
+        gaps[m] = (uint32_t)(i - last);
+        memcpy(values + m * size, e, (size_t)size);
+        last = i;
+        m++;
+    }
+    return m;
+}
+
+/* The inverse: zero neg, then put values at the positions gaps give. Returns 0, or -1
+ * where a position falls outside [0, n). */
+int32_t realign_scatter(const uint32_t *restrict gaps, const uint8_t *restrict values,
+                        int64_t m, int64_t n, int32_t size, uint8_t *restrict neg) {
+    memset(neg, 0, (size_t)(n * size));
+    int64_t at = 0;
+    for (int64_t k = 0; k < m; k++) {
+        at += gaps[k];
+        if (at >= n) return -1;
+        memcpy(neg + at * size, values + k * size, (size_t)size);
+    }
+    return 0;
+}
+
 /* ---- the Python module: buffer addresses for the ctypes wrapper -------------------- */
 
 static PyObject *buffer_address(PyObject *obj, int flags) {

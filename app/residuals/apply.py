@@ -18,6 +18,7 @@ from app.residuals.compat import (
     pair_tensors,
     weight_tensors,
 )
+from app.residuals.framed import NEG, FramedPack
 from app.residuals.integrity import ReadVerifier, mismatch_message
 from app.residuals.manifest import (
     MERGE_MANIFEST,
@@ -60,13 +61,24 @@ def open_pack(pack_dir: Path, label: str | None = None) -> tuple[ResidualManifes
             f"{pack_dir}: not a readable residual pack ({exc.__class__.__name__}: {exc})"
         ) from exc
     label = label or manifest.key or str(pack_dir)
-    shards = {n: e for n, e in manifest.files.items() if n.endswith(".safetensors")}
+    weights = (".frames",) if manifest.exact else (".safetensors",)
+    shards = {n: e for n, e in manifest.files.items() if n.endswith(weights)}
     small = {
         pack_dir / n: (e.size, e.checksum)
         for n, e in manifest.files.items()
         if n not in shards and e.checksum
     }
     ReadVerifier(small, label).finish()
+    config = json.loads((pack_dir / "assets" / INSTRUCT_CONFIG).read_text())
+    expected = {pack_dir / n: (e.size, e.checksum) for n, e in shards.items() if e.checksum}
+    if manifest.exact:
+        pack = FramedPack.open_framed(
+            pack_dir, config, label, verifier=ReadVerifier(expected, label)
+        )
+        missing = {n for n in manifest.tensors if n not in pack.tensors}
+        if missing:
+            raise CorruptCheckpointError(f"{pack_dir}: frames lack {sorted(missing)[0]}")
+        return manifest, pack
     tensors: dict[str, TensorInfo] = {}
     for name in shards:
         try:
@@ -78,8 +90,6 @@ def open_pack(pack_dir: Path, label: str | None = None) -> tuple[ResidualManifes
     missing = set(manifest.tensors) - set(tensors)
     if missing:
         raise CorruptCheckpointError(f"{pack_dir}: shards lack {sorted(missing)[0]}")
-    config = json.loads((pack_dir / "assets" / INSTRUCT_CONFIG).read_text())
-    expected = {pack_dir / n: (e.size, e.checksum) for n, e in shards.items() if e.checksum}
     return manifest, Checkpoint(pack_dir, config, tensors, verifier=ReadVerifier(expected, label))
 
 
@@ -164,6 +174,12 @@ def plan_apply(
             continue
         r = pack.tensors[name]
         common = manifest.tensors[name].common_rows
+        if manifest.exact:  # (p, neg) stand for (instruct, base): the fused merge's bits
+            inputs = (Source(pack, r), Source(pack, pack.tensors[name + NEG]), Source(target, t))
+            jobs.append(
+                TensorJob(TensorSpec(name, t.dtype, r.shape), "fused", inputs, common, alpha)
+            )
+            continue
         jobs.append(
             TensorJob(
                 TensorSpec(name, t.dtype, r.shape),

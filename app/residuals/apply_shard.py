@@ -100,7 +100,8 @@ def shard_reads(
         packs = {s.info.file.name for s in reads if s.checkpoint is pack}
         if index == 0:
             used = {s.info.file.name for j in jobs for s in j.inputs if s.checkpoint is pack}
-            packs |= {n for n in manifest.files if n.endswith(".safetensors")} - used
+            weights = (".frames",) if manifest.exact else (".safetensors",)
+            packs |= {n for n in manifest.files if n.endswith(weights)} - used
     return packs, {s.info.file.name for s in reads if s.checkpoint is target}
 
 

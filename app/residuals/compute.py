@@ -15,7 +15,8 @@ from app.residuals.compat import (
     family_of,
     pair_tensors,
 )
-from app.residuals.dtypes import BF16, DType
+from app.residuals.dtypes import BF16, EXACT, DType, exact_dtype
+from app.residuals.framed import FRAMES_INDEX, FramedWriter
 from app.residuals.manifest import (
     RESIDUAL_MANIFEST,
     ResidualManifest,
@@ -101,23 +102,29 @@ def plan_residual(
     pairing = pair_tensors(instruct, base)
     check_tokenizers(instruct.path, base.path)
     order = [n for n in file_order(instruct.tensors) if n in pairing.combine]
-    jobs = [
-        TensorJob(
-            spec=TensorSpec(name, dtype, pairing.combine[name][0].shape),
-            kind="residual",
-            inputs=(
-                Source(instruct, pairing.combine[name][0]),
-                Source(base, pairing.combine[name][1]),
-            ),
-            common_rows=pairing.common_rows[name],
+    exact = dtype == EXACT
+    jobs = []
+    for name in order:
+        i, b = pairing.combine[name]
+        jobs.append(
+            TensorJob(
+                spec=TensorSpec(name, exact_dtype(i.dtype, b.dtype) if exact else dtype, i.shape),
+                kind="residual",
+                inputs=(Source(instruct, i), Source(base, b)),
+                common_rows=pairing.common_rows[name],
+                exact=exact,
+            )
         )
-        for name in order
-    ]
     return jobs, pairing
 
 
-def residual_writer(out_dir: Path, jobs: list[TensorJob], opts: RunOptions) -> ShardedWriter:
-    """The shard writer of a residual pack (sha256 of every shard while writing)."""
+def residual_writer(
+    out_dir: Path, jobs: list[TensorJob], opts: RunOptions
+) -> ShardedWriter | FramedWriter:
+    """The writer of a residual pack (checksums of every file while writing): frames for
+    an exact pack, safetensors shards otherwise."""
+    if any(j.exact for j in jobs):
+        return FramedWriter(out_dir, [j.spec for j in jobs], max_file_bytes=opts.max_shard_bytes)
     return ShardedWriter(
         out_dir,
         [j.spec for j in jobs],
@@ -128,7 +135,7 @@ def residual_writer(out_dir: Path, jobs: list[TensorJob], opts: RunOptions) -> S
 
 def finish_residual(
     out_dir: Path,
-    writer: ShardedWriter,
+    writer: ShardedWriter | FramedWriter,
     jobs: list[TensorJob],
     stats: dict[str, TensorStats],
     pairing: Pairing,
@@ -141,12 +148,12 @@ def finish_residual(
 ) -> ResidualManifest:
     """Copy the instruct side's assets next to the written shards and write the manifest."""
     files = written_entries(writer)
-    index = out_dir / f"{RESIDUAL_PREFIX}.safetensors.index.json"
     assets = copy_assets(instruct.path, out_dir / "assets")
     # A trusted (allowlisted) instruct side may carry auto_map; the pack never does.
     config = strip_auto_map(instruct.config)
     (out_dir / "assets" / INSTRUCT_CONFIG).write_text(json.dumps(config, indent=2))
-    for extra in [index, *(out_dir / "assets").iterdir()]:
+    indexes = [out_dir / f"{RESIDUAL_PREFIX}.safetensors.index.json", out_dir / FRAMES_INDEX]
+    for extra in [*indexes, *(out_dir / "assets").iterdir()]:
         if extra.is_file():
             rel = extra.relative_to(out_dir).as_posix()
             files[rel] = file_entry(extra)
@@ -163,10 +170,13 @@ def finish_residual(
         tensors={
             j.spec.name: ResidualTensor(
                 shape=j.spec.shape,
-                dtype=manifest_dtype(dtype),
+                dtype=manifest_dtype(j.spec.dtype),
                 common_rows=j.common_rows,
                 norm=stats[j.spec.name].norm if j.spec.name in stats else 0.0,
                 max_abs=stats[j.spec.name].max_abs if j.spec.name in stats else 0.0,
+                corrections=writer.nonzero.get(j.spec.name)
+                if isinstance(writer, FramedWriter)
+                else None,
             )
             for j in jobs
         },

@@ -63,6 +63,23 @@ BY_NAME: dict[str, DType] = {d.name: d for d in _ALL}
 
 BF16, F16, F32, F64 = DTYPES["BF16"], DTYPES["F16"], DTYPES["F32"], DTYPES["F64"]
 
+EXACT = DType("EXACT", "exact", 2, True)
+"""Not an element type: the storage of exact residual packs, where each tensor keeps its
+inputs' dtype as a rounded residual plus its sparse rounding error (see
+:mod:`app.residuals.framed`). Its itemsize is a planning figure only."""
+PACK_DTYPES: dict[str, DType] = {
+    d.name: d for d in (EXACT, DTYPES["BF16"], DTYPES["F16"], DTYPES["F32"])
+}
+"""Storage formats of residual packs by name, the default first."""
+
+
+def exact_dtype(instruct: DType, base: DType) -> DType:
+    """The dtype an exact pack stores a residual tensor in: the inputs' own when they
+    share a 16/32-bit float type, else fp32 (which holds both exactly)."""
+    if instruct == base and instruct.code in ("BF16", "F16", "F32"):
+        return instruct
+    return DTYPES["F32"]
+
 
 def from_torch(dtype: torch.dtype) -> DType:
     """The :class:`DType` of a torch dtype.

@@ -61,12 +61,25 @@ def stream_merged(
             if job.kind == "copy":
                 yield job.spec.name, _read(target, job.inputs[0].info).to(device)
                 continue
-            r_src, t_src = job.inputs
+            r_src, t_src = job.inputs[0], job.inputs[-1]
             r = _read(pack, r_src.info).to(device)
             t = _read(target, t_src.info).to(device)
             common = job.common_rows
             out = torch.empty(job.spec.shape, dtype=job.spec.dtype.torch, device=device)
             delta = r[:common].reshape(-1)
+            if job.kind == "fused":  # an exact pack: (p, neg) stand for (instruct, base)
+                neg = _read(pack, job.inputs[1].info).to(device)[:common].reshape(-1)
+                if merger.per_tensor:
+                    delta = merger.merge(
+                        [delta.float() - neg.float()], [1.0], checked, job.spec.name
+                    )
+                    merged, _ = fn.combine("apply", [delta, t.reshape(-1)], alpha, out.dtype)
+                else:
+                    merged, _ = fn.combine("fused", [delta, neg, t.reshape(-1)], alpha, out.dtype)
+                out[:common].copy_(merged.view(t.shape))
+                out[common:].copy_(r[common:])
+                yield job.spec.name, out
+                continue
             if merger.per_tensor:
                 delta = merger.merge([delta.float()], [1.0], checked, job.spec.name)
             merged, _ = fn.combine("apply", [delta, t.reshape(-1)], alpha, out.dtype)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -88,6 +89,11 @@ class ResidualTensor(_Frozen):
     )
     norm: float
     max_abs: float
+    corrections: int | None = Field(
+        default=None,
+        description="Exact packs: elements whose residual is not its rounded value alone "
+        "(stored as sparse corrections).",
+    )
 
 
 class VocabInfo(_Frozen):
@@ -167,6 +173,40 @@ class ResidualManifest(_Frozen):
     @property
     def total_bytes(self) -> int:
         return sum(f.size for f in self.files.values())
+
+    @property
+    def exact(self) -> bool:
+        """Whether the pack holds R = instruct - base exactly (frames of the rounded
+        residual and its corrections), rather than R rounded to ``dtype`` (lossy)."""
+        return self.dtype == "exact"
+
+    def storage(self) -> dict[str, Any]:
+        """How the pack stores R: format, whether lossless, the weight files' bytes, their
+        ratio to the same residual in bf16, and (exact packs) the share of elements that
+        needed a correction beyond the rounded value."""
+        weights = sum(
+            e.size for n, e in self.files.items() if n.endswith((".safetensors", ".frames"))
+        )
+        elems = sum(math.prod(t.shape) for t in self.tensors.values())
+        fixed = [t.corrections for t in self.tensors.values() if t.corrections is not None]
+        return {
+            "format": self.dtype,
+            "lossless": self.exact,
+            "weight_bytes": weights,
+            "bf16_ratio": round(weights / (2 * elems), 4) if elems else None,
+            "corrections": round(sum(fixed) / elems, 5) if fixed and elems else None,
+        }
+
+    def storage_line(self) -> str:
+        """:meth:`storage` for people: ``exact (lossless) 1125.3 MB, 0.51x bf16, ...``."""
+        s = self.storage()
+        how = "lossless" if s["lossless"] else "lossy: R rounded to " + str(s["format"])
+        line = f"{s['format']} ({how})  {s['weight_bytes'] / 1e6:.1f} MB"
+        if s["bf16_ratio"] is not None:
+            line += f"  {s['bf16_ratio']:.3f}x the bf16 pack"
+        if s["corrections"] is not None:
+            line += f"  corrections on {100 * s['corrections']:.2f}% of elements"
+        return line
 
 
 class ResidualUse(_Frozen):

@@ -61,7 +61,9 @@ class _Plan:
     """Each output tensor's job (from the first pack) and its source in every pack."""
 
     jobs: list[TensorJob]
-    sources: dict[str, tuple[Source, ...]]
+    sources: dict[str, tuple[tuple[Source, ...], ...]]
+    """Per output tensor, each pack's sources: ``(r,)``, or ``(p, neg)`` of an exact pack
+    (``r = p - neg``)."""
 
 
 def plan_residuals(opened: Sequence[Opened], target: Checkpoint, alpha: float) -> _Plan:
@@ -82,7 +84,7 @@ def plan_residuals(opened: Sequence[Opened], target: Checkpoint, alpha: float) -
                     "only be applied alone, not together with others"
                 )
     first = {j.spec.name: j for j in plans[0] if j.kind != "copy"}
-    sources: dict[str, tuple[Source, ...]] = {}
+    sources: dict[str, tuple[tuple[Source, ...], ...]] = {}
     for (m, _), jobs in zip(opened, plans, strict=True):
         mine = {j.spec.name: j for j in jobs if j.kind != "copy"}
         if mine.keys() != first.keys():
@@ -92,7 +94,7 @@ def plan_residuals(opened: Sequence[Opened], target: Checkpoint, alpha: float) -
                 "residuals are not of the same architecture"
             )
         for name, job in mine.items():
-            sources[name] = (*sources.get(name, ()), job.inputs[0])
+            sources[name] = (*sources.get(name, ()), job.inputs[:-1])
     return _Plan(plans[0], sources)
 
 
@@ -125,14 +127,21 @@ class _Writer:
     device: str
     backend: MathBackend
 
-    def tensor(self, job: TensorJob, sources: Sequence[Source]) -> memoryview:
+    def _delta(self, group: Sequence[Source], rows: int) -> torch.Tensor:
+        """One pack's residual rows in fp32 (an exact pack's ``p - neg``, rounded once)."""
+        r = _read(group[0].checkpoint, group[0].info, 0, rows).to(self.device).float()
+        if len(group) > 1:
+            r -= _read(group[1].checkpoint, group[1].info, 0, rows).to(self.device).float()
+        return r
+
+    def tensor(self, job: TensorJob, sources: Sequence[Sequence[Source]]) -> memoryview:
         """The output bytes of one merged tensor."""
         import torch
 
-        target = job.inputs[1]
+        target = job.inputs[-1]
         common, rows = job.common_rows, job.spec.shape[0] if job.spec.shape else 1
         t = _read(target.checkpoint, target.info, 0, target.info.rows)
-        deltas = [_read(s.checkpoint, s.info, 0, common).to(self.device).float() for s in sources]
+        deltas = [self._delta(group, common) for group in sources]
         delta = self.method.merge(deltas, self.weights, self.params, job.spec.name)
         delta = delta.to("cpu", torch.float32).contiguous()
         out = torch.empty(job.spec.nbytes, dtype=torch.uint8)
@@ -144,7 +153,7 @@ class _Writer:
             dst[:done], job.spec.dtype, self.alpha, want_stats=False,
         )  # fmt: skip
         if rows > common:  # rows the instruct side added: its values, as they are
-            pack = sources[0]
+            pack = sources[0][0]
             extra = _read(pack.checkpoint, pack.info, common, rows)
             dst[done:] = _bytes(extra.to(job.spec.dtype.torch))
         return dst
@@ -159,7 +168,7 @@ class _Writer:
             if cancel.is_set():
                 raise OperationCancelledError("apply cancelled; nothing was published")
             sources = plan.sources.get(job.spec.name, ())
-            read += job.inputs[-1].info.nbytes + sum(s.info.nbytes for s in sources)
+            read += job.inputs[-1].info.nbytes + sum(s.info.nbytes for g in sources for s in g)
             if job.kind == "copy":
                 src = job.inputs[0]
                 data = _bytes(_read(src.checkpoint, src.info, 0, src.info.rows))

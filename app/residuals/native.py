@@ -44,17 +44,19 @@ _Stats = ctypes.c_double * 2
 class _Kernel:
     """The loaded extension: buffer-address helpers and the ctypes entry point."""
 
-    def __init__(self, module: Any, combine: Any) -> None:
+    def __init__(self, module: Any, combine: Any, split: Any) -> None:
         self.address = module.address
         self.writable_address = module.writable_address
         self.combine = combine
+        self.split = split
 
 
 @functools.cache
 def _load() -> tuple[_Kernel | None, str | None]:
     try:
         module = importlib.import_module("app.residuals._native")
-        fn = ctypes.CDLL(module.__file__).realign_combine
+        lib = ctypes.CDLL(module.__file__)
+        fn, split = lib.realign_combine, lib.realign_exact_split
     except (ImportError, OSError, AttributeError) as exc:
         return None, (
             f"the native merge kernel app.residuals._native is not built or is stale ({exc}); "
@@ -67,7 +69,26 @@ def _load() -> tuple[_Kernel | None, str | None]:
     # hard indices, their capacity, their count
     fn.argtypes = [ptr, i32, ptr, i32, ptr, i32, ptr, i32, f32, i64, i64, i32, ptr, ptr, i64, ptr]
     fn.restype = i64
-    return _Kernel(module, fn), None
+    # x0, x1, their dtype code, p (in/out), neg (out), n
+    split.argtypes = [ptr, ptr, i32, ptr, ptr, i64]
+    split.restype = i64
+    return _Kernel(module, fn, split), None
+
+
+@functools.cache
+def function(name: str, argtypes: tuple[Any, ...], restype: Any) -> Any:
+    """A C function of the kernel's library by name (see ``_native.c``), typed for ctypes.
+
+    Raises:
+        RuntimeError: the kernel is not built (the message says what to do).
+    """
+    kernel, error = _load()
+    if kernel is None:
+        raise RuntimeError(error)
+    module = importlib.import_module("app.residuals._native")
+    fn = getattr(ctypes.CDLL(module.__file__), name)
+    fn.argtypes, fn.restype = list(argtypes), restype
+    return fn
 
 
 def available() -> bool:
@@ -219,3 +240,41 @@ def _fix_hard(
             xs.append(exact.decode(int.from_bytes(view[i * k : (i + 1) * k], "little"), code))
         bits = exact.element_bits(kind, xs, alpha, out_code)
         out[i * size : (i + 1) * size] = bits.to_bytes(size, "little")
+
+
+def exact_split(
+    instruct: memoryview, base: memoryview, code: str, p: memoryview, neg: memoryview
+) -> int:
+    """Complete ``p = RN(instruct - base)`` (the ``residual`` kind's output, all of dtype
+    ``code``) into an exact pair: writes ``neg`` so that ``p - neg == instruct - base``
+    exactly, both in ``code`` (where the difference overflowed, ``p`` and ``neg`` become
+    the inputs themselves). A fused merge of ``(p, neg)`` then gives the fused merge's
+    bits of ``(instruct, base)``.
+
+    Returns:
+        How many ``neg`` elements are not +0.
+
+    Raises:
+        ValueError: sizes that disagree, an unknown code, read-only outputs.
+        RuntimeError: the kernel is not built.
+    """
+    kernel, error = _load()
+    if kernel is None:
+        raise RuntimeError(error)
+    size = _itemsize(code, "p")
+    views = [_bytes_view(v, w) for v, w in ((instruct, "instruct"), (base, "base"), (p, "p"))]
+    neg_b = _bytes_view(neg, "neg")
+    n = views[2].nbytes // size
+    if any(v.nbytes != n * size for v in (*views, neg_b)):
+        raise ValueError(f"exact_split: inputs and outputs must all hold {n} {code} elements")
+    if n == 0:
+        return 0
+    got = kernel.split(
+        _address(kernel, views[0], "instruct"),
+        _address(kernel, views[1], "base"),
+        CODES[code],
+        _address(kernel, views[2], "p", writable=True),
+        _address(kernel, neg_b, "neg", writable=True),
+        n,
+    )
+    return int(got)

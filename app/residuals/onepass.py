@@ -77,6 +77,7 @@ def compute_and_apply(
             j.kind,
             j.inputs,
             j.common_rows,
+            exact=j.exact,
             then=FollowUp(
                 TensorSpec(j.spec.name, tensors[j.spec.name].dtype, j.spec.shape),
                 Source(target, tensors[j.spec.name]),

@@ -92,7 +92,12 @@ def residual_bytes(instruct: Checkpoint, dtype: DType) -> int:
     """Expected size of the residual pack of ``instruct`` (one element per float
     weight of the instruct side, in ``dtype``) with its assets."""
     tensors = [t for t in weight_tensors(instruct).values() if t.is_float]
-    data = sum(math.prod(t.shape) * dtype.itemsize + _PER_TENSOR for t in tensors)
+    # An exact pack keeps each tensor's own dtype (and codes it smaller): bound by that.
+    data = sum(
+        math.prod(t.shape) * (t.dtype.itemsize if dtype.code == "EXACT" else dtype.itemsize)
+        + _PER_TENSOR
+        for t in tensors
+    )
     return data + _assets(instruct.path) + _PER_OUTPUT
 
 

@@ -14,14 +14,14 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol, cast
 
 from app.core.errors import OperationCancelledError
 from app.residuals.checkpoint import Checkpoint, TensorInfo
 from app.residuals.devices import MathBackend
 from app.residuals.methods import MergeMethod
 from app.residuals.progress import CancelFlag, Progress, ProgressCallback
-from app.residuals.shards import ShardedWriter, TensorSpec
+from app.residuals.shards import TensorSpec
 
 JobKind = Literal["residual", "apply", "fused", "copy"]
 CHUNK_ELEMS = 8 * 1024 * 1024
@@ -51,6 +51,21 @@ class TensorJob:
     common_rows: int
     alpha: float = 1.0
     then: FollowUp | None = None
+    exact: bool = False
+    """A residual job of an exact pack: each chunk's ``p`` goes to the writer with its
+    rounding error (``write_pair``), and a follow-up is the fused merge of the inputs."""
+
+
+class TensorWriter(Protocol):
+    """Where a runner's outputs go (``ShardedWriter``, ``FramedWriter``)."""
+
+    def write(self, name: str, data: memoryview) -> None: ...
+
+
+class PairWriter(Protocol):
+    """A writer of exact packs (``FramedWriter``)."""
+
+    def write_pair(self, name: str, p: memoryview, neg: memoryview | None) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -85,19 +100,28 @@ class _Slot:
     """Reusable buffers for one chunk in flight."""
 
     def __init__(
-        self, in_bytes: int, out_bytes: int, n_inputs: int, backend: MathBackend, follow: bool
+        self,
+        in_bytes: int,
+        out_bytes: int,
+        n_inputs: int,
+        backend: MathBackend,
+        follow: bool,
+        exact: bool = False,
     ) -> None:
         self.inputs = [backend.buffer(in_bytes) for _ in range(n_inputs)]
         self.out = backend.buffer(out_bytes)
         self.out2 = backend.buffer(out_bytes) if follow else memoryview(b"")
+        self.err = bytearray(out_bytes) if exact else bytearray()
         self.result = memoryview(b"")
         self.result2 = memoryview(b"")
+        self.neg: memoryview | None = None
         self.data: list[memoryview] = []  # this chunk's bytes of each input
         self.mapped: list[Source] = []  # inputs whose bytes are page-cache views
 
     def clear(self) -> None:
         self.result = memoryview(b"")
         self.result2 = memoryview(b"")
+        self.neg = None
         self.data = []
         self.mapped = []
 
@@ -156,7 +180,7 @@ class StreamRunner:
         self._stop = threading.Event()
 
     def run(
-        self, jobs: list[TensorJob], writer: ShardedWriter, second: ShardedWriter | None = None
+        self, jobs: list[TensorJob], writer: TensorWriter, second: TensorWriter | None = None
     ) -> dict[str, TensorStats]:
         """Produce every job's tensor, in order, through ``writer``; the follow-ups of
         jobs that have one go to ``second``, in the same order.
@@ -185,6 +209,7 @@ class StreamRunner:
                     n_in,
                     self.backend,
                     follow,
+                    any(j.exact for j in jobs),
                 )
             )
         ready: queue.Queue[tuple[_Chunk, _Slot] | None] = queue.Queue()
@@ -291,6 +316,8 @@ class StreamRunner:
             chunk, slot = item
             job = jobs[chunk.job]
             sq, mx = self._compute_chunk(job, chunk, slot)
+            if job.exact and chunk.combine:
+                self._split(job, chunk, slot)
             if job.then is not None:
                 self._follow_up(job, chunk, slot)
             if job.kind == "residual":
@@ -323,13 +350,32 @@ class StreamRunner:
         slot.result = out
         return stats
 
+    def _split(self, job: TensorJob, chunk: _Chunk, slot: _Slot) -> None:
+        """The rounding error of an exact pack's chunk, beside its ``p`` (see
+        :func:`app.residuals.native.exact_split`)."""
+        from app.residuals import native
+
+        p = slot.result
+        neg = memoryview(slot.err)[: p.nbytes]
+        code = job.spec.dtype.code
+        native.exact_split(slot.data[0], slot.data[1], code, p, neg)
+        slot.neg = neg
+
     def _follow_up(self, job: TensorJob, chunk: _Chunk, slot: _Slot) -> None:
-        """The second output of a chunk, from its first (already in ``slot.result``)."""
+        """The second output of a chunk, from its first (already in ``slot.result``), or
+        for an exact pack from the inputs, as the fused merge computes it."""
         then = job.then
         assert then is not None
         n = slot.result.nbytes // job.spec.dtype.itemsize
         out = slot.out2[: n * then.spec.dtype.itemsize]
-        if chunk.combine:
+        if chunk.combine and job.exact:
+            operands = [
+                (slot.data[0], job.inputs[0].info.dtype),
+                (slot.data[1], job.inputs[1].info.dtype),
+                (slot.data[-1], then.target.info.dtype),
+            ]
+            kind = "fused"
+        elif chunk.combine:
             operands = [(slot.result, job.spec.dtype), (slot.data[-1], then.target.info.dtype)]
             kind = "apply"
         elif job.spec.dtype == then.spec.dtype:
@@ -345,7 +391,7 @@ class StreamRunner:
     def _write(
         self,
         jobs: list[TensorJob],
-        writers: tuple[ShardedWriter, ShardedWriter | None],
+        writers: tuple[TensorWriter, TensorWriter | None],
         done: queue.Queue[tuple[_Chunk, _Slot] | None],
         free: queue.Queue[_Slot],
     ) -> None:
@@ -356,7 +402,10 @@ class StreamRunner:
         while (item := done.get()) is not None:
             chunk, slot = item
             job = jobs[chunk.job]
-            writer.write(job.spec.name, slot.result)
+            if job.exact:
+                cast(PairWriter, writer).write_pair(job.spec.name, slot.result, slot.neg)
+            else:
+                writer.write(job.spec.name, slot.result)
             written += slot.result.nbytes
             if job.then is not None and second is not None:
                 second.write(job.then.spec.name, slot.result2)

@@ -18,7 +18,7 @@ from app.core.errors import (
 )
 from app.residuals.checkpoint import Checkpoint
 from app.residuals.compute import compute_residual
-from app.residuals.dtypes import BY_NAME
+from app.residuals.dtypes import PACK_DTYPES
 from app.residuals.integrity import mismatch_message
 from app.residuals.manifest import RESIDUAL_MANIFEST, ResidualManifest, read_residual_manifest
 from app.residuals.refs import ResolvedModel
@@ -219,7 +219,7 @@ def _rebuild_pack(st: Store, key: str, m: ResidualManifest, opts: RunOptions) ->
                 key,
                 lambda tmp: compute_residual(
                     i_ckpt, b_ckpt, tmp, instruct_src=i_src, base_src=b_src,
-                    dtype=BY_NAME[m.dtype], method=m.method, key=key, opts=opts,
+                    dtype=PACK_DTYPES[m.dtype], method=m.method, key=key, opts=opts,
                 ),
             )  # fmt: skip
     except (RealignError, OSError) as exc:

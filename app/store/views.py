@@ -130,7 +130,8 @@ def pack_view(bucket: Bucket, key: str, root: Path) -> RemoteView:
         for rel, (size, sha) in done.files.items()
     }
     view = RemoteView(bucket.cfg, bucket.bucket, files, root, f"residual {key}")
-    return view.open([rel for rel in files if not rel.endswith(".safetensors")])
+    # An exact pack's frames files are planned from its index (a small file) alone.
+    return view.open([rel for rel in files if not rel.endswith((".safetensors", ".frames"))])
 
 
 def model_view(cfg: S3Config, ref: str, source: SourceInfo, root: Path) -> RemoteView:

@@ -28,10 +28,25 @@ def test_fp32_residual_round_trip_is_bit_exact(
         assert torch.equal(got[name], tensor), name
 
 
+def test_exact_residual_round_trip_is_the_instruct_model(
+    llama_triple: TinyTriple, store_dir: Path, tmp_path: Path
+) -> None:
+    """base + (instruct - base), from the default (exact) pack, is the instruct model."""
+    res = compute(str(llama_triple.base), str(llama_triple.instruct), store=store_dir)
+    assert res.manifest.dtype == "exact"
+    apply(res.key, str(llama_triple.base), tmp_path / "back", store=store_dir)
+    got, want = load_dir(tmp_path / "back"), load_dir(llama_triple.instruct)
+    assert got.keys() == want.keys()
+    for name, tensor in want.items():
+        assert torch.equal(got[name].view(torch.uint8), tensor.view(torch.uint8)), name
+
+
 def test_bf16_residual_round_trip_within_one_ulp(
     llama_triple: TinyTriple, store_dir: Path, tmp_path: Path
 ) -> None:
-    res = compute(str(llama_triple.base), str(llama_triple.instruct), store=store_dir)
+    res = compute(
+        str(llama_triple.base), str(llama_triple.instruct), dtype="bfloat16", store=store_dir
+    )
     assert res.manifest.dtype == "bfloat16"
     apply(res.key, str(llama_triple.base), tmp_path / "back", store=store_dir)
     got, want = load_dir(tmp_path / "back"), load_dir(llama_triple.instruct)

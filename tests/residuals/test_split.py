@@ -95,7 +95,7 @@ def test_a_corrupt_pack_file_fails_the_shard_that_reads_it(
     t = llama_triple
     stored = compute(str(t.base), str(t.instruct), store=tmp_path / "store").path
     pack = shutil.copytree(stored, tmp_path / "pack")
-    victim = sorted(pack.glob("*.safetensors"))[-1]
+    victim = sorted(pack.glob("*.frames"))[-1]
     data = bytearray(victim.read_bytes())
     data[-1] ^= 0xFF
     victim.write_bytes(bytes(data))

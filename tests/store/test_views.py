@@ -76,7 +76,7 @@ def test_shard_tasks_on_a_bare_node_write_the_one_writer_files(
     with planner.using(plan.residual_key) as pack_dir, Checkpoint.open(llama_triple.new_base) as t:
         opts = RunOptions(max_shard_bytes=MAX_SHARD)
         apply_residual(pack_dir, t, one, target_src=plan.target_src, alpha=0.7, opts=opts)
-        pack_bytes = sum(p.stat().st_size for p in pack_dir.glob("*.safetensors"))
+        pack_bytes = sum(p.stat().st_size for p in pack_dir.glob("*.frames"))
     settings = Settings(models_cache_dir=st.root)
     for i, name in enumerate(plan.files):
         scratch = tmp_path / f"task{i}"
@@ -90,7 +90,7 @@ def test_shard_tasks_on_a_bare_node_write_the_one_writer_files(
             )  # fmt: skip
             assert inputs.pack_checked and inputs.fetched > 0
             # sparse: the pack files this shard does not read take (almost) no disk
-            files = inputs.pack_dir.glob("*.safetensors")
+            files = inputs.pack_dir.glob("*.frames")
             on_disk = sum(p.stat().st_blocks * 512 for p in files)
             assert on_disk < pack_bytes
         assert (out / name).read_bytes() == (one / name).read_bytes()
@@ -115,11 +115,11 @@ def test_a_damaged_pack_file_fails_the_shard_that_fetches_it(
     plan, st = cluster
     done = st.bucket.committed(plan.residual_key, "residuals")
     assert done is not None
-    name = sorted(n for n in done.files if n.endswith(".safetensors"))[-1]
+    name = sorted(n for n in done.files if n.endswith(".frames"))[-1]
     key = st.bucket.file(done, name)
     client = s3_server.client()
     body = bytearray(client.get_object(Bucket=bucket, Key=key)["Body"].read())
-    body[-1] ^= 0xFF  # the last tensor's bytes: the header still parses
+    body[-1] ^= 0xFF  # the last frame's bytes: the index still plans
     client.put_object(Bucket=bucket, Key=key, Body=bytes(body))
     view = pack_view(st.bucket, plan.residual_key, tmp_path / "v")
     with pytest.raises(ArtifactCorruptError, match="does not match its recorded sha256"):

@@ -44,7 +44,7 @@ _MERGE_EXAMPLE: dict[str, Any] = {
     "base": "hf:meta-llama/Meta-Llama-3-8B@main",
     "instruct": "hf:meta-llama/Meta-Llama-3-8B-Instruct@main",
     "alpha": 1.0,
-    "dtype": "bfloat16",
+    "dtype": "exact",
     "serve": False,
 }
 
@@ -136,7 +136,7 @@ class ResidualCreate(BaseModel):
                 {
                     "base": "hf:meta-llama/Meta-Llama-3-8B@main",
                     "instruct": "hf:meta-llama/Meta-Llama-3-8B-Instruct@main",
-                    "dtype": "bfloat16",
+                    "dtype": "exact",
                 }
             ]
         },
@@ -144,7 +144,10 @@ class ResidualCreate(BaseModel):
 
     base: RefText
     instruct: RefText
-    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    dtype: Literal["exact", "bfloat16", "float16", "float32"] | None = Field(
+        default=None,
+        description="Residual pack format (unset: the service's REALIGN_RESIDUAL_DTYPE).",
+    )
     method: str = Field(
         default="task_arithmetic",
         max_length=64,

@@ -1,0 +1,181 @@
+"""The frame codec of exact residual packs.
+
+An exact pack stores each residual tensor as a pair ``(p, neg)`` of its input dtype W with
+``p - neg == instruct - base`` exactly (see ``native.exact_split``): ``p`` is the residual
+rounded once to W, ``neg`` the rounding error, zero for most elements. Both are cut into
+frames of :data:`FRAME_ELEMS` elements, each encoded on its own:
+
+* ``p`` as byte planes (byte ``j`` of every element together). A residual's sign and
+  exponent byte takes few distinct values, so its plane shrinks to about a third with zstd;
+  mantissa planes are kept as they are where zstd does not win.
+* ``neg`` sparsely: the positions of its non-zero elements (gaps between them, zstd) and
+  their values (zstd).
+
+Frame layout (little endian): ``u32`` count of non-zero ``neg`` elements, then one section
+header per payload (``u8`` mode: 0 raw, 1 zstd; ``u32`` stored length) — W's itemsize
+planes, then positions and values when the count is not zero — then the payloads.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import struct
+import threading
+from typing import Any
+
+import numpy as np
+import zstandard
+
+from app.residuals import native
+
+FRAME_ELEMS = 1 << 20
+"""Elements per frame: small enough to decode into cache-sized buffers, big enough for zstd."""
+# Measured on residual planes (bench/packs.py): zstd's fast strategy with a tiny match table
+# codes the exponent plane to ~0.33 at ~2.5x the speed of level 1 (which gives ~0.36): such a
+# plane has few repeats for LZ to find, and its gain is in zstd's entropy coding.
+_PARAMS = zstandard.ZstdCompressionParameters(
+    strategy=zstandard.STRATEGY_FAST, window_log=17, hash_log=6, min_match=7, search_log=1
+)
+_KEEP = 0.95  # a compressed payload is kept only when at most this fraction of the raw size
+MANTISSA_KEEP = 0.5
+"""A mantissa plane is coded only where a tensor's first frame shrank it to this fraction."""
+_SECTION = struct.Struct("<BI")
+_COUNT = struct.Struct("<I")
+_local = threading.local()
+
+
+class FrameError(ValueError):
+    """A frame that does not decode to what its index says (a damaged file)."""
+
+
+def _compressor() -> Any:
+    z = getattr(_local, "z", None)
+    if z is None:
+        z = _local.z = zstandard.ZstdCompressor(compression_params=_PARAMS)
+    return z
+
+
+def _decompressor() -> Any:
+    d = getattr(_local, "d", None)
+    if d is None:
+        d = _local.d = zstandard.ZstdDecompressor()
+    return d
+
+
+_P, _I32, _I64 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64
+
+
+def _addr(a: np.ndarray) -> int:
+    return int(a.ctypes.data)
+
+
+def _planes(p: np.ndarray, n: int, itemsize: int) -> np.ndarray:
+    out = np.empty(n * itemsize, dtype=np.uint8)
+    native.function("realign_planes", (_P, _I64, _I32, _P), None)(_addr(p), n, itemsize, _addr(out))
+    return out.reshape(itemsize, n)
+
+
+def _section(array: np.ndarray, attempt: bool = True) -> tuple[int, bytes | memoryview]:
+    raw = memoryview(array.data).cast("B")
+    if attempt:
+        packed: bytes = _compressor().compress(raw)
+        if len(packed) <= _KEEP * raw.nbytes:
+            return 1, packed
+    return 0, raw
+
+
+def worth_coding(frame: bytes, n: int, itemsize: int) -> tuple[bool, ...]:
+    """Which byte planes of ``p`` the later frames of a tensor should try to code, from
+    its first frame (of ``n`` elements): the sign/exponent plane always; a mantissa plane
+    only where it shrank to :data:`MANTISSA_KEEP` or less (else coding costs time for
+    little)."""
+    heads = [_SECTION.unpack_from(frame, 4 + k * 5) for k in range(itemsize)]
+    return tuple(
+        j == itemsize - 1 or (mode == 1 and length <= MANTISSA_KEEP * n)
+        for j, (mode, length) in enumerate(heads)
+    )
+
+
+def encode_frame(
+    p: memoryview, neg: memoryview | None, itemsize: int, planes: tuple[bool, ...] | None = None
+) -> tuple[bytes, int]:
+    """One frame of ``p`` and ``neg`` (``None``: all +0), both ``n`` elements of
+    ``itemsize`` bytes, and how many ``neg`` elements are not +0.
+
+    Args:
+        planes: which byte planes of ``p`` to try to code (default: all); the others are
+            stored as they are.
+    """
+    n = p.nbytes // itemsize
+    layout = _planes(np.frombuffer(p, dtype=np.uint8), n, itemsize)
+    sections = [_section(layout[j], planes is None or planes[j]) for j in range(itemsize)]
+    count = 0
+    if neg is not None:
+        gaps = np.empty(n, dtype=np.uint32)
+        values = np.empty(n * itemsize, dtype=np.uint8)
+        count = native.function("realign_sparse", (_P, _I64, _I32, _P, _P), _I64)(
+            _addr(np.frombuffer(neg, dtype=np.uint8)), n, itemsize, _addr(gaps), _addr(values)
+        )
+        if count:
+            sections.append(_section(gaps[:count]))
+            sections.append(_section(values[: count * itemsize]))
+    head = [_COUNT.pack(count), *(_SECTION.pack(mode, len(data)) for mode, data in sections)]
+    return b"".join([*head, *(bytes(data) for _, data in sections)]), count
+
+
+def _payload(mode: int, data: memoryview, size: int) -> memoryview | bytes:
+    if mode == 0:
+        if data.nbytes != size:
+            raise FrameError(f"a raw section holds {data.nbytes} bytes, {size} expected")
+        return data
+    if mode != 1:
+        raise FrameError(f"unknown section mode {mode}")
+    try:
+        out: bytes = _decompressor().decompress(data, max_output_size=size)
+    except zstandard.ZstdError as exc:
+        raise FrameError(f"zstd: {exc}") from None
+    if len(out) != size:
+        raise FrameError(f"a section decodes to {len(out)} bytes, {size} expected")
+    return out
+
+
+def decode_frame(
+    frame: memoryview, n: int, itemsize: int, p_out: memoryview, neg_out: memoryview
+) -> None:
+    """Decode a frame of ``n`` elements into ``p_out`` and ``neg_out`` (``n * itemsize``
+    writable bytes each).
+
+    Raises:
+        FrameError: the frame is damaged (sizes that disagree, bad zstd data).
+    """
+    try:
+        (count,) = _COUNT.unpack_from(frame, 0)
+        n_sections = itemsize + (2 if count else 0)
+        heads = [_SECTION.unpack_from(frame, 4 + k * 5) for k in range(n_sections)]
+    except struct.error as exc:
+        raise FrameError(f"truncated frame header ({exc})") from None
+    if count > n:
+        raise FrameError(f"{count} corrections in a frame of {n} elements")
+    at = 4 + 5 * n_sections
+    sizes = [n] * itemsize + ([4 * count, itemsize * count] if count else [])
+    parts = []
+    for (mode, length), size in zip(heads, sizes, strict=True):
+        if at + length > frame.nbytes:
+            raise FrameError("a section runs past the end of its frame")
+        parts.append(_payload(mode, frame[at : at + length], size))
+        at += length
+    if at != frame.nbytes:
+        raise FrameError(f"{frame.nbytes - at} stray bytes after the last section")
+    planes = [np.frombuffer(parts[j], dtype=np.uint8) for j in range(itemsize)]
+    pointers = (ctypes.c_void_p * itemsize)(*(_addr(a) for a in planes))
+    out = np.frombuffer(p_out, dtype=np.uint8)
+    native.function("realign_unplanes", (_P, _I64, _I32, _P), None)(
+        pointers, n, itemsize, _addr(out)
+    )
+    gaps = np.frombuffer(parts[itemsize], dtype=np.uint32) if count else np.empty(0, np.uint32)
+    values = np.frombuffer(parts[itemsize + 1], dtype=np.uint8) if count else gaps.view(np.uint8)
+    bad = native.function("realign_scatter", (_P, _P, _I64, _I64, _I32, _P), _I32)(
+        _addr(gaps), _addr(values), count, n, itemsize, _addr(np.frombuffer(neg_out, np.uint8))
+    )
+    if bad:
+        raise FrameError("a correction lies past the end of its frame")

@@ -1,0 +1,167 @@
+"""Exact residual packs (the default): R = instruct - base stored without loss, smaller
+than the bf16 pack, and every merge from one gives exactly the bytes of ``--no-cache``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from app.core.errors import ArtifactCorruptError
+from app.demo.tiny import TinyTriple, make_triple
+from app.merge import apply, compute, merge, verify
+from app.residuals.frames import FRAME_ELEMS, decode_frame, encode_frame
+from app.residuals.inline import stream_merged
+from tests.helpers import load_dir, rewrite_tensor
+
+
+def _files(d: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(d.glob("model*.safetensors*"))}
+
+
+def _same_as_no_cache(t: TinyTriple, tmp: Path, alpha: float, store: Path) -> Path:
+    """Merge through the exact pack (computed here, then reused) and check every byte
+    against the fused one-pass merge."""
+    fused = merge(
+        str(t.base), str(t.instruct), str(t.new_base), tmp / "fused", alpha=alpha,
+        no_cache=True, store=store,
+    )  # fmt: skip
+    first = merge(
+        str(t.base), str(t.instruct), str(t.new_base), tmp / "first", alpha=alpha, store=store
+    )
+    assert first.residual_created
+    again = apply(
+        first.residual_key or "", str(t.new_base), tmp / "again", alpha=alpha, store=store
+    )
+    want = _files(fused.out)
+    assert want and _files(first.out) == want  # one pass: residual written with the merge
+    assert _files(again.out) == want  # the stored pack applied
+    return store / "residuals" / (first.residual_key or "")
+
+
+@pytest.mark.parametrize(
+    ("triple", "alphas"),
+    [
+        ("llama_triple", (1.0, 0.5)),
+        ("llama_triple_fp32", (0.7,)),
+        ("llama_triple_extra_vocab", (0.3,)),
+        ("llama_triple_tied", (1.0,)),
+        ("qwen_triple", (0.5, -1.25)),
+    ],
+)
+def test_merges_from_an_exact_pack_give_the_bytes_of_no_cache(
+    triple: str, alphas: tuple[float, ...], request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    t: TinyTriple = request.getfixturevalue(triple)
+    for k, alpha in enumerate(alphas):
+        pack = _same_as_no_cache(t, tmp_path / f"a{k}", alpha, tmp_path / f"store{k}")
+        manifest = verify(pack.name, tmp_path / f"store{k}")
+        assert manifest.exact and manifest.storage()["lossless"]
+        assert not list(pack.glob("*.safetensors"))  # frames only
+        assert all(n.endswith((".frames", ".json")) or "/" in n for n in manifest.files)
+
+
+def test_float16_models_and_adversarial_values(tmp_path: Path) -> None:
+    """fp16 weights, and residual elements that need a correction of every kind: exponent
+    gaps far beyond the format's precision, a difference that overflows fp16, subnormals,
+    signed zeros, inf and NaN inputs."""
+    t = make_triple(tmp_path / "m", dtype=torch.float16, shards=1, seed=3)
+    name = "model.layers.0.mlp.down_proj.weight"
+    tensors = {m: load_dir(d)[name] for m, d in (("i", t.instruct), ("b", t.base))}
+    i, b = tensors["i"].clone(), tensors["b"].clone()
+    special = [
+        (60000.0, -60000.0),  # overflows fp16: the pair itself is stored
+        (1024.0, 3e-5),  # exponent gap beyond fp16's 11 bits
+        (6e-8, -6e-8),  # subnormals
+        (0.0, -0.0),
+        (-0.0, 0.0),
+        (float("inf"), 1.0),
+        (float("nan"), 2.0),
+        (1.0, 1.0 + 2**-10),
+    ]
+    for k, (x, y) in enumerate(special):
+        i.view(-1)[k], b.view(-1)[k] = x, y
+    rewrite_tensor(t.instruct, name, i)
+    rewrite_tensor(t.base, name, b)
+    for alpha in (1.0, 0.25):
+        _same_as_no_cache(t, tmp_path / f"a{alpha}", alpha, tmp_path / f"s{alpha}")
+
+
+def test_exact_pack_is_smaller_than_bf16_on_trained_like_residuals(
+    llama_triple: TinyTriple, tmp_path: Path
+) -> None:
+    t = llama_triple
+    exact = compute(str(t.base), str(t.instruct), store=tmp_path / "s")
+    bf16 = compute(str(t.base), str(t.instruct), dtype="bfloat16", store=tmp_path / "s")
+    assert exact.key != bf16.key  # the format is part of the content key
+    size = exact.manifest.storage()
+    assert size["lossless"] and not bf16.manifest.storage()["lossless"]
+    assert size["weight_bytes"] < bf16.manifest.storage()["weight_bytes"]
+    assert size["bf16_ratio"] is not None and size["bf16_ratio"] < 1.0
+
+
+def test_in_engine_stream_gives_the_written_bits(llama_triple: TinyTriple, tmp_path: Path) -> None:
+    t = llama_triple
+    res = merge(str(t.base), str(t.instruct), str(t.new_base), tmp_path / "m", alpha=0.6,
+                store=tmp_path / "s")  # fmt: skip
+    written = load_dir(res.out)
+    pack = tmp_path / "s" / "residuals" / (res.residual_key or "")
+    streamed = dict(stream_merged(pack, t.new_base, alpha=0.6))
+    assert streamed.keys() == written.keys()
+    for n, x in written.items():
+        assert torch.equal(x.view(torch.uint8), streamed[n].view(torch.uint8)), n
+
+
+def test_a_flipped_byte_in_a_frames_file_is_refused(
+    llama_triple: TinyTriple, tmp_path: Path
+) -> None:
+    t = llama_triple
+    store = tmp_path / "s"
+    res = compute(str(t.base), str(t.instruct), store=store)
+    frames = next((store / "residuals" / res.key).glob("*.frames"))
+    data = bytearray(frames.read_bytes())
+    data[len(data) // 3] ^= 0x10
+    frames.write_bytes(bytes(data))
+    # a merge that meets it quarantines it and rebuilds it from its sources: right bytes
+    heard: list[str] = []
+    fused = merge(str(t.base), str(t.instruct), str(t.new_base), tmp_path / "fused",
+                  no_cache=True, store=store)  # fmt: skip
+    got = merge(str(t.base), str(t.instruct), str(t.new_base), tmp_path / "out", store=store,
+                notice=heard.append)  # fmt: skip
+    assert heard and _files(got.out) == _files(fused.out)
+    assert verify(res.key, store).exact
+    data = bytearray(frames.read_bytes())
+    data[-5] ^= 0x01
+    frames.write_bytes(bytes(data))
+    with pytest.raises(ArtifactCorruptError, match=frames.name):
+        verify(res.key, store)
+
+
+@pytest.mark.parametrize("itemsize", [2, 4])
+def test_frame_codec_round_trips_and_rejects_damage(itemsize: int) -> None:
+    rng = np.random.default_rng(itemsize)
+    dtype = {2: np.uint16, 4: np.uint32}[itemsize]
+    for n in (1, 9, 4097, FRAME_ELEMS):
+        p = rng.integers(0, 2 ** (8 * itemsize), n, dtype=np.uint64).astype(dtype)
+        p[: n // 2] &= dtype(0x00FF)  # a compressible plane
+        neg = np.where(rng.random(n) < 0.05, p + 1, 0).astype(dtype)
+        frame, count = encode_frame(memoryview(p).cast("B"), memoryview(neg).cast("B"), itemsize)
+        assert count == np.count_nonzero(neg)
+        po, no = bytearray(n * itemsize), bytearray(n * itemsize)
+        decode_frame(memoryview(frame), n, itemsize, memoryview(po), memoryview(no))
+        assert bytes(po) == p.tobytes() and bytes(no) == neg.tobytes()
+    with pytest.raises(ValueError):
+        decode_frame(memoryview(frame[:-3]), n, itemsize, memoryview(po), memoryview(no))
+
+
+def test_index_and_manifest_record_the_format(llama_triple: TinyTriple, tmp_path: Path) -> None:
+    res = compute(str(llama_triple.base), str(llama_triple.instruct), store=tmp_path / "s")
+    index = json.loads((res.path / "residual.frames.json").read_text())
+    assert index["format"] == "realign.frames/1"
+    assert res.manifest.dtype == "exact"
+    for name, t in res.manifest.tensors.items():
+        assert t.dtype == "bfloat16" and t.corrections is not None  # the inputs' own dtype
+        assert index["tensors"][name]["shape"] == list(t.shape)
