@@ -16,10 +16,10 @@ from pathlib import Path
 
 from app.core.errors import InvalidParameterError
 from app.core.settings import Settings, get_settings
-from app.pipeline import catalog, merged, multi, stored
+from app.pipeline import catalog, merged, multi, request, stored
 from app.pipeline import residual as residuals
 from app.pipeline.context import DTYPES, Ctx, StoreArg
-from app.pipeline.multi import ResidualInput, Run
+from app.pipeline.request import ResidualInput, Run
 from app.pipeline.residual import ComputeResult, MergeResult
 from app.pipeline.stored import StoredMerge
 from app.residuals.manifest import LineageInfo, MergeManifest, ResidualManifest
@@ -127,7 +127,7 @@ def apply(
     the residual's base when that is at hand (``force``: merged even when unrelated)."""
     ctx = _ctx(store, settings)
     inputs = [ResidualInput(key=residual)] if isinstance(residual, str) else list(residual)
-    if not multi.is_classic(method, params, inputs) or inputs[0].key is None:
+    if not request.is_classic(method, params, inputs) or inputs[0].key is None:
         return multi.merge_to_dir(
             ctx, target=target, inputs=inputs, out=out, alpha=alpha, method=method,
             params=params, dtype=dtype, run=Run(device, progress, cancel, notice, force),
@@ -176,8 +176,8 @@ def merge(
     """
     ctx = _ctx(store, settings)
     pair = [ResidualInput(base=base, instruct=instruct)]
-    if not multi.is_classic(method, params, pair):
-        multi.check_request(method, params, pair)
+    if not request.is_classic(method, params, pair):
+        request.check_request(method, params, pair)
         if no_cache:
             raise InvalidParameterError(
                 f"--no-cache runs the fused one-pass task-arithmetic merge; {method} "
@@ -253,8 +253,8 @@ def preflight(
         RealignError subclasses describing the first problem found.
     """
     ctx = _ctx(store, settings)
-    inputs = multi.inputs_of(residual, base, instruct, residuals)
-    if not multi.is_classic(method, params, inputs):
+    inputs = request.inputs_of(residual, base, instruct, residuals)
+    if not request.is_classic(method, params, inputs):
         multi.preflight(
             ctx, target=target, inputs=inputs, alpha=alpha, method=method, params=params
         )
@@ -301,8 +301,8 @@ def merge_to_store(
         InvalidParameterError: an unknown method, bad parameters or weights.
     """
     ctx = _ctx(store, settings)
-    inputs = multi.inputs_of(residual, base, instruct, residuals)
-    if not multi.is_classic(method, params, inputs):
+    inputs = request.inputs_of(residual, base, instruct, residuals)
+    if not request.is_classic(method, params, inputs):
         return multi.merge_to_store(
             ctx, target=target, inputs=inputs, alpha=alpha, method=method, params=params,
             dtype=dtype, run=Run(device, progress, cancel, notice, force),
