@@ -4,6 +4,11 @@ directory or into the store; and their preflight.
 Every residual is a stored task-arithmetic pack (``R = instruct - base``), computed
 first when it is given as a base and instruct pair, so one pack serves every method
 and every parameter: the method transforms R while the merged model is written.
+
+As on the task-arithmetic paths, a request is checked from headers first (configs,
+tokenizers, safetensors headers: a Hub model's weights are not downloaded for it), a
+Hub model is downloaded only once the disk has room for it and what is written from
+it.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from app.pipeline.residual import MergeResult, compute, open_residual
 from app.pipeline.stored import StoredMerge, _checked_reuse, _stored
 from app.residuals.apply import open_pack, plan_fused
 from app.residuals.checkpoint import Checkpoint
-from app.residuals.manifest import RESIDUAL_MANIFEST
+from app.residuals.manifest import RESIDUAL_MANIFEST, ResidualManifest
 from app.residuals.methods import Params
 from app.residuals.multi import WeightedPack, apply_residuals, plan_residuals
 from app.residuals.publish import check_output, staging_dir
@@ -45,31 +50,37 @@ def preflight(
     method: str,
     params: dict[str, object] | None,
 ) -> None:
-    """Every check that needs no tensor data (headers, configs, tokenizers)."""
+    """Every check that needs no tensor data (configs, tokenizers, safetensors headers:
+    a Hub model's are read by ranges, its weights are not downloaded)."""
     check_alpha(alpha)
     check_request(method, params, inputs)
-    with Checkpoint.open(ctx.resolve(target).path) as t_ckpt:
+    with ctx.headers(target) as t_ckpt:  # a Hub model's headers: no weights downloaded
         for r in inputs:
-            if r.key is not None:
-                with open_residual(r.key, ctx.store) as pack_dir:
-                    try:
-                        manifest, pack = open_pack(pack_dir)
-                    except ArtifactCorruptError:
-                        continue  # the merge quarantines and rebuilds it, or says what to do
-                    with pack:
-                        plan_residuals([(manifest, pack)], t_ckpt, alpha)
-                continue
-            assert r.base is not None and r.instruct is not None
-            refs = [ctx.resolve(x).path for x in (r.instruct, r.base)]
-            with Checkpoint.open(refs[0]) as i_ckpt, Checkpoint.open(refs[1]) as b_ckpt:
-                plan_fused(i_ckpt, b_ckpt, t_ckpt, alpha)
+            _check_one(ctx, r, t_ckpt, alpha)
+
+
+def _check_one(ctx: Ctx, r: ResidualInput, t_ckpt: Checkpoint, alpha: float) -> None:
+    """One residual against the target, from headers."""
+    if r.key is not None:
+        with open_residual(r.key, ctx.store) as pack_dir:
+            try:
+                manifest, pack = open_pack(pack_dir)
+            except ArtifactCorruptError:  # the merge quarantines and rebuilds it
+                return
+            with pack:
+                plan_residuals([(manifest, pack)], t_ckpt, alpha)
+        return
+    assert r.base is not None and r.instruct is not None
+    with ctx.headers(r.instruct) as i_ckpt, ctx.headers(r.base) as b_ckpt:
+        plan_fused(i_ckpt, b_ckpt, t_ckpt, alpha)
 
 
 def _pack_refs(
     ctx: Ctx, inputs: Sequence[ResidualInput], dtype: str, run: Run, opts: RunOptions
 ) -> tuple[list[str], bool]:
     """Each residual's pack: a pack directory as given, else its full store key (a stored
-    pack verified in full, a corrupt one rebuilt; a pair's pack computed when new).
+    pack verified in full, a corrupt one rebuilt; a pair's pack computed when new, its
+    Hub models downloaded after a space check).
 
     Returns:
         The refs, and whether a pack was computed.
@@ -102,18 +113,23 @@ def _held(st: Store, refs: Sequence[str]) -> Iterator[list[Path]]:
         ]
 
 
-def _keyed(
+def _planned(
     packs: Sequence[WeightedPack], t_ckpt: Checkpoint, alpha: float
-) -> tuple[list[str], int]:
-    """Preflight of the packs against the target: their keys (a directory's name when it
-    has none) and the merged model's expected size."""
+) -> tuple[list[ResidualManifest], int]:
+    """Preflight of the packs against the (downloaded) target: their manifests and the
+    merged model's expected size."""
     with contextlib.ExitStack() as stack:
         opened = [open_pack(p.path) for p in packs]
         for _, ck in opened:
             stack.enter_context(ck)
         plan_residuals(opened, t_ckpt, alpha)
         size = merged_bytes(t_ckpt, opened[0][1], packs[0].path / "assets")
-    return [m.key or p.path.name for (m, _), p in zip(opened, packs, strict=True)], size
+    return [m for m, _ in opened], size
+
+
+def _keys(manifests: Sequence[ResidualManifest], packs: Sequence[WeightedPack]) -> list[str]:
+    """The packs' keys (a directory's name when it has none)."""
+    return [m.key or p.path.name for m, p in zip(manifests, packs, strict=True)]
 
 
 def _merged_key(keys: list[str], packs: Sequence[WeightedPack], t_digest: str, alpha: float,
@@ -139,16 +155,17 @@ def merge_to_store(
     """Publish ``target + alpha * method(residuals)`` as ``merged/<key>``; the key holds
     the method, its parameters and every residual with its weight. Idempotent."""
     run = run or Run()
-    check_alpha(alpha)
     checked = check_request(method, params, inputs)
+    preflight(ctx, target=target, inputs=inputs, alpha=alpha, method=method, params=params)
     st = ctx.store
     opts = ctx.options(run.device, run.progress, run.cancel, None, hash_outputs=True)
     refs, created_residual = _pack_refs(ctx, inputs, dtype, run, opts)
-    tgt = ctx.resolve(target)
+    # A Hub target: downloaded once the disk has room for it and the merged model
+    (tgt,) = ctx.fetch([target], lambda t: [(st.root, merged_bytes(t, t, t.path))])
     with _held(st, refs) as dirs, Checkpoint.open(tgt.path) as t_ckpt:
         packs = [WeightedPack(d, r.weight) for d, r in zip(dirs, inputs, strict=True)]
-        keys, size = _keyed(packs, t_ckpt, alpha)
-        t_src = describe_source(tgt, st.hasher)
+        manifests, size = _planned(packs, t_ckpt, alpha)
+        t_src, keys = describe_source(tgt, st.hasher), _keys(manifests, packs)
         key = _merged_key(keys, packs, t_src.digest, alpha, method, checked)
         if not st.exists(key, "merged"):  # free space for the model, before writing
             ensure_space([(st.root, size)])
@@ -191,16 +208,17 @@ def merge_to_dir(
     """Write ``target + alpha * method(residuals)`` into ``out`` (atomically); pairs'
     packs are computed into the store (or reused) first."""
     run = run or Run()
-    check_alpha(alpha)
     checked = check_request(method, params, inputs)
     check_output(out, overwrite=overwrite)
+    preflight(ctx, target=target, inputs=inputs, alpha=alpha, method=method, params=params)
     st = ctx.store
     opts = ctx.options(run.device, run.progress, run.cancel, max_shard_gb, hash_outputs)
     refs, created_residual = _pack_refs(ctx, inputs, dtype, run, opts)
-    tgt = ctx.resolve(target)
+    # A Hub target: downloaded once the disks hold it and the model (at its own shapes)
+    (tgt,) = ctx.fetch([target], lambda t: [(out, merged_bytes(t, t, t.path))])
     with _held(st, refs) as dirs, Checkpoint.open(tgt.path) as t_ckpt:
         packs = [WeightedPack(d, r.weight) for d, r in zip(dirs, inputs, strict=True)]
-        keys, size = _keyed(packs, t_ckpt, alpha)
+        manifests, size = _planned(packs, t_ckpt, alpha)
         t_src = describe_source(tgt, st.hasher)
         ensure_space([(out, size)])
         with staging_dir(out, overwrite=overwrite) as tmp:
@@ -208,4 +226,4 @@ def merge_to_dir(
                 packs, t_ckpt, tmp, target_src=t_src, method=method, params=checked,
                 alpha=alpha, opts=opts,
             )  # fmt: skip
-    return MergeResult(out, merged, keys[0], created_residual)
+    return MergeResult(out, merged, _keys(manifests, packs)[0], created_residual)
