@@ -242,11 +242,14 @@ def preflight(
     """Every check of a merge request made before the merge: refs resolve, families
     match, names and shapes line up (configs, tokenizers, safetensors headers); the
     method and its parameters, the residuals and their weights; and the lineage check,
-    from a few sampled rows of a few tensors (milliseconds; not for several residuals
-    or the ties/dare methods yet).
+    from a few sampled rows of a few tensors (milliseconds): for several residuals, of
+    the target against each residual's base. A Hub model's weights are not downloaded
+    for it (its safetensors headers are read by ranges; its lineage is measured once
+    the merge has downloaded it).
 
     Returns:
-        The lineage figures (None: a stored residual found corrupt, rebuilt by the job).
+        The lineage figures (None: the one stored residual of a task-arithmetic merge
+        was found corrupt; the job rebuilds it and checks then).
 
     Raises:
         UnrelatedModelsError: a model does not descend from the base and ``force`` is unset.
@@ -255,10 +258,10 @@ def preflight(
     ctx = _ctx(store, settings)
     inputs = request.inputs_of(residual, base, instruct, residuals)
     if not request.is_classic(method, params, inputs):
-        multi.preflight(
-            ctx, target=target, inputs=inputs, alpha=alpha, method=method, params=params
-        )
-        return None
+        return multi.preflight(
+            ctx, target=target, inputs=inputs, alpha=alpha, method=method, params=params,
+            force=force,
+        )  # fmt: skip
     return stored.preflight(
         ctx, target=target, base=base, instruct=instruct, residual=residual, alpha=alpha,
         force=force,

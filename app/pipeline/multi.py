@@ -8,7 +8,9 @@ and every parameter: the method transforms R while the merged model is written.
 As on the task-arithmetic paths, a request is checked from headers first (configs,
 tokenizers, safetensors headers: a Hub model's weights are not downloaded for it), a
 Hub model is downloaded only once the disk has room for it and what is written from
-it.
+it, and the target is measured against each residual's base (the lineage check,
+recorded in the merged model's manifest and card; unrelated models are refused unless
+``force``).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 
 from app.core.errors import ArtifactCorruptError
 from app.pipeline.context import Ctx, check_alpha
+from app.pipeline.lineage import check_models, check_pack_target
 from app.pipeline.request import ResidualInput, Run, check_request
 from app.pipeline.residual import MergeResult, compute, open_residual
 
@@ -26,7 +29,8 @@ from app.pipeline.residual import MergeResult, compute, open_residual
 from app.pipeline.stored import StoredMerge, _checked_reuse, _stored
 from app.residuals.apply import open_pack, plan_fused
 from app.residuals.checkpoint import Checkpoint
-from app.residuals.manifest import RESIDUAL_MANIFEST, ResidualManifest
+from app.residuals.lineage import combine, unmeasured
+from app.residuals.manifest import RESIDUAL_MANIFEST, LineageInfo, ResidualManifest
 from app.residuals.methods import Params
 from app.residuals.multi import WeightedPack, apply_residuals, plan_residuals
 from app.residuals.publish import check_output, staging_dir
@@ -49,30 +53,44 @@ def preflight(
     alpha: float,
     method: str,
     params: dict[str, object] | None,
-) -> None:
+    force: bool = False,
+) -> LineageInfo:
     """Every check that needs no tensor data (configs, tokenizers, safetensors headers:
-    a Hub model's are read by ranges, its weights are not downloaded)."""
+    a Hub model's are read by ranges, its weights are not downloaded), and the lineage
+    check of each residual where the weights are at hand (stored packs: the target
+    against the base the pack names; pairs: instruct and target against the base).
+
+    Returns:
+        The lineage figures, one record for all the residuals (see ``combine``).
+
+    Raises:
+        UnrelatedModelsError: a model is not of its base's lineage and ``force`` is unset.
+        RealignError subclasses describing the first problem found.
+    """
     check_alpha(alpha)
     check_request(method, params, inputs)
     with ctx.headers(target) as t_ckpt:  # a Hub model's headers: no weights downloaded
-        for r in inputs:
-            _check_one(ctx, r, t_ckpt, alpha)
+        return combine([_check_one(ctx, r, t_ckpt, alpha, force) for r in inputs])
 
 
-def _check_one(ctx: Ctx, r: ResidualInput, t_ckpt: Checkpoint, alpha: float) -> None:
-    """One residual against the target, from headers."""
+def _check_one(
+    ctx: Ctx, r: ResidualInput, t_ckpt: Checkpoint, alpha: float, force: bool
+) -> LineageInfo:
+    """One residual against the target, from headers; its lineage figures."""
     if r.key is not None:
         with open_residual(r.key, ctx.store) as pack_dir:
             try:
                 manifest, pack = open_pack(pack_dir)
             except ArtifactCorruptError:  # the merge quarantines and rebuilds it
-                return
+                why = f"the stored residual {r.key} is damaged: the merge rebuilds it, checked then"
+                return unmeasured(why, max_distance=ctx.settings.lineage_max_distance, force=force)
             with pack:
                 plan_residuals([(manifest, pack)], t_ckpt, alpha)
-        return
+        return check_pack_target(ctx, manifest, t_ckpt, force=force)
     assert r.base is not None and r.instruct is not None
     with ctx.headers(r.instruct) as i_ckpt, ctx.headers(r.base) as b_ckpt:
         plan_fused(i_ckpt, b_ckpt, t_ckpt, alpha)
+        return check_models(ctx, b_ckpt, instruct=i_ckpt, target=t_ckpt, force=force)
 
 
 def _pack_refs(
@@ -127,6 +145,18 @@ def _planned(
     return [m for m, _ in opened], size
 
 
+def _lineage(
+    ctx: Ctx, manifests: Sequence[ResidualManifest], t_ckpt: Checkpoint, force: bool
+) -> LineageInfo:
+    """The target against the base of each residual (and its instruct model), where the
+    pack's manifest finds them on this machine, as a task-arithmetic apply checks it.
+
+    Raises:
+        UnrelatedModelsError: the target is not of a base's lineage and ``force`` is unset.
+    """
+    return combine([check_pack_target(ctx, m, t_ckpt, force=force) for m in manifests])
+
+
 def _keys(manifests: Sequence[ResidualManifest], packs: Sequence[WeightedPack]) -> list[str]:
     """The packs' keys (a directory's name when it has none)."""
     return [m.key or p.path.name for m, p in zip(manifests, packs, strict=True)]
@@ -156,7 +186,8 @@ def merge_to_store(
     the method, its parameters and every residual with its weight. Idempotent."""
     run = run or Run()
     checked = check_request(method, params, inputs)
-    preflight(ctx, target=target, inputs=inputs, alpha=alpha, method=method, params=params)
+    preflight(ctx, target=target, inputs=inputs, alpha=alpha, method=method, params=params,
+              force=run.force)  # fmt: skip
     st = ctx.store
     opts = ctx.options(run.device, run.progress, run.cancel, None, hash_outputs=True)
     refs, created_residual = _pack_refs(ctx, inputs, dtype, run, opts)
@@ -165,6 +196,7 @@ def merge_to_store(
     with _held(st, refs) as dirs, Checkpoint.open(tgt.path) as t_ckpt:
         packs = [WeightedPack(d, r.weight) for d, r in zip(dirs, inputs, strict=True)]
         manifests, size = _planned(packs, t_ckpt, alpha)
+        lineage = _lineage(ctx, manifests, t_ckpt, run.force)
         t_src, keys = describe_source(tgt, st.hasher), _keys(manifests, packs)
         key = _merged_key(keys, packs, t_src.digest, alpha, method, checked)
         if not st.exists(key, "merged"):  # free space for the model, before writing
@@ -173,7 +205,7 @@ def merge_to_store(
         def build(tmp: Path) -> None:
             apply_residuals(
                 packs, t_ckpt, tmp, target_src=t_src, method=method, params=checked,
-                alpha=alpha, opts=opts,
+                alpha=alpha, opts=opts, lineage=lineage,
             )  # fmt: skip
 
         stored = [r for r in refs if not _is_dir(r)]
@@ -210,7 +242,8 @@ def merge_to_dir(
     run = run or Run()
     checked = check_request(method, params, inputs)
     check_output(out, overwrite=overwrite)
-    preflight(ctx, target=target, inputs=inputs, alpha=alpha, method=method, params=params)
+    preflight(ctx, target=target, inputs=inputs, alpha=alpha, method=method, params=params,
+              force=run.force)  # fmt: skip
     st = ctx.store
     opts = ctx.options(run.device, run.progress, run.cancel, max_shard_gb, hash_outputs)
     refs, created_residual = _pack_refs(ctx, inputs, dtype, run, opts)
@@ -219,11 +252,12 @@ def merge_to_dir(
     with _held(st, refs) as dirs, Checkpoint.open(tgt.path) as t_ckpt:
         packs = [WeightedPack(d, r.weight) for d, r in zip(dirs, inputs, strict=True)]
         manifests, size = _planned(packs, t_ckpt, alpha)
+        lineage = _lineage(ctx, manifests, t_ckpt, run.force)
         t_src = describe_source(tgt, st.hasher)
         ensure_space([(out, size)])
         with staging_dir(out, overwrite=overwrite) as tmp:
             merged = apply_residuals(
                 packs, t_ckpt, tmp, target_src=t_src, method=method, params=checked,
-                alpha=alpha, opts=opts,
+                alpha=alpha, opts=opts, lineage=lineage,
             )  # fmt: skip
     return MergeResult(out, merged, _keys(manifests, packs)[0], created_residual)

@@ -32,7 +32,8 @@ class ResidualInput:
 @dataclass(frozen=True)
 class Run:
     """How a merge runs: device, progress, cancellation, notices of rebuilt packs, and
-    ``force`` past the lineage check of the packs it computes."""
+    ``force`` past the lineage checks (of the packs it computes, and of the target
+    against each residual's base)."""
 
     device: str = "cpu"
     progress: ProgressCallback | None = None

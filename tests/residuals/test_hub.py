@@ -34,6 +34,7 @@ from app.residuals.hub import (
     header_checkpoint,
     missing_bytes,
 )
+from app.residuals.lineage import measure
 from app.residuals.refs import HUB_PATTERNS
 from app.residuals.space import HEADROOM, merged_bytes, residual_bytes
 from app.store.factory import store_from_settings
@@ -203,11 +204,17 @@ def test_method_and_multi_preflight_read_headers_only(
     t = llama_triple
     settings = Settings(models_cache_dir=store_dir)
     b, i, tgt = (hub.add(m, m.name) for m in (t.base, t.instruct, t.new_base))
-    preflight(target=tgt, base=b, instruct=i, method="ties", store=store_dir, settings=settings)
+    info = preflight(target=tgt, base=b, instruct=i, method="ties", store=store_dir,
+                     settings=settings)  # fmt: skip
     assert hub.downloads() == [] and _weights_in(store_dir) == []
+    assert info is not None and info.distances == {} and "not downloaded yet" in info.skipped[0]
     key = compute(str(t.base), str(t.instruct), store=store_dir, settings=settings).key
     several = [ResidualInput(key=key), ResidualInput(base=b, instruct=i, weight=0.5)]
-    preflight(target=tgt, residuals=several, store=store_dir, settings=settings)
+    info = preflight(target=tgt, residuals=several, store=store_dir, settings=settings)
+    assert info is not None and [s.split(" ")[0] for s in info.skipped] == [
+        "residuals[0]",
+        "residuals[1]",
+    ]
     assert hub.downloads() == [] and _weights_in(store_dir) == []
     model_bytes = sum(p.stat().st_size for p in t.new_base.glob("*.safetensors"))
     assert 0 < hub.weight_bytes() < model_bytes / 100  # headers only, for three models
@@ -229,3 +236,24 @@ def test_a_method_merge_downloads_a_hub_target_after_the_space_check(
         )  # fmt: skip
     assert hub.downloads(target) == [] and _weights_in(tmpfs) == []
     assert not (tmpfs / "merged").exists() or not any((tmpfs / "merged").iterdir())
+
+
+def test_a_method_merge_of_hub_models_records_the_lineage_after_the_download(
+    llama_triple: TinyTriple, hub: HubServer, store_dir: Path
+) -> None:
+    """A dare merge of three Hub models: each weight file is downloaded once, by the
+    merge, and the target is measured against the base then (the figures of the same
+    models read locally)."""
+    t = llama_triple
+    settings = Settings(models_cache_dir=store_dir)
+    b, i, tgt = (hub.add(m, m.name) for m in (t.base, t.instruct, t.new_base))
+    done = merge_to_store(base=b, instruct=i, target=tgt, method="dare", store=store_dir,
+                          settings=settings)  # fmt: skip
+    shards = sorted(p.name for p in t.base.glob("*.safetensors"))
+    for ref in (b, i, tgt):
+        assert sorted(hub.downloads(ref)) == shards, ref
+    info = done.manifest.lineage
+    assert info is not None and info.passed and info.skipped == []
+    with Checkpoint.open(t.base) as base, Checkpoint.open(t.new_base) as target:
+        local, _ = measure(base, {"target": target})
+    assert info.distances["target-base"] == local["target-base"]
