@@ -16,10 +16,10 @@ from pathlib import Path
 
 from app.core.errors import InvalidParameterError
 from app.core.settings import Settings, get_settings
-from app.pipeline import catalog, merged, multi, stored
+from app.pipeline import catalog, merged, multi, request, stored
 from app.pipeline import residual as residuals
 from app.pipeline.context import DTYPES, Ctx, StoreArg
-from app.pipeline.multi import ResidualInput, Run
+from app.pipeline.request import ResidualInput, Run
 from app.pipeline.residual import ComputeResult, MergeResult
 from app.pipeline.stored import StoredMerge
 from app.residuals.manifest import LineageInfo, MergeManifest, ResidualManifest
@@ -129,7 +129,7 @@ def apply(
     the residual's base when that is at hand (``force``: merged even when unrelated)."""
     ctx = _ctx(store, settings)
     inputs = [ResidualInput(key=residual)] if isinstance(residual, str) else list(residual)
-    if not multi.is_classic(method, params, inputs) or inputs[0].key is None:
+    if not request.is_classic(method, params, inputs) or inputs[0].key is None:
         return multi.merge_to_dir(
             ctx, target=target, inputs=inputs, out=out, alpha=alpha, method=method,
             params=params, dtype=dtype or ctx.settings.residual_dtype,
@@ -180,8 +180,8 @@ def merge(
     ctx = _ctx(store, settings)
     dtype = dtype or ctx.settings.residual_dtype
     pair = [ResidualInput(base=base, instruct=instruct)]
-    if not multi.is_classic(method, params, pair):
-        multi.check_request(method, params, pair)
+    if not request.is_classic(method, params, pair):
+        request.check_request(method, params, pair)
         if no_cache:
             raise InvalidParameterError(
                 f"--no-cache runs the fused one-pass task-arithmetic merge; {method} "
@@ -246,23 +246,26 @@ def preflight(
     """Every check of a merge request made before the merge: refs resolve, families
     match, names and shapes line up (configs, tokenizers, safetensors headers); the
     method and its parameters, the residuals and their weights; and the lineage check,
-    from a few sampled rows of a few tensors (milliseconds; not for several residuals
-    or the ties/dare methods yet).
+    from a few sampled rows of a few tensors (milliseconds): for several residuals, of
+    the target against each residual's base. A Hub model's weights are not downloaded
+    for it (its safetensors headers are read by ranges; its lineage is measured once
+    the merge has downloaded it).
 
     Returns:
-        The lineage figures (None: a stored residual found corrupt, rebuilt by the job).
+        The lineage figures (None: the one stored residual of a task-arithmetic merge
+        was found corrupt; the job rebuilds it and checks then).
 
     Raises:
         UnrelatedModelsError: a model does not descend from the base and ``force`` is unset.
         RealignError subclasses describing the first problem found.
     """
     ctx = _ctx(store, settings)
-    inputs = multi.inputs_of(residual, base, instruct, residuals)
-    if not multi.is_classic(method, params, inputs):
-        multi.preflight(
-            ctx, target=target, inputs=inputs, alpha=alpha, method=method, params=params
-        )
-        return None
+    inputs = request.inputs_of(residual, base, instruct, residuals)
+    if not request.is_classic(method, params, inputs):
+        return multi.preflight(
+            ctx, target=target, inputs=inputs, alpha=alpha, method=method, params=params,
+            force=force,
+        )  # fmt: skip
     return stored.preflight(
         ctx, target=target, base=base, instruct=instruct, residual=residual, alpha=alpha,
         force=force,
@@ -306,8 +309,8 @@ def merge_to_store(
     """
     ctx = _ctx(store, settings)
     dtype = dtype or ctx.settings.residual_dtype
-    inputs = multi.inputs_of(residual, base, instruct, residuals)
-    if not multi.is_classic(method, params, inputs):
+    inputs = request.inputs_of(residual, base, instruct, residuals)
+    if not request.is_classic(method, params, inputs):
         return multi.merge_to_store(
             ctx, target=target, inputs=inputs, alpha=alpha, method=method, params=params,
             dtype=dtype, run=Run(device, progress, cancel, notice, force),

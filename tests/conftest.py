@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from app.demo.tiny import TinyTriple, make_triple, write_model
+from tests.hubserver import HubServer, start_hub_server
 from tests.s3server import S3Server, start_s3_server
 
 
@@ -81,3 +82,24 @@ def s3_server() -> Iterator[S3Server]:
 def bucket(s3_server: S3Server) -> str:
     """A new, empty bucket on the session's S3 server."""
     return s3_server.bucket()
+
+
+@pytest.fixture(scope="session")
+def hub_server() -> Iterator[HubServer]:
+    """A Hub-compatible file server on loopback for the session (see tests/hubserver.py)."""
+    server = start_hub_server()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def hub(hub_server: HubServer, monkeypatch: pytest.MonkeyPatch) -> HubServer:
+    """The Hub client pointed at ``hub_server``, as ``HF_ENDPOINT`` points it at a mirror
+    (read by the client at import, so set where the client keeps it)."""
+    import huggingface_hub.constants as hf
+
+    monkeypatch.setattr(hf, "ENDPOINT", hub_server.endpoint)
+    template = hub_server.endpoint + "/{repo_id}/resolve/{revision}/{filename}"
+    monkeypatch.setattr(hf, "HUGGINGFACE_CO_URL_TEMPLATE", template)
+    monkeypatch.setattr(hf, "HF_HUB_OFFLINE", False)
+    return hub_server

@@ -35,6 +35,15 @@ class KeyValue(Protocol):
     def zadd(self, key: str, member: str, score: float) -> None: ...
     def zrevrange(self, key: str, start: int, stop: int) -> list[str]: ...
     def zrange_upto(self, key: str, max_score: float, limit: int) -> list[str]: ...
+    def zrange_after(
+        self, key: str, max_score: float, after: tuple[float, str] | None, limit: int
+    ) -> list[tuple[str, float]]:
+        """Up to ``limit`` (member, score) of sorted set ``key`` in (score, member)
+        order, each after the cursor ``after`` (a (score, member) already seen; None:
+        from the start) with a score up to ``max_score``: a page of a walk that reads
+        ``limit`` entries at a time."""
+        ...
+
     def zcard(self, key: str) -> int: ...
     def zrem(self, key: str, member: str) -> None: ...
     def scan(self, prefix: str) -> list[str]: ...
@@ -235,6 +244,27 @@ class RedisKV:
     @_guarded
     def zrange_upto(self, key: str, max_score: float, limit: int) -> list[str]:
         return list(self.client.zrangebyscore(key, "-inf", max_score, start=0, num=limit))
+
+    @_guarded
+    def zrange_after(
+        self, key: str, max_score: float, after: tuple[float, str] | None, limit: int
+    ) -> list[tuple[str, float]]:
+        if after is None:
+            rows = self.client.zrangebyscore(
+                key, "-inf", max_score, start=0, num=limit, withscores=True
+            )
+            return [(m, float(s)) for m, s in rows]
+        score, member = after
+        seen = (score, member.encode())  # Redis orders equal scores by the members' bytes
+        offset = 0
+        while True:  # from the cursor's score on; entries of that score seen before skipped
+            rows = self.client.zrangebyscore(
+                key, score, max_score, start=offset, num=limit, withscores=True
+            )
+            fresh = [(m, float(s)) for m, s in rows if (float(s), m.encode()) > seen]
+            if fresh or len(rows) < limit:
+                return fresh
+            offset += limit  # a whole page of ties at the cursor's score, all seen
 
     @_guarded
     def zcard(self, key: str) -> int:

@@ -8,6 +8,7 @@ record so a worker's progress write can never undo an API-side cancel.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
 
@@ -127,11 +128,16 @@ class JobRecords:
     def with_status(self, status: JobStatus) -> list[str]:
         return self.kv.zrevrange(f"{P}jobs:status:{status.value}", 0, -1)
 
-    def queued_before(self, created: datetime, limit: int) -> list[JobRecord]:
-        """Up to ``limit`` queued jobs created before ``created``, oldest first (from the
-        status index, no scan)."""
-        ids = self.kv.zrange_upto(f"{P}jobs:status:queued", created.timestamp(), limit)
-        return [r for r in self._load(ids) if r is not None]
+    def queued_pages(self, created: datetime, page: int) -> Iterator[list[JobRecord]]:
+        """Every queued job created before ``created``, oldest first, ``page`` records at
+        a time: a cursor walks the status index (no scan), so each page reads at most
+        ``page`` entries however long the queue, none is seen twice, and a job that
+        leaves the queue meanwhile is simply not met again."""
+        index, cursor = f"{P}jobs:status:queued", None
+        while rows := self.kv.zrange_after(index, created.timestamp(), cursor, page):
+            member, score = rows[-1]
+            cursor = (score, member)
+            yield [r for r in self._load([m for m, _ in rows]) if r is not None]
 
     def purge_finished(self, older_than: datetime, batch: int = 500) -> int:
         """Delete terminal jobs finished before ``older_than``: record, events, flags and

@@ -41,7 +41,7 @@ def check_method(spec: MergeSpec) -> None:
     Raises:
         InvalidParameterError: what is wrong and what the method takes.
     """
-    from app.pipeline.multi import check_request, inputs_of
+    from app.pipeline.request import check_request, inputs_of
 
     if spec.target is None:
         from app.residuals.methods import METHODS

@@ -7,7 +7,8 @@ between recording a job and queueing it. Every worker's housekeeping looks at th
 queued jobs nothing touched for ``REALIGN_JOB_REQUEUE_AFTER_S`` that no worker holds
 (no lease): if the broker holds no message for one (neither waiting nor delivered),
 it sends the step's message again and records that as a job event. A long queue is
-no reason: its messages are in the broker. Duplicates are harmless (every step is
+no reason: its messages are in the broker; and it hides no lost one, as the sweep
+walks every queued job, a page at a time. Duplicates are harmless (every step is
 idempotent under the job lease); one worker per period re-sends a job, and a job
 re-sent ``REALIGN_MAX_DELIVERIES`` times fails with ``message_lost`` instead of
 waiting forever. ``validating`` jobs nobody runs are the reaper's (they fail).
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Collection
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 from app.jobs.broker import TASK_MERGE, TASK_VALIDATE
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("app.jobs")
 MESSAGE_LOST = "message_lost"
-BATCH = 500  # oldest queued jobs looked at per sweep
+PAGE = 500  # queued jobs read at a time; a sweep reads them all, page by page
 Pending = Callable[[], Collection[str]]  # ids of the jobs with a message in the broker
 
 
@@ -58,8 +59,10 @@ class Requeuer:
         self.cap = runner.settings.max_deliveries
         self.holder = f"{runner.worker}/requeue"
 
-    def sweep(self) -> list[str]:
-        """Re-send (or fail, past the cap) every queued job whose message is lost.
+    def sweep(self, page: int = PAGE) -> list[str]:
+        """Re-send (or fail, past the cap) every queued job whose message is lost, however
+        long the queue: the queued jobs are read ``page`` at a time, oldest first, so a
+        backlog of waiting jobs hides no lost message behind it.
 
         Returns:
             The ids of the jobs re-sent or failed.
@@ -67,18 +70,30 @@ class Requeuer:
         if self.pending is None:
             return []
         cutoff = utcnow() - timedelta(seconds=self.after)
-        stale = [
-            rec
-            for rec in self.records.queued_before(cutoff, BATCH)
-            if rec.updated_at <= cutoff
+        present: set[str] | None = None
+        done: list[str] = []
+        for recs in self.records.queued_pages(cutoff, page):
+            idle = [rec for rec in recs if self._idle(rec, cutoff)]
+            if not idle:
+                continue
+            if present is None:  # read once, when needed: it lists every queued message
+                present = set(self.pending())
+            done += [
+                rec.id
+                for rec in idle
+                if rec.id not in present
+                and self.records.lease_holder(rec.id) is None
+                and self._resend(rec)
+            ]
+        return done
+
+    def _idle(self, rec: JobRecord, cutoff: datetime) -> bool:
+        """Whether ``rec`` waits for a message and nothing touched it since ``cutoff``."""
+        return (
+            rec.updated_at <= cutoff
             and next_task(rec) is not None
             and rec.deliveries < self.cap  # a merge that died too often: the reaper's
-            and self.records.lease_holder(rec.id) is None
-        ]
-        if not stale:
-            return []
-        present = set(self.pending())  # read only now: it lists every queued message
-        return [rec.id for rec in stale if rec.id not in present and self._resend(rec)]
+        )
 
     def _resend(self, seen: JobRecord) -> bool:
         if not self.records.claim_resend(seen.id, self.holder, self.after):

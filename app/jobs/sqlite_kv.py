@@ -150,6 +150,24 @@ class SqliteKV:
         sql = "SELECT member FROM zsets WHERE key = ? AND score <= ? ORDER BY score LIMIT ?"
         return [r[0] for r in self._q(sql, key, max_score, limit)]
 
+    def zrange_after(
+        self, key: str, max_score: float, after: tuple[float, str] | None, limit: int
+    ) -> list[tuple[str, float]]:
+        if after is None:
+            sql = (
+                "SELECT member, score FROM zsets WHERE key = ? AND score <= ? "
+                "ORDER BY score, member LIMIT ?"
+            )
+            rows = self._q(sql, key, max_score, limit)
+        else:
+            score, member = after
+            sql = (
+                "SELECT member, score FROM zsets WHERE key = ? AND score <= ? AND "
+                "(score > ? OR (score = ? AND member > ?)) ORDER BY score, member LIMIT ?"
+            )
+            rows = self._q(sql, key, max_score, score, score, member, limit)
+        return [(str(r[0]), float(r[1])) for r in rows]
+
     def zcard(self, key: str) -> int:
         return int(self._q("SELECT COUNT(*) FROM zsets WHERE key = ?", key)[0][0])
 

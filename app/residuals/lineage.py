@@ -32,7 +32,7 @@ import random
 import re
 import statistics
 import zlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from app.core.errors import UnrelatedModelsError
 from app.residuals.checkpoint import Checkpoint, TensorInfo
@@ -254,3 +254,25 @@ def check_lineage(
 def unmeasured(reason: str, *, max_distance: float, force: bool) -> LineageInfo:
     """The record of a check that could not read the base (nothing refused)."""
     return judge({}, [reason], max_distance=max_distance, force=force)
+
+
+def combine(infos: Sequence[LineageInfo]) -> LineageInfo:
+    """The checks of the residuals of one merge as one record: one residual's as it is;
+    several, each pair named after its residual (``residuals[1] target-base``), passed
+    when every one passed."""
+    if len(infos) == 1:
+        return infos[0]
+    first = infos[0]
+    return LineageInfo(
+        rows_per_tensor=first.rows_per_tensor,
+        seed=first.seed,
+        max_distance=first.max_distance,
+        forced=any(i.forced for i in infos),
+        passed=all(i.passed for i in infos),
+        distances={
+            f"residuals[{n}] {pair}": d
+            for n, info in enumerate(infos)
+            for pair, d in info.distances.items()
+        },
+        skipped=[f"residuals[{n}] {why}" for n, info in enumerate(infos) for why in info.skipped],
+    )

@@ -129,7 +129,8 @@ class LineageInfo(_Frozen):
     forced: bool = Field(description="The check was overridden (--force / force: true).")
     passed: bool = Field(description="Every limited distance measured is within the limit.")
     distances: dict[str, LineageDistance] = Field(
-        description="By pair: 'instruct-base', 'target-base', 'target-instruct'."
+        description="By pair: 'instruct-base', 'target-base', 'target-instruct' (a merge of "
+        "several residuals: the pairs of each, as 'residuals[<i>] target-base')."
     )
     skipped: list[str] = Field(
         default_factory=list, description="What could not be measured, and why."

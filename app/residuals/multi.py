@@ -30,6 +30,7 @@ from app.residuals.devices import MathBackend, make_backend
 from app.residuals.dtypes import F32
 from app.residuals.manifest import (
     FileEntry,
+    LineageInfo,
     MergeManifest,
     ResidualManifest,
     ResidualUse,
@@ -192,6 +193,7 @@ def apply_residuals(
     params: Params,
     alpha: float = 1.0,
     opts: RunOptions | None = None,
+    lineage: LineageInfo | None = None,
 ) -> MergeManifest:
     """Write ``target + alpha * method(w_1 R_1, ..., w_n R_n)`` (each element rounded once to
     the target's dtype) as a model directory into the empty ``out_dir``.
@@ -206,6 +208,7 @@ def apply_residuals(
         params: its parameters (checked, defaults filled in: see ``check_params``).
         alpha: scale of the merged residual.
         opts: device, progress, cancellation, shard size, output hashing.
+        lineage: figures of the lineage check, for the manifest.
 
     Raises:
         IncompatibleModelsError: the target does not fit a residual.
@@ -229,7 +232,7 @@ def apply_residuals(
             check_pack(ck)  # nothing made from a corrupt pack gets published
         files = written_entries(writer)
     manifests = [mf for mf, _ in opened]
-    merged = _manifest(manifests, packs, target_src, method, params, alpha, files)
+    merged = _manifest(manifests, packs, target_src, method, params, alpha, files, lineage)
     first = manifests[0]
     return finish_merged(
         out_dir, merged, target, packs[0].path / "assets", dict(first.special_tokens)
@@ -244,6 +247,7 @@ def _manifest(
     params: Params,
     alpha: float,
     files: dict[str, FileEntry],
+    lineage: LineageInfo | None,
 ) -> MergeManifest:
     first = manifests[0]
     return MergeManifest(
@@ -257,6 +261,7 @@ def _manifest(
         target=target_src,
         tool_version=app.__version__,
         vocab=first.vocab,
+        lineage=lineage,
         files=files,
         params=params,
         residuals=[

@@ -13,8 +13,10 @@ other through the cache's ``flock``, and on different nodes the first commit win
 
 Removal (``realign rm``, the bucket budget) deletes the marker first, then the files:
 readers that start afterwards do not find the artifact; nodes whose cache holds a
-copy keep it (same key, same bytes) until their cache evicts it; a download under
-way fails with ``ArtifactNotFoundError`` and caches nothing.
+copy keep it (same key, same bytes) for the readers that hold it, but never publish
+it again: a build of a key the bucket lacks drops the cached copy (quarantined if it
+no longer matches its manifest) and builds from the sources. A download under way
+fails with ``ArtifactNotFoundError`` and caches nothing.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from app.store.locks import BuildLock, Held, hold
 from app.store.remote import Bucket
 from app.store.s3 import S3Config, split_url
 from app.store.staging import copy_tree
+from app.store.stale import drop_stale
 
 log = logging.getLogger(__name__)
 
@@ -177,20 +180,27 @@ class ObjectStore:
         if self._reuse(key, kind):
             return False
         name = f"{kind}/{key}"
-        with self._locked(name) as held, self.cache.pinned(key):
+        with self._locked(name) as held:
             if self._reuse(key, kind):  # another builder published it while we waited
                 return False
+            # Cached here, not in the bucket: built again from its sources, never put
+            # back (see app.store.stale for why).
+            held_here = self.cache.exists(key, kind) and not drop_stale(
+                self.cache, key, kind, self.url
+            )
 
             def commit(src: Path) -> bool:
                 return publish(self.bucket, src, key, kind, self.hasher, held.token,
                                still_held=held.confirm)  # fmt: skip
 
-            if self.cache.exists(key, kind):  # cached here, gone from the bucket: put it back
-                commit(self.cache.path(key, kind))
-                return False
-            created = self.cache.get_or_build(key, build, kind, keep, commit=commit)
-            if not created:  # another builder's commit came first: use that one
-                self._fetch(key, kind)
+            with self.cache.pinned(key):
+                if held_here:  # readers here keep their copy: the rebuild goes to the bucket
+                    with self.cache.staging.claim(key) as tmp:
+                        build(tmp)
+                        return commit(tmp)
+                created = self.cache.get_or_build(key, build, kind, keep, commit=commit)
+                if not created:  # another builder's commit came first: use that one
+                    self._fetch(key, kind)
         return created
 
     def _reuse(self, key: str, kind: Kind) -> bool:

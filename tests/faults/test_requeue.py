@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -209,3 +210,61 @@ def test_the_probe_sees_messages_delivered_but_not_acknowledged(
         assert jobs_in_broker(broker) == {"mrg_held", "mrg_waiting"}
         held.ack()
     assert jobs_in_broker(broker) == {"mrg_waiting"}
+
+
+# -- a backlog longer than a page, on real Redis ------------------------------------------
+BACKLOG = 1200  # queued jobs with a message, oldest first: more than a default page (500)
+TIES = 40  # jobs created at one instant (one score in the index), at the end of the queue
+
+
+def _backlog(records: JobRecords, lost_every: int) -> tuple[set[str], set[str]]:
+    """BACKLOG + TIES queued jobs an hour old, oldest first; every ``lost_every``-th of
+    the last 200 (behind the first page) and of the ties has lost its message.
+
+    Returns:
+        The ids with a message in the broker, and those without one.
+    """
+    start = datetime.now(UTC) - timedelta(hours=1)
+    stamps = [start + timedelta(milliseconds=i) for i in range(BACKLOG)]
+    stamps += [start + timedelta(milliseconds=BACKLOG)] * TIES
+    present, lost = set(), set()
+    for i, at in enumerate(stamps):
+        rec = JobRecord(
+            id=f"mrg_{i:05d}", owner="alice", spec=MergeSpec(residual="ab"),
+            created_at=at, updated_at=at,
+        )  # fmt: skip
+        records.create(rec)
+        behind = i >= BACKLOG - 200
+        (lost if behind and i % lost_every == 0 else present).add(rec.id)
+    return present, lost
+
+
+@pytest.mark.parametrize(
+    ("backend", "page"),
+    [("redis", None), ("redis", 7), ("sqlite", 7)],
+    ids=["redis-default-page", "redis-page-of-7", "sqlite-page-of-7"],
+)
+def test_a_long_queue_hides_no_lost_message(
+    tmp_path: Path, request: pytest.FixtureRequest, backend: str, page: int | None
+) -> None:
+    """1240 jobs queued, their messages in the broker but for a few at the end (behind
+    more than a page of waiting jobs, and among jobs created at the same instant): one
+    sweep re-sends exactly those, reading the queue a page at a time."""
+    from app.jobs.kv import RedisKV
+
+    if backend == "redis":
+        server: RedisServer = request.getfixturevalue("redis_server")
+        records = JobRecords(RedisKV(server.url))
+    else:
+        records = JobRecords(SqliteKV(tmp_path / "jobs.sqlite"))
+    present, lost = _backlog(records, lost_every=9)
+    assert len(present) > 500 and lost
+    settings = Settings(models_cache_dir=tmp_path / "store", job_requeue_after_s=PERIOD)
+    sent: list[tuple[str, str]] = []
+    runner = JobRunner(
+        records, settings, "w1", lambda t, j: sent.append((t, j)), None, lambda: present
+    )
+    done = runner.requeue.sweep() if page is None else runner.requeue.sweep(page=page)
+    assert sorted(done) == sorted(lost)
+    assert sorted(sent) == sorted(("realign.validate", job_id) for job_id in lost)
+    assert runner.requeue.sweep() == []  # once per period

@@ -68,6 +68,19 @@ def test_submit_poll_succeeded(service: JobService, llama_triple: TinyTriple) ->
     assert service.metrics()["jobs_by_status"]["succeeded"] == 1
 
 
+def test_a_ties_job_records_the_lineage(service: JobService, llama_triple: TinyTriple) -> None:
+    """A job merging by ties checks the lineage at validation (a 'lineage:' event) and
+    its result carries the figures, as a task-arithmetic job's does."""
+    rec, _ = service.submit(spec(llama_triple, method="ties", params={"density": 0.5}), ALICE)
+    done = wait(service, rec.id)
+    assert done.status == JobStatus.succeeded, done.error
+    assert done.result is not None and done.result.lineage is not None
+    assert done.result.lineage.passed and "target-base" in done.result.lineage.distances
+    assert done.result.manifest["lineage"] == done.result.lineage.model_dump(mode="json")
+    events = [e.message for e in service.events(rec.id, ALICE)]
+    assert any(m.startswith("lineage: instruct-base") for m in events), events
+
+
 def test_duplicate_and_idempotent_submissions_share_one_job(
     service: JobService, llama_triple: TinyTriple
 ) -> None:

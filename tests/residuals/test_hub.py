@@ -3,9 +3,11 @@ download is sized before it starts.
 
 No test reaches the Hub: a real model directory is served through the same code path
 a Hub model takes — its real file listing with sizes (what ``model_info`` lists) and
-byte ranges of its real files (what the ranged header reads return). What these tests
-cannot cover: the Hub API call and HTTP range requests themselves
-(``list_hub``, ``hub_reader``) and ``snapshot_download``.
+byte ranges of its real files (what the ranged header reads return). The merges by
+method (ties, dare, several residuals) go further: the real Hub client talks to a
+Hub-compatible HTTP server on loopback (tests/hubserver.py), so ``list_hub``,
+``hub_reader`` and ``snapshot_download`` run too, against the server's API, not the
+Hub's own.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import pytest
 from app.core.errors import CorruptCheckpointError, InsufficientStorageError
 from app.core.settings import Settings
 from app.demo.tiny import TinyTriple
+from app.merge import ResidualInput, compute, merge_to_store, preflight
 from app.residuals.apply import plan_fused
 from app.residuals.checkpoint import Checkpoint
 from app.residuals.dtypes import BY_NAME
@@ -31,10 +34,12 @@ from app.residuals.hub import (
     header_checkpoint,
     missing_bytes,
 )
+from app.residuals.lineage import measure
 from app.residuals.refs import HUB_PATTERNS
 from app.residuals.space import HEADROOM, merged_bytes, residual_bytes
 from app.store.factory import store_from_settings
 from app.store.inputs import check_download_room, hub_cache
+from tests.hubserver import HubServer
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 BF16 = BY_NAME["bfloat16"]
@@ -182,3 +187,73 @@ def test_download_and_output_are_checked_together(
     assert str(hub_cache(store)) in message and str(tmpfs) in message
     assert [p for p in hub_cache(store).rglob("*") if p.is_file()] == []  # nothing written
     check_download_room(store, download, [])  # the download alone would pass
+
+
+# -- ties, dare and several residuals: through the Hub client, against a Hub server -----
+# The Hub is tests/hubserver.py: the real client (listing, snapshot download, ranged
+# reads) against a real HTTP server that serves the tiny models as Hub repositories.
+def _weights_in(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*.safetensors") if "residuals" not in p.parts)
+
+
+def test_method_and_multi_preflight_read_headers_only(
+    llama_triple: TinyTriple, hub: HubServer, store_dir: Path
+) -> None:
+    """The preflight of a ties merge of Hub models, and of several residuals (a stored
+    pack and a Hub pair), downloads no weights: headers are read by ranges."""
+    t = llama_triple
+    settings = Settings(models_cache_dir=store_dir)
+    b, i, tgt = (hub.add(m, m.name) for m in (t.base, t.instruct, t.new_base))
+    info = preflight(target=tgt, base=b, instruct=i, method="ties", store=store_dir,
+                     settings=settings)  # fmt: skip
+    assert hub.downloads() == [] and _weights_in(store_dir) == []
+    assert info is not None and info.distances == {} and "not downloaded yet" in info.skipped[0]
+    key = compute(str(t.base), str(t.instruct), store=store_dir, settings=settings).key
+    several = [ResidualInput(key=key), ResidualInput(base=b, instruct=i, weight=0.5)]
+    info = preflight(target=tgt, residuals=several, store=store_dir, settings=settings)
+    assert info is not None and [s.split(" ")[0] for s in info.skipped] == [
+        "residuals[0]",
+        "residuals[1]",
+    ]
+    assert hub.downloads() == [] and _weights_in(store_dir) == []
+    model_bytes = sum(p.stat().st_size for p in t.new_base.glob("*.safetensors"))
+    assert 0 < hub.weight_bytes() < model_bytes / 100  # headers only, for three models
+
+
+def test_a_method_merge_downloads_a_hub_target_after_the_space_check(
+    llama_triple: TinyTriple, hub: HubServer, tmpfs: Path, tmp_path: Path
+) -> None:
+    """A ties merge of a stored pack into a Hub target, into a store on a 4 MB disk: the
+    target's download fits alone, so would the merged model, not both. The merge refuses
+    before a byte of the target's weights is downloaded."""
+    t = llama_triple
+    pack = compute(str(t.base), str(t.instruct), store=tmp_path / "packs", settings=Settings())
+    target = hub.add(t.new_base, "target")
+    with pytest.raises(InsufficientStorageError):
+        merge_to_store(
+            target=target, residuals=[ResidualInput(key=str(pack.path))], method="ties",
+            store=tmpfs, settings=Settings(models_cache_dir=tmpfs),
+        )  # fmt: skip
+    assert hub.downloads(target) == [] and _weights_in(tmpfs) == []
+    assert not (tmpfs / "merged").exists() or not any((tmpfs / "merged").iterdir())
+
+
+def test_a_method_merge_of_hub_models_records_the_lineage_after_the_download(
+    llama_triple: TinyTriple, hub: HubServer, store_dir: Path
+) -> None:
+    """A dare merge of three Hub models: each weight file is downloaded once, by the
+    merge, and the target is measured against the base then (the figures of the same
+    models read locally)."""
+    t = llama_triple
+    settings = Settings(models_cache_dir=store_dir)
+    b, i, tgt = (hub.add(m, m.name) for m in (t.base, t.instruct, t.new_base))
+    done = merge_to_store(base=b, instruct=i, target=tgt, method="dare", store=store_dir,
+                          settings=settings)  # fmt: skip
+    shards = sorted(p.name for p in t.base.glob("*.safetensors"))
+    for ref in (b, i, tgt):
+        assert sorted(hub.downloads(ref)) == shards, ref
+    info = done.manifest.lineage
+    assert info is not None and info.passed and info.skipped == []
+    with Checkpoint.open(t.base) as base, Checkpoint.open(t.new_base) as target:
+        local, _ = measure(base, {"target": target})
+    assert info.distances["target-base"] == local["target-base"]

@@ -15,7 +15,7 @@ import torch
 from app.core.errors import IncompatibleModelsError, UnrelatedModelsError
 from app.core.settings import Settings
 from app.demo.tiny import TinyTriple, write_model
-from app.merge import apply, compute, merge, preflight
+from app.merge import ResidualInput, apply, compute, merge, merge_to_store, preflight
 from app.residuals.card import render_card
 from app.residuals.checkpoint import Checkpoint
 from app.residuals.lineage import ROWS, measure, sample_tensors
@@ -236,3 +236,65 @@ def test_manifests_written_before_the_check_still_read(
     old = read_merge_manifest(out)
     assert isinstance(old, MergeManifest) and old.lineage is None
     assert "Lineage check" not in render_card(old)
+
+
+# -- ties, dare and several residuals: the same check, of the target against each base --
+def _two_packs(t: TinyTriple, store: Path, root: Path) -> list[ResidualInput]:
+    """The instruct model's residual and a second one (a light fine-tune) of one base."""
+    domain = write_model(root / "domain", seed=11, like=t.base, delta_scale=0.005)
+    keys = [compute(str(t.base), str(m), store=store).key for m in (t.instruct, domain)]
+    return [ResidualInput(key=keys[0]), ResidualInput(key=keys[1], weight=0.5)]
+
+
+def test_method_and_multi_merges_record_the_lineage(
+    llama_triple: TinyTriple, store_dir: Path, tmp_path: Path
+) -> None:
+    """ties of a pair, several residuals by dare, and merges into the store record the
+    figures in the manifest and the card, as task arithmetic does; the preflight
+    returns the same figures."""
+    t = llama_triple
+    res = merge(str(t.base), str(t.instruct), str(t.new_base), tmp_path / "ties",
+                method="ties", store=store_dir)  # fmt: skip
+    pair = res.manifest.lineage
+    assert pair is not None and pair.passed and not pair.forced
+    assert set(pair.distances) == {"instruct-base", "target-base", "target-instruct"}
+    assert read_merge_manifest(res.out).lineage == pair
+    assert "Lineage check" in (res.out / "README.md").read_text()
+    several = _two_packs(t, store_dir, tmp_path)
+    multi = apply(several, str(t.new_base), tmp_path / "dare", method="dare", store=store_dir)
+    info = multi.manifest.lineage
+    assert info is not None and info.passed
+    pairs = ("target-base", "target-instruct", "instruct-base")
+    assert set(info.distances) == {f"residuals[{n}] {p}" for n in (0, 1) for p in pairs}
+    assert info.distances["residuals[0] target-base"] == pair.distances["target-base"]
+    assert "residuals[1] target vs base" in (multi.out / "README.md").read_text()
+    assert preflight(target=str(t.new_base), residuals=several, method="dare",
+                     store=store_dir) == info  # fmt: skip
+    done = merge_to_store(target=str(t.new_base), residuals=several, store=store_dir)
+    assert done.manifest.lineage == info
+
+
+def test_method_and_multi_merges_refuse_an_unrelated_target(
+    llama_triple: TinyTriple, llama_unrelated: Path, store_dir: Path, tmp_path: Path
+) -> None:
+    """An unrelated target is refused by ties (before its pack is computed) and by a
+    merge of several residuals, in preflight too; ``force`` merges and says so."""
+    t, target = llama_triple, str(llama_unrelated)
+    with pytest.raises(UnrelatedModelsError, match="target does not descend"):
+        merge(str(t.base), str(t.instruct), target, tmp_path / "no", method="ties",
+              store=store_dir)  # fmt: skip
+    assert stored(store_dir) == [] and not (tmp_path / "no").exists()
+    several = _two_packs(t, store_dir, tmp_path)
+    before = stored(store_dir)
+    with pytest.raises(UnrelatedModelsError, match="target does not descend"):
+        preflight(target=target, residuals=several, store=store_dir)
+    with pytest.raises(UnrelatedModelsError, match="target does not descend"):
+        merge_to_store(target=target, residuals=several, method="ties", store=store_dir)
+    with pytest.raises(UnrelatedModelsError):
+        apply(several, target, tmp_path / "no", store=store_dir)
+    assert stored(store_dir) == before and not (tmp_path / "no").exists()
+    res = apply(several, target, tmp_path / "yes", method="ties", store=store_dir, force=True)
+    info = res.manifest.lineage
+    assert info is not None and info.forced and not info.passed
+    assert info.distances["residuals[1] target-base"].median > 1.3
+    assert "--force" in (res.out / "README.md").read_text()
