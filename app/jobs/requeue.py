@@ -58,6 +58,11 @@ class Requeuer:
         self.after = runner.settings.job_requeue_after_s
         self.cap = runner.settings.max_deliveries
         self.holder = f"{runner.worker}/requeue"
+        # Jobs seen without a message by the last sweep, with the record version seen: a
+        # job is re-sent only when two sweeps in a row miss its message, so a message in
+        # flight between the broker's queue and its unacked set (a worker taking it right
+        # now) never looks lost.
+        self._missing: dict[str, datetime] = {}
 
     def sweep(self, page: int = PAGE) -> list[str]:
         """Re-send (or fail, past the cap) every queued job whose message is lost, however
@@ -72,19 +77,21 @@ class Requeuer:
         cutoff = utcnow() - timedelta(seconds=self.after)
         present: set[str] | None = None
         done: list[str] = []
+        missing: dict[str, datetime] = {}
         for recs in self.records.queued_pages(cutoff, page):
             idle = [rec for rec in recs if self._idle(rec, cutoff)]
             if not idle:
                 continue
             if present is None:  # read once, when needed: it lists every queued message
                 present = set(self.pending())
-            done += [
-                rec.id
-                for rec in idle
-                if rec.id not in present
-                and self.records.lease_holder(rec.id) is None
-                and self._resend(rec)
-            ]
+            for rec in idle:
+                if rec.id in present or self.records.lease_holder(rec.id) is not None:
+                    continue
+                if self._missing.get(rec.id) != rec.updated_at:  # first miss: confirm later
+                    missing[rec.id] = rec.updated_at
+                elif self._resend(rec):
+                    done.append(rec.id)
+        self._missing = missing
         return done
 
     def _idle(self, rec: JobRecord, cutoff: datetime) -> bool:

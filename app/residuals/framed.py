@@ -413,6 +413,8 @@ class FramedPack(Checkpoint):
             )
         except FrameError as exc:
             self._free.append((p, neg))
+            if self.verifier is not None:  # a damaged file: say so as every reader does
+                self.verifier.finish()
             raise self._damaged(f, f"frame {k} of {f.name!r}: {exc}") from exc
         self._cache[key] = (p, neg)
         while len(self._cache) > _CACHED_FRAMES:

@@ -23,7 +23,6 @@ import struct
 import threading
 from typing import Any
 
-import numpy as np
 import zstandard
 
 from app.residuals import native
@@ -65,18 +64,17 @@ def _decompressor() -> Any:
 _P, _I32, _I64 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64
 
 
-def _addr(a: np.ndarray) -> int:
-    return int(a.ctypes.data)
+def _planes(p: memoryview, n: int, itemsize: int) -> list[memoryview]:
+    """The byte planes of ``n`` elements (plane j: byte j of each), one buffer."""
+    out = bytearray(n * itemsize)
+    native.function("realign_planes", (_P, _I64, _I32, _P), None)(
+        native.address(p), n, itemsize, native.address(out, writable=True)
+    )
+    view = memoryview(out)
+    return [view[j * n : (j + 1) * n] for j in range(itemsize)]
 
 
-def _planes(p: np.ndarray, n: int, itemsize: int) -> np.ndarray:
-    out = np.empty(n * itemsize, dtype=np.uint8)
-    native.function("realign_planes", (_P, _I64, _I32, _P), None)(_addr(p), n, itemsize, _addr(out))
-    return out.reshape(itemsize, n)
-
-
-def _section(array: np.ndarray, attempt: bool = True) -> tuple[int, bytes | memoryview]:
-    raw = memoryview(array.data).cast("B")
+def _section(raw: memoryview, attempt: bool = True) -> tuple[int, bytes | memoryview]:
     if attempt:
         packed: bytes = _compressor().compress(raw)
         if len(packed) <= _KEEP * raw.nbytes:
@@ -107,18 +105,18 @@ def encode_frame(
             stored as they are.
     """
     n = p.nbytes // itemsize
-    layout = _planes(np.frombuffer(p, dtype=np.uint8), n, itemsize)
+    layout = _planes(p, n, itemsize)
     sections = [_section(layout[j], planes is None or planes[j]) for j in range(itemsize)]
     count = 0
     if neg is not None:
-        gaps = np.empty(n, dtype=np.uint32)
-        values = np.empty(n * itemsize, dtype=np.uint8)
+        gaps, values = bytearray(4 * n), bytearray(n * itemsize)
         count = native.function("realign_sparse", (_P, _I64, _I32, _P, _P), _I64)(
-            _addr(np.frombuffer(neg, dtype=np.uint8)), n, itemsize, _addr(gaps), _addr(values)
-        )
+            native.address(neg), n, itemsize,
+            native.address(gaps, writable=True), native.address(values, writable=True),
+        )  # fmt: skip
         if count:
-            sections.append(_section(gaps[:count]))
-            sections.append(_section(values[: count * itemsize]))
+            sections.append(_section(memoryview(gaps)[: 4 * count]))
+            sections.append(_section(memoryview(values)[: count * itemsize]))
     head = [_COUNT.pack(count), *(_SECTION.pack(mode, len(data)) for mode, data in sections)]
     return b"".join([*head, *(bytes(data) for _, data in sections)]), count
 
@@ -166,16 +164,15 @@ def decode_frame(
         at += length
     if at != frame.nbytes:
         raise FrameError(f"{frame.nbytes - at} stray bytes after the last section")
-    planes = [np.frombuffer(parts[j], dtype=np.uint8) for j in range(itemsize)]
-    pointers = (ctypes.c_void_p * itemsize)(*(_addr(a) for a in planes))
-    out = np.frombuffer(p_out, dtype=np.uint8)
+    pointers = (ctypes.c_void_p * itemsize)(*(native.address(parts[j]) for j in range(itemsize)))
     native.function("realign_unplanes", (_P, _I64, _I32, _P), None)(
-        pointers, n, itemsize, _addr(out)
+        pointers, n, itemsize, native.address(p_out, writable=True)
     )
-    gaps = np.frombuffer(parts[itemsize], dtype=np.uint32) if count else np.empty(0, np.uint32)
-    values = np.frombuffer(parts[itemsize + 1], dtype=np.uint8) if count else gaps.view(np.uint8)
+    empty = bytearray(1)
     bad = native.function("realign_scatter", (_P, _P, _I64, _I64, _I32, _P), _I32)(
-        _addr(gaps), _addr(values), count, n, itemsize, _addr(np.frombuffer(neg_out, np.uint8))
-    )
+        native.address(parts[itemsize] if count else empty),
+        native.address(parts[itemsize + 1] if count else empty),
+        count, n, itemsize, native.address(neg_out, writable=True),
+    )  # fmt: skip
     if bad:
         raise FrameError("a correction lies past the end of its frame")

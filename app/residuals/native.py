@@ -91,6 +91,19 @@ def function(name: str, argtypes: tuple[Any, ...], restype: Any) -> Any:
     return fn
 
 
+def address(buf: memoryview | bytes | bytearray, *, writable: bool = False) -> int:
+    """The address of a C-contiguous buffer, for calls through :func:`function`.
+
+    Raises:
+        RuntimeError: the kernel is not built.
+        ValueError: not a C-contiguous (and, with ``writable``, writable) buffer.
+    """
+    kernel, error = _load()
+    if kernel is None:
+        raise RuntimeError(error)
+    return _address(kernel, memoryview(buf), "buffer", writable=writable)
+
+
 def available() -> bool:
     """Whether the native kernel is built and loads."""
     return _load()[0] is not None

@@ -37,9 +37,10 @@ def realign(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def flip_byte(file: Path) -> None:
-    """Flip one bit of one byte in the middle of a safetensors file's tensor data."""
+    """Flip one bit of one byte in the middle of a safetensors file's tensor data (of a
+    frames file: in its middle)."""
     data = bytearray(file.read_bytes())
-    start = 8 + int.from_bytes(data[:8], "little")
+    start = 0 if file.suffix == ".frames" else 8 + int.from_bytes(data[:8], "little")
     at = start + (len(data) - start) // 2
     data[at] ^= 0x01
     file.write_bytes(bytes(data))
@@ -50,12 +51,17 @@ def weights(model: Path) -> dict[str, bytes]:
     return {
         p.name: p.read_bytes()
         for p in sorted(model.iterdir())
-        if p.suffix == ".safetensors" or p.name == "config.json"
+        if p.suffix in (".safetensors", ".frames") or p.name == "config.json"
     }
 
 
 def pack_shards(store: Path, key: str) -> list[Path]:
-    return sorted((store / "residuals" / key).glob("residual*.safetensors"))
+    return pack_files(store / "residuals" / key)
+
+
+def pack_files(pack: Path) -> list[Path]:
+    """A pack's weight files: frames of an exact pack, safetensors shards of the others."""
+    return sorted(p for p in pack.glob("residual*") if p.suffix in (".safetensors", ".frames"))
 
 
 def quarantined(store: Path) -> list[str]:
@@ -112,7 +118,8 @@ def test_cli_apply_without_sources_fails_like_verify(
     t = triple_copy
     store = tmp_path / "store"
     key = compute(str(t.base), str(t.instruct), store=store).key
-    flip_byte(pack_shards(store, key)[0])
+    victim = pack_shards(store, key)[0]
+    flip_byte(victim)
     twin = tmp_path / "twin"
     shutil.copytree(store, twin)
     shutil.rmtree(t.base)  # the sources are gone
@@ -128,7 +135,7 @@ def test_cli_apply_without_sources_fails_like_verify(
     assert not list(tmp_path.glob(".out*"))  # no staging left beside it either
     message = no_path(res.stderr)
     assert message == no_path(said.stderr)
-    assert "residual.safetensors does not match its recorded checksum" in message
+    assert f"{victim.name} does not match its recorded checksum" in message
     assert f"realign compute --base {t.base} --instruct {t.instruct}" in message
     assert quarantined(store) and not (store / "residuals" / key).exists()
     assert "ok" not in realign("ls", "--store", str(store)).stdout
@@ -228,7 +235,7 @@ def test_pack_directory_outside_the_store_is_checked(
     t = llama_triple
     res = compute(str(t.base), str(t.instruct), store=tmp_path / "store")
     pack = shutil.copytree(res.path, tmp_path / "pack")
-    flip_byte(sorted(pack.glob("residual*.safetensors"))[0])
+    flip_byte(pack_files(pack)[0])
     with pytest.raises(ArtifactCorruptError, match="does not match its recorded checksum"):
         apply(str(pack), str(t.new_base), tmp_path / "out")
     assert not (tmp_path / "out").exists()
@@ -267,7 +274,7 @@ def test_every_file_records_a_fast_checksum_and_older_packs_still_verify(
     out = apply(res.key, str(t.new_base), tmp_path / "out", store=tmp_path / "store").out
     first = apply(str(old), str(t.new_base), tmp_path / "again").out
     assert weights(first) == weights(out)
-    flip_byte(sorted(old.glob("residual*.safetensors"))[0])
+    flip_byte(pack_files(old)[0])
     with pytest.raises(ArtifactCorruptError, match="does not match its recorded checksum"):
         apply(str(old), str(t.new_base), tmp_path / "never")
     assert not (tmp_path / "never").exists()

@@ -89,7 +89,8 @@ def test_builder_killed_mid_upload_publishes_nothing(
 
 def _first_shard(s3_server: S3Server, bucket: str, key: str) -> str:
     listing = s3_server.client().list_objects_v2(Bucket=bucket, Prefix=f"realign/residuals/{key}/")
-    return sorted(o["Key"] for o in listing["Contents"] if o["Key"].endswith(".safetensors"))[0]
+    weights = (".safetensors", ".frames")
+    return sorted(o["Key"] for o in listing["Contents"] if o["Key"].endswith(weights))[0]
 
 
 def _flip_last_byte(s3_server: S3Server, bucket: str, name: str) -> None:

@@ -169,7 +169,8 @@ def test_split_merge_of_an_s3_target_on_two_nodes(
             assert stored is not None  # the pack the job published, in its builder's prefix
             pack_sizes = {
                 reader.bucket.file(stored, p.name): p.stat().st_size
-                for p in pack_dir.glob("*.safetensors")
+                for p in pack_dir.iterdir()
+                if p.suffix in (".safetensors", ".frames")
             }
         target_sizes = {
             f"models/new-base/{p.name}": p.stat().st_size for p in t.new_base.glob("*.safetensors")

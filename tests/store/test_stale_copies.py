@@ -42,9 +42,9 @@ def _files(path: Path) -> dict[str, bytes]:
 
 
 def _flip(path: Path) -> None:
-    shard = sorted(path.glob("*.safetensors"))[0]
+    shard = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".frames"))[0]
     data = bytearray(shard.read_bytes())
-    data[-3] ^= 0xFF  # tensor bytes, past the header
+    data[-3] ^= 0xFF  # tensor bytes, past the header (of a frames file: its last frame)
     shard.write_bytes(bytes(data))
 
 
