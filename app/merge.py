@@ -17,8 +17,10 @@ from pathlib import Path
 from app.core.errors import InvalidParameterError
 from app.core.settings import Settings, get_settings
 from app.pipeline import catalog, merged, multi, request, stored
+from app.pipeline import convert as conversion
 from app.pipeline import residual as residuals
 from app.pipeline.context import DTYPES, Ctx, StoreArg
+from app.pipeline.convert import ConvertResult
 from app.pipeline.request import ResidualInput, Run
 from app.pipeline.residual import ComputeResult, MergeResult
 from app.pipeline.stored import StoredMerge
@@ -30,11 +32,13 @@ from app.store.recovery import Notice
 __all__ = [
     "DTYPES",
     "ComputeResult",
+    "ConvertResult",
     "MergeResult",
     "ResidualInput",
     "StoredMerge",
     "apply",
     "compute",
+    "convert",
     "inspect",
     "list_artifacts",
     "merge",
@@ -95,6 +99,36 @@ def compute(
         device=device,
         progress=progress, cancel=cancel, max_shard_gb=max_shard_gb, notice=notice,
         verify_pack=verify_pack, force=force,
+    )  # fmt: skip
+
+
+def convert(
+    key: str,
+    dtype: str,
+    *,
+    remove_old: bool = False,
+    store: StoreArg = None,
+    device: str = "cpu",
+    progress: ProgressCallback | None = None,
+    cancel: CancelFlag | None = None,
+    notice: Notice | None = None,
+    settings: Settings | None = None,
+) -> ConvertResult:
+    """The pack of stored residual ``key`` (key or prefix) in format ``dtype`` (``exact``,
+    ``bfloat16``, ``float16``, ``float32``): computed by :func:`compute` from the sources
+    its manifest records, once their digests are checked, and kept only under the content
+    key those digests give. The same format returns ``key`` itself. ``remove_old``
+    removes the old pack afterwards (kept, and ``notice`` told, while a job reads it).
+
+    Raises:
+        SourcesUnavailableError: a source is gone or changed; the message names it and the
+            ``realign compute`` that makes the pack from the models where they are now.
+        ArtifactNotFoundError, InvalidParameterError (an unknown format).
+    """
+    ctx = _ctx(store, settings)
+    return conversion.convert(
+        ctx, key, dtype, device=device, progress=progress, cancel=cancel, notice=notice,
+        remove_old=remove_old,
     )  # fmt: skip
 
 

@@ -33,7 +33,7 @@ def realign(*args: str, env_store: Path | None = None) -> subprocess.CompletedPr
 def test_help_lists_the_verbs() -> None:
     res = realign("--help")
     assert res.returncode == 0
-    for verb in ("merge", "compute", "apply", "inspect", "verify", "ls", "rm", "demo"):
+    for verb in ("merge", "compute", "apply", "convert", "inspect", "verify", "ls", "rm", "demo"):
         assert verb in res.stdout
     merge_help = realign("merge", "--help").stdout
     for flag in (

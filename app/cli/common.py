@@ -77,6 +77,17 @@ DType = Annotated[
         show_default=False,
     ),
 ]
+PackTo = Annotated[
+    str,
+    typer.Option(
+        "--pack",
+        "--dtype",
+        callback=_pack,
+        help="Pack format to convert to: exact (lossless), or R rounded to bfloat16 / "
+        "float16 / float32 (bf16, fp16, fp32).",
+        show_default=False,
+    ),
+]
 Store = Annotated[
     Path | None,
     typer.Option(

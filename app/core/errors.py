@@ -73,6 +73,14 @@ class ArtifactNotFoundError(RealignError, KeyError):
         return self.message
 
 
+class SourcesUnavailableError(RealignError, FileNotFoundError):
+    """The models a stored residual pack was computed from are not where its manifest
+    records them, or their files changed since (so the pack cannot be made again)."""
+
+    code = "sources_unavailable"
+    http_status = 409
+
+
 class AmbiguousKeyError(RealignError, KeyError):
     """A key prefix matches several stored artifacts."""
 

@@ -31,6 +31,16 @@ def _lineage(info: LineageInfo | None) -> str:
     return text + "\n"
 
 
+def _lossy(m: MergeManifest) -> str:
+    """What a merge from lossy packs computed exactly: R as its pack rounded it (an exact
+    pack, or the fused pass, gives the exact result of instruct - base itself)."""
+    kept = {m.residual_dtype, *(r.dtype for r in m.residuals)} - {None, "exact"}
+    if not kept:
+        return ""
+    names = "/".join(sorted(str(d) for d in kept))
+    return f", from R as its {names} pack stores it (rounded: lossy)"
+
+
 def render_card(m: MergeManifest) -> str:
     """Markdown with YAML front matter, as the Hub expects."""
     residual = f"`{m.residual_key}` ({m.residual_dtype})" if m.residual_key else "not stored"
@@ -63,8 +73,8 @@ tags:
 # Merged with Realign
 
 `new = target + alpha * (instruct - base)` with alpha = {m.alpha}, method `{m.method}`,
-each element the exact result rounded once to the target's dtype. Tokenizer, chat template and
-generation config come from the instruct model.
+each element the exact result rounded once to the target's dtype{_lossy(m)}. Tokenizer, chat
+template and generation config come from the instruct model.
 
 | role | reference | commit | content digest |
 | --- | --- | --- | --- |

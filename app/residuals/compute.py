@@ -46,7 +46,7 @@ def compute_residual(
     *,
     instruct_src: SourceInfo,
     base_src: SourceInfo,
-    dtype: DType = BF16,
+    dtype: DType = EXACT,
     method: str = "task_arithmetic",
     key: str | None = None,
     opts: RunOptions | None = None,
@@ -59,7 +59,8 @@ def compute_residual(
         out_dir: an empty directory (normally a staging dir that is published after).
         instruct_src: identity of ``instruct`` for the manifest.
         base_src: identity of ``base``.
-        dtype: storage dtype of R (float32 is lossless; bfloat16 halves the size).
+        dtype: the pack format: ``EXACT`` (lossless: R rounded once to the inputs' dtype
+            plus its sparse rounding error, in frames) or R rounded to BF16, F16 or F32.
         method: merge method name from the registry.
         key: the store key, recorded in the manifest.
         opts: device, progress, cancellation, shard size.

@@ -64,9 +64,13 @@ class MergeMethod(Protocol):
 class TaskArithmetic:
     """Task arithmetic: ``R = instruct - base``; ``new = target + alpha * R``.
 
-    ``fused`` equals ``residual`` then ``apply`` with an fp32 residual, element for
-    element, whenever ``instruct - base`` is exact in fp32 (bf16 or fp16 weights
-    within a factor 2**15 of each other); both are the exact value rounded once.
+    Every kind gives the exact value rounded once. An exact pack (the default) is
+    applied by ``fused`` itself, its ``(p, neg)`` standing for ``(instruct, base)``, so a
+    merge from it equals the fused merge element for element, whatever the dtypes. A
+    rounded pack: ``residual`` then ``apply`` equal ``fused`` with an fp32 residual
+    whenever ``instruct - base`` is exact in fp32 (bf16 or fp16 weights within a factor
+    2**15 of each other); a bf16 or fp16 residual rounds R, so the merge is exact for
+    that R, not for ``instruct - base``.
     """
 
     name = "task_arithmetic"
