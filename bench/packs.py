@@ -81,10 +81,19 @@ def _prod(shape: list[int]) -> int:
 
 
 def _demo(root: Path) -> dict[str, Path]:
-    from app.demo.train import cached_triple, make_trained_triple
-
-    t = cached_triple(root) or make_trained_triple(root)
-    return {"base": t.base, "instruct": t.instruct, "new_base": t.new_base}
+    """The demo's trained triple, made or found by a child process (this one stays small:
+    a child's peak RSS counts the pages it was forked with)."""
+    code = (
+        "import sys; from pathlib import Path; "
+        "from app.demo.train import cached_triple, make_trained_triple; "
+        "r = Path(sys.argv[1]); t = cached_triple(r) or make_trained_triple(r); "
+        "print(t.base); print(t.instruct); print(t.new_base)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(root)], capture_output=True, text=True, check=True
+    )
+    base, instruct, new_base = done.stdout.strip().splitlines()[-3:]
+    return {"base": Path(base), "instruct": Path(instruct), "new_base": Path(new_base)}
 
 
 def speeds(triple: dict[str, Path], work: Path, runs: int, quiet_wait: float) -> None:

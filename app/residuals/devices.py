@@ -14,12 +14,14 @@ import mmap
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from app.core.errors import DeviceUnavailableError
 from app.residuals import native
 from app.residuals.dtypes import DType
 from app.residuals.methods import MergeMethod
+
+_T = TypeVar("_T")
 
 log = logging.getLogger(__name__)
 
@@ -110,9 +112,6 @@ class NativeBackend:
                 method, kind, inputs, out, out_dtype, alpha, want_stats=want_stats
             )
         n = out.nbytes // out_dtype.itemsize
-        parts = max(1, min(self.workers, n // _MIN_SPLIT))
-        step = -(-n // parts // 4096) * 4096  # whole pages of every operand
-        bounds = [(lo, min(n, lo + step)) for lo in range(0, n, step)] or [(0, 0)]
 
         def run(lo: int, hi: int) -> tuple[float, float]:
             return native.combine(
@@ -124,12 +123,31 @@ class NativeBackend:
                 want_stats=want_stats,
             )
 
+        stats = self._spread(run, n)
+        # Summed in range order whatever the thread timing: same stats every run.
+        return sum(s for s, _ in stats), max(m for _, m in stats)
+
+    def _spread(self, run: Callable[[int, int], _T], n: int) -> list[_T]:
+        """``run`` over ``[0, n)`` cut into whole pages, one range per worker thread."""
+        parts = max(1, min(self.workers, n // _MIN_SPLIT))
+        step = -(-n // parts // 4096) * 4096  # whole pages of every operand
+        bounds = [(lo, min(n, lo + step)) for lo in range(0, n, step)] or [(0, 0)]
         if len(bounds) > 1 and self._pool is None:
             self._pool = ThreadPoolExecutor(self.workers - 1, thread_name_prefix="realign-math")
         futures = [self._pool.submit(run, lo, hi) for lo, hi in bounds[1:]] if self._pool else []
-        stats = [run(*bounds[0]), *(f.result() for f in futures)]
-        # Summed in range order whatever the thread timing: same stats every run.
-        return sum(s for s, _ in stats), max(m for _, m in stats)
+        return [run(*bounds[0]), *(f.result() for f in futures)]
+
+    def exact_split(
+        self, instruct: memoryview, base: memoryview, dtype: DType, p: memoryview, neg: memoryview
+    ) -> int:
+        """:func:`app.residuals.native.exact_split` over the worker threads."""
+        size = dtype.itemsize
+
+        def run(lo: int, hi: int) -> int:
+            a, b = lo * size, hi * size
+            return native.exact_split(instruct[a:b], base[a:b], dtype.code, p[a:b], neg[a:b])
+
+        return sum(self._spread(run, p.nbytes // size))
 
     def close(self) -> None:
         if self._pool is not None:

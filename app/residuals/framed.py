@@ -45,7 +45,7 @@ FRAMES_INDEX = "residual.frames.json"
 FRAMES_FORMAT = "realign.frames/1"
 NEG = "::neg"
 """Suffix of the correction tensor of each residual tensor in a :class:`FramedPack`."""
-_THREADS = 2  # frames encoded at once (zstd releases the GIL)
+_THREADS = 8  # at most this many frames encoded at once, one per core (zstd releases the GIL)
 
 
 def frame_file(i: int) -> str:

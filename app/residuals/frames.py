@@ -64,14 +64,23 @@ def _decompressor() -> Any:
 _P, _I32, _I64 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64
 
 
+def _scratch(name: str, size: int) -> memoryview:
+    """A buffer of this thread kept across frames: no allocation, no page faults, per
+    frame (its contents are consumed before the frame's encoding returns)."""
+    buf: bytearray | None = getattr(_local, name, None)
+    if buf is None or len(buf) < size:
+        buf = bytearray(size)
+        setattr(_local, name, buf)
+    return memoryview(buf)[:size]
+
+
 def _planes(p: memoryview, n: int, itemsize: int) -> list[memoryview]:
     """The byte planes of ``n`` elements (plane j: byte j of each), one buffer."""
-    out = bytearray(n * itemsize)
+    out = _scratch("planes", n * itemsize)
     native.function("realign_planes", (_P, _I64, _I32, _P), None)(
         native.address(p), n, itemsize, native.address(out, writable=True)
     )
-    view = memoryview(out)
-    return [view[j * n : (j + 1) * n] for j in range(itemsize)]
+    return [out[j * n : (j + 1) * n] for j in range(itemsize)]
 
 
 def _section(raw: memoryview, attempt: bool = True) -> tuple[int, bytes | memoryview]:
@@ -109,14 +118,14 @@ def encode_frame(
     sections = [_section(layout[j], planes is None or planes[j]) for j in range(itemsize)]
     count = 0
     if neg is not None:
-        gaps, values = bytearray(4 * n), bytearray(n * itemsize)
+        gaps, values = _scratch("gaps", 4 * n), _scratch("values", n * itemsize)
         count = native.function("realign_sparse", (_P, _I64, _I32, _P, _P), _I64)(
             native.address(neg), n, itemsize,
             native.address(gaps, writable=True), native.address(values, writable=True),
         )  # fmt: skip
         if count:
-            sections.append(_section(memoryview(gaps)[: 4 * count]))
-            sections.append(_section(memoryview(values)[: count * itemsize]))
+            sections.append(_section(gaps[: 4 * count]))
+            sections.append(_section(values[: count * itemsize]))
     head = [_COUNT.pack(count), *(_SECTION.pack(mode, len(data)) for mode, data in sections)]
     return b"".join([*head, *(bytes(data) for _, data in sections)]), count
 

@@ -357,8 +357,11 @@ class StreamRunner:
 
         p = slot.result
         neg = memoryview(slot.err)[: p.nbytes]
-        code = job.spec.dtype.code
-        native.exact_split(slot.data[0], slot.data[1], code, p, neg)
+        spread = getattr(self.backend, "exact_split", None)  # the CPU kernel's threads
+        if spread is not None:
+            spread(slot.data[0], slot.data[1], job.spec.dtype, p, neg)
+        else:
+            native.exact_split(slot.data[0], slot.data[1], job.spec.dtype.code, p, neg)
         slot.neg = neg
 
     def _follow_up(self, job: TensorJob, chunk: _Chunk, slot: _Slot) -> None:
