@@ -18,9 +18,11 @@ from app.core.errors import InvalidParameterError
 from app.core.settings import Settings, get_settings
 from app.pipeline import catalog, merged, multi, request, stored
 from app.pipeline import convert as conversion
+from app.pipeline import fidelity as fidelities
 from app.pipeline import residual as residuals
 from app.pipeline.context import DTYPES, Ctx, StoreArg
 from app.pipeline.convert import ConvertResult
+from app.pipeline.fidelity import FidelityReport
 from app.pipeline.request import ResidualInput, Run
 from app.pipeline.residual import ComputeResult, MergeResult
 from app.pipeline.stored import StoredMerge
@@ -39,6 +41,7 @@ __all__ = [
     "apply",
     "compute",
     "convert",
+    "fidelity",
     "inspect",
     "list_artifacts",
     "merge",
@@ -239,6 +242,28 @@ def inspect(
 ) -> ResidualManifest | MergeManifest:
     """The manifest of a residual (key or pack dir) or of a merged model directory."""
     return catalog.inspect(ref, _ctx(store, settings).store)
+
+
+def fidelity(
+    residual: str,
+    target: str,
+    *,
+    alpha: float = 1.0,
+    prompts: Sequence[str] | None = None,
+    max_new_tokens: int = 32,
+    work: Path | None = None,
+    store: StoreArg = None,
+    settings: Settings | None = None,
+) -> FidelityReport:
+    """How closely ``target + alpha * R`` merged from a pack (a lossy one, typically)
+    follows the merge from the exact R: greedy-token agreement and mean KL of the
+    next-token distributions over a fixed prompt set (transformers, CPU; see
+    :mod:`app.pipeline.fidelity`). The pack's instruct and base models must be at hand.
+    """
+    return fidelities.fidelity(
+        _ctx(store, settings), residual, target, alpha=alpha,
+        prompts=prompts or fidelities.DEFAULT_PROMPTS, max_new_tokens=max_new_tokens, work=work,
+    )  # fmt: skip
 
 
 def verify(key: str, store: StoreArg = None, settings: Settings | None = None) -> ResidualManifest:

@@ -15,13 +15,18 @@ from safetensors.torch import load_file, save_file
 from app.residuals.apply import open_pack
 from app.residuals.checkpoint import Checkpoint, TensorInfo
 from app.residuals.framed import FRAMES_INDEX, NEG
+from app.residuals.lossy import FORMATS
 from app.residuals.progress import Progress
 
 
 def load_dir(path: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a model directory or residual pack (an exact pack's residuals as
-    ``p - neg`` in float32)."""
+    ``p - neg`` in float32, a lossy pack's as decoded, in float32)."""
     out: dict[str, torch.Tensor] = {}
+    if _lossy(path):  # decoded by the pack reader: the fp32 R it hands the merges
+        _, pack = open_pack(path)
+        with pack:
+            return {n: _read_all(pack, i) for n, i in pack.tensors.items()}
     if (path / FRAMES_INDEX).is_file():
         _, pack = open_pack(path)
         with pack:
@@ -34,6 +39,11 @@ def load_dir(path: Path) -> dict[str, torch.Tensor]:
     for f in sorted(path.glob("*.safetensors")):
         out.update(load_file(f))
     return out
+
+
+def _lossy(path: Path) -> bool:
+    manifest = path / "manifest.json"
+    return manifest.is_file() and json.loads(manifest.read_text())["dtype"] in FORMATS
 
 
 def _read_all(ckpt: Checkpoint, info: TensorInfo) -> torch.Tensor:

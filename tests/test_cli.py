@@ -119,7 +119,7 @@ def test_user_mistakes_are_one_line_errors(
         (["--instruct", str(tmp_path / "missing")], "no such directory"),
         (["--instruct", str(tmp_path / "[bold]x")], f"{tmp_path}/[bold]x"),  # no markup
         (["--instruct", "gs://bucket/model"], "not supported"),
-        (["--instruct", str(t.instruct), "--dtype", "int8"], "pack format"),
+        (["--instruct", str(t.instruct), "--dtype", "int2"], "pack format"),
         (["--instruct", str(t.instruct), "--device", "cuda"], "no CUDA device"),
     ]
     for extra, message in cases:

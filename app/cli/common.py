@@ -72,8 +72,10 @@ DType = Annotated[
         "--dtype",
         callback=_pack,
         help="Residual pack format: exact (R = instruct - base kept exactly, coded smaller "
-        "than bf16; the merge gives the bits of --no-cache), or R rounded to bfloat16 / "
-        "float16 / float32 (bf16, fp16, fp32). Default: $REALIGN_RESIDUAL_DTYPE, else exact.",
+        "than bf16; the merge gives the bits of --no-cache), R rounded to bfloat16 / "
+        "float16 / float32 (bf16, fp16, fp32), or lossy, opt-in: int8, int4 (absmax "
+        "integers with fp32 scales) or bitdelta (1-bit signs, a scale per row); "
+        "`realign inspect` shows their error. Default: $REALIGN_RESIDUAL_DTYPE, else exact.",
         show_default=False,
     ),
 ]

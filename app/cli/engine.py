@@ -227,7 +227,9 @@ def inspect(
             f"  key {m.key}  dtype {m.dtype}  family {m.family.model_type}  "
             f"{len(m.tensors)} tensors  {m.total_bytes / 1e6:.1f} MB"
         )
-        out.print(f"  pack {m.storage_line()}", highlight=False)
+        out.print(f"  pack {m.storage_line()}", highlight=False, soft_wrap=True)
+        if m.fidelity is not None:
+            out.print(f"  fidelity {m.fidelity.summary()}", highlight=False, soft_wrap=True)
         top = sorted(m.tensors.items(), key=lambda kv: kv[1].norm, reverse=True)[:5]
         for name, t in top:
             out.print(f"    {name:<50} |R|={t.norm:.4g} max={t.max_abs:.3g}", highlight=False)

@@ -24,6 +24,9 @@ from app.core.envparse import (
 )
 from app.core.errors import InvalidSettingsError
 
+PackFormat = Literal["exact", "bfloat16", "float16", "float32", "int8", "int4", "bitdelta"]
+"""The residual pack formats (``--pack``, ``dtype`` of requests)."""
+
 
 class Settings(BaseSettings):
     """Process-wide configuration, built once and passed into factories."""
@@ -89,10 +92,11 @@ class Settings(BaseSettings):
         examples=["500"],
     )
     device: Literal["cpu", "cuda"] = Field(default="cpu", description="Where merge math runs.")
-    residual_dtype: Literal["exact", "bfloat16", "float16", "float32"] = Field(
+    residual_dtype: PackFormat = Field(
         default="exact",
         description="Pack format of residuals the service computes when a request names "
-        "none: exact (lossless, smaller than bf16) or R rounded to bfloat16/float16/float32.",
+        "none: exact (lossless, smaller than bf16), R rounded to bfloat16/float16/float32, "
+        "or (lossy, opt-in) int8, int4, bitdelta: R coded in 8, 4 or 1 bit with fp32 scales.",
     )
     max_shard_gb: float = Field(default=5.0, gt=0, description="Largest output shard in GB.")
     max_read_mbps: float | None = Field(

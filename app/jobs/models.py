@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
 
+from app.core.settings import PackFormat
 from app.residuals.manifest import LineageInfo
 
 
@@ -100,11 +101,13 @@ class MergeSpec(BaseModel):
         examples=[{"density": 0.2}],
     )
     alpha: float = Field(default=1.0, ge=-10.0, le=10.0)
-    dtype: Literal["exact", "bfloat16", "float16", "float32"] | None = Field(
+    dtype: PackFormat | None = Field(
         default=None,
         description="Residual pack format (unset: the service's REALIGN_RESIDUAL_DTYPE, "
         "exact by default): exact keeps R = instruct - base exactly, coded smaller than "
-        "bf16; the others round R. The merged model keeps the target's dtype.",
+        "bf16; bfloat16/float16/float32 round R; int8, int4 and bitdelta code R in 8, 4 or "
+        "1 bit with fp32 scales (lossy, opt-in: the manifest records the error). The merged "
+        "model keeps the target's dtype.",
     )
     serve: bool = Field(default=False, description="Load the merged model for chat when done.")
     serve_mode: Literal["checkpoint", "in_engine"] = "checkpoint"

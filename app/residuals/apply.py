@@ -11,6 +11,7 @@ from app.core.errors import ArtifactCorruptError, CorruptCheckpointError, Incomp
 from app.residuals.assets import INSTRUCT_CONFIG, copy_assets, merged_config, special_tokens
 from app.residuals.card import render_card
 from app.residuals.checkpoint import Checkpoint, TensorInfo, read_header
+from app.residuals.coded import LossyPack
 from app.residuals.compat import (
     check_family,
     check_tokenizers,
@@ -20,6 +21,7 @@ from app.residuals.compat import (
 )
 from app.residuals.framed import NEG, FramedPack
 from app.residuals.integrity import ReadVerifier, mismatch_message
+from app.residuals.lossy import lossy_format
 from app.residuals.manifest import (
     MERGE_MANIFEST,
     FamilyInfo,
@@ -87,10 +89,14 @@ def open_pack(pack_dir: Path, label: str | None = None) -> tuple[ResidualManifes
             raise ArtifactCorruptError(
                 f"{mismatch_message(label, name)} ({exc})", file=name
             ) from exc
+    verifier = ReadVerifier(expected, label)
+    fmt = lossy_format(manifest.dtype)
+    if fmt is not None:  # decoded to fp32 R as read: plain apply jobs
+        return manifest, LossyPack.open_lossy(pack_dir, config, tensors, manifest, fmt, verifier)
     missing = set(manifest.tensors) - set(tensors)
     if missing:
         raise CorruptCheckpointError(f"{pack_dir}: shards lack {sorted(missing)[0]}")
-    return manifest, Checkpoint(pack_dir, config, tensors, verifier=ReadVerifier(expected, label))
+    return manifest, Checkpoint(pack_dir, config, tensors, verifier=verifier)
 
 
 def check_pack(pack: Checkpoint) -> None:

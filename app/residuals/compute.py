@@ -8,6 +8,7 @@ from pathlib import Path
 import app
 from app.residuals.assets import INSTRUCT_CONFIG, copy_assets, special_tokens
 from app.residuals.checkpoint import Checkpoint
+from app.residuals.coded import LossyWriter
 from app.residuals.compat import (
     Pairing,
     check_family,
@@ -15,8 +16,9 @@ from app.residuals.compat import (
     family_of,
     pair_tensors,
 )
-from app.residuals.dtypes import BF16, EXACT, DType, exact_dtype
+from app.residuals.dtypes import BF16, EXACT, F32, DType, exact_dtype
 from app.residuals.framed import FRAMES_INDEX, FramedWriter
+from app.residuals.lossy import lossy_format
 from app.residuals.manifest import (
     RESIDUAL_MANIFEST,
     ResidualManifest,
@@ -59,8 +61,9 @@ def compute_residual(
         out_dir: an empty directory (normally a staging dir that is published after).
         instruct_src: identity of ``instruct`` for the manifest.
         base_src: identity of ``base``.
-        dtype: the pack format: ``EXACT`` (lossless: R rounded once to the inputs' dtype
-            plus its sparse rounding error, in frames) or R rounded to BF16, F16 or F32.
+        dtype: pack format of R: exact (lossless), float32 / bfloat16 / float16 (R rounded
+            to it), or int8 / int4 / bitdelta (R coded with fp32 scales, see
+            :mod:`app.residuals.coded`).
         method: merge method name from the registry.
         key: the store key, recorded in the manifest.
         opts: device, progress, cancellation, shard size.
@@ -75,7 +78,7 @@ def compute_residual(
     opts = opts or RunOptions()
     jobs, pairing = plan_residual(instruct, base, dtype)
     runner = make_runner(method, "residual", opts)
-    with residual_writer(out_dir, jobs, opts) as writer:
+    with residual_writer(out_dir, jobs, opts, dtype) as writer:
         stats = runner.run(jobs, writer)
     return finish_residual(
         out_dir,
@@ -104,12 +107,14 @@ def plan_residual(
     check_tokenizers(instruct.path, base.path)
     order = [n for n in file_order(instruct.tensors) if n in pairing.combine]
     exact = dtype == EXACT
+    lossy = lossy_format(dtype) is not None  # coded by the writer from R in fp32
     jobs = []
     for name in order:
         i, b = pairing.combine[name]
+        stored = exact_dtype(i.dtype, b.dtype) if exact else F32 if lossy else dtype
         jobs.append(
             TensorJob(
-                spec=TensorSpec(name, exact_dtype(i.dtype, b.dtype) if exact else dtype, i.shape),
+                spec=TensorSpec(name, stored, i.shape),
                 kind="residual",
                 inputs=(Source(instruct, i), Source(base, b)),
                 common_rows=pairing.common_rows[name],
@@ -119,11 +124,18 @@ def plan_residual(
     return jobs, pairing
 
 
-def residual_writer(
-    out_dir: Path, jobs: list[TensorJob], opts: RunOptions
-) -> ShardedWriter | FramedWriter:
+Writer = ShardedWriter | FramedWriter | LossyWriter
+
+
+def residual_writer(out_dir: Path, jobs: list[TensorJob], opts: RunOptions, dtype: DType) -> Writer:
     """The writer of a residual pack (checksums of every file while writing): frames for
-    an exact pack, safetensors shards otherwise."""
+    an exact pack, codes and scales for a lossy one (``dtype`` names it), safetensors
+    shards of R otherwise."""
+    fmt = lossy_format(dtype)
+    if fmt is not None:
+        return LossyWriter(
+            out_dir, jobs, fmt, prefix=RESIDUAL_PREFIX, max_shard_bytes=opts.max_shard_bytes
+        )
     if any(j.exact for j in jobs):
         return FramedWriter(out_dir, [j.spec for j in jobs], max_file_bytes=opts.max_shard_bytes)
     return ShardedWriter(
@@ -136,7 +148,7 @@ def residual_writer(
 
 def finish_residual(
     out_dir: Path,
-    writer: ShardedWriter | FramedWriter,
+    writer: Writer,
     jobs: list[TensorJob],
     stats: dict[str, TensorStats],
     pairing: Pairing,
@@ -149,6 +161,8 @@ def finish_residual(
 ) -> ResidualManifest:
     """Copy the instruct side's assets next to the written shards and write the manifest."""
     files = written_entries(writer)
+    lossy = writer if isinstance(writer, LossyWriter) else None
+    stored = lossy.stored_dtypes() if lossy else {}
     assets = copy_assets(instruct.path, out_dir / "assets")
     # A trusted (allowlisted) instruct side may carry auto_map; the pack never does.
     config = strip_auto_map(instruct.config)
@@ -171,7 +185,7 @@ def finish_residual(
         tensors={
             j.spec.name: ResidualTensor(
                 shape=j.spec.shape,
-                dtype=manifest_dtype(j.spec.dtype),
+                dtype=stored.get(j.spec.name, manifest_dtype(j.spec.dtype)),
                 common_rows=j.common_rows,
                 norm=stats[j.spec.name].norm if j.spec.name in stats else 0.0,
                 max_abs=stats[j.spec.name].max_abs if j.spec.name in stats else 0.0,
@@ -185,6 +199,7 @@ def finish_residual(
         special_tokens=special_tokens(instruct.path, instruct.config),
         assets=assets,
         files=files,
+        fidelity=lossy.fidelity() if lossy else None,
     )
     write_json(out_dir / RESIDUAL_MANIFEST, manifest)
     return manifest

@@ -67,8 +67,14 @@ EXACT = DType("EXACT", "exact", 2, True)
 """Not an element type: the storage of exact residual packs, where each tensor keeps its
 inputs' dtype as a rounded residual plus its sparse rounding error (see
 :mod:`app.residuals.framed`). Its itemsize is a planning figure only."""
+INT8 = DType("Q8", "int8", 1, True)
+INT4 = DType("Q4", "int4", 1, True)
+BITDELTA = DType("Q1", "bitdelta", 1, True)
+"""Not element types either: lossy packs, opt-in, R coded in 8, 4 or 1 bit per element
+with fp32 scales (see :mod:`app.residuals.lossy`). Itemsize 1 is a planning figure: an
+upper bound for int4 and bitdelta, within the space check's headroom for int8."""
 PACK_DTYPES: dict[str, DType] = {
-    d.name: d for d in (EXACT, DTYPES["BF16"], DTYPES["F16"], DTYPES["F32"])
+    d.name: d for d in (EXACT, DTYPES["BF16"], DTYPES["F16"], DTYPES["F32"], INT8, INT4, BITDELTA)
 }
 """Storage formats of residual packs by name, the default first."""
 

@@ -146,6 +146,32 @@ class LineageInfo(_Frozen):
         return "; ".join([text, *self.skipped])
 
 
+class PackFidelity(_Frozen):
+    """How far a lossy pack's R is from R = instruct - base, measured as it was written."""
+
+    format: str = Field(description="The pack format (int8, int4, bitdelta).")
+    bits: int = Field(description="Bits per coded element.")
+    group_size: int | None = Field(
+        description="Elements per fp32 scale along a row (None: one scale per row)."
+    )
+    scale: str = Field(description="How each scale is set: absmax or mean-abs.")
+    coding: str = Field(description="The coding in words.")
+    rel_error: float = Field(
+        description="||R_hat - R|| / ||R|| (Frobenius) over every coded and kept element."
+    )
+    tensors: dict[str, float] = Field(
+        description="The same figure per tensor (0 for vectors, kept in fp32)."
+    )
+
+    def summary(self) -> str:
+        """``|R^-R|/|R| 0.00705 overall, worst model.embed_tokens.weight 0.0081``."""
+        line = f"|R^-R|/|R| {self.rel_error:.4g} overall"
+        if self.tensors:
+            name, worst = max(self.tensors.items(), key=lambda kv: kv[1])
+            line += f", worst {name} {worst:.4g}"
+        return line
+
+
 def _now() -> datetime:
     return datetime.now(UTC)
 
@@ -170,6 +196,9 @@ class ResidualManifest(_Frozen):
     special_tokens: dict[str, Any]
     assets: list[str]
     files: dict[str, FileEntry] = Field(default_factory=dict)
+    fidelity: PackFidelity | None = Field(
+        default=None, description="Lossy packs (int8, int4, bitdelta): the error of R."
+    )
 
     @property
     def total_bytes(self) -> int:
@@ -183,8 +212,9 @@ class ResidualManifest(_Frozen):
 
     def storage(self) -> dict[str, Any]:
         """How the pack stores R: format, whether lossless, the weight files' bytes, their
-        ratio to the same residual in bf16, and (exact packs) the share of elements that
-        needed a correction beyond the rounded value."""
+        ratio to the same residual in bf16, (exact packs) the share of elements that
+        needed a correction beyond the rounded value, and (int8, int4, bitdelta packs) the
+        coding and the relative Frobenius error of R measured when the pack was made."""
         weights = sum(
             e.size for n, e in self.files.items() if n.endswith((".safetensors", ".frames"))
         )
@@ -196,17 +226,23 @@ class ResidualManifest(_Frozen):
             "weight_bytes": weights,
             "bf16_ratio": round(weights / (2 * elems), 4) if elems else None,
             "corrections": round(sum(fixed) / elems, 5) if fixed and elems else None,
+            "coding": self.fidelity.coding if self.fidelity else None,
+            "rel_error": self.fidelity.rel_error if self.fidelity else None,
         }
 
     def storage_line(self) -> str:
         """:meth:`storage` for people: ``exact (lossless) 1125.3 MB, 0.51x bf16, ...``."""
         s = self.storage()
         how = "lossless" if s["lossless"] else "lossy: R rounded to " + str(s["format"])
+        if s["coding"] is not None:
+            how = f"lossy: {s['coding']}"
         line = f"{s['format']} ({how})  {s['weight_bytes'] / 1e6:.1f} MB"
         if s["bf16_ratio"] is not None:
             line += f"  {s['bf16_ratio']:.3f}x the bf16 pack"
         if s["corrections"] is not None:
             line += f"  corrections on {100 * s['corrections']:.2f}% of elements"
+        if s["rel_error"] is not None:
+            line += f"  error |R^-R|/|R| {s['rel_error']:.3g}"
         return line
 
 

@@ -4,7 +4,8 @@ the target once, write the residual pack and the merged model together.
 Each chunk's residual is computed, cast to the pack's dtype, then applied to the
 target's rows from those very bytes, so the merged model has the same bits as
 ``apply_residual`` of the stored pack would give — without reading the inputs twice
-or the freshly written residual back from disk.
+or the freshly written residual back from disk. A lossy pack (int8, int4, bitdelta) is
+written first and then applied, so the merge reads the values the pack holds.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import app
 from app.residuals.apply import (
+    apply_residual,
     copy_job,
     finish_merged,
     match_target,
@@ -21,8 +23,14 @@ from app.residuals.apply import (
 )
 from app.residuals.checkpoint import Checkpoint
 from app.residuals.compat import family_of
-from app.residuals.compute import finish_residual, plan_residual, residual_writer
+from app.residuals.compute import (
+    compute_residual,
+    finish_residual,
+    plan_residual,
+    residual_writer,
+)
 from app.residuals.dtypes import DType
+from app.residuals.lossy import lossy_format
 from app.residuals.manifest import (
     LineageInfo,
     MergeManifest,
@@ -66,6 +74,16 @@ def compute_and_apply(
         OperationCancelledError: cancelled; the caller discards both directories.
     """
     opts = opts or RunOptions()
+    if lossy_format(dtype) is not None:  # the merge reads the values the pack holds
+        residual = compute_residual(
+            instruct, base, residual_dir, instruct_src=sources[0], base_src=sources[1],
+            dtype=dtype, method=method, key=key, opts=opts,
+        )  # fmt: skip
+        merged = apply_residual(
+            residual_dir, target, out_dir, target_src=sources[2], alpha=alpha, opts=opts,
+            lineage=lineage,
+        )  # fmt: skip
+        return residual, merged
     jobs, pairing = plan_residual(instruct, base, dtype)
     expected = {
         j.spec.name: (j.common_rows, *j.spec.shape[1:]) if j.spec.shape else () for j in jobs
@@ -90,7 +108,7 @@ def compute_and_apply(
     copies = [copy_job(target, tensors[n]) for n in order if n in pairing.copied]
     merged_specs = [j.then.spec for j in jobs if j.then] + [c.spec for c in copies]
     with (
-        residual_writer(residual_dir, jobs, opts) as res_writer,
+        residual_writer(residual_dir, jobs, opts, dtype) as res_writer,
         merged_writer(out_dir, merged_specs, opts) as out_writer,
     ):
         stats = make_runner(method, "residual+apply", opts).run(jobs, res_writer, out_writer)

@@ -23,6 +23,7 @@ import json
 import math
 import mmap
 import os
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,13 +140,19 @@ class _ShardFile:
             self.fd = -1
 
 
-def plan_shards(specs: list[TensorSpec], max_shard_bytes: int) -> list[list[TensorSpec]]:
+def plan_shards(
+    specs: list[TensorSpec],
+    max_shard_bytes: int,
+    joined: Callable[[TensorSpec], bool] | None = None,
+) -> list[list[TensorSpec]]:
     """Split tensors, in order, into shards of at most ``max_shard_bytes`` (a lone
-    tensor larger than that gets a shard of its own)."""
+    tensor larger than that gets a shard of its own); a tensor ``joined`` says True of
+    stays in its predecessor's shard (the parts of one coded tensor, read together)."""
     shards: list[list[TensorSpec]] = [[]]
     size = 0
     for spec in specs:
-        if shards[-1] and size + spec.nbytes > max_shard_bytes:
+        stays = joined is not None and joined(spec)
+        if shards[-1] and size + spec.nbytes > max_shard_bytes and not stays:
             shards.append([])
             size = 0
         shards[-1].append(spec)
@@ -200,6 +207,7 @@ class ShardedWriter:
         only: write just this shard (0-based) of the plan, with the name and header it
             has in the whole checkpoint, and no index: one worker's part of a merge
             split by output shard.
+        joined: tensors that stay in their predecessor's shard (see :func:`plan_shards`).
     """
 
     def __init__(
@@ -212,10 +220,11 @@ class ShardedWriter:
         metadata: dict[str, str] | None = None,
         hash_files: bool = True,
         only: int | None = None,
+        joined: Callable[[TensorSpec], bool] | None = None,
     ) -> None:
         self.directory = directory
         self.prefix = prefix
-        self._shards = plan_shards(specs, max_shard_bytes)
+        self._shards = plan_shards(specs, max_shard_bytes, joined)
         self.files = shard_files(prefix, len(self._shards))
         self._metadata = {"format": "pt", **(metadata or {})}
         self._only = only

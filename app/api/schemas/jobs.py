@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
+from app.core.settings import PackFormat
 from app.jobs.models import (
     JobError,
     JobEvent,
@@ -144,7 +145,7 @@ class ResidualCreate(BaseModel):
 
     base: RefText
     instruct: RefText
-    dtype: Literal["exact", "bfloat16", "float16", "float32"] | None = Field(
+    dtype: PackFormat | None = Field(
         default=None,
         description="Residual pack format (unset: the service's REALIGN_RESIDUAL_DTYPE).",
     )
