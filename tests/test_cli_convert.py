@@ -112,7 +112,7 @@ def test_sources_gone_or_changed_is_one_line_with_the_command(
     assert redo in res.stderr and "Traceback" not in res.stderr
     assert stored(store_dir) == kept  # nothing computed, the old pack untouched
 
-    res = realign("convert", key, "--pack", "int8", *st)
+    res = realign("convert", key, "--pack", "int2", *st)
     assert res.returncode == 1 and "pack format" in res.stderr
 
 

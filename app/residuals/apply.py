@@ -11,7 +11,6 @@ from app.core.errors import ArtifactCorruptError, CorruptCheckpointError, Incomp
 from app.residuals.assets import INSTRUCT_CONFIG, copy_assets, merged_config, special_tokens
 from app.residuals.card import render_card
 from app.residuals.checkpoint import Checkpoint, TensorInfo, read_header
-from app.residuals.coded import LossyPack
 from app.residuals.compat import (
     check_family,
     check_tokenizers,
@@ -19,9 +18,9 @@ from app.residuals.compat import (
     pair_tensors,
     weight_tensors,
 )
+from app.residuals.dtypes import is_lossy
 from app.residuals.framed import NEG, FramedPack
 from app.residuals.integrity import ReadVerifier, mismatch_message
-from app.residuals.lossy import lossy_format
 from app.residuals.manifest import (
     MERGE_MANIFEST,
     FamilyInfo,
@@ -90,8 +89,12 @@ def open_pack(pack_dir: Path, label: str | None = None) -> tuple[ResidualManifes
                 f"{mismatch_message(label, name)} ({exc})", file=name
             ) from exc
     verifier = ReadVerifier(expected, label)
-    fmt = lossy_format(manifest.dtype)
-    if fmt is not None:  # decoded to fp32 R as read: plain apply jobs
+    if is_lossy(manifest.dtype):  # decoded to fp32 R as read: plain apply jobs
+        from app.residuals.coded import LossyPack  # numpy: only for lossy packs
+        from app.residuals.lossy import lossy_format
+
+        fmt = lossy_format(manifest.dtype)
+        assert fmt is not None
         return manifest, LossyPack.open_lossy(pack_dir, config, tensors, manifest, fmt, verifier)
     missing = set(manifest.tensors) - set(tensors)
     if missing:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeAlias, cast
 
 import app
 from app.residuals.assets import INSTRUCT_CONFIG, copy_assets, special_tokens
 from app.residuals.checkpoint import Checkpoint
-from app.residuals.coded import LossyWriter
 from app.residuals.compat import (
     Pairing,
     check_family,
@@ -16,9 +16,8 @@ from app.residuals.compat import (
     family_of,
     pair_tensors,
 )
-from app.residuals.dtypes import BF16, EXACT, F32, DType, exact_dtype
+from app.residuals.dtypes import BF16, EXACT, F32, DType, exact_dtype, is_lossy
 from app.residuals.framed import FRAMES_INDEX, FramedWriter
-from app.residuals.lossy import lossy_format
 from app.residuals.manifest import (
     RESIDUAL_MANIFEST,
     ResidualManifest,
@@ -32,6 +31,9 @@ from app.residuals.remote_code import strip_auto_map
 from app.residuals.shards import ShardedWriter, TensorSpec
 from app.residuals.sources import RunOptions, file_order, make_runner
 from app.residuals.stream import Source, TensorJob, TensorStats
+
+if TYPE_CHECKING:
+    from app.residuals.coded import LossyWriter
 
 RESIDUAL_PREFIX = "residual"
 
@@ -107,7 +109,7 @@ def plan_residual(
     check_tokenizers(instruct.path, base.path)
     order = [n for n in file_order(instruct.tensors) if n in pairing.combine]
     exact = dtype == EXACT
-    lossy = lossy_format(dtype) is not None  # coded by the writer from R in fp32
+    lossy = is_lossy(dtype)  # coded by the writer from R in fp32
     jobs = []
     for name in order:
         i, b = pairing.combine[name]
@@ -124,15 +126,19 @@ def plan_residual(
     return jobs, pairing
 
 
-Writer = ShardedWriter | FramedWriter | LossyWriter
+Writer: TypeAlias = "ShardedWriter | FramedWriter | LossyWriter"
 
 
 def residual_writer(out_dir: Path, jobs: list[TensorJob], opts: RunOptions, dtype: DType) -> Writer:
     """The writer of a residual pack (checksums of every file while writing): frames for
     an exact pack, codes and scales for a lossy one (``dtype`` names it), safetensors
     shards of R otherwise."""
-    fmt = lossy_format(dtype)
-    if fmt is not None:
+    if is_lossy(dtype):
+        from app.residuals.coded import LossyWriter  # numpy: only for lossy packs
+        from app.residuals.lossy import lossy_format
+
+        fmt = lossy_format(dtype)
+        assert fmt is not None
         return LossyWriter(
             out_dir, jobs, fmt, prefix=RESIDUAL_PREFIX, max_shard_bytes=opts.max_shard_bytes
         )
@@ -161,7 +167,7 @@ def finish_residual(
 ) -> ResidualManifest:
     """Copy the instruct side's assets next to the written shards and write the manifest."""
     files = written_entries(writer)
-    lossy = writer if isinstance(writer, LossyWriter) else None
+    lossy = cast("LossyWriter", writer) if hasattr(writer, "stored_dtypes") else None
     stored = lossy.stored_dtypes() if lossy else {}
     assets = copy_assets(instruct.path, out_dir / "assets")
     # A trusted (allowlisted) instruct side may carry auto_map; the pack never does.

@@ -73,6 +73,18 @@ BITDELTA = DType("Q1", "bitdelta", 1, True)
 """Not element types either: lossy packs, opt-in, R coded in 8, 4 or 1 bit per element
 with fp32 scales (see :mod:`app.residuals.lossy`). Itemsize 1 is a planning figure: an
 upper bound for int4 and bitdelta, within the space check's headroom for int8."""
+LOSSY_CODES = frozenset(d.code for d in (INT8, INT4, BITDELTA))
+
+
+def is_lossy(dtype: DType | str) -> bool:
+    """Whether a pack format (a pseudo dtype or its name) codes R in integers with scales
+    (without importing the coders)."""
+    name = dtype if isinstance(dtype, str) else dtype.name
+    return name in ("int8", "int4", "bitdelta") and (
+        isinstance(dtype, str) or dtype.code in LOSSY_CODES
+    )
+
+
 PACK_DTYPES: dict[str, DType] = {
     d.name: d for d in (EXACT, DTYPES["BF16"], DTYPES["F16"], DTYPES["F32"], INT8, INT4, BITDELTA)
 }

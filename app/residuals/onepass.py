@@ -29,8 +29,7 @@ from app.residuals.compute import (
     plan_residual,
     residual_writer,
 )
-from app.residuals.dtypes import DType
-from app.residuals.lossy import lossy_format
+from app.residuals.dtypes import DType, is_lossy
 from app.residuals.manifest import (
     LineageInfo,
     MergeManifest,
@@ -74,7 +73,7 @@ def compute_and_apply(
         OperationCancelledError: cancelled; the caller discards both directories.
     """
     opts = opts or RunOptions()
-    if lossy_format(dtype) is not None:  # the merge reads the values the pack holds
+    if is_lossy(dtype):  # the merge reads the values the pack holds
         residual = compute_residual(
             instruct, base, residual_dir, instruct_src=sources[0], base_src=sources[1],
             dtype=dtype, method=method, key=key, opts=opts,
