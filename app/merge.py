@@ -26,6 +26,7 @@ from app.pipeline.fidelity import FidelityReport
 from app.pipeline.request import ResidualInput, Run
 from app.pipeline.residual import ComputeResult, MergeResult
 from app.pipeline.stored import StoredMerge
+from app.residuals.devices import check_device
 from app.residuals.manifest import LineageInfo, MergeManifest, ResidualManifest
 from app.residuals.progress import CancelFlag, ProgressCallback
 from app.store.base import ArtifactInfo, Store
@@ -96,6 +97,7 @@ def compute(
         UnrelatedModelsError: the instruct model does not descend from the base.
         RealignError subclasses for bad refs, incompatible models, cancellation.
     """
+    check_device(device)  # before any input or the store is opened
     ctx = _ctx(store, settings)
     return residuals.compute(
         ctx, base, instruct, dtype=dtype or ctx.settings.residual_dtype, method=method,
@@ -128,6 +130,7 @@ def convert(
             ``realign compute`` that makes the pack from the models where they are now.
         ArtifactNotFoundError, InvalidParameterError (an unknown format).
     """
+    check_device(device)  # before any input or the store is opened
     ctx = _ctx(store, settings)
     return conversion.convert(
         ctx, key, dtype, device=device, progress=progress, cancel=cancel, notice=notice,
@@ -164,6 +167,7 @@ def apply(
     and rebuilt from its sources (``notice`` is told), else the error says what to do.
     Nothing is written to ``out`` from a corrupt pack. The target is checked against
     the residual's base when that is at hand (``force``: merged even when unrelated)."""
+    check_device(device)  # before any input or the store is opened
     ctx = _ctx(store, settings)
     inputs = [ResidualInput(key=residual)] if isinstance(residual, str) else list(residual)
     if not request.is_classic(method, params, inputs) or inputs[0].key is None:
@@ -214,6 +218,7 @@ def merge(
         UnrelatedModelsError: the instruct model or the target does not descend from the
             base (the lineage check; ``force`` merges anyway and records the figures).
     """
+    check_device(device)  # before any input or the store is opened
     ctx = _ctx(store, settings)
     dtype = dtype or ctx.settings.residual_dtype
     pair = [ResidualInput(base=base, instruct=instruct)]
@@ -366,6 +371,7 @@ def merge_to_store(
         ArtifactCorruptError: a corrupt pack whose sources are not available.
         InvalidParameterError: an unknown method, bad parameters or weights.
     """
+    check_device(device)  # before any input or the store is opened
     ctx = _ctx(store, settings)
     dtype = dtype or ctx.settings.residual_dtype
     inputs = request.inputs_of(residual, base, instruct, residuals)

@@ -138,13 +138,21 @@ def _touch(path: Path | None) -> None:
         log.warning("cannot touch the liveness file %s: %s", path, exc)
 
 
+@signals.worker_init.connect
+def _on_init(**_: Any) -> None:
+    """Refuse to start a worker whose device is not here (SystemExit passes through
+    Celery's signal dispatch, which logs and swallows other exceptions)."""
+    from app.core.errors import DeviceUnavailableError
+    from app.residuals.devices import check_device
+
+    try:
+        check_device(get_settings().device)
+    except DeviceUnavailableError as exc:
+        raise SystemExit(f"realign worker: REALIGN_DEVICE: {exc}") from None
+
+
 @signals.worker_ready.connect
 def _on_ready(sender: Any = None, **_: Any) -> None:
-    import torch
-
-    settings = get_settings()
-    if settings.device.startswith("cuda") and not torch.cuda.is_available():
-        log.error("REALIGN_DEVICE=%s but torch sees no CUDA device", settings.device)
     hostname = sender.hostname if sender is not None else ""
     queues = sorted(q.name for q in sender.app.amqp.queues.consume_from.values()) if sender else []
     stop = threading.Event()

@@ -10,6 +10,7 @@ import typer
 from app import __version__
 from app.cli.common import app, err, fail, friendly, out
 from app.cli.extras import missing, report, require
+from app.cli.gpus import parse_gpus, run_per_gpu
 from app.core.settings import get_settings
 
 ROLES = ("all", "api", "serving")
@@ -135,6 +136,15 @@ def worker(
     name: Annotated[
         str, typer.Option(help="Worker name (Celery hostname; %h = this host).")
     ] = "realign@%h",
+    gpus: Annotated[
+        str | None,
+        typer.Option(
+            "--gpus",
+            help="Run one worker process per listed GPU (e.g. 0,1), each with "
+            "CUDA_VISIBLE_DEVICES set to its GPU and REALIGN_DEVICE=cuda.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Run a Celery worker (one per GPU) for the distributed service; needs REALIGN_REDIS_URL.
 
@@ -149,6 +159,11 @@ def worker(
             "`realign serve` runs an in-process worker)",
             2,
         )
+    from app.residuals.devices import check_device
+
+    if gpus is not None:
+        raise SystemExit(run_per_gpu(parse_gpus(gpus), queues, name))
+    check_device(get_settings().device)  # a CUDA worker without CUDA must not take jobs
     require("worker", "serve")
     try:
         from workers.celery_app import celery_app

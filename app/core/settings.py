@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from functools import lru_cache
 from pathlib import Path
@@ -58,6 +59,14 @@ class Settings(BaseSettings):
             raise ValueError("must be empty (local store) or s3://bucket/prefix")
         return value
 
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        value = value.strip().lower()
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", value):
+            raise ValueError("must be cpu, cuda or cuda:N (N = 0, 1, ...)")
+        return value
+
     @field_validator("serve_replicas")
     @classmethod
     def _replicas(cls, value: str) -> str:
@@ -91,7 +100,21 @@ class Settings(BaseSettings):
         "evicted beyond it (artifacts in use never are). Unset = unlimited.",
         examples=["500"],
     )
-    device: Literal["cpu", "cuda"] = Field(default="cpu", description="Where merge math runs.")
+    device: str = Field(
+        default="cpu",
+        description="Where merge math runs: cpu, cuda or cuda:N. A worker set to CUDA "
+        "refuses to start where there is none.",
+        examples=["cuda:0"],
+    )
+    inline_scratch_mb: int = Field(
+        default=512,
+        ge=1,
+        description="Memory an in-engine merge (a model served as `target + alpha * R` "
+        "without writing it) may take besides the merged weights, in MB: each tensor is "
+        "merged in row blocks this small (on CUDA on the GPU and in pinned host memory "
+        "each); at least one row at a time. ties/dare merge whole tensors, unbounded.",
+        examples=["256"],
+    )
     residual_dtype: PackFormat = Field(
         default="exact",
         description="Pack format of residuals the service computes when a request names "

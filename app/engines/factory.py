@@ -39,7 +39,7 @@ def make_factory(
         kind: ``auto``, ``vllm`` or ``torch``.
         device: the torch engine's device.
         max_model_len: context length; ``None`` = each model's own limit.
-        memory: vLLM's KV-cache and GPU-share settings.
+        memory: vLLM's KV-cache and GPU-share settings; both engines' in-engine merge scratch.
         extra: further vLLM engine arguments (``REALIGN_VLLM_ARGS``); they win.
 
     Raises:
@@ -67,7 +67,7 @@ def make_factory(
         from app.engines.hf import TorchEngine
 
         def build_torch(model_dir: Path) -> ChatEngine:
-            return TorchEngine(model_dir, device=device, max_model_len=max_model_len)
+            return TorchEngine(model_dir, device=device, max_model_len=max_model_len, memory=memory)
 
         return build_torch
     raise ServiceUnavailableError(f"unknown engine {kind!r}; use auto, vllm or torch")
@@ -80,6 +80,7 @@ def factory_from_settings(settings: Settings) -> EngineFactory:
         kv_sequences=settings.engine_kv_sequences,
         memory_fraction=settings.engine_memory_fraction,
         gpu_memory_utilization=settings.engine_gpu_memory_utilization,
+        inline_scratch_mb=settings.inline_scratch_mb,
     )
     return make_factory(
         settings.engine,

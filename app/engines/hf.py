@@ -19,7 +19,7 @@ import torch
 from app.core.errors import IncompatibleModelsError
 from app.engines.base import GenerationChunk, GenerationRequest, InlineMerge
 from app.engines.rwlock import RWLock
-from app.engines.sizing import context_length
+from app.engines.sizing import EngineMemory, context_length
 
 
 def architecture_of(model_dir: Path) -> str:
@@ -50,12 +50,14 @@ class TorchEngine:
         device: str = "cpu",
         dtype: str = "auto",
         max_model_len: int | None = None,
+        memory: EngineMemory | None = None,
     ) -> None:
         self.model_dir = model_dir
         self.architecture = architecture_of(model_dir)
         self.max_model_len = context_length(model_dir, max_model_len)
         self.device = device
         self.dtype = dtype
+        self.scratch_bytes = (memory or EngineMemory()).inline_scratch_mb << 20
         self.model: Any = None
         self.eos_ids: set[int] = set()
         self._lock = RWLock()
@@ -101,7 +103,13 @@ class TorchEngine:
                 "loaded model's; start a new engine on the written merge"
             )
         async with self._lock.write():
-            stream = stream_merged(merge.residual_dir, merge.target_dir, merge.alpha)
+            stream = stream_merged(
+                merge.residual_dir,
+                merge.target_dir,
+                merge.alpha,
+                self.device,
+                scratch_bytes=self.scratch_bytes,
+            )
             await asyncio.to_thread(self._assign, stream)
 
     def _check(self, model_dir: Path) -> None:

@@ -48,6 +48,7 @@ class EngineMemory:
     kv_sequences: int = 4
     memory_fraction: float = 0.5
     gpu_memory_utilization: float | None = None
+    inline_scratch_mb: int = 512  # bound on an in-engine merge's scratch per block
 
 
 def _config(model_dir: Path) -> dict[str, Any]:

@@ -124,7 +124,13 @@ def _chunk(index: int, choice: Any) -> GenerationChunk:
 class VllmWorkerExtension:
     """Methods mixed into vLLM's worker class; they run inside the worker process."""
 
-    def realign_load_merged(self, residual_dir: str, target_dir: str, alpha: float) -> None:
+    def realign_load_merged(
+        self,
+        residual_dir: str,
+        target_dir: str,
+        alpha: float,
+        scratch_bytes: int = 512 << 20,
+    ) -> None:
         """Stream ``target + alpha * R``, computed on the worker's device tensor by tensor,
         into the loaded model in place (vLLM's layerwise ``reload_weights``).
 
@@ -132,11 +138,19 @@ class VllmWorkerExtension:
             residual_dir: a residual pack directory.
             target_dir: the base checkpoint the residual is applied to.
             alpha: residual scale.
+            scratch_bytes: bound on the merge's scratch per row block
+                (``REALIGN_INLINE_SCRATCH_MB``).
         """
         from app.residuals.inline import stream_merged
 
         worker: Any = self  # a vLLM Worker once mixed in
-        tensors = stream_merged(Path(residual_dir), Path(target_dir), alpha, str(worker.device))
+        tensors = stream_merged(
+            Path(residual_dir),
+            Path(target_dir),
+            alpha,
+            str(worker.device),
+            scratch_bytes=scratch_bytes,
+        )
         worker.reload_weights(weights_iterator=tensors)
 
     def realign_checksum(self, names: list[str]) -> dict[str, float]:
@@ -351,6 +365,7 @@ class VllmEngine:
             "residual_dir": str(merge.residual_dir),
             "target_dir": str(merge.target_dir),
             "alpha": float(merge.alpha),
+            "scratch_bytes": self.memory.inline_scratch_mb << 20,
         }
         await self._swap("realign_load_merged", kwargs, where)
 

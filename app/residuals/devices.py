@@ -178,13 +178,59 @@ BACKENDS: dict[str, Callable[[str], MathBackend]] = {
 }
 
 
+def parse_device(device: str) -> tuple[str, int | None]:
+    """Split ``cpu``, ``cuda`` or ``cuda:N`` into (kind, index) without touching a device.
+
+    Raises:
+        DeviceUnavailableError: anything else.
+    """
+    kind, sep, index = device.strip().lower().partition(":")
+    if kind == "cpu" and not sep:
+        return kind, None
+    if kind == "cuda" and (not sep or index.isdigit()):
+        return kind, int(index) if sep else None
+    raise DeviceUnavailableError(
+        f"unknown device {device!r}; use cpu, cuda or cuda:N (N = 0, 1, ...)"
+    )
+
+
+def check_device(device: str) -> str:
+    """Check that ``device`` exists here, before any input is read (one-line errors).
+
+    Args:
+        device: ``cpu``, ``cuda`` or ``cuda:N``.
+
+    Returns:
+        The device in canonical form (``cuda:1``).
+
+    Raises:
+        DeviceUnavailableError: a bad string, CUDA asked for where torch sees none, or a
+            GPU index past the last GPU.
+    """
+    kind, index = parse_device(device)
+    if kind == "cpu":
+        return kind
+    import torch  # only for CUDA: the CPU path needs no torch to check
+
+    if not torch.cuda.is_available():
+        raise DeviceUnavailableError(
+            f"device {device!r} asked for but torch sees no CUDA device here "
+            f"(torch {torch.__version__}); use --device cpu / REALIGN_DEVICE=cpu, or run where "
+            "a GPU and a CUDA build of torch are"
+        )
+    count = torch.cuda.device_count()
+    if index is not None and index >= count:
+        raise DeviceUnavailableError(
+            f"device {device!r}: this machine has {count} CUDA device(s), cuda:0 to "
+            f"cuda:{count - 1}; pick one of those (CUDA_VISIBLE_DEVICES renumbers them from 0)"
+        )
+    return kind if index is None else f"{kind}:{index}"
+
+
 def make_backend(device: str) -> MathBackend:
     """Build the math backend for ``cpu``, ``cuda`` or ``cuda:N``.
 
     Raises:
         DeviceUnavailableError: unknown device, or CUDA asked for where there is none.
     """
-    factory = BACKENDS.get(device.split(":", 1)[0])
-    if factory is None:
-        raise DeviceUnavailableError(f"unknown device {device!r}; use cpu or cuda")
-    return factory(device)
+    return BACKENDS[parse_device(device)[0]](device)
