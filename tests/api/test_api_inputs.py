@@ -31,7 +31,7 @@ def nothing_queued_or_stored(root: httpx.Client, store: Path) -> Iterator[None]:
         (b"[1, 2]", None),
         (b'{"target": "/x", "base": "/y", "instruct": "/z", "alpha": "much"}', "alpha"),
         (b'{"target": "/x", "base": "/y", "instruct": "/z", "alpha": 11}', "alpha"),
-        (b'{"target": "/x", "base": "/y", "instruct": "/z", "dtype": "int4"}', "dtype"),
+        (b'{"target": "/x", "base": "/y", "instruct": "/z", "dtype": "int2"}', "dtype"),
         (b'{"target": "/x", "base": "/y", "instruct": "/z", "surprise": 1}', "surprise"),
         (b'{"target": "/x", "base": "/y"}', None),
         (b'{"target": "/x", "residual": "abcdef", "base": "/y"}', None),
