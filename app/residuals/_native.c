@@ -445,7 +445,8 @@ int64_t realign_combine(void *out, int32_t out_code, const void *in0, int32_t co
  * W value: x0 - x1 = s + e (TwoSum, exact), s - p is exact (Sterbenz: s and p are both the
  * difference rounded, to fp32 and to W), so (s - p) + e is the error rounded once, i.e.
  * exactly. Where p overflowed (|x0 - x1| beyond W's range) the pair itself is stored:
- * p = x0, neg = x1. Non-finite inputs keep p and get neg = +0; a zero error is +0.
+ * p = x0, neg = x1. x0 and x1 may be of narrower types than W (codes code0, code1): they
+ * widen exactly. Non-finite inputs keep p and get neg = +0; a zero error is +0.
  * Returns how many neg elements are not +0 (how sparse the corrections are). */
 /* One block, branch-free so that it vectorises; returns the count of non-zero neg bits and
  * sets *any when an element overflowed. */
@@ -474,21 +475,23 @@ static int64_t split_block(const float *restrict x0, const float *restrict x1,
     return nonzero;
 }
 
-int64_t realign_exact_split(const void *in0, const void *in1, int32_t code, void *p, void *neg,
-                            int64_t n) {
-    if (code < RL_F32 || code > RL_F16) return -1;
+int64_t realign_exact_split(const void *in0, int32_t code0, const void *in1, int32_t code1,
+                            int32_t code, void *p, void *neg, int64_t n) {
+    if (code < RL_F32 || code > RL_F16 || code0 < RL_F32 || code0 > RL_F16 || code1 < RL_F32 ||
+        code1 > RL_F16)
+        return -1;
     float x0[RL_BLOCK], x1[RL_BLOCK], pv[RL_BLOCK];
     uint32_t bits[RL_BLOCK], over[RL_BLOCK];
     int64_t nonzero = 0, size = itemsize(code);
     for (int64_t b = 0; b < n; b += RL_BLOCK) {
         int64_t m = n - b < RL_BLOCK ? n - b : RL_BLOCK;
         uint32_t any = 0;
-        decode(x0, at(in0, code, b), code, m, 0.0f);
-        decode(x1, at(in1, code, b), code, m, 0.0f);
+        decode(x0, at(in0, code0, b), code0, m, 0.0f);
+        decode(x1, at(in1, code1, b), code1, m, 0.0f);
         decode(pv, at(p, code, b), code, m, 0.0f);
         nonzero += split_block(x0, x1, pv, m, bits, over, &any);
-        for (int64_t i = 0; any && i < m; i++)
-            if (over[i]) memcpy((char *)p + (b + i) * size, at(in0, code, b + i), (size_t)size);
+        for (int64_t i = 0; any && i < m; i++) /* the inputs, widened exactly to W (>= both) */
+            if (over[i]) encode((char *)p + (b + i) * size, code, &(uint32_t){f2u(x0[i])}, 1);
         encode((char *)neg + b * size, code, bits, m);
     }
     return nonzero;

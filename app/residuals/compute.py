@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeAlias, cast
 
 import app
+from app.core.errors import DeviceUnavailableError, InvalidParameterError
+from app.residuals import native
 from app.residuals.assets import INSTRUCT_CONFIG, copy_assets, special_tokens
 from app.residuals.checkpoint import Checkpoint
 from app.residuals.compat import (
@@ -109,6 +111,8 @@ def plan_residual(
     check_tokenizers(instruct.path, base.path)
     order = [n for n in file_order(instruct.tensors) if n in pairing.combine]
     exact = dtype == EXACT
+    if exact:
+        check_exact(pairing)
     lossy = is_lossy(dtype)  # coded by the writer from R in fp32
     jobs = []
     for name in order:
@@ -127,6 +131,27 @@ def plan_residual(
 
 
 Writer: TypeAlias = "ShardedWriter | FramedWriter | LossyWriter"
+
+
+def check_exact(pairing: Pairing) -> None:
+    """Refuse, before any tensor is read, what an exact pack cannot hold here.
+
+    Raises:
+        InvalidParameterError: weights other than bf16/fp16/fp32 (fp64, fp8).
+        DeviceUnavailableError: the native kernel that splits residuals is not built.
+    """
+    for name, (i, b) in pairing.combine.items():
+        odd = next((d for d in (i.dtype, b.dtype) if d.code not in ("BF16", "F16", "F32")), None)
+        if odd is not None:
+            raise InvalidParameterError(
+                f"{name} is {odd.name}: exact residual packs hold bfloat16, float16 and "
+                "float32 weights; use --pack float32 (or convert the models) for this pair"
+            )
+    if not native.available():
+        raise DeviceUnavailableError(
+            f"exact residual packs need the native kernel: {native.load_error()}; or use "
+            "--pack bfloat16"
+        )
 
 
 def residual_writer(out_dir: Path, jobs: list[TensorJob], opts: RunOptions, dtype: DType) -> Writer:

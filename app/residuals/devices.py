@@ -130,7 +130,7 @@ class NativeBackend:
     def _spread(self, run: Callable[[int, int], _T], n: int) -> list[_T]:
         """``run`` over ``[0, n)`` cut into whole pages, one range per worker thread."""
         parts = max(1, min(self.workers, n // _MIN_SPLIT))
-        step = -(-n // parts // 4096) * 4096  # whole pages of every operand
+        step = max(4096, -(-n // parts // 4096) * 4096)  # whole pages of every operand
         bounds = [(lo, min(n, lo + step)) for lo in range(0, n, step)] or [(0, 0)]
         if len(bounds) > 1 and self._pool is None:
             self._pool = ThreadPoolExecutor(self.workers - 1, thread_name_prefix="realign-math")
@@ -138,14 +138,26 @@ class NativeBackend:
         return [run(*bounds[0]), *(f.result() for f in futures)]
 
     def exact_split(
-        self, instruct: memoryview, base: memoryview, dtype: DType, p: memoryview, neg: memoryview
+        self,
+        instruct: Operand,
+        base: Operand,
+        dtype: DType,
+        p: memoryview,
+        neg: memoryview,
     ) -> int:
-        """:func:`app.residuals.native.exact_split` over the worker threads."""
-        size = dtype.itemsize
+        """:func:`app.residuals.native.exact_split` over the worker threads (the inputs
+        with their own dtypes)."""
+        (i, di), (b, db), size = instruct, base, dtype.itemsize
 
         def run(lo: int, hi: int) -> int:
-            a, b = lo * size, hi * size
-            return native.exact_split(instruct[a:b], base[a:b], dtype.code, p[a:b], neg[a:b])
+            return native.exact_split(
+                i[lo * di.itemsize : hi * di.itemsize],
+                b[lo * db.itemsize : hi * db.itemsize],
+                dtype.code,
+                p[lo * size : hi * size],
+                neg[lo * size : hi * size],
+                (di.code, db.code),
+            )
 
         return sum(self._spread(run, p.nbytes // size))
 

@@ -130,6 +130,10 @@ class FramedWriter:
         p = p.cast("B") if p.format != "B" or p.ndim != 1 else p
         if neg is not None and (neg.format != "B" or neg.ndim != 1):
             neg = neg.cast("B")
+        if neg is not None and neg.nbytes != p.nbytes:
+            raise ValueError(f"{name!r}: {neg.nbytes} bytes of corrections for {p.nbytes} of p")
+        if not p.nbytes:
+            return
         spec = self._spec() if self._pos < len(self._specs) else None
         if spec is None or spec.name != name:
             want = spec.name if spec else "nothing"

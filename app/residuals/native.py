@@ -69,8 +69,8 @@ def _load() -> tuple[_Kernel | None, str | None]:
     # hard indices, their capacity, their count
     fn.argtypes = [ptr, i32, ptr, i32, ptr, i32, ptr, i32, f32, i64, i64, i32, ptr, ptr, i64, ptr]
     fn.restype = i64
-    # x0, x1, their dtype code, p (in/out), neg (out), n
-    split.argtypes = [ptr, ptr, i32, ptr, ptr, i64]
+    # x0, its code, x1, its code, the code of p and neg, p (in/out), neg (out), n
+    split.argtypes = [ptr, i32, ptr, i32, i32, ptr, ptr, i64]
     split.restype = i64
     return _Kernel(module, fn, split), None
 
@@ -256,13 +256,19 @@ def _fix_hard(
 
 
 def exact_split(
-    instruct: memoryview, base: memoryview, code: str, p: memoryview, neg: memoryview
+    instruct: memoryview,
+    base: memoryview,
+    code: str,
+    p: memoryview,
+    neg: memoryview,
+    codes: tuple[str, str] | None = None,
 ) -> int:
     """Complete ``p = RN(instruct - base)`` (the ``residual`` kind's output, all of dtype
     ``code``) into an exact pair: writes ``neg`` so that ``p - neg == instruct - base``
     exactly, both in ``code`` (where the difference overflowed, ``p`` and ``neg`` become
     the inputs themselves). A fused merge of ``(p, neg)`` then gives the fused merge's
-    bits of ``(instruct, base)``.
+    bits of ``(instruct, base)``. ``codes``: the inputs' own dtype codes when narrower
+    than ``code`` (default: ``code``).
 
     Returns:
         How many ``neg`` elements are not +0.
@@ -275,16 +281,20 @@ def exact_split(
     if kernel is None:
         raise RuntimeError(error)
     size = _itemsize(code, "p")
+    c0, c1 = codes or (code, code)
     views = [_bytes_view(v, w) for v, w in ((instruct, "instruct"), (base, "base"), (p, "p"))]
     neg_b = _bytes_view(neg, "neg")
     n = views[2].nbytes // size
-    if any(v.nbytes != n * size for v in (*views, neg_b)):
-        raise ValueError(f"exact_split: inputs and outputs must all hold {n} {code} elements")
+    sizes = (_itemsize(c0, "instruct"), _itemsize(c1, "base"), size, size)
+    if any(v.nbytes != n * k for v, k in zip((*views, neg_b), sizes, strict=True)):
+        raise ValueError(f"exact_split: inputs and outputs must all hold {n} elements")
     if n == 0:
         return 0
     got = kernel.split(
         _address(kernel, views[0], "instruct"),
+        CODES[c0],
         _address(kernel, views[1], "base"),
+        CODES[c1],
         CODES[code],
         _address(kernel, views[2], "p", writable=True),
         _address(kernel, neg_b, "neg", writable=True),

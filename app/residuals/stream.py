@@ -357,11 +357,13 @@ class StreamRunner:
 
         p = slot.result
         neg = memoryview(slot.err)[: p.nbytes]
+        i, b = (job.inputs[k].info.dtype for k in (0, 1))
         spread = getattr(self.backend, "exact_split", None)  # the CPU kernel's threads
         if spread is not None:
-            spread(slot.data[0], slot.data[1], job.spec.dtype, p, neg)
+            spread((slot.data[0], i), (slot.data[1], b), job.spec.dtype, p, neg)
         else:
-            native.exact_split(slot.data[0], slot.data[1], job.spec.dtype.code, p, neg)
+            codes = (i.code, b.code)
+            native.exact_split(slot.data[0], slot.data[1], job.spec.dtype.code, p, neg, codes)
         slot.neg = neg
 
     def _follow_up(self, job: TensorJob, chunk: _Chunk, slot: _Slot) -> None:

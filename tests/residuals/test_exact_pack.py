@@ -165,3 +165,17 @@ def test_index_and_manifest_record_the_format(llama_triple: TinyTriple, tmp_path
     for name, t in res.manifest.tensors.items():
         assert t.dtype == "bfloat16" and t.corrections is not None  # the inputs' own dtype
         assert index["tensors"][name]["shape"] == list(t.shape)
+
+
+def test_instruct_and_base_of_different_dtypes(tmp_path: Path) -> None:
+    """An fp32 (or fp16) fine-tune of a bf16 base: the pack holds those tensors in fp32,
+    which keeps both exactly, and merges still give the bytes of --no-cache."""
+    t = make_triple(tmp_path / "m", shards=1, seed=5)
+    names = ["model.layers.0.mlp.down_proj.weight", "model.layers.1.self_attn.q_proj.weight"]
+    for name, dtype in zip(names, (torch.float32, torch.float16), strict=True):
+        x = load_dir(t.instruct)[name].to(dtype)
+        x.view(-1)[:7] += torch.tensor([1e-3, -2e-4, 3e-6, 0.5, -0.25, 1e-8, 7.0], dtype=dtype)
+        rewrite_tensor(t.instruct, name, x)
+    pack = _same_as_no_cache(t, tmp_path / "a", 0.7, tmp_path / "s")
+    manifest = verify(pack.name, tmp_path / "s")
+    assert [manifest.tensors[n].dtype for n in names] == ["float32", "float32"]
