@@ -20,6 +20,7 @@ import torch
 from app.residuals.apply import check_pack, open_pack, plan_apply
 from app.residuals.checkpoint import Checkpoint, TensorInfo
 from app.residuals.methods import MergeMethod, Params, get_method
+from app.residuals.multi import residual_rows
 from app.residuals.stream import Source, TensorJob
 
 DEFAULT_SCRATCH_BYTES = 512 * 1024 * 1024
@@ -153,11 +154,10 @@ def _whole(
     t = _read(t_src.checkpoint, t_src.info).to(device)
     common = job.common_rows
     out = torch.empty(job.spec.shape, dtype=job.spec.dtype.torch, device=device)
-    delta = r[:common].reshape(-1).float()
     if job.kind == "fused":  # an exact pack: (p, neg) stand for (instruct, base)
-        neg = _read(job.inputs[1].checkpoint, job.inputs[1].info).to(device)
-        delta = delta - neg[:common].reshape(-1).float()
-        del neg
+        delta = residual_rows(job.inputs[:-1], common, device)
+    else:
+        delta = r[:common].reshape(-1).float()
     delta = merger.merge([delta], [1.0], checked, job.spec.name)
     merged, _ = fn.combine("apply", [delta, t.reshape(-1)], job.alpha, out.dtype)
     out[:common].copy_(merged.view(t.shape))

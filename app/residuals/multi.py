@@ -109,6 +109,29 @@ def _read(ckpt: Checkpoint, info: TensorInfo, row0: int, row1: int) -> torch.Ten
     return buf.view(info.dtype.torch)
 
 
+def residual_rows(group: Sequence[Source], rows: int, device: str) -> torch.Tensor:
+    """Rows ``[0, rows)`` of one pack's residual as a flat fp32 tensor on ``device``: ``r``,
+    or an exact pack's ``p - neg`` (rounded once), read in blocks of a few frames so that
+    each frame is decoded once for both (a pack keeps only its last frames decoded)."""
+    import torch
+
+    if len(group) == 1:
+        return _read(group[0].checkpoint, group[0].info, 0, rows).to(device).float()
+    p, neg = group
+    width = p.info.row_bytes // p.info.dtype.itemsize if p.info.rows else 0
+    out = torch.empty(rows * width, dtype=torch.float32, device=device)
+    step = max(1, _PAIR_ELEMS // max(1, width))
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        block = _read(p.checkpoint, p.info, r0, r1).to(device).float()
+        block -= _read(neg.checkpoint, neg.info, r0, r1).to(device).float()
+        out[r0 * width : r1 * width] = block
+    return out
+
+
+_PAIR_ELEMS = 4 * 1024 * 1024  # below the frames an exact pack keeps decoded (12M elements)
+
+
 def _bytes(t: torch.Tensor) -> memoryview:
     """The bytes of a CPU tensor (of any dtype, bfloat16 too), writable."""
     import torch
@@ -129,11 +152,7 @@ class _Writer:
     backend: MathBackend
 
     def _delta(self, group: Sequence[Source], rows: int) -> torch.Tensor:
-        """One pack's residual rows in fp32 (an exact pack's ``p - neg``, rounded once)."""
-        r = _read(group[0].checkpoint, group[0].info, 0, rows).to(self.device).float()
-        if len(group) > 1:
-            r -= _read(group[1].checkpoint, group[1].info, 0, rows).to(self.device).float()
-        return r
+        return residual_rows(group, rows, self.device)
 
     def tensor(self, job: TensorJob, sources: Sequence[Sequence[Source]]) -> memoryview:
         """The output bytes of one merged tensor."""

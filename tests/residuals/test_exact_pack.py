@@ -179,3 +179,18 @@ def test_instruct_and_base_of_different_dtypes(tmp_path: Path) -> None:
     pack = _same_as_no_cache(t, tmp_path / "a", 0.7, tmp_path / "s")
     manifest = verify(pack.name, tmp_path / "s")
     assert [manifest.tensors[n].dtype for n in names] == ["float32", "float32"]
+
+
+def test_per_tensor_methods_read_p_and_neg_in_blocks(
+    llama_triple: TinyTriple, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ties from an exact pack reads each tensor's p and neg block by block (each frame
+    decoded once for both): the same bits whatever the block size."""
+    from app.residuals import multi
+
+    t = llama_triple
+    args = (str(t.base), str(t.instruct), str(t.new_base))
+    one = merge(*args, tmp_path / "one", method="ties", store=tmp_path / "s")
+    monkeypatch.setattr(multi, "_PAIR_ELEMS", 777)  # many blocks, rows of 256 and 512
+    two = merge(*args, tmp_path / "two", method="ties", store=tmp_path / "s")
+    assert not two.residual_created and _files(one.out) == _files(two.out)
