@@ -24,7 +24,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import numpy as np
@@ -34,7 +33,7 @@ from app.residuals.checkpoint import Checkpoint, TensorInfo
 from app.residuals.dtypes import F32, DType
 from app.residuals.lossy import NUMPY, LossyFormat, narrow, quantized, rows_cols, rows_dtype, widen
 from app.residuals.manifest import PackFidelity, ResidualManifest
-from app.residuals.shards import ShardedWriter, TensorSpec
+from app.residuals.shards import Closing, ShardedWriter, TensorSpec
 from app.residuals.stream import TensorJob
 
 CODES, SCALES, ROWS = "::codes", "::scales", "::rows"
@@ -58,7 +57,7 @@ class _Coding:
         return rows_cols(self.shape)[1]
 
 
-class LossyWriter:
+class LossyWriter(Closing):
     """Writes the lossy pack of residual ``jobs`` (fp32 rows, in job order) into
     ``directory``; hashes every file while writing (see :class:`ShardedWriter`).
 
@@ -168,17 +167,6 @@ class LossyWriter:
 
     def abort(self) -> None:
         self._inner.abort()
-
-    def __enter__(self) -> LossyWriter:
-        return self
-
-    def __exit__(
-        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if et is None:
-            self.close()
-        else:
-            self.abort()
 
 
 @dataclass(frozen=True)

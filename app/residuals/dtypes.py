@@ -73,15 +73,14 @@ BITDELTA = DType("Q1", "bitdelta", 1, True)
 """Not element types either: lossy packs, opt-in, R coded in 8, 4 or 1 bit per element
 with fp32 scales (see :mod:`app.residuals.lossy`). Itemsize 1 is a planning figure: an
 upper bound for int4 and bitdelta, within the space check's headroom for int8."""
-LOSSY_CODES = frozenset(d.code for d in (INT8, INT4, BITDELTA))
+LOSSY_NAMES = frozenset(d.name for d in (INT8, INT4, BITDELTA))
 
 
 def is_lossy(dtype: DType | str) -> bool:
     """Whether a pack format (a pseudo dtype or its name) codes R in integers with scales
     (without importing the coders)."""
-    name = dtype if isinstance(dtype, str) else dtype.name
-    return name in ("int8", "int4", "bitdelta") and (
-        isinstance(dtype, str) or dtype.code in LOSSY_CODES
+    return (dtype if isinstance(dtype, str) else dtype.name) in LOSSY_NAMES and (
+        isinstance(dtype, str) or dtype in (INT8, INT4, BITDELTA)
     )
 
 

@@ -22,7 +22,6 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import Any, BinaryIO
 
 import xxhash
@@ -38,7 +37,7 @@ from app.residuals.frames import (
     worth_coding,
 )
 from app.residuals.integrity import mismatch_message
-from app.residuals.shards import TensorSpec
+from app.residuals.shards import Closing, TensorSpec
 from app.residuals.space import disk_full_error, is_disk_full
 
 FRAMES_INDEX = "residual.frames.json"
@@ -52,7 +51,7 @@ def frame_file(i: int) -> str:
     return f"residual-{i + 1:05d}.frames"
 
 
-class FramedWriter:
+class FramedWriter(Closing):
     """Writes the tensors of an exact pack, in the order of ``specs``, into ``directory``.
 
     Args:
@@ -94,10 +93,6 @@ class FramedWriter:
         )
         self._planes: dict[str, tuple[bool, ...]] = {}  # per tensor: planes worth coding
         self._advance()
-
-    @property
-    def specs(self) -> list[TensorSpec]:
-        return list(self._specs)
 
     def _spec(self) -> TensorSpec:
         return self._specs[self._pos]
@@ -257,17 +252,6 @@ class FramedWriter:
             self._fh.close()
             self._fh = None
 
-    def __enter__(self) -> FramedWriter:
-        return self
-
-    def __exit__(
-        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if et is None:
-            self.close()
-        else:
-            self.abort()
-
 
 def _view(data: bytes | None) -> memoryview | None:
     return memoryview(data) if data is not None else None
@@ -290,16 +274,6 @@ class _Framed:
     @property
     def elems(self) -> int:
         return math.prod(self.shape)
-
-
-def framed_tensors(pack_dir: Path) -> dict[str, TensorInfo]:
-    """The logical tensors of the exact pack in ``pack_dir`` (``name`` and ``name::neg``),
-    from its (already verified) index; only for planning (see :class:`FramedPack`).
-
-    Raises:
-        CorruptCheckpointError: the index is not a frames index or contradicts itself.
-    """
-    return {i.name: i for i in _infos(pack_dir, _read_index(pack_dir))}
 
 
 def _read_index(pack_dir: Path) -> dict[str, _Framed]:

@@ -44,7 +44,8 @@ _Stats = ctypes.c_double * 2
 class _Kernel:
     """The loaded extension: buffer-address helpers and the ctypes entry point."""
 
-    def __init__(self, module: Any, combine: Any, split: Any) -> None:
+    def __init__(self, module: Any, lib: Any, combine: Any, split: Any) -> None:
+        self.lib = lib
         self.address = module.address
         self.writable_address = module.writable_address
         self.combine = combine
@@ -72,7 +73,7 @@ def _load() -> tuple[_Kernel | None, str | None]:
     # x0, its code, x1, its code, the code of p and neg, p (in/out), neg (out), n
     split.argtypes = [ptr, i32, ptr, i32, i32, ptr, ptr, i64]
     split.restype = i64
-    return _Kernel(module, fn, split), None
+    return _Kernel(module, lib, fn, split), None
 
 
 @functools.cache
@@ -85,8 +86,7 @@ def function(name: str, argtypes: tuple[Any, ...], restype: Any) -> Any:
     kernel, error = _load()
     if kernel is None:
         raise RuntimeError(error)
-    module = importlib.import_module("app.residuals._native")
-    fn = getattr(ctypes.CDLL(module.__file__), name)
+    fn = getattr(kernel.lib, name)
     fn.argtypes, fn.restype = list(argtypes), restype
     return fn
 

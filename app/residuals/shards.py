@@ -28,6 +28,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 import xxhash
 
@@ -194,7 +195,29 @@ def _header(specs: list[TensorSpec], metadata: dict[str, str]) -> bytes:
     return len(raw).to_bytes(8, "little") + raw
 
 
-class ShardedWriter:
+class Closing:
+    """A writer used as a context manager: ``close()`` on success, ``abort()`` on error
+    (nothing half-written is left open)."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if et is None:
+            self.close()
+        else:
+            self.abort()
+
+
+class ShardedWriter(Closing):
     """Writes tensors in the planned order into ``prefix[-0000i-of-0000n].safetensors``.
 
     Args:
@@ -353,14 +376,3 @@ class ShardedWriter:
         if self._io is not None:
             self._io.shutdown()
             self._io = None
-
-    def __enter__(self) -> ShardedWriter:
-        return self
-
-    def __exit__(
-        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if et is None:
-            self.close()
-        else:
-            self.abort()
