@@ -1,0 +1,1 @@
+"""Evaluation: suites on lm-evaluation-harness, eval jobs, α sweeps and reports."""

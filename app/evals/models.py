@@ -1,0 +1,105 @@
+"""Evaluation values shared by the suites, the eval jobs, the α sweep and the report.
+
+A run evaluates one or more *models* (a merge, its references, or one model per α of a
+sweep) on one or more *suites*; each suite gives a few named metrics with a stated
+direction, and one headline metric the report plots.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class SuiteName(StrEnum):
+    """The built-in suites (``custom`` runs a user's own lm-eval task directory)."""
+
+    format = "format"
+    ifeval_lite = "ifeval-lite"
+    perplexity = "perplexity"
+    custom = "custom"
+
+
+# What the report plots for each suite, and whether higher is better.
+HEADLINE: dict[SuiteName, tuple[str, bool]] = {
+    SuiteName.format: ("format", True),
+    SuiteName.ifeval_lite: ("prompt_strict", True),
+    SuiteName.perplexity: ("ppl_general", False),
+}
+
+
+class EvalSpec(BaseModel):
+    """What to evaluate a model on: suites and their inputs (references only)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    suites: tuple[SuiteName, ...] = Field(
+        default=(SuiteName.format, SuiteName.ifeval_lite),
+        min_length=1,
+        description="Suites to run, in order.",
+    )
+    texts: dict[str, str] = Field(
+        default_factory=dict,
+        description="perplexity: name -> text file (e.g. the new domain data); a "
+        "general text set shipped with Realign is always scored as `general`.",
+    )
+    tasks_dir: str | None = Field(
+        default=None, description="custom: a directory of lm-eval task YAML files."
+    )
+    tasks: tuple[str, ...] = Field(default=(), description="custom: task names to run.")
+    limit: int | None = Field(
+        default=None, ge=1, description="At most this many examples per suite."
+    )
+    max_tokens: int = Field(default=128, ge=1, le=8192, description="Reply budget.")
+    concurrency: int = Field(
+        default=8, ge=1, le=256, description="Requests in flight against the engine."
+    )
+
+
+class SuiteScore(BaseModel):
+    """One suite's outcome for one model."""
+
+    model_config = ConfigDict(frozen=True)
+
+    suite: str
+    metrics: dict[str, float] = Field(
+        description="Named scores, e.g. format: {format, stop_rate, open_rate}; "
+        "ifeval-lite: {prompt_strict, instruction_strict}; perplexity: "
+        "{ppl_general, ppl_<name>...} (token-level perplexity)."
+    )
+    higher_is_better: dict[str, bool] = Field(default_factory=dict)
+    n: int = Field(ge=0, description="Examples scored.")
+    seconds: float = Field(ge=0.0, description="Wall time of the suite.")
+    requests_per_s: float | None = Field(
+        default=None, description="Generation requests answered per second, if any."
+    )
+
+
+class ModelEval(BaseModel):
+    """Every suite's outcome for one evaluated model."""
+
+    model_config = ConfigDict(frozen=True)
+
+    label: str = Field(description="merge, base, instruct, target, or alpha=0.5 in a sweep.")
+    model: str = Field(description="The served model id or the directory evaluated.")
+    content_key: str | None = Field(
+        default=None, description="Content key of the model's weights (the eval cache key)."
+    )
+    alpha: float | None = None
+    suites: dict[str, SuiteScore] = Field(default_factory=dict)
+
+
+class EvalReport(BaseModel):
+    """A whole evaluation: what was run, each model's scores, and a pick if asked for."""
+
+    model_config = ConfigDict(frozen=True)
+
+    spec: EvalSpec
+    models: tuple[ModelEval, ...]
+    objective: str | None = Field(
+        default=None, description="How the best α was chosen, in words (sweeps)."
+    )
+    chosen: str | None = Field(default=None, description="Label of the model chosen.")
+    created: datetime = Field(default_factory=lambda: datetime.now(UTC))
