@@ -25,7 +25,7 @@ from app.api.content import JsonBodyMiddleware
 from app.api.errors import install_error_handlers
 from app.api.limits import BodyLimitMiddleware
 from app.api.metrics import metrics_registry
-from app.api.routes import admin, health, merges, models, openai, replicas, residuals
+from app.api.routes import admin, evals, health, merges, models, openai, replicas, residuals
 from app.api.throttle import ThrottleMiddleware, limits_from, make_limiter
 from app.core.errors import InvalidSettingsError
 from app.core.settings import Settings, get_settings
@@ -48,6 +48,7 @@ Authenticate with `Authorization: Bearer <API key>` unless auth is off (loopback
 
 TAGS = [
     {"name": "merges", "description": "Submit and follow merge jobs."},
+    {"name": "evals", "description": "Evaluate served or merged models; HTML reports."},
     {"name": "residuals", "description": "Residual packs (instruct - base) in the store."},
     {"name": "admin", "description": "Every caller's jobs, workers, queues, store (admin keys)."},
     {"name": "openai", "description": "OpenAI-compatible chat, completions and models."},
@@ -58,8 +59,8 @@ TAGS = [
 # Which routes each role answers; a gateway sends the OpenAI paths to serving, the rest
 # to the API.
 ROUTERS = {
-    "all": (merges, residuals, openai, models, admin, health),
-    "api": (merges, residuals, admin, replicas, health),
+    "all": (merges, evals, residuals, openai, models, admin, health),
+    "api": (merges, evals, residuals, admin, replicas, health),
     "serving": (openai, models, health),
 }
 

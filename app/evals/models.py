@@ -1,6 +1,6 @@
-"""Evaluation values shared by the suites, the eval jobs, the α sweep and the report.
+"""Evaluation values shared by the suites, the eval jobs, the alpha sweep and the report.
 
-A run evaluates one or more *models* (a merge, its references, or one model per α of a
+A run evaluates one or more *models* (a merge, its references, or one model per alpha of a
 sweep) on one or more *suites*; each suite gives a few named metrics with a stated
 direction, and one headline metric the report plots.
 """
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from enum import StrEnum
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -16,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 class SuiteName(StrEnum):
     """The built-in suites (``custom`` runs a user's own lm-eval task directory)."""
 
-    format = "format"
+    chat_format = "format"
     ifeval_lite = "ifeval-lite"
     perplexity = "perplexity"
     custom = "custom"
@@ -24,7 +25,7 @@ class SuiteName(StrEnum):
 
 # What the report plots for each suite, and whether higher is better.
 HEADLINE: dict[SuiteName, tuple[str, bool]] = {
-    SuiteName.format: ("format", True),
+    SuiteName.chat_format: ("format", True),
     SuiteName.ifeval_lite: ("prompt_strict", True),
     SuiteName.perplexity: ("ppl_general", False),
 }
@@ -36,7 +37,7 @@ class EvalSpec(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     suites: tuple[SuiteName, ...] = Field(
-        default=(SuiteName.format, SuiteName.ifeval_lite),
+        default=(SuiteName.chat_format, SuiteName.ifeval_lite),
         min_length=1,
         description="Suites to run, in order.",
     )
@@ -99,7 +100,36 @@ class EvalReport(BaseModel):
     spec: EvalSpec
     models: tuple[ModelEval, ...]
     objective: str | None = Field(
-        default=None, description="How the best α was chosen, in words (sweeps)."
+        default=None, description="How the best alpha was chosen, in words (sweeps)."
     )
     chosen: str | None = Field(default=None, description="Label of the model chosen.")
     created: datetime = Field(default_factory=lambda: datetime.now(UTC))
+
+
+Reference = Literal["base", "instruct", "target"]
+
+
+class EvalRequest(EvalSpec):
+    """An evaluation asked for with a merge, or by ``POST /v1/evals``: the suites, and the
+    merge's inputs to evaluate beside it (each evaluated once per suite: results are
+    cached by the model's content key)."""
+
+    compare: tuple[Reference, ...] = Field(
+        default=(),
+        description="Also evaluate these inputs of the merge, for reference.",
+    )
+
+
+class EvalJob(BaseModel):
+    """What an eval job evaluates: a served model id or a model directory (or ref)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: str = Field(
+        min_length=1,
+        max_length=4096,
+        pattern=r"^[^\x00-\x1f\x7f]+$",
+        description="A served model id (GET /v1/models) or a model directory under an "
+        "allowed root (or hf:org/name@rev).",
+    )
+    request: EvalRequest = Field(default_factory=EvalRequest)

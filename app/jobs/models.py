@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
 
 from app.core.settings import PackFormat
+from app.evals.models import EvalJob, EvalReport, EvalRequest
 from app.residuals.manifest import LineageInfo
 
 
@@ -31,6 +32,7 @@ class JobStage(StrEnum):
     apply = "apply"
     publish = "publish"
     load = "load"
+    evaluate = "evaluate"
 
 
 def utcnow() -> datetime:
@@ -60,6 +62,7 @@ _LATER_FIELDS: dict[str, object] = {
     "params": {},
     "residuals": (),
     "force": False,
+    "eval": None,
 }
 
 
@@ -124,6 +127,12 @@ class MergeSpec(BaseModel):
         "target unrelated to the base (past REALIGN_LINEAGE_MAX_DISTANCE); the figures "
         "are recorded in the result, the manifest and the model card.",
     )
+    eval: EvalRequest | None = Field(
+        default=None,
+        description="Evaluate the merged model when it is published (and the inputs "
+        "named in compare); the scores come with the job's result and its report "
+        "(GET /v1/evals/{id}/report).",
+    )
 
     def fingerprint_json(self) -> str:
         """The spec as JSON for request fingerprints (fields added later left out at their
@@ -152,6 +161,9 @@ class JobResult(BaseModel):
         description="Figures of the lineage check: relative weight distances of the "
         "instruct model and the target from the base, and the limit applied.",
     )
+    evaluation: EvalReport | None = Field(
+        default=None, description="Scores of the evaluation the job ran, if any."
+    )
 
 
 class JobError(BaseModel):
@@ -164,9 +176,13 @@ class JobRecord(BaseModel):
 
     id: str
     owner: str
+    kind: Literal["merge", "eval"] = "merge"
     status: JobStatus = JobStatus.queued
     stage: JobStage | None = None
-    spec: MergeSpec
+    spec: MergeSpec = Field(default_factory=MergeSpec)
+    evaluation: EvalJob | None = Field(
+        default=None, description="What an eval job evaluates (kind eval)."
+    )
     progress: JobProgress = Field(default_factory=JobProgress)
     created_at: datetime = Field(default_factory=utcnow)
     started_at: datetime | None = None

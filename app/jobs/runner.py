@@ -216,7 +216,11 @@ class JobRunner:
         reporter = JobReporter(self, rec, cancel)
         try:
             rec = reporter.rec = self._move(rec, JobStatus.running, JobStage.residual)
-            if rec.spec.target is None:
+            if rec.kind == "eval":
+                from app.jobs.evaljobs import run_eval_job
+
+                result, nbytes = run_eval_job(self, rec, reporter, cancel)
+            elif rec.spec.target is None:
                 result, nbytes = self._residual_only(rec, reporter, cancel)
             elif rec.spec.serve and rec.spec.serve_mode == "in_engine":
                 result, nbytes = self._in_engine(rec, reporter, cancel)
@@ -228,7 +232,7 @@ class JobRunner:
             rec = (self.records.get(rec.id) or reporter.rec).model_copy(
                 update={"progress": reporter.rec.progress}
             )
-            self.conclude(rec, result, nbytes)
+            self.conclude(rec, result, nbytes, reporter)
         except Exception as exc:  # every fault ends the job, none leaves it running
             if lease.lost.is_set():  # the job is another holder's now: write nothing
                 log.warning("job %s: run stopped after its lease was lost (%s)", rec.id, exc)
@@ -238,8 +242,19 @@ class JobRunner:
             else:
                 self._fail_on(reporter.rec, exc)
 
-    def conclude(self, rec: JobRecord, result: JobResult, nbytes: int) -> None:
-        """End a merge that published its model: succeeded, or handed to serving."""
+    def conclude(
+        self, rec: JobRecord, result: JobResult, nbytes: int, reporter: JobReporter | None = None
+    ) -> None:
+        """End a merge that published its model (evaluated first when the job asks):
+        succeeded, or handed to serving."""
+        if rec.spec.eval is not None and result.evaluation is None:
+            from app.jobs.evaljobs import evaluate_merge
+
+            reporter = reporter or JobReporter(self, rec, threading.Event())
+            reporter.rec = rec
+            result = evaluate_merge(self, rec, result, reporter, reporter.cancel)
+            reporter.check()
+            rec = self.records.get(rec.id) or reporter.rec
         rec = rec.model_copy(update={"result": result})
         if rec.spec.serve:
             # Serving replicas load it and report; the load watcher then ends the job.

@@ -19,8 +19,10 @@ from app.core.errors import (
     RecordsUnavailableError,
 )
 from app.core.settings import Settings
+from app.evals.models import EvalJob
 from app.jobs.broker import TASK_VALIDATE, make_celery
 from app.jobs.dispatch import CeleryDispatcher, Dispatcher, ThreadDispatcher
+from app.jobs.evalcheck import check_eval_job, check_eval_request
 from app.jobs.failures import free_space
 from app.jobs.kv import RedisKV
 from app.jobs.locks import cluster_store
@@ -82,11 +84,9 @@ class JobService:
         if spec.dtype is None:
             spec = spec.model_copy(update={"dtype": self.settings.residual_dtype})
         self._validate(spec)
+        if spec.eval is not None:
+            check_eval_request(spec.eval, self._check_file)
         fingerprint = hashlib.sha256(spec.fingerprint_json().encode()).hexdigest()
-        if idempotency_key:
-            existing = self.records.kv.get(f"realign:claim:idem:{caller.name}:{idempotency_key}")
-            if existing:
-                return self._same_request(existing, fingerprint), False
         rec = JobRecord(
             id=f"mrg_{uuid.uuid4().hex[:20]}",
             owner=caller.name,
@@ -94,6 +94,36 @@ class JobService:
             idempotency_key=idempotency_key,
             fingerprint=fingerprint,
         )
+        return self._enqueue(rec, caller)
+
+    def submit_eval(
+        self, job: EvalJob, caller: Caller, idempotency_key: str | None = None
+    ) -> tuple[JobRecord, bool]:
+        """Check an eval request (the model known, its files allowed), record it, queue it.
+
+        Returns:
+            The job and whether it was created, as :meth:`submit`.
+        """
+        check_eval_job(job, self.records.models(), self._check_ref, self._check_file)
+        fingerprint = hashlib.sha256(f"eval:{job.model_dump_json()}".encode()).hexdigest()
+        rec = JobRecord(
+            id=f"evl_{uuid.uuid4().hex[:20]}",
+            owner=caller.name,
+            kind="eval",
+            evaluation=job,
+            idempotency_key=idempotency_key,
+            fingerprint=fingerprint,
+        )
+        return self._enqueue(rec, caller)
+
+    def _enqueue(self, rec: JobRecord, caller: Caller) -> tuple[JobRecord, bool]:
+        """Record ``rec`` and queue its first step, unless an identical job is in flight or
+        its idempotency key already has one (then that one, and False)."""
+        fingerprint, idempotency_key = rec.fingerprint, rec.idempotency_key
+        if idempotency_key:
+            existing = self.records.kv.get(f"realign:claim:idem:{caller.name}:{idempotency_key}")
+            if existing:
+                return self._same_request(existing, fingerprint), False
         ttl = float(self.settings.visibility_timeout_s)
         winner = self.records.claim(f"inflight:{caller.name}:{fingerprint}", rec.id, ttl)
         if winner != rec.id and (other := self.records.get(winner)) is not None:
@@ -132,8 +162,24 @@ class JobService:
     def get(self, job_id: str, caller: Caller) -> JobRecord:
         rec = self.records.get(job_id)
         if rec is None or (rec.owner != caller.name and not caller.is_admin):
-            raise JobNotFoundError(f"no merge job {job_id!r}")
+            raise JobNotFoundError(f"no job {job_id!r}")
         return rec
+
+    def report_html(self, job_id: str, caller: Caller) -> str:
+        """The HTML report of the job's evaluation.
+
+        Raises:
+            JobStateError: the job ran no evaluation (yet).
+        """
+        from app.evals.report import render_report
+
+        rec = self.get(job_id, caller)
+        report = rec.result.evaluation if rec.result is not None else None
+        if report is None:
+            asked = rec.kind == "eval" or rec.spec.eval is not None
+            state = f"is {rec.status.value}" if asked else "asked for no evaluation"
+            raise JobStateError(f"job {job_id} has no evaluation report: it {state}")
+        return render_report(report)
 
     def events(self, job_id: str, caller: Caller, after: int = 0) -> list[JobEvent]:
         self.get(job_id, caller)
@@ -179,6 +225,20 @@ class JobService:
     def allowed_roots(self) -> list[Path]:
         roots = self.settings.allowed_roots or [self.settings.models_cache_dir]
         return [Path(os.path.realpath(r)) for r in roots]
+
+    def _check_file(self, text: str, what: str, *, directory: bool = False) -> None:
+        """A path the evaluation reads (a text file, a task directory): under an allowed
+        root and there."""
+        real = Path(os.path.realpath(text))
+        roots = self.allowed_roots()
+        if not any(real.is_relative_to(root) for root in roots):
+            raise PathNotAllowedError(
+                f"{what} {text}: resolves to {real}, outside the allowed roots "
+                f"({', '.join(map(str, roots))}); put it there or extend REALIGN_ALLOWED_ROOTS"
+            )
+        if not (real.is_dir() if directory else real.is_file()):
+            kind = "directory" if directory else "file"
+            raise ModelNotFoundError(f"{what} {text}: no such {kind}")
 
     def _check_ref(self, text: str) -> None:
         ref = ModelRef.parse(text)

@@ -104,13 +104,7 @@ def merge_events(
     after: Annotated[int, Query(ge=0, description="Only events with seq > after.")] = 0,
     last_event_id: Annotated[int | None, Header(alias="Last-Event-ID", ge=0)] = None,
 ) -> list[EventPublic] | StreamingResponse:
-    start = max(after, last_event_id or 0)
-    events = service.events(job_id, caller, start)
-    if "text/event-stream" not in request.headers.get("accept", ""):
-        return [EventPublic.from_event(e) for e in events]
-    stream = job_event_stream(service, job_id, caller, start, events)
-    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
+    return follow_events(job_id, request, service, caller, max(after, last_event_id or 0))
 
 
 @router.post(
@@ -120,3 +114,15 @@ def merge_events(
 )
 def cancel_merge(job_id: JobId, service: ServiceDep, caller: CallerDep) -> MergePublic:
     return MergePublic.from_record(service.cancel(job_id, caller))
+
+
+def follow_events(
+    job_id: str, request: Request, service: ServiceDep, caller: CallerDep, start: int
+) -> list[EventPublic] | StreamingResponse:
+    """A job's events after ``start``: JSON, or live SSE when the client accepts it."""
+    events = service.events(job_id, caller, start)
+    if "text/event-stream" not in request.headers.get("accept", ""):
+        return [EventPublic.from_event(e) for e in events]
+    stream = job_event_stream(service, job_id, caller, start, events)
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return StreamingResponse(stream, media_type="text/event-stream", headers=headers)

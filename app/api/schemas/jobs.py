@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from app.core.settings import PackFormat
+from app.evals.models import EvalJob
 from app.jobs.models import (
     JobError,
     JobEvent,
@@ -178,12 +179,18 @@ class ResidualCreate(BaseModel):
 class MergePublic(BaseModel):
     """A job as the API shows it (merges and residual-only jobs alike)."""
 
-    object: Literal["merge.job"] = "merge.job"
+    object: Literal["merge.job", "eval.job"] = "merge.job"
     id: str
     owner: str
+    kind: Literal["merge", "eval"] = Field(
+        default="merge", description="merge (and residual-only) jobs, or eval jobs."
+    )
     status: JobStatus
     stage: JobStage | None
     spec: MergeSpec
+    evaluation: EvalJob | None = Field(
+        default=None, description="What an eval job evaluates (kind eval)."
+    )
     progress: JobProgress
     created_at: datetime
     started_at: datetime | None
@@ -206,7 +213,8 @@ class MergePublic(BaseModel):
 
     @classmethod
     def from_record(cls, record: JobRecord) -> MergePublic:
-        return cls.model_validate(record.model_dump(exclude={"fingerprint"}))
+        obj = "eval.job" if record.kind == "eval" else "merge.job"
+        return cls.model_validate(record.model_dump(exclude={"fingerprint"}) | {"object": obj})
 
 
 class MergeList(BaseModel):

@@ -54,9 +54,25 @@ function progressCell(row, job) {
 }
 
 function outcome(job) {
-  if (job.result) return job.result.model_id;
+  if (job.result) return job.result.model_id || job.result.output;
   if (job.error) return job.error.code + ": " + job.error.message;
   return job.cancel_requested ? "cancel requested" : "";
+}
+
+// The report needs the API key too: fetched here, shown from a blob in a new tab.
+function reportLink(jobId) {
+  const link = document.createElement("a");
+  link.href = "/v1/evals/" + encodeURIComponent(jobId) + "/report";
+  link.className = "report-link";
+  link.textContent = "report";
+  link.addEventListener("click", async (event) => {
+    event.preventDefault();
+    const tab = window.open("", "_blank");
+    const response = await fetch(link.href, { headers: headers(), cache: "no-store" });
+    const html = await response.text();
+    if (tab) tab.location = URL.createObjectURL(new Blob([html], { type: "text/html" }));
+  });
+  return link;
 }
 
 function renderJobs(list) {
@@ -72,7 +88,8 @@ function renderJobs(list) {
     cell(row, job.stage || "");
     progressCell(row, job);
     cell(row, new Date(job.created_at).toLocaleString());
-    cell(row, outcome(job));
+    const last = cell(row, outcome(job));
+    if (job.result && job.result.evaluation) last.append(" ", reportLink(job.id));
     return row;
   });
   body.replaceChildren(...rows);

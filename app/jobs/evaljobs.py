@@ -1,0 +1,251 @@
+"""The worker's side of evaluations: what to evaluate (a served model, a directory, a
+merge's inputs), each model's scores cached by content key, the report kept with the job.
+
+An eval job runs as a merge does (the same lease, deliveries, cancel and events); a merge
+that asks for an evaluation runs it once its model is published.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from app.core.errors import ModelNotFoundError
+from app.engines.source import LocalModel, Opener
+from app.evals.models import EvalReport, EvalRequest, ModelEval, SuiteName, SuiteScore
+from app.jobs.models import JobRecord, JobResult, JobStage, JobStatus
+from app.residuals.manifest import MergeManifest, read_merge_manifest
+
+if TYPE_CHECKING:
+    from app.handoff.entry import ModelEntry
+    from app.jobs.reporter import JobReporter
+    from app.jobs.runner import JobRunner
+
+CACHE_PREFIX = "realign:eval:"
+CACHE_TTL_S = 90 * 24 * 3600
+
+
+@dataclass(frozen=True)
+class EvalItem:
+    """One model to evaluate: a label, how to open its weights, its content key."""
+
+    label: str
+    model: str
+    content_key: str
+    open: Opener
+    alpha: float | None = None
+
+
+def run_eval_job(
+    runner: JobRunner, rec: JobRecord, reporter: JobReporter, cancel: threading.Event
+) -> tuple[JobResult, int]:
+    """An eval job's run: every model evaluated (or its cached scores reused); the result
+    carries the report."""
+    job = rec.evaluation
+    assert job is not None
+    entry = next((m for m in runner.records.models() if m.id == job.model), None)
+    items = _served_items(runner, entry, job.request) if entry else [_dir_item(runner, job.model)]
+    report = evaluate_items(runner, rec, items, job.request, reporter, cancel)
+    head = items[0]
+    result = JobResult(
+        model_id=entry.id if entry else "",
+        merged_key=entry.merged_key if entry else "",
+        residual_key=entry.residual_key if entry else "",
+        output=head.model,
+        manifest={},
+        evaluation=report,
+    )
+    return result, 0
+
+
+def evaluate_merge(
+    runner: JobRunner,
+    rec: JobRecord,
+    result: JobResult,
+    reporter: JobReporter,
+    cancel: threading.Event,
+) -> JobResult:
+    """A merge's own evaluation, once its model is published: the merged model and the
+    inputs named in ``compare``."""
+    request = rec.spec.eval
+    assert request is not None
+    entry = next((m for m in runner.records.models() if m.id == result.model_id), None)
+    if entry is None:
+        raise ModelNotFoundError(
+            f"model {result.model_id!r} of job {rec.id}: not in the catalog, so it cannot be "
+            "evaluated; run POST /v1/evals on it once it is registered"
+        )
+    items = _served_items(runner, entry, request)
+    report = evaluate_items(runner, rec, items, request, reporter, cancel)
+    return result.model_copy(update={"evaluation": report})
+
+
+def evaluate_items(
+    runner: JobRunner,
+    rec: JobRecord,
+    items: list[EvalItem],
+    request: EvalRequest,
+    reporter: JobReporter,
+    cancel: threading.Event,
+) -> EvalReport:
+    """Each item on each suite of ``request``, every one asked in the chat format of the
+    first (the merge's, which is the instruct model's): cached scores where the same
+    weights were evaluated on the same suite inputs in that format, else evaluated now."""
+    rec = runner.move(reporter.rec, JobStatus.running, JobStage.evaluate, "evaluating")
+    reporter.rec = rec
+    models: list[ModelEval] = []
+    chat: tuple[Path, str] | None = None
+    for item in items:
+        with item.open() as local:
+            chat = chat or (local.assets, _dir_digest(local.assets, _CHAT_FILES))
+            scores = _scores(runner, rec, item, local, request, chat, reporter, cancel)
+        models.append(
+            ModelEval(
+                label=item.label,
+                model=item.model,
+                content_key=item.content_key,
+                alpha=item.alpha,
+                suites=scores,
+            )
+        )
+    return EvalReport(spec=request, models=tuple(models))
+
+
+def _scores(
+    runner: JobRunner,
+    rec: JobRecord,
+    item: EvalItem,
+    local: LocalModel,
+    request: EvalRequest,
+    chat: tuple[Path, str],
+    reporter: JobReporter,
+    cancel: threading.Event,
+) -> dict[str, SuiteScore]:
+    from app.evals.run import evaluate_local
+
+    kv = runner.records.kv
+    keys = {s: _cache_key(item.content_key, s, request, chat[1]) for s in request.suites}
+    scores = {s.value: SuiteScore.model_validate_json(v) for s, k in keys.items()
+              if (v := kv.get(k)) is not None}  # fmt: skip
+    todo = tuple(s for s in request.suites if s.value not in scores)
+    runner.records.add_event(rec, "log", _plan_line(item, scores, todo))
+    if not todo:
+        return scores
+    reporter.check()
+    fresh = evaluate_local(
+        local,
+        request.model_copy(update={"suites": todo}),
+        settings=runner.settings,
+        chat_assets=chat[0],
+        progress=lambda line: runner.records.add_event(rec, "log", line),
+        cancel=cancel,
+    )
+    for name, score in fresh.items():
+        kv.set(keys[SuiteName(name)], score.model_dump_json(), ex=CACHE_TTL_S)
+    return scores | fresh
+
+
+def _plan_line(item: EvalItem, cached: dict[str, SuiteScore], todo: tuple[SuiteName, ...]) -> str:
+    done = f"; cached: {', '.join(cached)}" if cached else ""
+    run = ", ".join(s.value for s in todo) or "nothing"
+    return f"{item.label} ({item.model}): evaluating {run}{done}"
+
+
+def _cache_key(content_key: str, suite: SuiteName, request: EvalRequest, chat: str) -> str:
+    """Equal for the same weights on the same suite inputs: the limits, the budget, the
+    chat format, the text files' and task directory's contents."""
+    inputs: dict[str, object] = {
+        "limit": request.limit,
+        "max_tokens": request.max_tokens,
+        "chat": chat,
+    }
+    if suite is SuiteName.perplexity:
+        inputs["texts"] = {k: _file_digest(Path(v)) for k, v in sorted(request.texts.items())}
+    if suite is SuiteName.custom and request.tasks_dir:
+        inputs["tasks"] = sorted(request.tasks)
+        inputs["tasks_dir"] = _dir_digest(Path(request.tasks_dir))
+    blob = json.dumps(inputs, sort_keys=True).encode()
+    return f"{CACHE_PREFIX}{content_key}:{suite.value}:{hashlib.sha256(blob).hexdigest()[:24]}"
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# What makes a chat format: the template, the tokenizer, the stop tokens.
+_CHAT_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
+
+
+def _dir_digest(root: Path, names: tuple[str, ...] | None = None) -> str:
+    """sha256 over the files of ``root`` (only ``names`` when given, those present)."""
+    h = hashlib.sha256()
+    files = [root / n for n in names] if names else list(root.rglob("*"))
+    for p in sorted(q for q in files if q.is_file()):
+        h.update(f"{p.relative_to(root)}\0{_file_digest(p)}\0".encode())
+    return h.hexdigest()
+
+
+def _served_items(runner: JobRunner, entry: ModelEntry, request: EvalRequest) -> list[EvalItem]:
+    from app.serving.sources import source_of
+
+    source = source_of(entry, runner.store, runner.settings.trusted_code_sha256)
+    content = entry.merged_key or f"inline-{entry.residual_key}-{entry.target}-{entry.alpha!r}"
+    items = [EvalItem("merge", entry.id, content, source.open)]
+    if request.compare and entry.merged_key:
+        with runner.store.using(entry.merged_key, "merged") as path:
+            manifest = read_merge_manifest(Path(path))
+        items += _reference_items(runner, manifest, request)
+    elif request.compare:  # an in-engine merge: its inputs by ref, hashed when opened
+        refs = {"base": entry.base, "instruct": entry.instruct, "target": entry.target}
+        items += [_ref_item(runner, name, refs[name], None) for name in request.compare]
+    return items
+
+
+def _reference_items(
+    runner: JobRunner, manifest: MergeManifest, request: EvalRequest
+) -> list[EvalItem]:
+    sources = {"base": manifest.base, "instruct": manifest.instruct, "target": manifest.target}
+    return [
+        _ref_item(runner, name, sources[name].ref, sources[name].digest) for name in request.compare
+    ]
+
+
+def _ref_item(runner: JobRunner, label: str, ref: str, digest: str | None) -> EvalItem:
+    from app.store.inputs import resolve_input
+
+    def opener() -> contextlib.AbstractContextManager[LocalModel]:
+        resolved = resolve_input(ref, runner.store, runner.settings.trusted_code_sha256)
+        return contextlib.nullcontext(LocalModel(resolved.path))
+
+    return EvalItem(label, ref, digest or _ref_digest(runner, ref), opener)
+
+
+def _dir_item(runner: JobRunner, ref: str) -> EvalItem:
+    return _ref_item(runner, "model", ref, None)
+
+
+def _ref_digest(runner: JobRunner, ref: str) -> str:
+    """The content digest of a model ref (its files' sha256s, from the hash cache)."""
+    from app.residuals.sources import local_source
+    from app.store.inputs import resolve_input
+
+    resolved = resolve_input(ref, runner.store, runner.settings.trusted_code_sha256)
+    if not resolved.path.is_dir():
+        raise ModelNotFoundError(f"{ref}: no such model directory")
+    return local_source(resolved.path, runner.store.hasher).digest
