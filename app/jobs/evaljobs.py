@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from app.core.errors import ModelNotFoundError
-from app.engines.source import LocalModel, Opener
 from app.evals.models import EvalReport, EvalRequest, ModelEval, SuiteName, SuiteScore
 from app.jobs.models import JobRecord, JobResult, JobStage, JobStatus
 from app.residuals.manifest import MergeManifest, read_merge_manifest
 
 if TYPE_CHECKING:
+    from app.engines.source import LocalModel, Opener
     from app.handoff.entry import ModelEntry
     from app.jobs.reporter import JobReporter
     from app.jobs.runner import JobRunner
@@ -227,6 +227,7 @@ def _reference_items(
 
 
 def _ref_item(runner: JobRunner, label: str, ref: str, digest: str | None) -> EvalItem:
+    from app.engines.source import LocalModel
     from app.store.inputs import resolve_input
 
     def opener() -> contextlib.AbstractContextManager[LocalModel]:

@@ -171,14 +171,14 @@ class JobService:
         Raises:
             JobStateError: the job ran no evaluation (yet).
         """
-        from app.evals.report import render_report
-
         rec = self.get(job_id, caller)
         report = rec.result.evaluation if rec.result is not None else None
         if report is None:
             asked = rec.kind == "eval" or rec.spec.eval is not None
             state = f"is {rec.status.value}" if asked else "asked for no evaluation"
             raise JobStateError(f"job {job_id} has no evaluation report: it {state}")
+        from app.evals.report import render_report
+
         return render_report(report)
 
     def events(self, job_id: str, caller: Caller, after: int = 0) -> list[JobEvent]:

@@ -1,0 +1,62 @@
+"""Eval jobs through the API: bad requests refused before anything is queued, and the
+report of a job that ran no evaluation is a clear 409."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import pytest
+
+from app.demo.tiny import TinyTriple
+from tests.api.live import assert_error, merge_body, settle
+from tests.api.test_api_inputs import nothing_queued_or_stored
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "words"),
+    [
+        ({"model": "no-such-model"}, 404, "GET /v1/models"),
+        ({"model": "/etc"}, 403, "outside the allowed"),
+        ({"model": "MODEL", "suites": ["custom"]}, 400, "tasks_dir"),
+        ({"model": "MODEL", "tasks": ["x"]}, 400, "custom suite"),
+        ({"model": "MODEL", "compare": ["base"]}, 400, "only a model a merge job made"),
+        ({"model": "MODEL", "suites": ["perplexity"], "texts": {"news": "/etc/passwd"}}, 403,
+         "texts.news"),  # fmt: skip
+        ({"model": "MODEL", "suites": ["perplexity"], "texts": {"news": "HERE/none.txt"}},
+         404, "no such file"),  # fmt: skip
+        ({"model": "MODEL", "suites": []}, 422, None),
+        ({"model": "MODEL", "suites": ["mmlu"]}, 422, None),
+        ({"model": "MODEL", "limit": 0}, 422, None),
+    ],
+)
+def test_bad_eval_requests_are_refused(
+    body: dict[str, object],
+    status: int,
+    words: str | None,
+    alice: httpx.Client,
+    root: httpx.Client,
+    api_store: Path,
+    llama_triple: TinyTriple,
+) -> None:
+    model = str(llama_triple.instruct)
+    text = {
+        k: (v.replace("MODEL", model) if isinstance(v, str) else v) for k, v in body.items()
+    }
+    if "texts" in text:
+        here = str(llama_triple.base.parent)
+        text["texts"] = {k: v.replace("HERE", here) for k, v in body["texts"].items()}  # type: ignore[union-attr]
+    with nothing_queued_or_stored(root, api_store):
+        error = assert_error(alice.post("/v1/evals", json=text), status)
+    if words is not None:
+        assert words in error["message"], error
+
+
+def test_report_of_a_job_without_evaluation_is_409(
+    alice: httpx.Client, root: httpx.Client, llama_triple: TinyTriple
+) -> None:
+    job = alice.post("/v1/merges", json=merge_body(llama_triple)).raise_for_status().json()
+    settle(root)
+    error = assert_error(alice.get(f"/v1/evals/{job['id']}/report"), 409)
+    assert "asked for no evaluation" in error["message"]
+    assert_error(alice.get("/v1/evals/evl_nope/report"), 404)
