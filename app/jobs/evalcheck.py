@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-from app.core.errors import InvalidRefError, ModelNotFoundError
-from app.evals.models import EvalJob, EvalRequest, SuiteName
+from app.core.errors import InvalidParameterError, InvalidRefError, ModelNotFoundError
+from app.evals.models import HEADLINE, EvalJob, EvalRequest, SuiteName
 from app.handoff.entry import ModelEntry
+from app.jobs.models import MergeSpec
 
 
 class FileCheck(Protocol):
@@ -63,3 +64,31 @@ def check_eval_job(
             f"compare {list(job.request.compare)}: only a model a merge job made has a "
             f"base, instruct and target to compare with; {job.model!r} is not one"
         )
+
+
+def sweep_request(spec: MergeSpec) -> MergeSpec:
+    """A sweep's spec made whole: task arithmetic on one residual (what the engine merges
+    while it loads), and an evaluation that scores what the objective needs (the suite
+    it maximises, and perplexity).
+
+    Raises:
+        InvalidParameterError: another method, method params or several residuals.
+    """
+    sweep = spec.sweep
+    assert sweep is not None
+    if spec.method != "task_arithmetic" or spec.params or spec.residuals:
+        raise InvalidParameterError(
+            "an alpha sweep merges one residual by task_arithmetic in the engine for each "
+            f"alpha; method {spec.method!r}, method params or several residuals cannot be "
+            "swept: give one alpha"
+        )
+    if sweep.maximize not in HEADLINE or sweep.maximize is SuiteName.perplexity:
+        raise InvalidParameterError(
+            f"maximize {sweep.maximize.value!r}: a sweep maximises format or ifeval-lite"
+        )
+    request = spec.eval or EvalRequest(
+        suites=(SuiteName.chat_format, SuiteName.ifeval_lite, SuiteName.perplexity)
+    )
+    wanted = (sweep.maximize, SuiteName.perplexity)
+    suites = request.suites + tuple(s for s in wanted if s not in request.suites)
+    return spec.model_copy(update={"eval": request.model_copy(update={"suites": suites})})

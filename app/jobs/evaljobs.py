@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import threading
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING
 from app.core.errors import ModelNotFoundError
 from app.evals.models import EvalReport, EvalRequest, ModelEval, SuiteName, SuiteScore
 from app.jobs.models import JobRecord, JobResult, JobStage, JobStatus
-from app.residuals.manifest import MergeManifest, read_merge_manifest
+from app.residuals.manifest import SourceInfo, read_merge_manifest
 
 if TYPE_CHECKING:
     from app.engines.source import LocalModel, Opener
@@ -210,20 +211,19 @@ def _served_items(runner: JobRunner, entry: ModelEntry, request: EvalRequest) ->
     if request.compare and entry.merged_key:
         with runner.store.using(entry.merged_key, "merged") as path:
             manifest = read_merge_manifest(Path(path))
-        items += _reference_items(runner, manifest, request)
+        sources = {"base": manifest.base, "instruct": manifest.instruct, "target": manifest.target}
+        items += reference_items(runner, sources, request.compare)
     elif request.compare:  # an in-engine merge: its inputs by ref, hashed when opened
         refs = {"base": entry.base, "instruct": entry.instruct, "target": entry.target}
         items += [_ref_item(runner, name, refs[name], None) for name in request.compare]
     return items
 
 
-def _reference_items(
-    runner: JobRunner, manifest: MergeManifest, request: EvalRequest
+def reference_items(
+    runner: JobRunner, sources: Mapping[str, SourceInfo], compare: Iterable[str]
 ) -> list[EvalItem]:
-    sources = {"base": manifest.base, "instruct": manifest.instruct, "target": manifest.target}
-    return [
-        _ref_item(runner, name, sources[name].ref, sources[name].digest) for name in request.compare
-    ]
+    """The merge inputs named in ``compare``, from their recorded refs and digests."""
+    return [_ref_item(runner, name, sources[name].ref, sources[name].digest) for name in compare]
 
 
 def _ref_item(runner: JobRunner, label: str, ref: str, digest: str | None) -> EvalItem:

@@ -34,7 +34,7 @@ def run_in_engine(
     assert s.target is not None
     check_in_engine(s)
     store, settings = runner.store, runner.settings
-    key, manifest = _residual(runner, s, reporter, cancel)
+    key, manifest = residual_of(runner, s, reporter, cancel)
     if getattr(manifest, "vocab", None) is not None:
         raise IncompatibleModelsError(
             "in_engine serving needs the target's shapes to stay the same, but "
@@ -75,7 +75,7 @@ def run_in_engine(
     return result, 0
 
 
-def _residual(
+def residual_of(
     runner: JobRunner, s: MergeSpec, reporter: JobReporter, cancel: threading.Event
 ) -> tuple[str, ResidualManifest]:
     """The residual's key and manifest: computed (or reused), or the stored one given,

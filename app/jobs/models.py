@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
 
 from app.core.settings import PackFormat
+from app.evals.choose import AlphaSweep
 from app.evals.models import EvalJob, EvalReport, EvalRequest
 from app.residuals.manifest import LineageInfo
 
@@ -63,6 +64,7 @@ _LATER_FIELDS: dict[str, object] = {
     "residuals": (),
     "force": False,
     "eval": None,
+    "sweep": None,
 }
 
 
@@ -126,6 +128,12 @@ class MergeSpec(BaseModel):
         description="Merge even when the lineage check finds the instruct model or the "
         "target unrelated to the base (past REALIGN_LINEAGE_MAX_DISTANCE); the figures "
         "are recorded in the result, the manifest and the model card.",
+    )
+    sweep: AlphaSweep | None = Field(
+        default=None,
+        description="Set by an 'alpha': {'sweep': [...]} request: each alpha is merged in "
+        "the engine and evaluated, and the objective's pick is published (alpha then "
+        "holds it).",
     )
     eval: EvalRequest | None = Field(
         default=None,

@@ -222,6 +222,10 @@ class JobRunner:
                 result, nbytes = run_eval_job(self, rec, reporter, cancel)
             elif rec.spec.target is None:
                 result, nbytes = self._residual_only(rec, reporter, cancel)
+            elif rec.spec.sweep is not None:
+                from app.jobs.sweep import run_sweep
+
+                result, nbytes = run_sweep(self, rec, reporter, cancel)
             elif rec.spec.serve and rec.spec.serve_mode == "in_engine":
                 result, nbytes = self._in_engine(rec, reporter, cancel)
             elif self.fanout is not None and self.fanout.dispatch(rec, reporter, cancel):
@@ -322,6 +326,15 @@ class JobRunner:
         reporter.check()  # nothing registered for a job this worker no longer owns
         rec = self._move(reporter.rec, JobStatus.running, JobStage.publish)
         return self.register(rec, done)
+
+    def publish(
+        self, rec: JobRecord, reporter: JobReporter, cancel: threading.Event
+    ) -> tuple[JobResult, int]:
+        """Merge ``rec``'s spec on this worker and register it (a checkpoint, or for
+        in-engine serving the residual and target); the job's result and size."""
+        if rec.spec.serve and rec.spec.serve_mode == "in_engine":
+            return self._in_engine(rec, reporter, cancel)
+        return self._checkpoint(rec, reporter, cancel)
 
     def register(self, rec: JobRecord, done: StoredMerge) -> tuple[JobResult, int]:
         """Register a published merged model for serving; the job's result and size."""

@@ -22,7 +22,7 @@ from app.core.settings import Settings
 from app.evals.models import EvalJob
 from app.jobs.broker import TASK_VALIDATE, make_celery
 from app.jobs.dispatch import CeleryDispatcher, Dispatcher, ThreadDispatcher
-from app.jobs.evalcheck import check_eval_job, check_eval_request
+from app.jobs.evalcheck import check_eval_job, check_eval_request, sweep_request
 from app.jobs.failures import free_space
 from app.jobs.kv import RedisKV
 from app.jobs.locks import cluster_store
@@ -84,6 +84,8 @@ class JobService:
         if spec.dtype is None:
             spec = spec.model_copy(update={"dtype": self.settings.residual_dtype})
         self._validate(spec)
+        if spec.sweep is not None:
+            spec = sweep_request(spec)
         if spec.eval is not None:
             check_eval_request(spec.eval, self._check_file)
         fingerprint = hashlib.sha256(spec.fingerprint_json().encode()).hexdigest()

@@ -21,10 +21,16 @@ from tests.api.test_api_inputs import nothing_queued_or_stored
         ({"model": "MODEL", "suites": ["custom"]}, 400, "tasks_dir"),
         ({"model": "MODEL", "tasks": ["x"]}, 400, "custom suite"),
         ({"model": "MODEL", "compare": ["base"]}, 400, "only a model a merge job made"),
-        ({"model": "MODEL", "suites": ["perplexity"], "texts": {"news": "/etc/passwd"}}, 403,
-         "texts.news"),  # fmt: skip
-        ({"model": "MODEL", "suites": ["perplexity"], "texts": {"news": "HERE/none.txt"}},
-         404, "no such file"),  # fmt: skip
+        (
+            {"model": "MODEL", "suites": ["perplexity"], "texts": {"news": "/etc/passwd"}},
+            403,
+            "texts.news",
+        ),  # fmt: skip
+        (
+            {"model": "MODEL", "suites": ["perplexity"], "texts": {"news": "HERE/none.txt"}},
+            404,
+            "no such file",
+        ),  # fmt: skip
         ({"model": "MODEL", "suites": []}, 422, None),
         ({"model": "MODEL", "suites": ["mmlu"]}, 422, None),
         ({"model": "MODEL", "limit": 0}, 422, None),
@@ -40,9 +46,7 @@ def test_bad_eval_requests_are_refused(
     llama_triple: TinyTriple,
 ) -> None:
     model = str(llama_triple.instruct)
-    text = {
-        k: (v.replace("MODEL", model) if isinstance(v, str) else v) for k, v in body.items()
-    }
+    text = {k: (v.replace("MODEL", model) if isinstance(v, str) else v) for k, v in body.items()}
     if "texts" in text:
         here = str(llama_triple.base.parent)
         text["texts"] = {k: v.replace("HERE", here) for k, v in body["texts"].items()}  # type: ignore[union-attr]
@@ -60,3 +64,47 @@ def test_report_of_a_job_without_evaluation_is_409(
     error = assert_error(alice.get(f"/v1/evals/{job['id']}/report"), 409)
     assert "asked for no evaluation" in error["message"]
     assert_error(alice.get("/v1/evals/evl_nope/report"), 404)
+
+
+@pytest.mark.parametrize(
+    ("alpha", "extra", "status", "words"),
+    [
+        ({"sweep": [0.5, 0.5]}, {}, 422, "twice"),
+        ({"sweep": [0.5]}, {}, 422, None),
+        ({"sweep": [0.5, 11]}, {}, 422, "[-10, 10]"),
+        ({"sweep": [0.5, 1.0], "perplexity_limit": 0.9}, {}, 422, None),
+        ({"sweep": [0.5, 1.0]}, {"method": "ties"}, 400, "cannot be swept"),
+        ({"sweep": [0.5, 1.0], "maximize": "perplexity"}, {}, 400, "format or ifeval-lite"),
+        (11, {}, 422, None),
+    ],
+)
+def test_bad_sweeps_are_refused(
+    alpha: object,
+    extra: dict[str, object],
+    status: int,
+    words: str | None,
+    alice: httpx.Client,
+    root: httpx.Client,
+    api_store: Path,
+    llama_triple: TinyTriple,
+) -> None:
+    body = merge_body(llama_triple, alpha=alpha, **extra)
+    with nothing_queued_or_stored(root, api_store):
+        error = assert_error(alice.post("/merge", json=body), status)
+    if words is not None:
+        assert words in error["message"], error
+
+
+def test_a_sweep_spec_is_recorded_whole(
+    alice: httpx.Client, root: httpx.Client, llama_triple: TinyTriple
+) -> None:
+    """The alphas sorted, the objective's defaults, and the suites it needs added."""
+    body = merge_body(llama_triple, alpha={"sweep": [1.0, 0.5]}, eval={"suites": ["format"]})
+    response = alice.post("/merge", json=body)
+    assert response.status_code == 202, response.text
+    spec = response.json()["spec"]
+    alice.post(f"/v1/merges/{response.json()['id']}/cancel")
+    settle(root)
+    assert spec["sweep"] == {"maximize": "ifeval-lite", "perplexity_limit": 1.05,
+                             "sweep": [0.5, 1.0]}  # fmt: skip
+    assert spec["eval"]["suites"] == ["format", "ifeval-lite", "perplexity"]

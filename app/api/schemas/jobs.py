@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from app.core.settings import PackFormat
+from app.evals.choose import AlphaSweep
 from app.evals.models import EvalJob
 from app.jobs.models import (
     JobError,
@@ -107,6 +108,17 @@ class MergeCreate(MergeSpec):
         examples=[[{"key": "3f9a2c"}, {"key": "b71e04", "weight": 0.5}]],
     )
 
+    alpha: Annotated[float, Field(ge=-10.0, le=10.0)] | AlphaSweep = Field(  # type: ignore[assignment]
+        default=1.0,
+        description="The residual's scale, or {'sweep': [0.25, 0.5, 0.75, 1.0]} to merge "
+        "each in the engine, evaluate each (the eval suites, by default format, "
+        "ifeval-lite and perplexity) and publish the best by the objective: maximise "
+        "'maximize' (ifeval-lite) with perplexity <= perplexity_limit (1.05) x the "
+        "target's.",
+        examples=[0.8, {"sweep": [0.25, 0.5, 0.75, 1.0]}],
+    )
+    sweep: None = Field(default=None, description="Give a sweep as 'alpha': {'sweep': [...]}.")
+
     @model_validator(mode="after")
     def _one_source(self) -> MergeCreate:
         pair = self.base is not None or self.instruct is not None
@@ -124,7 +136,10 @@ class MergeCreate(MergeSpec):
         return self
 
     def to_spec(self) -> MergeSpec:
-        return MergeSpec.model_validate(self.model_dump())
+        body = self.model_dump()
+        if isinstance(self.alpha, AlphaSweep):
+            body |= {"alpha": 1.0, "sweep": self.alpha.model_dump()}
+        return MergeSpec.model_validate(body)
 
 
 class ResidualCreate(BaseModel):

@@ -1,0 +1,79 @@
+"""An alpha sweep: each alpha merged in the engine while it loads (no checkpoint per
+alpha), evaluated, the objective's pick published like a one-alpha merge."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from app.evals.choose import choose_alpha
+from app.jobs.evaljobs import EvalItem, evaluate_items, reference_items
+from app.jobs.models import JobRecord, JobResult
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from app.engines.source import LocalModel, Opener
+    from app.jobs.reporter import JobReporter
+    from app.jobs.runner import JobRunner
+
+
+def run_sweep(
+    runner: JobRunner, rec: JobRecord, reporter: JobReporter, cancel: threading.Event
+) -> tuple[JobResult, int]:
+    """The residual (computed or reused), the target and every alpha evaluated, the pick
+    merged and published (and served when asked); the result carries the sweep's report.
+
+    Raises:
+        NoAlphaError: no alpha met the objective (nothing is published).
+    """
+    from app.jobs.inline import residual_of
+    from app.residuals.sources import local_source
+    from app.store.inputs import resolve_input
+
+    s = runner.job_spec(rec)
+    assert s.sweep is not None and s.eval is not None and s.target is not None
+    key, manifest = residual_of(runner, s, reporter, cancel)
+    target = resolve_input(s.target, runner.store, runner.settings.trusted_code_sha256)
+    digest = local_source(target.path, runner.store.hasher).digest
+    items = [EvalItem("target", target.ref, digest, _plain(target.path))]
+    for alpha in s.sweep.sweep:
+        content = f"inline-{key}-{items[0].content_key}-{alpha!r}"
+        opener = _inline(runner, key, target.path, alpha)
+        items.append(EvalItem(f"alpha={alpha:g}", s.target, content, opener, alpha))
+    refs = {"base": manifest.base, "instruct": manifest.instruct}
+    items += reference_items(runner, refs, [c for c in s.eval.compare if c != "target"])
+    report = choose_alpha(evaluate_items(runner, rec, items, s.eval, reporter, cancel), s.sweep)
+    chosen = next(m for m in report.models if m.label == report.chosen)
+    assert chosen.alpha is not None
+    runner.records.add_event(
+        reporter.rec, "log", f"sweep picked {report.chosen} ({report.objective})"
+    )
+    # The pick is merged as a one-alpha job would be; the record's alpha now holds it.
+    picked = reporter.rec.model_copy(
+        update={"spec": rec.spec.model_copy(update={"alpha": chosen.alpha})}
+    )
+    reporter.rec = picked
+    result, nbytes = runner.publish(picked, reporter, cancel)
+    return result.model_copy(update={"evaluation": report}), nbytes
+
+
+def _plain(path: Path) -> Opener:
+    from app.engines.source import LocalModel
+
+    local = LocalModel(path)
+    return lambda: contextlib.nullcontext(local)
+
+
+def _inline(runner: JobRunner, key: str, target: Path, alpha: float) -> Opener:
+    from app.engines.base import InlineMerge
+    from app.engines.source import LocalModel
+
+    @contextlib.contextmanager
+    def opener() -> Iterator[LocalModel]:
+        with runner.store.using(key, "residuals") as pack:
+            yield LocalModel(target, InlineMerge(pack, target, alpha))
+
+    return opener
