@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -129,6 +130,15 @@ def test_spec_suite_order_then_others() -> None:
         render_report(EvalReport(spec=EvalSpec(suites=(SuiteName.chat_format,)), models=(m,)))
     )
     assert [s for s, _, _ in page.headers] == ["format", "custom"]
+
+
+def test_renders_at_once_from_threads_give_the_same_page() -> None:
+    # The API renders in its thread pool: matplotlib figures there share no state.
+    report = comparison()
+    alone = render_report(report)
+    with ThreadPoolExecutor(4) as pool:
+        pages = list(pool.map(lambda _: render_report(report), range(4)))
+    assert pages == [alone] * 4
 
 
 # In the browser ---------------------------------------------------------------------
