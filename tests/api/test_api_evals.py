@@ -25,12 +25,12 @@ from tests.api.test_api_inputs import nothing_queued_or_stored
             {"model": "MODEL", "suites": ["perplexity"], "texts": {"news": "/etc/passwd"}},
             403,
             "texts.news",
-        ),  # fmt: skip
+        ),
         (
             {"model": "MODEL", "suites": ["perplexity"], "texts": {"news": "HERE/none.txt"}},
             404,
             "no such file",
-        ),  # fmt: skip
+        ),
         ({"model": "MODEL", "suites": []}, 422, None),
         ({"model": "MODEL", "suites": ["mmlu"]}, 422, None),
         ({"model": "MODEL", "limit": 0}, 422, None),
@@ -105,6 +105,6 @@ def test_a_sweep_spec_is_recorded_whole(
     spec = response.json()["spec"]
     alice.post(f"/v1/merges/{response.json()['id']}/cancel")
     settle(root)
-    assert spec["sweep"] == {"maximize": "ifeval-lite", "perplexity_limit": 1.05,
-                             "sweep": [0.5, 1.0]}  # fmt: skip
+    want = {"maximize": "ifeval-lite", "perplexity_limit": 1.05, "sweep": [0.5, 1.0]}
+    assert spec["sweep"] == want
     assert spec["eval"]["suites"] == ["format", "ifeval-lite", "perplexity"]

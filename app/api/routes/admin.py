@@ -18,9 +18,12 @@ router = APIRouter(prefix="/admin", tags=["admin"], responses=error_responses(40
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 # The page holds no data (it fetches /admin/jobs with the key the user gives it), so it
 # is served without auth but locked down: own scripts only, no framing, no referrer.
+# A report the page opens (fetched with the key, shown from a blob: URL) inherits this
+# policy: its inline styles and data: plots are allowed, no other source is.
 PAGE_HEADERS = {
-    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
-    "connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; "
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; "
+    "style-src 'self' 'unsafe-inline'; connect-src 'self'; img-src 'self' data:; "
+    "base-uri 'none'; form-action 'none'; "
     "frame-ancestors 'none'",
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",

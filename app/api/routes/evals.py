@@ -12,6 +12,7 @@ from app.api.routes.merges import IdempotencyKey, JobId, follow_events
 from app.api.schemas.errors import error_responses
 from app.api.schemas.evals import EvalCreate
 from app.api.schemas.jobs import EventPublic, MergePublic
+from app.evals.report import CSP
 
 router = APIRouter(tags=["evals"])
 
@@ -81,4 +82,5 @@ def cancel_eval(job_id: JobId, service: ServiceDep, caller: CallerDep) -> MergeP
     summary="The HTML report of a job's evaluation (eval jobs and merges that asked one)",
 )
 def eval_report(job_id: JobId, service: ServiceDep, caller: CallerDep) -> HTMLResponse:
-    return HTMLResponse(service.report_html(job_id, caller))
+    headers = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff"}
+    return HTMLResponse(service.report_html(job_id, caller), headers=headers)
