@@ -1,7 +1,7 @@
 """GPU benchmark: merge throughput on CUDA against the CPU kernel, hot swap against a cold
 start of the official vLLM on the GPU, and the GPU memory of an in-engine merge of the
 largest tensor. Writes the figures, ready for ``bench/GPU.md``, to one markdown file.
-``scripts/gpu-check`` runs it after the GPU tests (a few minutes on one H100).
+``scripts/gpu-check`` runs it after the GPU tests (sized for a few minutes on one H100).
 
     python bench/gpu.py --out bench/gpu-results.md          # on a GPU node
     python bench/gpu.py --dry-run --out /tmp/gpu-results.md  # every part on a tiny triple, CPU
