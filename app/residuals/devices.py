@@ -20,12 +20,12 @@ from app.core.errors import DeviceUnavailableError
 from app.residuals import native
 from app.residuals.dtypes import DType
 from app.residuals.methods import MergeMethod
+from app.residuals.steps import Operand, Pending, Stats, Step, run_steps
 
 _T = TypeVar("_T")
 
 log = logging.getLogger(__name__)
 
-Operand = tuple[memoryview, DType]
 _MAX_WORKERS = 4  # past this the math is memory-bound
 _MIN_SPLIT = 64 * 1024  # elements: below this one thread does the whole chunk
 _NATIVE_CODES = frozenset({"F32", "BF16", "F16"})
@@ -50,9 +50,17 @@ class MathBackend(Protocol):
         alpha: float,
         *,
         want_stats: bool,
-    ) -> tuple[float, float]:
+    ) -> Stats:
         """Write the method's ``kind`` result into ``out``; return (sum of squares,
         max |x|) of the fp32 result when ``want_stats``, else zeros."""
+
+    def submit(self, method: MergeMethod, steps: Sequence[Step]) -> Pending:
+        """Start one chunk's steps (a device backend keeps a step's result on the device
+        for the steps that read it); the outputs are in host memory once the result's
+        ``wait()`` returns, and the host inputs must stay untouched until then."""
+
+    def flush(self) -> None:
+        """Issue everything submitted so far (so that every pending result completes)."""
 
     def close(self) -> None:
         """Release threads and device resources."""
@@ -126,6 +134,12 @@ class NativeBackend:
         stats = self._spread(run, n)
         # Summed in range order whatever the thread timing: same stats every run.
         return sum(s for s, _ in stats), max(m for _, m in stats)
+
+    def submit(self, method: MergeMethod, steps: Sequence[Step]) -> Pending:
+        return run_steps(self.combine, method, steps)
+
+    def flush(self) -> None:
+        pass
 
     def _spread(self, run: Callable[[int, int], _T], n: int) -> list[_T]:
         """``run`` over ``[0, n)`` cut into whole pages, one range per worker thread."""

@@ -22,10 +22,12 @@ from app.residuals.devices import MathBackend
 from app.residuals.methods import MergeMethod
 from app.residuals.progress import CancelFlag, Progress, ProgressCallback
 from app.residuals.shards import TensorSpec
+from app.residuals.steps import Done, Operand, Pending, Prior, Stats, Step
 
 JobKind = Literal["residual", "apply", "fused", "copy"]
 CHUNK_ELEMS = 8 * 1024 * 1024
-_SLOTS = 3
+_SLOTS = 3  # chunks in flight: read, computed, written (at least 2: see _next)
+_NOTHING = Done([])
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,8 @@ class _Slot:
         self.neg: memoryview | None = None
         self.data: list[memoryview] = []  # this chunk's bytes of each input
         self.mapped: list[Source] = []  # inputs whose bytes are page-cache views
+        self.pending: Pending = _NOTHING  # the chunk's steps, until its outputs are written
+        self.stats_step: int | None = None  # the step whose statistics are the tensor's
 
     def clear(self) -> None:
         self.result = memoryview(b"")
@@ -124,6 +128,8 @@ class _Slot:
         self.neg = None
         self.data = []
         self.mapped = []
+        self.pending = _NOTHING
+        self.stats_step = None
 
 
 def _sources(job: TensorJob) -> tuple[Source, ...]:
@@ -230,8 +236,9 @@ class StreamRunner:
         ]
         for t in threads:
             t.start()
+        self._sums: dict[int, Stats] = {}
         try:
-            stats = self._compute(jobs, ready, done)
+            self._compute(jobs, ready, done)
         except BaseException as exc:
             self._fail(exc)
         finally:
@@ -242,7 +249,7 @@ class StreamRunner:
             self.backend.close()
         if self._error is not None:
             raise self._error
-        return stats
+        return {jobs[j].spec.name: TensorStats(math.sqrt(s), m) for j, (s, m) in self._sums.items()}
 
     def _guard(self, fn: object, *args: object) -> None:
         try:
@@ -306,27 +313,51 @@ class StreamRunner:
         jobs: list[TensorJob],
         ready: queue.Queue[tuple[_Chunk, _Slot] | None],
         done: queue.Queue[tuple[_Chunk, _Slot] | None],
-    ) -> dict[str, TensorStats]:
-        sums: dict[int, tuple[float, float]] = {}
-        while (item := ready.get()) is not None:
-            if self._stop.is_set():
-                break
-            if self.cancel.is_set():
-                raise OperationCancelledError(f"{self.stage} cancelled; nothing was published")
-            chunk, slot = item
-            job = jobs[chunk.job]
-            sq, mx = self._compute_chunk(job, chunk, slot)
-            if job.exact and chunk.combine:
-                self._split(job, chunk, slot)
-            if job.then is not None:
-                self._follow_up(job, chunk, slot)
-            if job.kind == "residual":
-                old = sums.get(chunk.job, (0.0, 0.0))
-                sums[chunk.job] = (old[0] + sq, max(old[1], mx))
-            done.put(item)
-        return {jobs[j].spec.name: TensorStats(math.sqrt(s), m) for j, (s, m) in sums.items()}
+    ) -> None:
+        try:
+            while (item := self._next(ready)) is not None:
+                if self._stop.is_set():
+                    break
+                if self.cancel.is_set():
+                    raise OperationCancelledError(f"{self.stage} cancelled; nothing was published")
+                chunk, slot = item
+                self._submit(jobs[chunk.job], chunk, slot)
+                done.put(item)
+        except BaseException as exc:
+            self._fail(exc)
+        try:  # every chunk handed to the writer gets its outputs (or its error)
+            self.backend.flush()
+        except BaseException as exc:
+            self._fail(exc)
 
-    def _compute_chunk(self, job: TensorJob, chunk: _Chunk, slot: _Slot) -> tuple[float, float]:
+    def _next(self, ready: queue.Queue[tuple[_Chunk, _Slot] | None]) -> tuple[_Chunk, _Slot] | None:
+        """The next chunk read. A device backend issues a chunk's math once the next one is
+        submitted, so before waiting for the reader (which may wait for a slot the writer
+        holds until that math is done) everything submitted is issued."""
+        try:
+            return ready.get_nowait()
+        except queue.Empty:
+            self.backend.flush()
+            return ready.get()
+
+    def _submit(self, job: TensorJob, chunk: _Chunk, slot: _Slot) -> None:
+        """Hand the chunk's steps to the backend (the writer waits for their outputs)."""
+        steps: list[Step] = []
+        main = self._main_step(job, chunk, slot)
+        if main is not None:
+            steps.append(main)
+            slot.stats_step = 0 if job.kind == "residual" else None
+        if job.then is not None:
+            follow = self._follow_step(job, chunk, slot, main is not None)
+            steps += [follow] if follow is not None else []
+        slot.pending = self.backend.submit(self.method, steps) if steps else _NOTHING
+        if job.exact and chunk.combine:
+            self.backend.flush()
+            slot.pending.wait()  # the split reads p on the host
+            self._split(job, chunk, slot)
+
+    def _main_step(self, job: TensorJob, chunk: _Chunk, slot: _Slot) -> Step | None:
+        """The chunk's own output, or None where its bytes pass through untouched."""
         rows = chunk.row1 - chunk.row0
         sources = job.inputs if chunk.combine else job.inputs[:1]
         out_bytes = rows * (job.spec.nbytes // max(1, job.spec.shape[0] if job.spec.shape else 1))
@@ -334,21 +365,12 @@ class StreamRunner:
         if not chunk.combine or job.kind == "copy":
             if sources[0].info.dtype == job.spec.dtype:  # pass bytes through untouched
                 slot.result = slot.data[0][:out_bytes]
-                return 0.0, 0.0
+                return None
             kind = "convert"
-        operands = [(data, s.info.dtype) for s, data in zip(sources, slot.data, strict=False)]
-        out = slot.out[:out_bytes]
-        stats = self.backend.combine(
-            self.method,
-            kind,
-            operands,
-            out,
-            job.spec.dtype,
-            job.alpha,
-            want_stats=job.kind == "residual",
-        )
-        slot.result = out
-        return stats
+        operands = tuple((data, s.info.dtype) for s, data in zip(sources, slot.data, strict=False))
+        slot.result = slot.out[:out_bytes]
+        want = job.kind == "residual"
+        return Step(kind, operands, slot.result, job.spec.dtype, job.alpha, want_stats=want)
 
     def _split(self, job: TensorJob, chunk: _Chunk, slot: _Slot) -> None:
         """The rounding error of an exact pack's chunk, beside its ``p`` (see
@@ -366,32 +388,34 @@ class StreamRunner:
             native.exact_split(slot.data[0], slot.data[1], job.spec.dtype.code, p, neg, codes)
         slot.neg = neg
 
-    def _follow_up(self, job: TensorJob, chunk: _Chunk, slot: _Slot) -> None:
-        """The second output of a chunk, from its first (already in ``slot.result``), or
-        for an exact pack from the inputs, as the fused merge computes it."""
+    def _follow_step(
+        self, job: TensorJob, chunk: _Chunk, slot: _Slot, after_main: bool
+    ) -> Step | None:
+        """The second output of a chunk: from the first (the previous step, which a device
+        backend keeps on the device), or for an exact pack from the inputs, as the fused
+        merge computes it; None where it is the first's bytes."""
         then = job.then
         assert then is not None
         n = slot.result.nbytes // job.spec.dtype.itemsize
         out = slot.out2[: n * then.spec.dtype.itemsize]
+        first: Operand | Prior = Prior(0) if after_main else (slot.result, job.spec.dtype)
+        operands: tuple[Operand | Prior, ...]
         if chunk.combine and job.exact:
-            operands = [
+            operands = (
                 (slot.data[0], job.inputs[0].info.dtype),
                 (slot.data[1], job.inputs[1].info.dtype),
                 (slot.data[-1], then.target.info.dtype),
-            ]
+            )
             kind = "fused"
         elif chunk.combine:
-            operands = [(slot.result, job.spec.dtype), (slot.data[-1], then.target.info.dtype)]
-            kind = "apply"
+            operands, kind = (first, (slot.data[-1], then.target.info.dtype)), "apply"
         elif job.spec.dtype == then.spec.dtype:
             slot.result2 = slot.result
-            return
+            return None
         else:
-            operands, kind = [(slot.result, job.spec.dtype)], "convert"
-        self.backend.combine(
-            self.method, kind, operands, out, then.spec.dtype, then.alpha, want_stats=False
-        )
+            operands, kind = (first,), "convert"
         slot.result2 = out
+        return Step(kind, operands, out, then.spec.dtype, then.alpha)
 
     def _write(
         self,
@@ -407,6 +431,12 @@ class StreamRunner:
         while (item := done.get()) is not None:
             chunk, slot = item
             job = jobs[chunk.job]
+            stats = slot.pending.wait()
+            if job.kind == "residual":
+                step = slot.stats_step
+                sq, mx = stats[step] if step is not None else (0.0, 0.0)
+                old = self._sums.get(chunk.job, (0.0, 0.0))
+                self._sums[chunk.job] = (old[0] + sq, max(old[1], mx))
             if job.exact:
                 cast(PairWriter, writer).write_pair(job.spec.name, slot.result, slot.neg)
             else:
