@@ -1,1 +1,1 @@
-"""Evaluation: suites on lm-evaluation-harness, eval jobs, α sweeps and reports."""
+"""Evaluation: suites on lm-evaluation-harness, eval jobs, alpha sweeps and reports."""

@@ -1,6 +1,6 @@
-"""Evaluation values shared by the suites, the eval jobs, the α sweep and the report.
+"""Evaluation values shared by the suites, the eval jobs, the alpha sweep and the report.
 
-A run evaluates one or more *models* (a merge, its references, or one model per α of a
+A run evaluates one or more *models* (a merge, its references, or one model per alpha of a
 sweep) on one or more *suites*; each suite gives a few named metrics with a stated
 direction, and one headline metric the report plots.
 """
@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 class SuiteName(StrEnum):
     """The built-in suites (``custom`` runs a user's own lm-eval task directory)."""
 
-    format = "format"
+    format = "format"  # type: ignore[assignment]  # shadows str.format: the suite's name
     ifeval_lite = "ifeval-lite"
     perplexity = "perplexity"
     custom = "custom"
@@ -56,6 +56,53 @@ class EvalSpec(BaseModel):
     concurrency: int = Field(
         default=8, ge=1, le=256, description="Requests in flight against the engine."
     )
+
+
+class EvalTarget(BaseModel):
+    """What to evaluate: a model served at ``base_url``, or a model directory (an engine
+    is started for it on loopback). References only, so it can cross the queue."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: str = Field(
+        description="The served model id (with base_url), else the model's directory."
+    )
+    base_url: str | None = Field(
+        default=None,
+        description="An OpenAI-compatible server (root, /v1 or the chat completions URL) "
+        "serving `model`; None: `model` is a directory and an engine is started for it.",
+    )
+    model_dir: str | None = Field(
+        default=None,
+        description="The model's weights directory, for perplexity (and custom "
+        "log-likelihood tasks); defaults to `model` when that is a directory.",
+    )
+    chat_template_from: str | None = Field(
+        default=None,
+        description="A directory whose tokenizer, chat template and stop tokens the "
+        "started engine uses (e.g. the instruct model's, to score a base model in its "
+        "chat format); default: the model's own.",
+    )
+    api_key: str | None = Field(
+        default=None, repr=False, description="Bearer token for base_url, if it needs one."
+    )
+
+    @property
+    def weights(self) -> str | None:
+        """The weights directory, if known."""
+        return self.model_dir or (self.model if self.base_url is None else None)
+
+
+class EvalProgress(BaseModel):
+    """A step of an evaluation: a suite's examples or text sets done so far."""
+
+    model_config = ConfigDict(frozen=True)
+
+    model: str = Field(default="", description="The model (as given in its EvalTarget).")
+    suite: str
+    done: int = 0
+    total: int = 0
+    message: str = ""
 
 
 class SuiteScore(BaseModel):
@@ -99,7 +146,7 @@ class EvalReport(BaseModel):
     spec: EvalSpec
     models: tuple[ModelEval, ...]
     objective: str | None = Field(
-        default=None, description="How the best α was chosen, in words (sweeps)."
+        default=None, description="How the best alpha was chosen, in words (sweeps)."
     )
     chosen: str | None = Field(default=None, description="Label of the model chosen.")
     created: datetime = Field(default_factory=lambda: datetime.now(UTC))
