@@ -20,7 +20,7 @@ SUITE_HELP = (
     "the budget and open as the assistant's turn), ifeval-lite (verifiable instructions, "
     "lm-eval's IFEval checkers), perplexity (token perplexity on a shipped general text and "
     "each --text), custom (your lm-eval --task names in --tasks-dir). Default: format and "
-    "ifeval-lite, plus perplexity with --text and custom with --task."
+    "ifeval-lite; --text adds perplexity and --task adds custom."
 )
 
 
@@ -37,10 +37,9 @@ def _texts(pairs: list[str]) -> dict[str, str]:
 
 
 def _suites(chosen: list[SuiteName], texts: bool, tasks: bool) -> tuple[SuiteName, ...]:
-    if chosen:
-        return tuple(dict.fromkeys(chosen))
-    extra = [SuiteName.perplexity] * texts + [SuiteName.custom] * tasks
-    return (SuiteName.format, SuiteName.ifeval_lite, *extra)
+    suites = chosen or [SuiteName.format, SuiteName.ifeval_lite]
+    implied = [SuiteName.perplexity] * texts + [SuiteName.custom] * tasks
+    return tuple(dict.fromkeys([*suites, *implied]))
 
 
 def _printer(quiet: bool) -> Callable[[EvalProgress], None]:
