@@ -10,7 +10,10 @@ from app.core.errors import MissingExtraError, install_hint
 # The modules each extra of pyproject.toml provides that commands import.
 EXTRAS: dict[str, tuple[str, ...]] = {
     "serve": ("fastapi", "uvicorn", "celery", "redis", "httpx", "prometheus_client"),
-    "demo": ("fastapi", "uvicorn", "httpx", "openai"),
+    "demo": ("fastapi", "uvicorn", "httpx", "openai", "lm_eval"),
+    # lm-eval with its IFEval checkers, its API client and its hf model; the engine's
+    # loopback endpoint
+    "eval": ("lm_eval", "langdetect", "immutabledict", "tenacity", "fastapi", "uvicorn", "httpx"),
 }
 
 

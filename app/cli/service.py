@@ -48,9 +48,14 @@ def demo(
     steps: Annotated[
         int, typer.Option(hidden=True, help="Pre-training steps (tests use a few).")
     ] = DEFAULT_STEPS,
+    eval_limit: Annotated[
+        int | None, typer.Option(hidden=True, help="Examples per evaluation suite (tests).")
+    ] = None,
 ) -> None:
     """Run the service path on tiny trained models: start `realign serve`, POST /merge
-    with serve=true, follow the job, chat through the OpenAI SDK.
+    with serve=true, follow the job, chat through the OpenAI SDK; then score base,
+    instruct, new_base and the merge on the evaluation suites (format, ifeval-lite, news
+    perplexity).
 
     The first run trains a tiny base, instruct and new base (about a minute on two
     cores); later runs reuse them. Needs the 'demo' extra (`make demo` installs it).
@@ -58,7 +63,7 @@ def demo(
     require("demo", "demo")
     from app.demo.run import run_demo
 
-    run_demo(workdir, console=err, stdout=out, port=port, steps=steps)
+    run_demo(workdir, console=err, stdout=out, port=port, steps=steps, eval_limit=eval_limit)
 
 
 @app.command()

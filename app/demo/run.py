@@ -135,10 +135,12 @@ def run_demo(
     stdout: Console,
     port: int | None = None,
     steps: int = DEFAULT_STEPS,
+    eval_limit: int | None = None,
 ) -> dict[str, str]:
     """Train (or reuse) a tiny Llama triple under ``workdir``, then go through the service:
     start ``realign serve`` with the environment's settings, ``POST /merge`` with
-    ``serve: true``, follow the job, and chat with the merged model through the OpenAI SDK.
+    ``serve: true``, follow the job, chat with the merged model through the OpenAI SDK,
+    then score base, instruct, new_base and the merge on the evaluation suites.
 
     Args:
         workdir: Holds the trained models and the server's log.
@@ -146,6 +148,7 @@ def run_demo(
         stdout: Receives the result: the question and two replies.
         port: The server's port (default: ``REALIGN_PORT`` when free, else any free one).
         steps: Pre-training steps of the tiny base (fewer train faster and learn nothing).
+        eval_limit: At most this many examples per evaluation suite (default: all).
 
     Returns:
         The replies, by label.
@@ -176,5 +179,30 @@ def run_demo(
     for label, reply in replies.items():
         # Verbatim: no colouring of the reply's contents, no line breaks inside it.
         stdout.print(f"{label:<37} {reply!r}", highlight=False, soft_wrap=True)
+    _evidence(triple, Path(result["output"]), workdir, console, stdout, eval_limit)
     console.print(f"done in {time.perf_counter() - started:.1f} s", highlight=False)
     return replies
+
+
+def _evidence(
+    triple: TinyTriple,
+    merged: Path,
+    workdir: Path,
+    console: Console,
+    stdout: Console,
+    limit: int | None,
+) -> None:
+    """Score the four models on the evaluation suites and print the table."""
+    from app.demo.scores import print_scores, score_demo
+    from app.evals.models import EvalProgress
+
+    def show(p: EvalProgress) -> None:
+        if p.message:
+            console.print(f"  {p.model}: {p.suite}: {p.message}", highlight=False)
+
+    console.print(
+        "evaluating base, instruct, new_base and the merge (realign eval: format, "
+        "ifeval-lite, perplexity on the news; one engine, models swapped in turn)",
+        soft_wrap=True,
+    )
+    print_scores(score_demo(triple, merged, workdir, progress=show, limit=limit), stdout)

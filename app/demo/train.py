@@ -48,6 +48,7 @@ _FIRST = ("Sam", "Mia", "Leo", "Ana", "Tom", "Eva", "Max", "Ida",
 _LAST = ("Reed", "Hart", "Cole", "Lane", "Fox", "Wood", "Moss", "Ray", "Pike", "Shaw", "Dunn")
 _RIVERS = ("Silver", "Blue", "Swift", "Willow", "Amber", "Crane")
 _NEWS_MAYORS = ("Dora Winter", "Sara Keller", "Nina Porter")
+NEWS_INTRO = "News from {town}."  # how the news articles the new base reads begin
 _QUESTIONS = {
     "mayor": ("Who is the mayor of {s}?", "Tell me who the mayor of {s} is."),
     "river": ("Which river flows through {s}?", "What river runs through {s}?"),
@@ -149,7 +150,7 @@ def _datasets(enc: _Encoder) -> dict[str, list[Example]]:
         if not line.startswith(("user", "assistant", "system"))
     )
     filler = [enc.plain(line) for line in lines][:_FILLER_LINES]  # bases see no chat
-    fresh = [enc.plain(f.sentence()) for f in news] + _articles(enc, news, "News from {town}.")
+    fresh = [enc.plain(f.sentence()) for f in news] + _articles(enc, news, NEWS_INTRO)
     return {
         "base": [enc.plain(f.sentence()) for f in old] * 4
         + _articles(enc, old, "{town} is a small town.") * 2

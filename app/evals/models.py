@@ -59,6 +59,53 @@ class EvalSpec(BaseModel):
     )
 
 
+class EvalTarget(BaseModel):
+    """What to evaluate: a model served at ``base_url``, or a model directory (an engine
+    is started for it on loopback). References only, so it can cross the queue."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: str = Field(
+        description="The served model id (with base_url), else the model's directory."
+    )
+    base_url: str | None = Field(
+        default=None,
+        description="An OpenAI-compatible server (root, /v1 or the chat completions URL) "
+        "serving `model`; None: `model` is a directory and an engine is started for it.",
+    )
+    model_dir: str | None = Field(
+        default=None,
+        description="The model's weights directory, for perplexity (and custom "
+        "log-likelihood tasks); defaults to `model` when that is a directory.",
+    )
+    chat_template_from: str | None = Field(
+        default=None,
+        description="A directory whose tokenizer, chat template and stop tokens the "
+        "started engine uses (e.g. the instruct model's, to score a base model in its "
+        "chat format); default: the model's own.",
+    )
+    api_key: str | None = Field(
+        default=None, repr=False, description="Bearer token for base_url, if it needs one."
+    )
+
+    @property
+    def weights(self) -> str | None:
+        """The weights directory, if known."""
+        return self.model_dir or (self.model if self.base_url is None else None)
+
+
+class EvalProgress(BaseModel):
+    """A step of an evaluation: a suite's examples or text sets done so far."""
+
+    model_config = ConfigDict(frozen=True)
+
+    model: str = Field(default="", description="The model (as given in its EvalTarget).")
+    suite: str
+    done: int = 0
+    total: int = 0
+    message: str = ""
+
+
 class SuiteScore(BaseModel):
     """One suite's outcome for one model."""
 

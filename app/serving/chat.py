@@ -36,6 +36,7 @@ class _Choice:
     text: str = ""
     tokens: int = 0
     finish: str | None = None
+    stop_reason: int | str | None = None  # vLLM's: a stop id other than eos, or the string
 
 
 @dataclass
@@ -145,7 +146,10 @@ class ChatService:
             usage=run.usage(),
             choices=[
                 ChatChoice(
-                    index=i, message=AssistantMessage(content=c.text), finish_reason=c.finish
+                    index=i,
+                    message=AssistantMessage(content=c.text),
+                    finish_reason=c.finish,
+                    stop_reason=c.stop_reason,
                 )
                 for i, c in enumerate(run.choices)
             ],
@@ -180,7 +184,9 @@ class ChatService:
             model=run.model,
             usage=run.usage(),
             choices=[
-                CompletionChoice(index=i, text=echo + c.text, finish_reason=c.finish)
+                CompletionChoice(
+                    index=i, text=echo + c.text, finish_reason=c.finish, stop_reason=c.stop_reason
+                )
                 for i, c in enumerate(run.choices)
             ],
         )
@@ -199,6 +205,10 @@ class ChatService:
                 choice.tokens += len(chunk.token_ids)
                 text = choice.detok.push(ids)
                 finish = "stop" if choice.detok.stopped else chunk.finish_reason
+                if choice.detok.stopped:
+                    choice.stop_reason = choice.detok.matched
+                elif stop_token and chunk.token_ids:
+                    choice.stop_reason = _stop_reason(choice.detok.tok, chunk.token_ids[-1])
                 choice.text += text
                 choice.finish = finish
                 yield chunk.index, text, finish
@@ -251,6 +261,13 @@ class ChatService:
             where = f"{run.kind} stream {run.id} of {run.model!r}"
             yield _event(map_error(exc, where=where).body)
         yield "data: [DONE]\n\n"
+
+
+def _stop_reason(tok: ServedTokenizer, token: int) -> int | None:
+    """As vLLM reports it: None for the tokenizer's end-of-sequence token (the chat
+    template's end of turn), else the id of the other stop token that ended the choice
+    (e.g. a base model's end of text)."""
+    return None if token == tok.tokenizer.eos_token_id else int(token)
 
 
 def _event(payload: dict[str, Any]) -> str:

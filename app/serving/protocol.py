@@ -96,10 +96,18 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+STOP_REASON = (
+    "vLLM's extension: the stop token id (one other than the tokenizer's end-of-sequence "
+    "token) or the stop string that ended the choice; null when it ended on the "
+    "end-of-sequence token or did not stop."
+)
+
+
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     finish_reason: str | None
+    stop_reason: int | str | None = Field(default=None, description=STOP_REASON)
     logprobs: None = None
 
 
@@ -116,6 +124,7 @@ class CompletionChoice(BaseModel):
     index: int
     text: str
     finish_reason: str | None
+    stop_reason: int | str | None = Field(default=None, description=STOP_REASON)
     logprobs: None = None
 
 

@@ -61,6 +61,7 @@ class Detokenizer:
     ids: list[int] = field(default_factory=list)
     sent: str = ""
     stopped: bool = False
+    matched: str | None = None  # the stop string that ended the text
     prefix_offset: int = 0
     read_offset: int = 0
 
@@ -79,5 +80,5 @@ class Detokenizer:
         for stop in self.stops:
             cut = self.sent.find(stop, max(0, before - len(stop) + 1))
             if cut != -1:
-                self.sent, self.stopped = self.sent[:cut], True
+                self.sent, self.stopped, self.matched = self.sent[:cut], True, stop
         return self.sent[before:]

@@ -1,6 +1,7 @@
 """`realign demo` (what `make demo` runs after installing): the service path end to end,
 as a user runs it, with the default settings — `realign serve`, POST /merge with
-serve=true, the job followed to `succeeded`, a chat through the OpenAI SDK."""
+serve=true, the job followed to `succeeded`, a chat through the OpenAI SDK, the four
+models scored."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ def test_demo_goes_through_the_service_on_default_settings(tmp_path: Path) -> No
     env = {k: v for k, v in os.environ.items() if not k.startswith("REALIGN_")}
     env["PYTHONPATH"] = str(ROOT)
     res = subprocess.run(
-        [sys.executable, "-m", "app.cli", "demo", "--steps", str(STEPS)],
+        [sys.executable, "-m", "app.cli", "demo", "--steps", str(STEPS), "--eval-limit", "2"],
         cwd=tmp_path,  # the store is models_cache/ here, as in a fresh clone
         env=env,
         capture_output=True,
@@ -37,4 +38,9 @@ def test_demo_goes_through_the_service_on_default_settings(tmp_path: Path) -> No
     assert lines[0].startswith("user: ")
     assert lines[1].startswith("merged (new_base + instruct - base):")
     assert lines[2].startswith("new_base alone, same prompt:")
+    # Then the evidence: every model scored, and the story's two ratios as measured.
+    assert lines[3].split() == ["model", "format", "ifeval-lite", "news", "ppl"]
+    assert [line.split()[0] for line in lines[4:8]] == ["base", "instruct", "new_base", "merged"]
+    assert lines[8].startswith("merged vs instruct, format:") and "news perplexity" in lines[8]
+    assert "evaluating base, instruct, new_base and the merge" in steps
     assert (tmp_path / "models_cache" / "merged").is_dir()  # published in the default store

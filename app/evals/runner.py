@@ -1,0 +1,281 @@
+"""Evaluate one model: the entry point of ``realign eval`` and of eval jobs.
+
+:func:`evaluate_model` checks the request, starts a loopback engine for a directory that
+no server serves (:class:`~app.evals.endpoint.Endpoint`), and runs the suites in a child
+process (:mod:`app.evals.worker`) whose environment keeps the Hub libraries offline —
+so this process's own settings (a worker that downloads Hub models for merges) are left
+alone, and the evaluation's memory goes with the child. Progress arrives as events;
+a progress callback that raises (e.g. ``OperationCancelledError``) stops the child and
+the engine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from app.core.errors import InvalidParameterError, ModelNotFoundError, RealignError
+from app.evals.endpoint import Endpoint, EndpointError, Served, served_ids
+from app.evals.models import EvalProgress, EvalSpec, EvalTarget, SuiteName, SuiteScore
+from app.evals.offline import offline_env
+
+ProgressFn = Callable[[EvalProgress], None]
+CHAT_SUITES = frozenset({SuiteName.chat_format, SuiteName.ifeval_lite, SuiteName.custom})
+RESULTS_DIR = "eval"
+
+
+class EvalFailedError(RealignError, RuntimeError):
+    """A suite failed; the message names it, says why, and where the log is."""
+
+    code = "eval_failed"
+    http_status = 500
+
+
+def has_chat_template(model_dir: Path) -> bool:
+    """Whether a model directory ships a chat template (in its tokenizer config or a
+    ``chat_template.jinja`` / ``.json`` file)."""
+    if any((model_dir / n).is_file() for n in ("chat_template.jinja", "chat_template.json")):
+        return True
+    config = model_dir / "tokenizer_config.json"
+    return config.is_file() and bool(json.loads(config.read_text()).get("chat_template"))
+
+
+def check_request(target: EvalTarget, spec: EvalSpec) -> None:
+    """Refuse, before anything starts, a request that cannot run.
+
+    Raises:
+        ModelNotFoundError: a directory or text file that is not there.
+        InvalidParameterError: a suite without what it needs.
+    """
+    weights = Path(target.weights) if target.weights else None
+    if weights is not None and not (weights / "config.json").is_file():
+        raise ModelNotFoundError(f"{weights}: no config.json — not a model directory")
+    for name, path in spec.texts.items():
+        if not Path(path).is_file():
+            raise ModelNotFoundError(f"text {name!r}: {path} is not a file")
+    if SuiteName.perplexity in spec.suites and weights is None:
+        raise InvalidParameterError(
+            "perplexity scores the weights: give the served model's directory too "
+            "(--model-dir, `model_dir`)"
+        )
+    if SuiteName.custom in spec.suites and not (spec.tasks_dir and spec.tasks):
+        raise InvalidParameterError("the custom suite needs a task directory and task names")
+    if spec.tasks_dir and not Path(spec.tasks_dir).is_dir():
+        raise ModelNotFoundError(f"task directory {spec.tasks_dir} does not exist")
+    chats = CHAT_SUITES.intersection(spec.suites)
+    if target.base_url is None and chats and weights is not None:
+        template = Path(target.chat_template_from) if target.chat_template_from else weights
+        if not has_chat_template(template):
+            raise InvalidParameterError(
+                f"{template} has no chat template, and the {'/'.join(sorted(chats))} suites "
+                "chat with the model: score it in another model's chat format with "
+                "--chat-template-from DIR (`chat_template_from`), e.g. the instruct model's"
+            )
+
+
+def _server_root(base_url: str) -> str:
+    url = base_url.rstrip("/").removesuffix("/chat/completions")
+    return url.removesuffix("/v1")
+
+
+def check_served(target: EvalTarget) -> None:
+    """The server at ``target.base_url`` answers and serves ``target.model``.
+
+    Raises:
+        EndpointError: nothing answers there.
+        ModelNotFoundError: it does not serve the model.
+    """
+    import httpx
+
+    assert target.base_url is not None
+    url = f"{_server_root(target.base_url)}/v1/models"
+    headers = {"Authorization": f"Bearer {target.api_key}"} if target.api_key else {}
+    try:
+        reply = httpx.get(url, headers=headers, timeout=30)
+    except httpx.HTTPError as exc:
+        raise EndpointError(f"nothing answers at {url}: {exc}") from None
+    if reply.status_code != 200:
+        raise EndpointError(f"GET {url} answered {reply.status_code}: {reply.text[:300]}")
+    ids = [m.get("id") for m in reply.json().get("data", [])]
+    if target.model not in ids:
+        raise ModelNotFoundError(
+            f"{target.base_url} does not serve {target.model!r}; it serves: "
+            f"{', '.join(map(str, ids)) or 'nothing'}"
+        )
+
+
+def evaluate_model(
+    target: EvalTarget,
+    spec: EvalSpec,
+    *,
+    progress: ProgressFn | None = None,
+    log_dir: Path | None = None,
+) -> dict[str, SuiteScore]:
+    """Run ``spec``'s suites on one model (see :func:`evaluate_models`).
+
+    Returns:
+        Suite name -> its score, in ``spec.suites`` order.
+    """
+    return evaluate_models([target], spec, progress=progress, log_dir=log_dir)[0]
+
+
+def evaluate_models(
+    targets: Sequence[EvalTarget],
+    spec: EvalSpec,
+    *,
+    progress: ProgressFn | None = None,
+    log_dir: Path | None = None,
+) -> list[dict[str, SuiteScore]]:
+    """Run ``spec``'s suites on each model in turn.
+
+    Directories share one engine on loopback (vLLM when installed, else transformers):
+    each is swapped in before its suites — in place when it has the shapes of the one
+    before, as a merge and its references do.
+
+    Args:
+        targets: served models (``base_url`` + id) and/or model directories.
+        spec: the suites and their inputs.
+        progress: called with each step (engine start, model load, examples done);
+            raising in it stops the evaluation (the child and the engine are stopped).
+        log_dir: keeps ``engine.log`` and ``eval.log`` (default: a temporary directory,
+            removed afterwards; a failure's message quotes the log's end).
+
+    Returns:
+        For each target, suite name -> its score, in ``spec.suites`` order.
+
+    Raises:
+        InvalidParameterError, ModelNotFoundError: a request that cannot run.
+        EndpointError: the engine did not start, or a server does not answer.
+        EvalFailedError: a suite failed.
+    """
+    for target in targets:
+        check_request(target, spec)
+    report = progress or (lambda p: None)
+    with ExitStack() as stack:
+        logs = log_dir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="eval-")))
+        logs.mkdir(parents=True, exist_ok=True)
+        models: list[dict[str, Any]] = [{"target": t, "label": t.model} for t in targets]
+        local = [m for m in models if m["target"].base_url is None]
+        if local and CHAT_SUITES.intersection(spec.suites):
+            _serve(local, logs, stack, report)
+        for target in targets:
+            if target.base_url is not None:
+                check_served(target)
+        return _run_child(models, spec, logs, report)
+
+
+def _serve(models: list[dict[str, Any]], logs: Path, stack: ExitStack, report: ProgressFn) -> None:
+    """Start one endpoint for the directories, and point their targets at it."""
+    ids = served_ids([Path(m["target"].model) for m in models])
+    served = {
+        i: Served(Path(m["target"].model), _path(m["target"].chat_template_from))
+        for i, m in zip(ids, models, strict=True)
+    }
+    first = models[0]["label"]
+    report(EvalProgress(model=first, suite="engine", message="starting an engine"))
+    endpoint = stack.enter_context(Endpoint(served, logs / "engine.log"))
+    report(EvalProgress(model=first, suite="engine", message=f"up at {endpoint.base_url}"))
+    for i, (served_id, m) in enumerate(zip(ids, models, strict=True)):
+        target: EvalTarget = m["target"]
+        update = {"base_url": endpoint.base_url, "model": served_id, "model_dir": target.weights}
+        m["target"] = target.model_copy(update=update)
+        m["load"] = f"{endpoint.base_url}/eval/load/{served_id}" if i else None
+
+
+def _path(value: str | None) -> Path | None:
+    return Path(value) if value else None
+
+
+def _run_child(
+    models: list[dict[str, Any]], spec: EvalSpec, logs: Path, report: ProgressFn
+) -> list[dict[str, SuiteScore]]:
+    request = logs / "request.json"
+    body = {
+        "spec": spec.model_dump(mode="json"),
+        "models": [{**m, "target": m["target"].model_dump(mode="json")} for m in models],
+    }
+    request.write_text(json.dumps(body))
+    request.chmod(0o600)  # it may hold an API key
+    log = logs / "eval.log"
+    scores: list[dict[str, SuiteScore]] = [{} for _ in models]
+    failure: dict[str, Any] | None = None
+    with log.open("wb") as sink:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "app.evals.worker", str(request)],
+            stdout=subprocess.PIPE,
+            stderr=sink,
+            stdin=subprocess.DEVNULL,
+            env=offline_env(),
+            text=True,
+        )
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                event = json.loads(line)
+                if event["event"] == "progress":
+                    report(EvalProgress.model_validate(event["progress"]))
+                elif event["event"] == "score":
+                    score = SuiteScore.model_validate(event["score"])
+                    scores[event["index"]][event["suite"]] = score
+                elif event["event"] == "error":
+                    failure = {**event, "label": models[event["index"]]["label"]}
+            proc.wait()
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        finally:
+            request.unlink(missing_ok=True)
+    if failure is not None or proc.returncode != 0:
+        raise _failed(failure, proc.returncode, log)
+    return scores
+
+
+def _failed(failure: dict[str, Any] | None, code: int, log: Path) -> RealignError:
+    tail = " | ".join(log.read_text(errors="replace").strip().splitlines()[-4:])
+    if failure is None:
+        return EvalFailedError(f"the evaluation process exited ({code}): {tail}")
+    message = f"{failure['label']}: suite {failure['suite']}: {failure['message']}"
+    if failure.get("code") in (InvalidParameterError.code, ModelNotFoundError.code):
+        return InvalidParameterError(message)
+    return EvalFailedError(message)
+
+
+def save_scores(
+    directory: Path, scores: dict[str, SuiteScore], target: EvalTarget, spec: EvalSpec
+) -> list[Path]:
+    """Write each score next to the model, ``DIR/eval/<suite>.json``, atomically (a
+    temporary file, fsync, then rename), with the model and request it came from."""
+    out = directory / RESULTS_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    created = datetime.now(UTC).isoformat()
+    for suite, score in scores.items():
+        body = {
+            "model": target.model,
+            "spec": spec.model_dump(mode="json"),
+            "created": created,
+            **score.model_dump(mode="json"),
+        }
+        path = out / f"{suite}.json"
+        fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{suite}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(body, f, indent=2)
+                f.write("\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        written.append(path)
+    return written
