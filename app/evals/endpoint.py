@@ -32,6 +32,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from app.core.errors import ModelNotFoundError, RealignError
+from app.engines.base import InlineMerge
 from app.evals.offline import offline_env
 
 if TYPE_CHECKING:
@@ -55,6 +56,7 @@ class Served:
 
     model_dir: Path
     template_dir: Path | None = None
+    inline: InlineMerge | None = None  # weights = model_dir + alpha x R, merged on load
 
 
 class DirectoryServing:
@@ -77,7 +79,7 @@ class DirectoryServing:
 
         self.served = models
         self.pool = EnginePool(factory_from_settings(settings), 1, settings.engine_wait_s)
-        self.sources = {i: ModelSource.at(i, m.model_dir) for i, m in models.items()}
+        self.sources = {i: ModelSource.at(i, m.model_dir, m.inline) for i, m in models.items()}
         self.tokenizers = {
             i: ServedTokenizer.load(m.template_dir or m.model_dir) for i, m in models.items()
         }
@@ -204,10 +206,7 @@ class Endpoint:
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log = log
         self.start_timeout = start_timeout
-        spec = {
-            i: {"model_dir": str(m.model_dir), "template_dir": str(m.template_dir or "")}
-            for i, m in models.items()
-        }
+        spec = {i: _describe(m) for i, m in models.items()}
         self.command = [sys.executable, "-m", "app.evals.endpoint", "--port", str(self.port),
                         "--models", json.dumps(spec)]  # fmt: skip
         self.proc: subprocess.Popen[bytes] | None = None
@@ -259,6 +258,24 @@ class Endpoint:
         return " | ".join(text) or f"no output (log: {self.log})"
 
 
+def _describe(m: Served) -> dict[str, Any]:
+    inline = m.inline
+    return {
+        "model_dir": str(m.model_dir),
+        "template_dir": str(m.template_dir or ""),
+        "residual_dir": str(inline.residual_dir) if inline else "",
+        "alpha": inline.alpha if inline else 1.0,
+    }
+
+
+def _served(m: dict[str, Any]) -> Served:
+    model_dir = Path(m["model_dir"])
+    template = Path(m["template_dir"]) if m["template_dir"] else None
+    residual = m.get("residual_dir")
+    inline = InlineMerge(Path(residual), model_dir, float(m["alpha"])) if residual else None
+    return Served(model_dir, template, inline)
+
+
 def main(argv: list[str] | None = None) -> None:
     """``python -m app.evals.endpoint --port P --models '{"id": {"model_dir": …,
     "template_dir": …}, …}'``."""
@@ -270,10 +287,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--models", required=True, help="JSON: id -> model_dir, template_dir")
     args = parser.parse_args(argv)
-    models = {
-        i: Served(Path(m["model_dir"]), Path(m["template_dir"]) if m["template_dir"] else None)
-        for i, m in json.loads(args.models).items()
-    }
+    models = {i: _served(m) for i, m in json.loads(args.models).items()}
     serving = DirectoryServing(get_settings(), models)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     uvicorn.run(create_endpoint_app(serving), host="127.0.0.1", port=args.port, log_level="warning")

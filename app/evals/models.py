@@ -87,6 +87,13 @@ class EvalTarget(BaseModel):
     api_key: str | None = Field(
         default=None, repr=False, description="Bearer token for base_url, if it needs one."
     )
+    inline_residual: str | None = Field(
+        default=None,
+        description="A residual pack directory: the weights are then model_dir + "
+        "inline_alpha x this residual, merged in the engine as it loads (and in memory "
+        "for perplexity) — no checkpoint is written (the alphas of a sweep).",
+    )
+    inline_alpha: float = Field(default=1.0, ge=-10.0, le=10.0)
 
     @property
     def weights(self) -> str | None:

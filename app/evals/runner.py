@@ -175,10 +175,7 @@ def evaluate_models(
 def _serve(models: list[dict[str, Any]], logs: Path, stack: ExitStack, report: ProgressFn) -> None:
     """Start one endpoint for the directories, and point their targets at it."""
     ids = served_ids([Path(m["target"].model) for m in models])
-    served = {
-        i: Served(Path(m["target"].model), _path(m["target"].chat_template_from))
-        for i, m in zip(ids, models, strict=True)
-    }
+    served = {i: _served(m["target"]) for i, m in zip(ids, models, strict=True)}
     first = models[0]["label"]
     report(EvalProgress(model=first, suite="engine", message="starting an engine"))
     endpoint = stack.enter_context(Endpoint(served, logs / "engine.log"))
@@ -188,6 +185,16 @@ def _serve(models: list[dict[str, Any]], logs: Path, stack: ExitStack, report: P
         update = {"base_url": endpoint.base_url, "model": served_id, "model_dir": target.weights}
         m["target"] = target.model_copy(update=update)
         m["load"] = f"{endpoint.base_url}/eval/load/{served_id}" if i else None
+
+
+def _served(target: EvalTarget) -> Served:
+    from app.engines.base import InlineMerge
+
+    path = Path(target.model)
+    inline = None
+    if target.inline_residual:
+        inline = InlineMerge(Path(target.inline_residual), path, target.inline_alpha)
+    return Served(path, _path(target.chat_template_from), inline)
 
 
 def _path(value: str | None) -> Path | None:

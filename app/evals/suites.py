@@ -88,7 +88,29 @@ def _hf_model(run: Run, suite: str, **options: Any) -> Any:
             "(--model-dir, `model_dir`) along with the served model"
         )
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    return HFLM(pretrained=weights, device=device, batch_size=run.spec.concurrency, **options)
+    pretrained: Any = weights
+    if run.target.inline_residual:
+        pretrained = _merged_in_memory(run.target, weights, device)
+    return HFLM(pretrained=pretrained, device=device, batch_size=run.spec.concurrency, **options)
+
+
+def _merged_in_memory(target: EvalTarget, weights: str, device: str) -> Any:
+    """The model ``weights + alpha x R`` built in memory from the streamed merge (the
+    values a written merge holds), without writing a checkpoint."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from app.residuals.inline import stream_merged
+
+    assert target.inline_residual is not None
+    model = AutoModelForCausalLM.from_pretrained(weights, dtype="auto")
+    params = model.state_dict()
+    merged = stream_merged(Path(target.inline_residual), Path(weights), target.inline_alpha)
+    with torch.no_grad():
+        for name, tensor in merged:
+            if name in params:
+                params[name].copy_(tensor)
+    return model.to(device).eval()  # type: ignore[arg-type]
 
 
 def _metrics(results: dict[str, Any], task: str) -> dict[str, float]:

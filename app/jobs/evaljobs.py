@@ -16,13 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from app.core.errors import ModelNotFoundError
+from app.core.errors import ModelNotFoundError, OperationCancelledError
 from app.evals.models import EvalReport, EvalRequest, ModelEval, SuiteName, SuiteScore
 from app.jobs.models import JobRecord, JobResult, JobStage, JobStatus
 from app.residuals.manifest import SourceInfo, read_merge_manifest
 
 if TYPE_CHECKING:
     from app.engines.source import LocalModel, Opener
+    from app.evals.models import EvalTarget
     from app.handoff.entry import ModelEntry
     from app.jobs.reporter import JobReporter
     from app.jobs.runner import JobRunner
@@ -96,59 +97,84 @@ def evaluate_items(
 ) -> EvalReport:
     """Each item on each suite of ``request``, every one asked in the chat format of the
     first (the merge's, which is the instruct model's): cached scores where the same
-    weights were evaluated on the same suite inputs in that format, else evaluated now."""
+    weights were evaluated on the same suite inputs in that format, else evaluated now,
+    all on one engine (swapped in place between models of the same shapes)."""
     rec = runner.move(reporter.rec, JobStatus.running, JobStage.evaluate, "evaluating")
     reporter.rec = rec
-    models: list[ModelEval] = []
-    chat: tuple[Path, str] | None = None
-    for item in items:
-        with item.open() as local:
-            chat = chat or (local.assets, _dir_digest(local.assets, _CHAT_FILES))
-            scores = _scores(runner, rec, item, local, request, chat, reporter, cancel)
-        models.append(
-            ModelEval(
-                label=item.label,
-                model=item.model,
-                content_key=item.content_key,
-                alpha=item.alpha,
-                suites=scores,
-            )
-        )
-    return EvalReport(spec=request, models=tuple(models))
+    with contextlib.ExitStack() as stack:
+        opened = [stack.enter_context(item.open()) for item in items]
+        chat_dir = opened[0].assets
+        chat = _dir_digest(chat_dir, _CHAT_FILES)
+        keys = [{s: _cache_key(i.content_key, s, request, chat) for s in request.suites}
+                for i in items]  # fmt: skip
+        scores = [_cached(runner, k) for k in keys]
+        for item, have in zip(items, scores, strict=True):
+            todo = tuple(s for s in request.suites if s.value not in have)
+            runner.records.add_event(rec, "log", _plan_line(item, have, todo))
+        missing = [n for n, have in enumerate(scores) if len(have) < len(request.suites)]
+        if missing:
+            reporter.check()
+            targets = [_target(opened[n], chat_dir) for n in missing]
+            fresh = _evaluate(runner, rec, targets, request, cancel)
+            for n, got in zip(missing, fresh, strict=True):
+                for name, score in got.items():
+                    runner.records.kv.set(
+                        keys[n][SuiteName(name)], score.model_dump_json(), ex=CACHE_TTL_S
+                    )
+                scores[n] |= got
+    models = tuple(
+        ModelEval(label=i.label, model=i.model, content_key=i.content_key, alpha=i.alpha,
+                  suites={s.value: have[s.value] for s in request.suites if s.value in have})
+        for i, have in zip(items, scores, strict=True)
+    )  # fmt: skip
+    return EvalReport(spec=request, models=models)
 
 
-def _scores(
+def _cached(runner: JobRunner, keys: dict[SuiteName, str]) -> dict[str, SuiteScore]:
+    out = {}
+    for suite, key in keys.items():
+        if (text := runner.records.kv.get(key)) is not None:
+            out[suite.value] = SuiteScore.model_validate_json(text)
+    return out
+
+
+def _target(local: LocalModel, chat_dir: Path) -> EvalTarget:
+    from app.evals.models import EvalTarget
+
+    inline = local.inline
+    return EvalTarget(
+        model=str(local.path),
+        chat_template_from=str(chat_dir),
+        inline_residual=str(inline.residual_dir) if inline else None,
+        inline_alpha=inline.alpha if inline else 1.0,
+    )
+
+
+def _evaluate(
     runner: JobRunner,
     rec: JobRecord,
-    item: EvalItem,
-    local: LocalModel,
+    targets: list[EvalTarget],
     request: EvalRequest,
-    chat: tuple[Path, str],
-    reporter: JobReporter,
     cancel: threading.Event,
-) -> dict[str, SuiteScore]:
-    from app.evals.run import evaluate_local
+) -> list[dict[str, SuiteScore]]:
+    """Run the suites; each suite's start and end go to the job's events, and a cancel
+    (or a lost lease) stops the evaluation's processes."""
+    from app.evals.models import EvalProgress, EvalSpec
+    from app.evals.runner import evaluate_models
 
-    kv = runner.records.kv
-    keys = {s: _cache_key(item.content_key, s, request, chat[1]) for s in request.suites}
-    scores = {s.value: SuiteScore.model_validate_json(v) for s, k in keys.items()
-              if (v := kv.get(k)) is not None}  # fmt: skip
-    todo = tuple(s for s in request.suites if s.value not in scores)
-    runner.records.add_event(rec, "log", _plan_line(item, scores, todo))
-    if not todo:
-        return scores
-    reporter.check()
-    fresh = evaluate_local(
-        local,
-        request.model_copy(update={"suites": todo}),
-        settings=runner.settings,
-        chat_assets=chat[0],
-        progress=lambda line: runner.records.add_event(rec, "log", line),
-        cancel=cancel,
-    )
-    for name, score in fresh.items():
-        kv.set(keys[SuiteName(name)], score.model_dump_json(), ex=CACHE_TTL_S)
-    return scores | fresh
+    spec = EvalSpec.model_validate(request.model_dump(exclude={"compare"}))
+    seen: set[tuple[str, str]] = set()
+
+    def progress(p: EvalProgress) -> None:
+        if cancel.is_set():
+            raise OperationCancelledError("evaluation cancelled")
+        step = (p.model, p.suite)
+        if step not in seen or (p.total and p.done == p.total):
+            seen.add(step)
+            state = f" {p.done}/{p.total}" if p.total else ""
+            runner.records.add_event(rec, "log", f"{p.model}: {p.suite}{state} {p.message}")
+
+    return evaluate_models(targets, spec, progress=progress)
 
 
 def _plan_line(item: EvalItem, cached: dict[str, SuiteScore], todo: tuple[SuiteName, ...]) -> str:
