@@ -94,16 +94,17 @@ def evaluate_items(
     request: EvalRequest,
     reporter: JobReporter,
     cancel: threading.Event,
+    chat_from: int = 0,
 ) -> EvalReport:
-    """Each item on each suite of ``request``, every one asked in the chat format of the
-    first (the merge's, which is the instruct model's): cached scores where the same
-    weights were evaluated on the same suite inputs in that format, else evaluated now,
-    all on one engine (swapped in place between models of the same shapes)."""
+    """Each item on each suite of ``request``, every one asked in the chat format of
+    item ``chat_from`` (the merge's, which is the instruct model's): cached scores where
+    the same weights were evaluated on the same suite inputs in that format, else
+    evaluated now, all on one engine (swapped in place between models of one shape)."""
     rec = runner.move(reporter.rec, JobStatus.running, JobStage.evaluate, "evaluating")
     reporter.rec = rec
     with contextlib.ExitStack() as stack:
         opened = [stack.enter_context(item.open()) for item in items]
-        chat_dir = opened[0].assets
+        chat_dir = opened[chat_from].assets
         chat = _dir_digest(chat_dir, _CHAT_FILES)
         keys = [{s: _cache_key(i.content_key, s, request, chat) for s in request.suites}
                 for i in items]  # fmt: skip

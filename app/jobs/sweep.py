@@ -45,7 +45,9 @@ def run_sweep(
         items.append(EvalItem(f"alpha={alpha:g}", s.target, content, opener, alpha))
     refs = {"base": manifest.base, "instruct": manifest.instruct}
     items += reference_items(runner, refs, [c for c in s.eval.compare if c != "target"])
-    report = choose_alpha(evaluate_items(runner, rec, items, s.eval, reporter, cancel), s.sweep)
+    # every model is asked in the chat format of a merge (the instruct model's)
+    scored = evaluate_items(runner, rec, items, s.eval, reporter, cancel, chat_from=1)
+    report = choose_alpha(scored, s.sweep)
     chosen = next(m for m in report.models if m.label == report.chosen)
     assert chosen.alpha is not None
     runner.records.add_event(

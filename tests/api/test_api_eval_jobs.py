@@ -1,0 +1,84 @@
+"""Eval jobs end to end on the embedded service and the real engine: a merge that asks
+for an evaluation, a later eval job reusing its cached scores, an alpha sweep that
+publishes its pick, and the HTML report of each."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import pytest
+
+from app.demo.tiny import TinyTriple
+from tests.api.live import merge_body, wait_for
+
+pytestmark = pytest.mark.slow
+EVAL = {"suites": ["format"], "limit": 4, "max_tokens": 16}
+
+
+def _events(client: httpx.Client, job_id: str) -> list[str]:
+    return [e["message"] for e in client.get(f"/v1/evals/{job_id}/events").json()]
+
+
+def _report(client: httpx.Client, job_id: str) -> str:
+    response = client.get(f"/v1/evals/{job_id}/report")
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("text/html")
+    assert "default-src 'none'" in response.headers["content-security-policy"]
+    return response.text
+
+
+def _format(model: dict[str, Any]) -> float:
+    value = model["suites"]["format"]["metrics"]["format"]
+    assert 0.0 <= value <= 1.0
+    return float(value)
+
+
+def test_merge_with_evaluation_then_a_cached_eval_job(
+    alice: httpx.Client, llama_triple: TinyTriple
+) -> None:
+    body = merge_body(llama_triple, eval={**EVAL, "compare": ["instruct"]})
+    job = wait_for(alice, alice.post("/merge", json=body).raise_for_status().json()["id"], 600)
+    assert job["status"] == "succeeded", job["error"]
+    report = job["result"]["evaluation"]
+    labels = [m["label"] for m in report["models"]]
+    assert labels == ["merge", "instruct"]
+    assert all(m["suites"]["format"]["n"] == 4 for m in report["models"])
+    first = [_format(m) for m in report["models"]]
+    assert 'id="plot-scores"' in _report(alice, job["id"])
+
+    # The same model and reference on the same suite: scores come from the cache.
+    model_id = job["result"]["model_id"]
+    again = alice.post("/v1/evals", json={"model": model_id, **EVAL, "compare": ["instruct"]})
+    assert again.status_code == 202, again.text
+    assert again.headers["location"] == f"/v1/evals/{again.json()['id']}"
+    done = wait_for(alice, again.json()["id"], 300)
+    assert done["status"] == "succeeded" and done["kind"] == "eval", done["error"]
+    assert done["object"] == "eval.job"
+    assert [_format(m) for m in done["result"]["evaluation"]["models"]] == first
+    log = _events(alice, done["id"])
+    assert sum("cached: format" in line for line in log) == 2, log
+    assert not any("starting an engine" in line for line in log), log
+
+
+def test_sweep_publishes_the_pick(alice: httpx.Client, llama_triple: TinyTriple) -> None:
+    sweep = {"sweep": [1.0, 0.5], "maximize": "format", "perplexity_limit": 10.0}
+    body = merge_body(llama_triple, alpha=sweep, eval=EVAL, name="swept")
+    job = wait_for(alice, alice.post("/merge", json=body).raise_for_status().json()["id"], 900)
+    assert job["status"] == "succeeded", job["error"]
+    report = job["result"]["evaluation"]
+    by_label = {m["label"]: m for m in report["models"]}
+    assert set(by_label) == {"target", "alpha=0.5", "alpha=1"}
+    assert all("ppl_general" in m["suites"]["perplexity"]["metrics"] for m in by_label.values())
+    chosen = by_label[report["chosen"]]
+    # the pick: the best format score, ties to the alpha nearest 1
+    best = max(_format(m) for label, m in by_label.items() if label != "target")
+    assert _format(chosen) == best
+    assert chosen["alpha"] == (1.0 if _format(by_label["alpha=1"]) == best else 0.5)
+    assert "maximise format" in report["objective"]
+    # the pick is what was published and registered
+    assert job["spec"]["alpha"] == chosen["alpha"]
+    models = {m["id"] for m in alice.get("/v1/models").json()["data"]}
+    assert "swept" in models
+    page = _report(alice, job["id"])
+    assert 'id="plot-alpha-score"' in page and 'id="plot-alpha-ppl"' in page
