@@ -29,7 +29,7 @@ log = logging.getLogger("app.api")
 
 _EXEMPT = ("/healthz", "/readyz", "/metrics", "/docs", "/redoc", "/openapi.json")
 _CHAT = frozenset({"/v1/chat/completions", "/v1/completions"})
-_SUBMIT = frozenset({"/merge", "/v1/merges", "/v1/residuals"})
+_SUBMIT = frozenset({"/merge", "/v1/merges", "/v1/residuals", "/v1/evals"})
 
 
 @dataclass(frozen=True)
