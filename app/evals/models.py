@@ -7,11 +7,12 @@ direction, and one headline metric the report plots.
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class SuiteName(StrEnum):
@@ -31,6 +32,12 @@ HEADLINE: dict[SuiteName, tuple[str, bool]] = {
 }
 
 
+# A file path as text: no control characters (NUL above all would reach the filesystem).
+PathText = Annotated[str, Field(min_length=1, max_length=4096, pattern=r"^[^\x00-\x1f\x7f]+$")]
+# A text set's name: `general` is the shipped set's.
+TextName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[\w.-]+$")]
+
+
 class EvalSpec(BaseModel):
     """What to evaluate a model on: suites and their inputs (references only)."""
 
@@ -41,12 +48,13 @@ class EvalSpec(BaseModel):
         min_length=1,
         description="Suites to run, in order.",
     )
-    texts: dict[str, str] = Field(
+    texts: dict[TextName, PathText] = Field(
         default_factory=dict,
+        max_length=32,
         description="perplexity: name -> text file (e.g. the new domain data); a "
         "general text set shipped with Realign is always scored as `general`.",
     )
-    tasks_dir: str | None = Field(
+    tasks_dir: PathText | None = Field(
         default=None, description="custom: a directory of lm-eval task YAML files."
     )
     tasks: tuple[str, ...] = Field(default=(), description="custom: task names to run.")
@@ -57,6 +65,13 @@ class EvalSpec(BaseModel):
     concurrency: int = Field(
         default=8, ge=1, le=256, description="Requests in flight against the engine."
     )
+
+    @field_validator("texts")
+    @classmethod
+    def _not_general(cls, texts: dict[str, str]) -> dict[str, str]:
+        if "general" in texts:
+            raise ValueError("'general' names the shipped general text: call yours otherwise")
+        return texts
 
 
 class EvalTarget(BaseModel):
@@ -130,6 +145,13 @@ class SuiteScore(BaseModel):
     requests_per_s: float | None = Field(
         default=None, description="Generation requests answered per second, if any."
     )
+
+    @field_validator("metrics")
+    @classmethod
+    def _finite(cls, metrics: dict[str, float]) -> dict[str, float]:
+        # NaN/inf (a diverged model, an empty custom metric) would serialise as JSON null
+        # and make the record unreadable: such a metric counts as not scored.
+        return {k: v for k, v in metrics.items() if math.isfinite(v)}
 
 
 class ModelEval(BaseModel):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Protocol
 
 from app.core.errors import InvalidParameterError, InvalidRefError, ModelNotFoundError
@@ -12,11 +13,12 @@ from app.jobs.models import MergeSpec
 
 
 class FileCheck(Protocol):
-    def __call__(self, text: str, what: str, *, directory: bool = False) -> None: ...
+    def __call__(self, text: str, what: str, *, directory: bool = False) -> str: ...
 
 
-def check_eval_request(request: EvalRequest, check_file: FileCheck) -> None:
-    """The request's own inputs: perplexity texts, a custom task directory.
+def check_eval_request(request: EvalRequest, check_file: FileCheck) -> EvalRequest:
+    """The request's own inputs: perplexity texts, a custom task directory; returns the
+    request with those paths resolved (what was checked is what the worker reads).
 
     Raises:
         InvalidRefError: a custom suite without its tasks, or tasks without the suite.
@@ -31,10 +33,19 @@ def check_eval_request(request: EvalRequest, check_file: FileCheck) -> None:
         )
     if not custom and (request.tasks_dir or request.tasks):
         raise InvalidRefError("tasks_dir and tasks are for the custom suite: add 'custom'")
+    update: dict[str, object] = {}
     if request.tasks_dir:
-        check_file(request.tasks_dir, "tasks_dir", directory=True)
-    for name, path in request.texts.items():
-        check_file(path, f"texts.{name}")
+        tasks_dir = update["tasks_dir"] = check_file(request.tasks_dir, "tasks_dir", directory=True)
+        if any(Path(tasks_dir).rglob("*.py")):
+            raise InvalidParameterError(
+                f"tasks_dir {request.tasks_dir}: holds Python files, which lm-eval would run "
+                "(!function) on the worker; the service takes YAML-only task directories "
+                "(run code-carrying tasks with `realign eval --tasks-dir` on your own machine)"
+            )
+    update["texts"] = {
+        name: check_file(path, f"texts.{name}") for name, path in request.texts.items()
+    }
+    return request.model_copy(update=update)
 
 
 def check_eval_job(
@@ -42,7 +53,7 @@ def check_eval_job(
     models: Sequence[ModelEntry],
     check_ref: Callable[[str], None],
     check_file: FileCheck,
-) -> None:
+) -> EvalJob:
     """An eval job: its model is a served id or an allowed model ref; ``compare`` needs a
     model a merge registered (its inputs are known).
 
@@ -50,7 +61,7 @@ def check_eval_job(
         ModelNotFoundError: neither a served id nor an allowed model directory.
         InvalidRefError: ``compare`` on a model no merge made.
     """
-    check_eval_request(job.request, check_file)
+    job = job.model_copy(update={"request": check_eval_request(job.request, check_file)})
     entry = next((m for m in models if m.id == job.model), None)
     if entry is None:
         if "/" not in job.model and ":" not in job.model:
@@ -64,6 +75,7 @@ def check_eval_job(
             f"compare {list(job.request.compare)}: only a model a merge job made has a "
             f"base, instruct and target to compare with; {job.model!r} is not one"
         )
+    return job
 
 
 def sweep_request(spec: MergeSpec) -> MergeSpec:

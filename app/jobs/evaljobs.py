@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from app.core.errors import ModelNotFoundError, OperationCancelledError
 from app.evals.models import EvalReport, EvalRequest, ModelEval, SuiteName, SuiteScore
 from app.jobs.models import JobRecord, JobResult, JobStage, JobStatus
+from app.residuals.assets import ASSET_NAMES
 from app.residuals.manifest import SourceInfo, read_merge_manifest
 
 if TYPE_CHECKING:
@@ -112,12 +113,17 @@ def evaluate_items(
         for item, have in zip(items, scores, strict=True):
             todo = tuple(s for s in request.suites if s.value not in have)
             runner.records.add_event(rec, "log", _plan_line(item, have, todo))
-        missing = [n for n, have in enumerate(scores) if len(have) < len(request.suites)]
-        if missing:
+        # Models missing the same suites are evaluated together, on those suites only.
+        groups: dict[tuple[SuiteName, ...], list[int]] = {}
+        for n, have in enumerate(scores):
+            if todo := tuple(s for s in request.suites if s.value not in have):
+                groups.setdefault(todo, []).append(n)
+        for todo, members in groups.items():
             reporter.check()
-            targets = [_target(opened[n], chat_dir) for n in missing]
-            fresh = _evaluate(runner, rec, targets, request, cancel)
-            for n, got in zip(missing, fresh, strict=True):
+            targets = [_target(opened[n], chat_dir) for n in members]
+            asked = request.model_copy(update={"suites": todo})
+            fresh = _evaluate(runner, rec, targets, asked, cancel)
+            for n, got in zip(members, fresh, strict=True):
                 for name, score in got.items():
                     runner.records.kv.set(
                         keys[n][SuiteName(name)], score.model_dump_json(), ex=CACHE_TTL_S
@@ -209,15 +215,8 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-# What makes a chat format: the template, the tokenizer, the stop tokens.
-_CHAT_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-    "chat_template.json",
-    "generation_config.json",
-)
+# What makes a chat format: the tokenizer, the template, the stop tokens (a model's assets).
+_CHAT_FILES = ASSET_NAMES
 
 
 def _dir_digest(root: Path, names: tuple[str, ...] | None = None) -> str:

@@ -87,6 +87,9 @@ class LeaseKeeper:
                     self.lost.set()
                     self.cancel.set()
                     return
+                # Steps without tensor progress (evaluations) see a cancel request here.
+                if self.records.cancel_requested(self.job_id):
+                    self.cancel.set()
             except Exception as exc:  # Redis restarting: keep working, retry next beat
                 log.warning("job %s: lease renewal failed (%s)", self.job_id, exc)
 

@@ -228,7 +228,13 @@ class JobRunner:
                 result, nbytes = run_sweep(self, rec, reporter, cancel)
             elif rec.spec.serve and rec.spec.serve_mode == "in_engine":
                 result, nbytes = self._in_engine(rec, reporter, cancel)
-            elif self.fanout is not None and self.fanout.dispatch(rec, reporter, cancel):
+            # A merge with an evaluation runs whole here: its final step would otherwise
+            # evaluate on a light worker, out of reach of this lease's cancel.
+            elif (
+                self.fanout is not None
+                and rec.spec.eval is None
+                and self.fanout.dispatch(rec, reporter, cancel)
+            ):
                 return  # the shard tasks run it; the last one's final task ends the job
             else:
                 result, nbytes = self._checkpoint(rec, reporter, cancel)

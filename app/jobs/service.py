@@ -87,7 +87,7 @@ class JobService:
         if spec.sweep is not None:
             spec = sweep_request(spec)
         if spec.eval is not None:
-            check_eval_request(spec.eval, self._check_file)
+            spec = spec.model_copy(update={"eval": check_eval_request(spec.eval, self._check_file)})
         fingerprint = hashlib.sha256(spec.fingerprint_json().encode()).hexdigest()
         rec = JobRecord(
             id=f"mrg_{uuid.uuid4().hex[:20]}",
@@ -106,7 +106,7 @@ class JobService:
         Returns:
             The job and whether it was created, as :meth:`submit`.
         """
-        check_eval_job(job, self.records.models(), self._check_ref, self._check_file)
+        job = check_eval_job(job, self.records.models(), self._check_ref, self._check_file)
         fingerprint = hashlib.sha256(f"eval:{job.model_dump_json()}".encode()).hexdigest()
         rec = JobRecord(
             id=f"evl_{uuid.uuid4().hex[:20]}",
@@ -228,9 +228,9 @@ class JobService:
         roots = self.settings.allowed_roots or [self.settings.models_cache_dir]
         return [Path(os.path.realpath(r)) for r in roots]
 
-    def _check_file(self, text: str, what: str, *, directory: bool = False) -> None:
+    def _check_file(self, text: str, what: str, *, directory: bool = False) -> str:
         """A path the evaluation reads (a text file, a task directory): under an allowed
-        root and there."""
+        root and there; returns it resolved."""
         real = Path(os.path.realpath(text))
         roots = self.allowed_roots()
         if not any(real.is_relative_to(root) for root in roots):
@@ -241,6 +241,7 @@ class JobService:
         if not (real.is_dir() if directory else real.is_file()):
             kind = "directory" if directory else "file"
             raise ModelNotFoundError(f"{what} {text}: no such {kind}")
+        return str(real)
 
     def _check_ref(self, text: str) -> None:
         ref = ModelRef.parse(text)

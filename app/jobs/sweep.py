@@ -8,9 +8,10 @@ import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+from app.core.errors import IncompatibleModelsError
 from app.evals.choose import choose_alpha
 from app.jobs.evaljobs import EvalItem, evaluate_items, reference_items
-from app.jobs.models import JobRecord, JobResult
+from app.jobs.models import JobRecord, JobResult, JobStage, JobStatus
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -36,6 +37,11 @@ def run_sweep(
     s = runner.job_spec(rec)
     assert s.sweep is not None and s.eval is not None and s.target is not None
     key, manifest = residual_of(runner, s, reporter, cancel)
+    if getattr(manifest, "vocab", None) is not None:
+        raise IncompatibleModelsError(
+            "an alpha sweep merges in the engine, which needs the target's shapes to stay "
+            "the same, but the instruct model added vocabulary rows; give one alpha"
+        )
     target = resolve_input(s.target, runner.store, runner.settings.trusted_code_sha256)
     digest = local_source(target.path, runner.store.hasher).digest
     items = [EvalItem("target", target.ref, digest, _plain(target.path))]
@@ -57,7 +63,9 @@ def run_sweep(
     picked = reporter.rec.model_copy(
         update={"spec": rec.spec.model_copy(update={"alpha": chosen.alpha})}
     )
-    reporter.rec = picked
+    picked = reporter.rec = runner.move(
+        picked, JobStatus.running, JobStage.publish, f"publishing {report.chosen}"
+    )
     result, nbytes = runner.publish(picked, reporter, cancel)
     return result.model_copy(update={"evaluation": report}), nbytes
 
