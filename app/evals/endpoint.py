@@ -223,17 +223,25 @@ class Endpoint:
                 stdin=subprocess.DEVNULL,
                 env=offline_env(),
             )
+        try:  # whatever stops the wait (a timeout, a cancel, a signal) stops the child
+            self._wait_ready(httpx)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _wait_ready(self, httpx: Any) -> None:
+        assert self.proc is not None
         deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise EndpointError(f"the engine exited ({self.proc.returncode}): {self.tail()}")
             try:
                 if httpx.get(f"{self.base_url}/healthz", timeout=2).status_code == 200:
-                    return self
+                    return
             except httpx.TransportError:
                 pass
             time.sleep(0.25)
-        self.close()
         raise EndpointError(
             f"the engine did not start within {self.start_timeout:.0f} s; {self.log}"
         )
