@@ -83,7 +83,7 @@ def _table(result: ModelEval) -> Table:
 def _save(
     weights: str | None, scores: dict[str, SuiteScore], target: EvalTarget, spec: EvalSpec
 ) -> None:
-    from app.evals.runner import save_scores
+    from app.evals.results import save_scores
 
     if weights is None:
         return
