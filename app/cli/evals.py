@@ -83,7 +83,7 @@ def _table(result: ModelEval) -> Table:
 def _save(
     weights: str | None, scores: dict[str, SuiteScore], target: EvalTarget, spec: EvalSpec
 ) -> None:
-    from app.evals.runner import save_scores
+    from app.evals.results import save_scores
 
     if weights is None:
         return
@@ -151,12 +151,12 @@ def eval_(
 ) -> None:
     """Score a model on evaluation suites built on lm-evaluation-harness, offline.
 
-    A directory gets its own engine on loopback (vLLM when installed, else transformers)
-    and its scores are written next to it (DIR/eval/<suite>.json); a served model is
-    scored through its server (--url). Generation requests run --concurrency at a time.
+    A directory gets its own engine on loopback (vLLM when installed, else
+    transformers); its scores are written next to it, DIR/eval/<suite>.json. A
+    served model is scored through its server (--url). Requests run
+    --concurrency at a time.
 
-    Example: realign eval merged/ --suite format --suite ifeval-lite --suite perplexity
-    --text news=news.txt
+    Example: realign eval merged/ --text news=news.txt
     """
     require("eval", "eval")
     from app.evals.runner import evaluate_model

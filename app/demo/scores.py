@@ -81,6 +81,7 @@ def score_demo(
     """
     from app.evals.runner import evaluate_models
 
+    workdir.mkdir(parents=True, exist_ok=True)
     news = workdir / "news.txt"
     news.write_text(news_text())
     spec = EvalSpec(

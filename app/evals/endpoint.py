@@ -23,6 +23,7 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -31,7 +32,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from app.core.errors import ModelNotFoundError, RealignError
+from app.core.errors import ModelNotFoundError, OperationCancelledError, RealignError
 from app.engines.base import InlineMerge
 from app.evals.offline import offline_env
 
@@ -196,12 +197,21 @@ class Endpoint:
         models: model id -> what to serve under it (the first is loaded at start).
         log: receives the child's output.
         start_timeout: seconds to wait for the engine (loading a large model takes long).
+        cancel: set it to stop waiting (the child is stopped).
 
     Raises:
         EndpointError: the child exited or did not answer in time.
+        OperationCancelledError: ``cancel`` was set while the engine started.
     """
 
-    def __init__(self, models: dict[str, Served], log: Path, start_timeout: float = 900) -> None:
+    def __init__(
+        self,
+        models: dict[str, Served],
+        log: Path,
+        start_timeout: float = 900,
+        cancel: threading.Event | None = None,
+    ) -> None:
+        self.cancel = cancel
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log = log
@@ -234,6 +244,9 @@ class Endpoint:
         assert self.proc is not None
         deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
+            if self.cancel is not None and self.cancel.is_set():
+                self.close()
+                raise OperationCancelledError("evaluation cancelled while the engine started")
             if self.proc.poll() is not None:
                 raise EndpointError(f"the engine exited ({self.proc.returncode}): {self.tail()}")
             try:

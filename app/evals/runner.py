@@ -16,20 +16,26 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from app.core.errors import InvalidParameterError, ModelNotFoundError, RealignError
+from app.core.errors import (
+    InvalidParameterError,
+    ModelNotFoundError,
+    OperationCancelledError,
+    RealignError,
+)
 from app.evals.endpoint import Endpoint, EndpointError, Served, served_ids
 from app.evals.models import EvalProgress, EvalSpec, EvalTarget, SuiteName, SuiteScore
 from app.evals.offline import offline_env
 
 ProgressFn = Callable[[EvalProgress], None]
-CHAT_SUITES = frozenset({SuiteName.chat_format, SuiteName.ifeval_lite, SuiteName.custom})
-RESULTS_DIR = "eval"
+TEMPLATE_SUITES = frozenset({SuiteName.chat_format, SuiteName.ifeval_lite})
+# custom's generation tasks chat too (its log-likelihood tasks read the weights).
+CHAT_SUITES = TEMPLATE_SUITES | {SuiteName.custom}
 
 
 class EvalFailedError(RealignError, RuntimeError):
@@ -70,7 +76,7 @@ def check_request(target: EvalTarget, spec: EvalSpec) -> None:
         raise InvalidParameterError("the custom suite needs a task directory and task names")
     if spec.tasks_dir and not Path(spec.tasks_dir).is_dir():
         raise ModelNotFoundError(f"task directory {spec.tasks_dir} does not exist")
-    chats = CHAT_SUITES.intersection(spec.suites)
+    chats = TEMPLATE_SUITES.intersection(spec.suites)
     if target.base_url is None and chats and weights is not None:
         template = Path(target.chat_template_from) if target.chat_template_from else weights
         if not has_chat_template(template):
@@ -118,13 +124,14 @@ def evaluate_model(
     *,
     progress: ProgressFn | None = None,
     log_dir: Path | None = None,
+    cancel: threading.Event | None = None,
 ) -> dict[str, SuiteScore]:
     """Run ``spec``'s suites on one model (see :func:`evaluate_models`).
 
     Returns:
         Suite name -> its score, in ``spec.suites`` order.
     """
-    return evaluate_models([target], spec, progress=progress, log_dir=log_dir)[0]
+    return evaluate_models([target], spec, progress=progress, log_dir=log_dir, cancel=cancel)[0]
 
 
 def evaluate_models(
@@ -133,6 +140,7 @@ def evaluate_models(
     *,
     progress: ProgressFn | None = None,
     log_dir: Path | None = None,
+    cancel: threading.Event | None = None,
 ) -> list[dict[str, SuiteScore]]:
     """Run ``spec``'s suites on each model in turn.
 
@@ -147,11 +155,14 @@ def evaluate_models(
             raising in it stops the evaluation (the child and the engine are stopped).
         log_dir: keeps ``engine.log`` and ``eval.log`` (default: a temporary directory,
             removed afterwards; a failure's message quotes the log's end).
+        cancel: set it from any thread to stop the evaluation within a fraction of a
+            second, also while the engine starts or between progress steps.
 
     Returns:
         For each target, suite name -> its score, in ``spec.suites`` order.
 
     Raises:
+        OperationCancelledError: ``cancel`` was set (or ``progress`` raised it).
         InvalidParameterError, ModelNotFoundError: a request that cannot run.
         EndpointError: the engine did not start, or a server does not answer.
         EvalFailedError: a suite failed.
@@ -165,20 +176,26 @@ def evaluate_models(
         models: list[dict[str, Any]] = [{"target": t, "label": t.model} for t in targets]
         local = [m for m in models if m["target"].base_url is None]
         if local and CHAT_SUITES.intersection(spec.suites):
-            _serve(local, logs, stack, report)
+            _serve(local, logs, stack, report, cancel)
         for target in targets:
             if target.base_url is not None:
                 check_served(target)
-        return _run_child(models, spec, logs, report)
+        return _run_child(models, spec, logs, report, cancel)
 
 
-def _serve(models: list[dict[str, Any]], logs: Path, stack: ExitStack, report: ProgressFn) -> None:
+def _serve(
+    models: list[dict[str, Any]],
+    logs: Path,
+    stack: ExitStack,
+    report: ProgressFn,
+    cancel: threading.Event | None,
+) -> None:
     """Start one endpoint for the directories, and point their targets at it."""
     ids = served_ids([Path(m["target"].model) for m in models])
     served = {i: _served(m["target"]) for i, m in zip(ids, models, strict=True)}
     first = models[0]["label"]
     report(EvalProgress(model=first, suite="engine", message="starting an engine"))
-    endpoint = stack.enter_context(Endpoint(served, logs / "engine.log"))
+    endpoint = stack.enter_context(Endpoint(served, logs / "engine.log", cancel=cancel))
     report(EvalProgress(model=first, suite="engine", message=f"up at {endpoint.base_url}"))
     for i, (served_id, m) in enumerate(zip(ids, models, strict=True)):
         target: EvalTarget = m["target"]
@@ -201,17 +218,36 @@ def _path(value: str | None) -> Path | None:
     return Path(value) if value else None
 
 
+def _write_private(path: Path, text: str) -> None:
+    """Write ``text`` readable by this user only (a request may hold an API key)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+
+
+def _watch(proc: subprocess.Popen[str], cancel: threading.Event, done: threading.Event) -> None:
+    """Kill ``proc`` when ``cancel`` is set before ``done``."""
+    while not done.wait(0.2):
+        if cancel.is_set():
+            proc.kill()
+            return
+
+
 def _run_child(
-    models: list[dict[str, Any]], spec: EvalSpec, logs: Path, report: ProgressFn
+    models: list[dict[str, Any]],
+    spec: EvalSpec,
+    logs: Path,
+    report: ProgressFn,
+    cancel: threading.Event | None,
 ) -> list[dict[str, SuiteScore]]:
     request = logs / "request.json"
     body = {
         "spec": spec.model_dump(mode="json"),
         "models": [{**m, "target": m["target"].model_dump(mode="json")} for m in models],
     }
-    request.write_text(json.dumps(body))
-    request.chmod(0o600)  # it may hold an API key
+    _write_private(request, json.dumps(body))
     log = logs / "eval.log"
+    done = threading.Event()
     scores: list[dict[str, SuiteScore]] = [{} for _ in models]
     failure: dict[str, Any] | None = None
     with log.open("wb") as sink:
@@ -223,6 +259,8 @@ def _run_child(
             env=offline_env(),
             text=True,
         )
+        if cancel is not None:
+            threading.Thread(target=_watch, args=(proc, cancel, done), daemon=True).start()
         try:
             assert proc.stdout is not None
             for line in proc.stdout:
@@ -240,7 +278,10 @@ def _run_child(
             proc.wait()
             raise
         finally:
+            done.set()
             request.unlink(missing_ok=True)
+    if cancel is not None and cancel.is_set():
+        raise OperationCancelledError("evaluation cancelled; no score was kept")
     if failure is not None or proc.returncode != 0:
         raise _failed(failure, proc.returncode, log)
     return scores
@@ -254,35 +295,3 @@ def _failed(failure: dict[str, Any] | None, code: int, log: Path) -> RealignErro
     if failure.get("code") in (InvalidParameterError.code, ModelNotFoundError.code):
         return InvalidParameterError(message)
     return EvalFailedError(message)
-
-
-def save_scores(
-    directory: Path, scores: dict[str, SuiteScore], target: EvalTarget, spec: EvalSpec
-) -> list[Path]:
-    """Write each score next to the model, ``DIR/eval/<suite>.json``, atomically (a
-    temporary file, fsync, then rename), with the model and request it came from."""
-    out = directory / RESULTS_DIR
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
-    created = datetime.now(UTC).isoformat()
-    for suite, score in scores.items():
-        body = {
-            "model": target.model,
-            "spec": spec.model_dump(mode="json"),
-            "created": created,
-            **score.model_dump(mode="json"),
-        }
-        path = out / f"{suite}.json"
-        fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{suite}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(body, f, indent=2)
-                f.write("\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        written.append(path)
-    return written

@@ -181,7 +181,7 @@ def _evaluate(
             state = f" {p.done}/{p.total}" if p.total else ""
             runner.records.add_event(rec, "log", f"{p.model}: {p.suite}{state} {p.message}")
 
-    return evaluate_models(targets, spec, progress=progress)
+    return evaluate_models(targets, spec, progress=progress, cancel=cancel)
 
 
 def _plan_line(item: EvalItem, cached: dict[str, SuiteScore], todo: tuple[SuiteName, ...]) -> str:

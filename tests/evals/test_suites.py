@@ -10,18 +10,21 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from app.core.errors import ModelNotFoundError
+from app.core.errors import ModelNotFoundError, OperationCancelledError
 from app.demo.tiny import TinyTriple
 from app.evals.endpoint import Endpoint, Served
 from app.evals.models import EvalProgress, EvalSpec, EvalTarget, ModelEval, SuiteName
-from app.evals.runner import check_served, evaluate_models, save_scores
+from app.evals.results import save_scores
+from app.evals.runner import check_served, evaluate_models
 from app.evals.tasks.hooks import split_text
 
 pytestmark = pytest.mark.slow
@@ -143,6 +146,20 @@ def test_realign_eval_scores_a_served_model_and_a_user_task(
     endpoint, model = served
     with pytest.raises(ModelNotFoundError, match="serves: served"):
         check_served(EvalTarget(model="other", base_url=endpoint.base_url))
+
+    # Cancelled as soon as generation starts: the evaluation process is stopped.
+    cancel = threading.Event()
+
+    def stop(p: EvalProgress) -> None:
+        if p.suite == "format":
+            cancel.set()
+
+    target = EvalTarget(model="served", base_url=endpoint.base_url)
+    with pytest.raises(OperationCancelledError):
+        evaluate_models([target], EvalSpec(), progress=stop, cancel=cancel)
+    workers = [p for p in psutil.Process().children(recursive=True)
+               if "app.evals.worker" in " ".join(p.cmdline())]  # fmt: skip
+    assert not workers
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     command = [sys.executable, "-m", "app.cli", "eval", "served", "--url", endpoint.base_url,
                "--model-dir", str(model), "--suite", "format", "--task", "tiny_mc",
