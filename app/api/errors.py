@@ -82,9 +82,16 @@ def map_exception(
     return map_error(exc, where=where)
 
 
+def _union_tag(part: object) -> bool:
+    """A union member pydantic names in a location ("constrained-float", "AlphaSweep"):
+    not a field the client wrote."""
+    return isinstance(part, str) and ("-" in part or part[:1].isupper())
+
+
 def _location(loc: Sequence[Any], openai_style: bool) -> str:
     # Drop the leading "body"/"query"/... so param names read like OpenAI's ("alpha").
     parts = list(loc[1:]) if len(loc) > 1 else list(loc)
+    parts = [p for p in parts if not _union_tag(p)] or parts
     if not openai_style:
         return ".".join(str(p) for p in parts)
     text = ""
