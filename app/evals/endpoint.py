@@ -17,6 +17,7 @@ main module, and the engine's memory goes with the child.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -113,14 +114,20 @@ class DirectoryServing:
         return model_id
 
     def card(self, model_id: str) -> ModelCard:
+        from app.engines.pool import describe
         from app.serving.protocol import ModelCard
 
         state = self.pool.loaded().get(self.entry(model_id), "unloaded")
+        engine = next((e["engine"] for e in describe(self.pool) if e["model"] == model_id), None)
         return ModelCard(
             id=model_id,
             created=int(time.time()),
             owned_by="realign",
-            realign={"model_dir": str(self.served[model_id].model_dir), "state": state},
+            realign={
+                "model_dir": str(self.served[model_id].model_dir),
+                "state": state,
+                "engine": engine,
+            },
         )
 
     def models(self) -> list[ModelCard]:
@@ -166,28 +173,24 @@ def create_endpoint_app(serving: DirectoryServing) -> FastAPI:
     return app
 
 
-def served_id(model_dir: Path) -> str:
-    """The model id a directory is served under: its name, in the ids' alphabet."""
-    return re.sub(r"[^\w.:-]", "-", model_dir.resolve().name) or "model"
+def served_ids(dirs: list[Path]) -> list[str]:
+    """A distinct model id for each directory: its name in the ids' alphabet (``-2``,
+    ``-3``… on repeats)."""
+    ids: list[str] = []
+    for d in dirs:
+        name = base = re.sub(r"[^\w.:-]", "-", d.resolve().name) or "model"
+        for n in itertools.count(2):
+            if name not in ids:
+                break
+            name = f"{base}-{n}"
+        ids.append(name)
+    return ids
 
 
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def served_ids(dirs: list[Path]) -> list[str]:
-    """A distinct model id for each directory (its name; ``-2``, ``-3``… on repeats)."""
-    ids: list[str] = []
-    for d in dirs:
-        base = served_id(d)
-        name, n = base, 1
-        while name in ids:
-            n += 1
-            name = f"{base}-{n}"
-        ids.append(name)
-    return ids
 
 
 class Endpoint:

@@ -14,6 +14,7 @@ import pytest
 from app.core.errors import InvalidParameterError, ModelNotFoundError
 from app.demo.tiny import TinyTriple
 from app.evals.client import Reply, chat_url
+from app.evals.endpoint import served_ids
 from app.evals.models import EvalSpec, EvalTarget, SuiteName
 from app.evals.offline import NEEDS_NLTK_DATA, OFFLINE_ENV, ifeval_checkers, offline_env
 from app.evals.runner import check_request, has_chat_template
@@ -168,3 +169,8 @@ def test_requests_that_cannot_run_are_refused_before_anything_starts(
         check_request(served, EvalSpec(texts={"news": str(tmp_path / "missing.txt")}))
     with pytest.raises(InvalidParameterError, match="task directory and task names"):
         check_request(served, EvalSpec(suites=(SuiteName.custom,)))
+
+
+def test_directories_get_distinct_model_ids() -> None:
+    dirs = [Path("/a/x"), Path("/b/x-3"), Path("/c/x"), Path("/d/x"), Path("/e/x"), Path("/f/y z")]
+    assert served_ids(dirs) == ["x", "x-3", "x-2", "x-4", "x-5", "y-z"]

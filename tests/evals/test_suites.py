@@ -14,6 +14,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import psutil
 import pytest
 import torch
@@ -121,7 +122,11 @@ def test_directories_share_one_engine_and_get_every_suite(
 
 
 @pytest.fixture
-def served(llama_triple_fp32: TinyTriple, tmp_path: Path) -> Iterator[tuple[Endpoint, Path]]:
+def served(
+    llama_triple_fp32: TinyTriple, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[Endpoint, Path]]:
+    """The endpoint on the other engine, transformers (where vLLM is not installed)."""
+    monkeypatch.setenv("REALIGN_ENGINE", "torch")
     model = shutil.copytree(llama_triple_fp32.instruct, tmp_path / "model")
     with Endpoint({"served": Served(model)}, tmp_path / "engine.log") as endpoint:
         yield endpoint, model
@@ -144,6 +149,8 @@ def test_realign_eval_scores_a_served_model_and_a_user_task(
     served: tuple[Endpoint, Path], tmp_path: Path
 ) -> None:
     endpoint, model = served
+    card = httpx.get(f"{endpoint.base_url}/v1/models").json()["data"][0]
+    assert card["id"] == "served" and card["realign"]["engine"] == "torch"
     with pytest.raises(ModelNotFoundError, match="serves: served"):
         check_served(EvalTarget(model="other", base_url=endpoint.base_url))
 
