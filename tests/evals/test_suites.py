@@ -164,9 +164,7 @@ def test_realign_eval_scores_a_served_model_and_a_user_task(
     target = EvalTarget(model="served", base_url=endpoint.base_url)
     with pytest.raises(OperationCancelledError):
         evaluate_models([target], EvalSpec(), progress=stop, cancel=cancel)
-    workers = [p for p in psutil.Process().children(recursive=True)
-               if "app.evals.worker" in " ".join(p.cmdline())]  # fmt: skip
-    assert not workers
+    assert not _live_workers()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     command = [sys.executable, "-m", "app.cli", "eval", "served", "--url", endpoint.base_url,
                "--model-dir", str(model), "--suite", "format", "--task", "tiny_mc",
@@ -189,3 +187,16 @@ def test_realign_eval_scores_a_served_model_and_a_user_task(
                "--suite", "perplexity"]  # fmt: skip
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 1 and "--model-dir" in done.stderr, done.stderr
+
+
+def _live_workers() -> list[psutil.Process]:
+    """This process's live evaluation children (other tests' zombies and exited ones
+    skipped: they hold no resources)."""
+    out = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE and "app.evals.worker" in " ".join(p.cmdline()):
+                out.append(p)
+        except (psutil.ZombieProcess, psutil.NoSuchProcess):
+            continue
+    return out
