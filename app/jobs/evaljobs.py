@@ -232,7 +232,11 @@ def _served_items(runner: JobRunner, entry: ModelEntry, request: EvalRequest) ->
     from app.serving.sources import source_of
 
     source = source_of(entry, runner.store, runner.settings.trusted_code_sha256)
-    content = entry.merged_key or f"inline-{entry.residual_key}-{entry.target}-{entry.alpha!r}"
+    # An in-engine merge is keyed by what it computes: pack, target's content, alpha (as a
+    # sweep keys its alphas), so a target changed in place is evaluated afresh.
+    content = entry.merged_key or (
+        f"inline-{entry.residual_key}-{_ref_digest(runner, entry.target)}-{entry.alpha!r}"
+    )
     items = [EvalItem("merge", entry.id, content, source.open)]
     if request.compare and entry.merged_key:
         with runner.store.using(entry.merged_key, "merged") as path:

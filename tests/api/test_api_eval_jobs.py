@@ -83,3 +83,20 @@ def test_sweep_publishes_the_pick(alice: httpx.Client, llama_triple: TinyTriple)
     assert "swept" in models
     page = _report(alice, job["id"])
     assert 'id="plot-alpha-score"' in page and 'id="plot-alpha-ppl"' in page
+
+
+def test_eval_job_of_an_in_engine_model(alice: httpx.Client, llama_triple: TinyTriple) -> None:
+    """A model served as an in-engine merge is evaluated as that merge, keyed by the pack,
+    the target's content (not its path) and alpha."""
+    body = merge_body(llama_triple, alpha=0.7, serve=True, serve_mode="in_engine", name="inl")
+    job = wait_for(alice, alice.post("/merge", json=body).raise_for_status().json()["id"], 600)
+    assert job["status"] == "succeeded", job["error"]
+    response = alice.post("/v1/evals", json={"model": "inl", **EVAL})
+    assert response.status_code == 202, response.text
+    done = wait_for(alice, response.json()["id"], 600)
+    assert done["status"] == "succeeded", done["error"]
+    (merged,) = done["result"]["evaluation"]["models"]
+    assert _format(merged) >= 0.0
+    key = merged["content_key"]
+    assert key.startswith(f"inline-{job['result']['residual_key']}-") and key.endswith("-0.7")
+    assert str(llama_triple.new_base) not in key
