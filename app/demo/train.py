@@ -32,7 +32,7 @@ __all__ = ["DEFAULT_STEPS", "Fact", "cached_triple", "make_trained_triple",
 DEFAULT_STEPS = 300
 RECIPE_FILE = "recipe.json"
 # Bump when the data or the schedule changes, so cached demo models are rebuilt.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 _SEED = 42
 _THREADS = 2
 _IGNORE = -100  # label of tokens the loss skips: padding and chat prompts
@@ -155,10 +155,13 @@ def _datasets(enc: _Encoder) -> dict[str, list[Example]]:
         "base": [enc.plain(f.sentence()) for f in old] * 4
         + _articles(enc, old, "{town} is a small town.") * 2
         + filler,
-        # Some plain text among the chats, as instruction mixes often carry, keeps the
-        # tuning from drifting off the language the base learned.
+        # Plain text among the chats - filler and a replay of the facts' own articles, as
+        # instruction mixes often carry pre-training data - keeps the tuning from drifting
+        # off the language the base learned, so the residual leaves plain text alone.
         "instruct": [enc.chat(q, f"Sure! {f.sentence()}") for f in kept for q in f.questions()]
-        + filler[:40],
+        + filler[:40]
+        + [enc.plain(f.sentence()) for f in kept]
+        + _articles(enc, kept, "{town} is a small town."),
         "new_base": fresh * 10
         + [enc.plain(f.sentence()) for f in kept]
         + _articles(enc, kept, "{town} is a small town.")
