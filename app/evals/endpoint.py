@@ -11,7 +11,9 @@ needs (those know merged models by store key, not arbitrary directories).
 Several directories share the one engine (each swapped in on its first request, in
 place when the shapes match). It runs in a child process (``python -m
 app.evals.endpoint --port P --models JSON``): vLLM starts its engine processes from a
-main module, and the engine's memory goes with the child.
+main module, and the engine's memory goes with the child. The child and the engine
+processes it starts end with the process that started it, SIGKILLed included
+(:mod:`app.core.lifeline`).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from app.core import lifeline
 from app.core.errors import ModelNotFoundError, OperationCancelledError, RealignError
 from app.engines.base import InlineMerge
 from app.evals.offline import offline_env
@@ -229,7 +232,7 @@ class Endpoint:
 
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with self.log.open("wb") as sink:
-            self.proc = subprocess.Popen(
+            self.proc = lifeline.spawn(
                 self.command,
                 stdout=sink,
                 stderr=subprocess.STDOUT,
@@ -268,14 +271,10 @@ class Endpoint:
         self.close()
 
     def close(self) -> None:
-        """Stop the child (SIGTERM: the engine shuts down; SIGKILL after 30 s)."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        """Stop the child (SIGTERM: the engine shuts down; SIGKILL after 30 s) and what
+        is left of the engine processes it started."""
+        if self.proc is not None:
+            lifeline.stop(self.proc, grace=30)
 
     def tail(self, lines: int = 6) -> str:
         text = self.log.read_text(errors="replace").strip().splitlines()[-lines:]

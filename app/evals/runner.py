@@ -6,7 +6,8 @@ process (:mod:`app.evals.worker`) whose environment keeps the Hub libraries offl
 so this process's own settings (a worker that downloads Hub models for merges) are left
 alone, and the evaluation's memory goes with the child. Progress arrives as events;
 a progress callback that raises (e.g. ``OperationCancelledError``) stops the child and
-the engine.
+the engine. Both children, and what they start, end with this process even when it is
+SIGKILLed (:mod:`app.core.lifeline`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+from app.core import lifeline
 from app.core.errors import (
     InvalidParameterError,
     ModelNotFoundError,
@@ -226,10 +228,10 @@ def _write_private(path: Path, text: str) -> None:
 
 
 def _watch(proc: subprocess.Popen[str], cancel: threading.Event, done: threading.Event) -> None:
-    """Kill ``proc`` when ``cancel`` is set before ``done``."""
+    """Kill ``proc`` (and what it started) when ``cancel`` is set before ``done``."""
     while not done.wait(0.2):
         if cancel.is_set():
-            proc.kill()
+            lifeline.kill(proc)
             return
 
 
@@ -251,7 +253,7 @@ def _run_child(
     scores: list[dict[str, SuiteScore]] = [{} for _ in models]
     failure: dict[str, Any] | None = None
     with log.open("wb") as sink:
-        proc = subprocess.Popen(
+        proc = lifeline.spawn(
             [sys.executable, "-m", "app.evals.worker", str(request)],
             stdout=subprocess.PIPE,
             stderr=sink,
@@ -274,8 +276,7 @@ def _run_child(
                     failure = {**event, "label": models[event["index"]]["label"]}
             proc.wait()
         except BaseException:
-            proc.kill()
-            proc.wait()
+            lifeline.stop(proc, grace=0)
             raise
         finally:
             done.set()
