@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 from types import FrameType
 
+from app.core import lifeline
 from app.core.errors import DeviceUnavailableError
 from app.residuals.devices import check_device
 
@@ -45,7 +45,9 @@ def run_per_gpu(gpus: list[int], queues: str, name: str) -> int:
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu), "REALIGN_DEVICE": "cuda"}
         node, at, host = name.partition("@")
         argv = ["-m", "app.cli", "worker", "-Q", queues, "-n", f"{node}-gpu{gpu}{at}{host}"]
-        procs.append(subprocess.Popen([sys.executable, *argv], env=env))
+        # Tied to this process: a supervisor killed outright takes its workers with it
+        # (their jobs are redelivered), none is left holding a GPU.
+        procs.append(lifeline.spawn([sys.executable, *argv], env=env))
 
     def forward(signum: int, _frame: FrameType | None) -> None:
         for p in procs:

@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 from rich.console import Console
 
+from app.core import lifeline
 from app.core.errors import RealignError
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
@@ -55,7 +56,8 @@ class ServeProcess:
     def __enter__(self) -> ServeProcess:
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with self.log.open("wb") as sink:
-            self.proc = subprocess.Popen(
+            # Tied to the demo: a demo killed outright leaves no server (or engine) behind.
+            self.proc = lifeline.spawn(
                 self.command, stdout=sink, stderr=subprocess.STDOUT, env=self.env
             )
         deadline = time.monotonic() + 120
@@ -76,13 +78,8 @@ class ServeProcess:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            lifeline.stop(self.proc, grace=30)
 
     def tail(self, lines: int = 8) -> str:
         """The last lines of the server's log, on one line."""
