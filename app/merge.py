@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from app.core.errors import InvalidParameterError
 from app.core.settings import Settings, get_settings
@@ -32,6 +33,9 @@ from app.residuals.progress import CancelFlag, ProgressCallback
 from app.store.base import ArtifactInfo, Store
 from app.store.recovery import Notice
 
+if TYPE_CHECKING:
+    from app.evals.stored import StoredScore
+
 __all__ = [
     "DTYPES",
     "ComputeResult",
@@ -42,6 +46,7 @@ __all__ = [
     "apply",
     "compute",
     "convert",
+    "evaluations",
     "fidelity",
     "inspect",
     "list_artifacts",
@@ -247,6 +252,13 @@ def inspect(
 ) -> ResidualManifest | MergeManifest:
     """The manifest of a residual (key or pack dir) or of a merged model directory."""
     return catalog.inspect(ref, _ctx(store, settings).store)
+
+
+def evaluations(
+    ref: str, store: StoreArg = None, settings: Settings | None = None
+) -> list[StoredScore]:
+    """The evaluation scores stored for a merged model (key, prefix or store directory)."""
+    return catalog.evaluations(ref, _ctx(store, settings).store)
 
 
 def fidelity(

@@ -203,15 +203,17 @@ def apply(
 @app.command()
 @friendly
 def inspect(
-    ref: Annotated[str, typer.Argument(help="Residual key or dir, or a merged model dir.")],
+    ref: Annotated[str, typer.Argument(help="Residual key or dir, or a merged model key or dir.")],
     store: Store = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the manifest.")] = False,
 ) -> None:
     """Show what a residual pack or a merged model is made of: sources and their hashes,
-    dtype, the largest per-tensor norms, the vocabulary policy.
+    dtype, the largest per-tensor norms, the vocabulary policy; a merged model's stored
+    evaluation scores.
 
     Example: realign inspect "$KEY" --json
     """
+    from app.merge import evaluations
     from app.merge import inspect as run
     from app.residuals.manifest import ResidualManifest
 
@@ -242,6 +244,10 @@ def inspect(
             out.print(f"    residual {r.key}  weight {r.weight}  ({r.instruct})", highlight=False)
         if m.lineage is not None:
             out.print(f"  lineage {m.lineage.summary()}", highlight=False)
+        for e in evaluations(ref, store):  # scores stored beside it (app.evals.stored)
+            figures = "  ".join(f"{k}={v:.4g}" for k, v in e.score.metrics.items())
+            asked = f"n={e.score.n} limit={e.inputs.get('limit')} {e.created:%Y-%m-%d %H:%M}"
+            out.print(f"  eval {e.suite:<12} {figures}  ({asked})", highlight=False)
     if m.vocab:
         out.print(
             f"  vocabulary {m.vocab.base_rows} -> {m.vocab.instruct_rows} rows ({m.vocab.policy})"

@@ -92,7 +92,7 @@ class Settings(BaseSettings):
 
     models_cache_dir: Path = Field(
         default=Path("models_cache"),
-        description="Root of the artifact store: residuals/, merged/, sources/.",
+        description="Root of the artifact store: residuals/, merged/, evals/, sources/.",
     )
     store_budget_gb: float | None = Field(
         default=None,

@@ -27,3 +27,8 @@ class ModelEntry(BaseModel):
     created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
     serve: bool = False
     serve_mode: str = "checkpoint"
+    content_key: str = Field(
+        default="",
+        description="What its evaluation scores are stored under (app.evals.stored) when "
+        "it is not the merged key: an in-engine merge's pack, target digest and alpha.",
+    )

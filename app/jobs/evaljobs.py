@@ -1,15 +1,16 @@
 """The worker's side of evaluations: what to evaluate (a served model, a directory, a
-merge's inputs), each model's scores cached by content key, the report kept with the job.
+merge's inputs), each model's scores kept in the store by content key
+(:mod:`app.evals.stored`), the report kept with the job.
 
 An eval job runs as a merge does (the same lease, deliveries, cancel and events); a merge
-that asks for an evaluation runs it once its model is published.
+that asks for an evaluation runs it once its model is published in the store, before
+the model is registered for serving.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -18,7 +19,9 @@ from typing import TYPE_CHECKING
 
 from app.core.errors import ModelNotFoundError, OperationCancelledError
 from app.evals.models import EvalReport, EvalRequest, ModelEval, SuiteName, SuiteScore
+from app.evals.stored import StoredScore, publish_score, read_score, score_key
 from app.jobs.models import JobRecord, JobResult, JobStage, JobStatus
+from app.jobs.outcome import Outcome
 from app.residuals.assets import ASSET_NAMES
 from app.residuals.manifest import SourceInfo, read_merge_manifest
 
@@ -28,9 +31,6 @@ if TYPE_CHECKING:
     from app.handoff.entry import ModelEntry
     from app.jobs.reporter import JobReporter
     from app.jobs.runner import JobRunner
-
-CACHE_PREFIX = "realign:eval:"
-CACHE_TTL_S = 90 * 24 * 3600
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ class EvalItem:
 
 def run_eval_job(
     runner: JobRunner, rec: JobRecord, reporter: JobReporter, cancel: threading.Event
-) -> tuple[JobResult, int]:
+) -> Outcome:
     """An eval job's run: every model evaluated (or its cached scores reused); the result
     carries the report."""
     job = rec.evaluation
@@ -63,26 +63,22 @@ def run_eval_job(
         manifest={},
         evaluation=report,
     )
-    return result, 0
+    return Outcome(result, 0)
 
 
 def evaluate_merge(
     runner: JobRunner,
     rec: JobRecord,
+    entry: ModelEntry,
     result: JobResult,
     reporter: JobReporter,
     cancel: threading.Event,
 ) -> JobResult:
-    """A merge's own evaluation, once its model is published: the merged model and the
-    inputs named in ``compare``."""
+    """A merge's own evaluation, once its model is published in the store and before
+    ``entry`` (built, not registered yet) is: the merged model and the inputs named in
+    ``compare``."""
     request = rec.spec.eval
     assert request is not None
-    entry = next((m for m in runner.records.models() if m.id == result.model_id), None)
-    if entry is None:
-        raise ModelNotFoundError(
-            f"model {result.model_id!r} of job {rec.id}: not in the catalog, so it cannot be "
-            "evaluated; run POST /v1/evals on it once it is registered"
-        )
     items = _served_items(runner, entry, request)
     report = evaluate_items(runner, rec, items, request, reporter, cancel)
     return result.model_copy(update={"evaluation": report})
@@ -107,9 +103,10 @@ def evaluate_items(
         opened = [stack.enter_context(item.open()) for item in items]
         chat_dir = opened[chat_from].assets
         chat = _dir_digest(chat_dir, _CHAT_FILES)
-        keys = [{s: _cache_key(i.content_key, s, request, chat) for s in request.suites}
+        inputs = {s: _inputs(s, request, chat) for s in request.suites}
+        keys = [{s: score_key(i.content_key, s.value, inputs[s]) for s in request.suites}
                 for i in items]  # fmt: skip
-        scores = [_cached(runner, k) for k in keys]
+        scores = [_stored(runner, rec, k) for k in keys]
         for item, have in zip(items, scores, strict=True):
             todo = tuple(s for s in request.suites if s.value not in have)
             runner.records.add_event(rec, "log", _plan_line(item, have, todo))
@@ -125,9 +122,10 @@ def evaluate_items(
             fresh = _evaluate(runner, rec, targets, asked, cancel)
             for n, got in zip(members, fresh, strict=True):
                 for name, score in got.items():
-                    runner.records.kv.set(
-                        keys[n][SuiteName(name)], score.model_dump_json(), ex=CACHE_TTL_S
-                    )
+                    suite = SuiteName(name)
+                    publish_score(runner.store, StoredScore(
+                        key=keys[n][suite], content_key=items[n].content_key, suite=name,
+                        inputs=inputs[suite], score=score))  # fmt: skip
                 scores[n] |= got
     models = tuple(
         ModelEval(label=i.label, model=i.model, content_key=i.content_key, alpha=i.alpha,
@@ -137,11 +135,16 @@ def evaluate_items(
     return EvalReport(spec=request, models=models)
 
 
-def _cached(runner: JobRunner, keys: dict[SuiteName, str]) -> dict[str, SuiteScore]:
+def _stored(runner: JobRunner, rec: JobRecord, keys: dict[SuiteName, str]) -> dict[str, SuiteScore]:
+    """The scores already in the store (a damaged record is set aside and scored again)."""
+
+    def notice(message: str) -> object:
+        return runner.records.add_event(rec, "status", message)
+
     out = {}
     for suite, key in keys.items():
-        if (text := runner.records.kv.get(key)) is not None:
-            out[suite.value] = SuiteScore.model_validate_json(text)
+        if (stored := read_score(runner.store, key, notice=notice)) is not None:
+            out[suite.value] = stored.score
     return out
 
 
@@ -190,9 +193,9 @@ def _plan_line(item: EvalItem, cached: dict[str, SuiteScore], todo: tuple[SuiteN
     return f"{item.label} ({item.model}): evaluating {run}{done}"
 
 
-def _cache_key(content_key: str, suite: SuiteName, request: EvalRequest, chat: str) -> str:
-    """Equal for the same weights on the same suite inputs: the limits, the budget, the
-    chat format, the text files' and task directory's contents."""
+def _inputs(suite: SuiteName, request: EvalRequest, chat: str) -> dict[str, object]:
+    """What a suite's score depends on besides the weights: the limits, the budget, the
+    chat format, the text files' and task directory's contents (equal inputs, equal key)."""
     inputs: dict[str, object] = {
         "limit": request.limit,
         "max_tokens": request.max_tokens,
@@ -203,8 +206,7 @@ def _cache_key(content_key: str, suite: SuiteName, request: EvalRequest, chat: s
     if suite is SuiteName.custom and request.tasks_dir:
         inputs["tasks"] = sorted(request.tasks)
         inputs["tasks_dir"] = _dir_digest(Path(request.tasks_dir))
-    blob = json.dumps(inputs, sort_keys=True).encode()
-    return f"{CACHE_PREFIX}{content_key}:{suite.value}:{hashlib.sha256(blob).hexdigest()[:24]}"
+    return inputs
 
 
 def _file_digest(path: Path) -> str:

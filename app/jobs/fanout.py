@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Protocol
 from app.core.errors import OperationCancelledError, RealignError
 from app.jobs.failures import job_error, lost_message
 from app.jobs.models import JobError, JobRecord, JobStage, JobStatus
+from app.jobs.outcome import conclude, stored_outcome
 from app.jobs.shard_inputs import open_inputs
 from app.jobs.shard_records import ShardResult, SplitPlan, SplitRecords
 from app.jobs.shard_staging import SHARDS, LocalShardStaging, ObjectShardStaging, ShardStaging
@@ -217,8 +218,8 @@ class Fanout:
             lineage=lambda pack_dir, tgt: plan.lineage or self._lineage(rec, pack_dir, tgt),
         )  # fmt: skip
         done = publish_split(step, rec.id, plan, results)
-        result, nbytes = self.runner.register(rec, done)
-        self.runner.conclude(self.records.get(rec.id) or rec, result, nbytes)
+        outcome = stored_outcome(self.runner, rec, done)
+        conclude(self.runner, self.records.get(rec.id) or rec, outcome)
         self.staging.discard(rec.id)
         split.clear(len(plan.files))
 

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from app.core.errors import IncompatibleModelsError
 from app.jobs.models import JobRecord, JobResult, MergeSpec
+from app.jobs.outcome import Outcome
 from app.jobs.records import ModelEntry
 from app.jobs.reporter import JobReporter
 from app.jobs.requests import check_in_engine
@@ -19,9 +20,10 @@ if TYPE_CHECKING:
 
 def run_in_engine(
     runner: JobRunner, rec: JobRecord, reporter: JobReporter, cancel: threading.Event
-) -> tuple[JobResult, int]:
-    """Compute (or verify the stored) residual, check it against the target and register
-    the model for the engine to merge while loading; the job's result and size (0).
+) -> Outcome:
+    """Compute (or verify the stored) residual and check it against the target; the
+    outcome's entry (registered once evaluated, if the job asks) lets the engine merge
+    the model while loading.
 
     Raises:
         IncompatibleModelsError: the instruct side added vocabulary rows (the target's
@@ -49,20 +51,18 @@ def run_in_engine(
     # serving resolves the target again on its own node: record the pinned ref
     target = resolve_input(s.target, store, settings.trusted_code_sha256)
     model_id = s.name or f"realign-{key[:8]}-inline"
-    runner.records.register_model(
-        ModelEntry(
-            id=model_id,
-            merged_key="",
-            residual_key=key,
-            alpha=s.alpha,
-            base=manifest.base.ref,
-            instruct=manifest.instruct.ref,
-            target=target.ref,
-            owner=rec.owner,
-            job_id=rec.id,
-            serve=True,
-            serve_mode="in_engine",
-        )
+    entry = ModelEntry(
+        id=model_id,
+        merged_key="",
+        residual_key=key,
+        alpha=s.alpha,
+        base=manifest.base.ref,
+        instruct=manifest.instruct.ref,
+        target=target.ref,
+        owner=rec.owner,
+        job_id=rec.id,
+        serve=True,
+        serve_mode="in_engine",
     )
     result = JobResult(
         model_id=model_id,
@@ -72,7 +72,7 @@ def run_in_engine(
         manifest={"residual": key, "target": s.target, "alpha": s.alpha},
         lineage=lineage,
     )
-    return result, 0
+    return Outcome(result, 0, entry)
 
 
 def residual_of(

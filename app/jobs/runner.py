@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import threading
 import time
 from collections.abc import Callable
 from datetime import timedelta
@@ -32,7 +31,8 @@ from app.jobs.models import (
     MergeSpec,
     utcnow,
 )
-from app.jobs.records import JobFinishedError, JobRecords, ModelEntry
+from app.jobs.outcome import checkpoint, conclude, residual_only
+from app.jobs.records import JobFinishedError, JobRecords
 from app.jobs.reporter import JobReporter
 from app.jobs.requests import residual_inputs
 from app.jobs.requeue import Pending, Requeuer
@@ -40,7 +40,6 @@ from app.store.base import Store
 
 if TYPE_CHECKING:
     from app.jobs.fanout import Fanout, ShardQueue
-    from app.merge import StoredMerge
 
 log = logging.getLogger("app.jobs")
 Enqueue = Callable[[str, str], None]  # (task name, job id)
@@ -219,15 +218,17 @@ class JobRunner:
             if rec.kind == "eval":
                 from app.jobs.evaljobs import run_eval_job
 
-                result, nbytes = run_eval_job(self, rec, reporter, cancel)
+                outcome = run_eval_job(self, rec, reporter, cancel)
             elif rec.spec.target is None:
-                result, nbytes = self._residual_only(rec, reporter, cancel)
+                outcome = residual_only(self, rec, reporter, cancel)
             elif rec.spec.sweep is not None:
                 from app.jobs.sweep import run_sweep
 
-                result, nbytes = run_sweep(self, rec, reporter, cancel)
+                outcome = run_sweep(self, rec, reporter, cancel)
             elif rec.spec.serve and rec.spec.serve_mode == "in_engine":
-                result, nbytes = self._in_engine(rec, reporter, cancel)
+                from app.jobs.inline import run_in_engine
+
+                outcome = run_in_engine(self, rec, reporter, cancel)
             # A merge with an evaluation runs whole here: its final step would otherwise
             # evaluate on a light worker, out of reach of this lease's cancel.
             elif (
@@ -237,12 +238,12 @@ class JobRunner:
             ):
                 return  # the shard tasks run it; the last one's final task ends the job
             else:
-                result, nbytes = self._checkpoint(rec, reporter, cancel)
+                outcome = checkpoint(self, rec, reporter, cancel)
             reporter.check()  # a lost lease or a cancel after the last tensor
             rec = (self.records.get(rec.id) or reporter.rec).model_copy(
                 update={"progress": reporter.rec.progress}
             )
-            self.conclude(rec, result, nbytes, reporter)
+            conclude(self, rec, outcome, reporter)  # evaluated, then registered
         except Exception as exc:  # every fault ends the job, none leaves it running
             if lease.lost.is_set():  # the job is another holder's now: write nothing
                 log.warning("job %s: run stopped after its lease was lost (%s)", rec.id, exc)
@@ -251,133 +252,6 @@ class JobRunner:
                 self._finish(reporter.rec, JobStatus.cancelled, error=error)
             else:
                 self._fail_on(reporter.rec, exc)
-
-    def conclude(
-        self, rec: JobRecord, result: JobResult, nbytes: int, reporter: JobReporter | None = None
-    ) -> None:
-        """End a merge that published its model (evaluated first when the job asks):
-        succeeded, or handed to serving."""
-        if rec.spec.eval is not None and result.evaluation is None:
-            from app.jobs.evaljobs import evaluate_merge
-
-            reporter = reporter or JobReporter(self, rec, threading.Event())
-            reporter.rec = rec
-            result = evaluate_merge(self, rec, result, reporter, reporter.cancel)
-            reporter.check()
-            rec = self.records.get(rec.id) or reporter.rec
-        rec = rec.model_copy(update={"result": result})
-        if rec.spec.serve:
-            # Serving replicas load it and report; the load watcher then ends the job.
-            rec = self._move(rec, JobStatus.running, JobStage.load, "waiting for an engine")
-            self.records.record_finish(rec, nbytes)
-            self.loads.announce(rec.id, result.model_id)
-            return
-        self._finish(rec, JobStatus.succeeded, result=result, nbytes=nbytes)
-
-    def _residual_only(
-        self, rec: JobRecord, reporter: JobReporter, cancel: threading.Event
-    ) -> tuple[JobResult, int]:
-        from app.merge import compute
-
-        s = self._spec(rec)
-        assert s.base is not None and s.instruct is not None
-        res = compute(
-            s.base,
-            s.instruct,
-            dtype=s.dtype,
-            method=s.method,
-            store=self.store,
-            settings=self.settings,
-            device=self.settings.device,
-            progress=reporter,
-            cancel=cancel,
-            notice=self._notice(reporter),
-            force=s.force,
-        )
-        result = JobResult(
-            model_id="",
-            merged_key="",
-            residual_key=res.key,
-            output=str(res.path),
-            manifest=res.manifest.model_dump(mode="json"),
-            lineage=res.lineage,
-        )
-        return result, res.manifest.total_bytes
-
-    def _checkpoint(
-        self, rec: JobRecord, reporter: JobReporter, cancel: threading.Event
-    ) -> tuple[JobResult, int]:
-        from app.merge import merge_to_store
-
-        s = self._spec(rec)
-        assert s.target is not None
-        done = merge_to_store(
-            target=s.target,
-            base=s.base,
-            instruct=s.instruct,
-            residual=s.residual,
-            alpha=s.alpha,
-            dtype=s.dtype,
-            method=s.method,
-            store=self.store,
-            settings=self.settings,
-            device=self.settings.device,
-            progress=reporter,
-            cancel=cancel,
-            notice=self._notice(reporter),
-            params=dict(s.params),
-            residuals=residual_inputs(s),
-            force=s.force,
-        )
-        reporter.check()  # nothing registered for a job this worker no longer owns
-        rec = self._move(reporter.rec, JobStatus.running, JobStage.publish)
-        return self.register(rec, done)
-
-    def publish(
-        self, rec: JobRecord, reporter: JobReporter, cancel: threading.Event
-    ) -> tuple[JobResult, int]:
-        """Merge ``rec``'s spec on this worker and register it (a checkpoint, or for
-        in-engine serving the residual and target); the job's result and size."""
-        if rec.spec.serve and rec.spec.serve_mode == "in_engine":
-            return self._in_engine(rec, reporter, cancel)
-        return self._checkpoint(rec, reporter, cancel)
-
-    def register(self, rec: JobRecord, done: StoredMerge) -> tuple[JobResult, int]:
-        """Register a published merged model for serving; the job's result and size."""
-        s = self._spec(rec)
-        model_id = s.name or f"realign-{done.key[:12]}"
-        m = done.manifest
-        self.records.register_model(
-            ModelEntry(
-                id=model_id,
-                merged_key=done.key,
-                residual_key=done.residual_key,
-                alpha=s.alpha,
-                base=m.base.ref,
-                instruct=m.instruct.ref,
-                target=m.target.ref,
-                owner=rec.owner,
-                job_id=rec.id,
-                serve=s.serve,
-                serve_mode=s.serve_mode,
-            )
-        )
-        result = JobResult(
-            model_id=model_id,
-            merged_key=done.key,
-            residual_key=done.residual_key,
-            output=str(done.path),
-            manifest=m.model_dump(mode="json"),
-            lineage=m.lineage,
-        )
-        return result, sum(f.size for f in m.files.values())
-
-    def _in_engine(
-        self, rec: JobRecord, reporter: JobReporter, cancel: threading.Event
-    ) -> tuple[JobResult, int]:
-        from app.jobs.inline import run_in_engine
-
-        return run_in_engine(self, rec, reporter, cancel)
 
     def _live(self, job_id: str) -> JobRecord | None:
         rec = self.records.get(job_id)
@@ -431,18 +305,22 @@ class JobRunner:
             return rec
         return self.records.save(rec.model_copy(update={"resolved": pins}))
 
-    def _notice(self, reporter: JobReporter) -> Callable[[str], object]:
-        """Where a rebuilt corrupt artifact is told: the job's events."""
-        return lambda msg: self.records.add_event(reporter.rec, "status", msg)
-
     # The split merge (app.jobs.fanout) moves and ends jobs the same way.
     def move(
         self, rec: JobRecord, status: JobStatus, stage: JobStage | None, message: str = ""
     ) -> JobRecord:
         return self._move(rec, status, stage, message)
 
-    def finish(self, rec: JobRecord, status: JobStatus, *, error: JobError | None) -> None:
-        self._finish(rec, status, error=error)
+    def finish(
+        self,
+        rec: JobRecord,
+        status: JobStatus,
+        *,
+        error: JobError | None = None,
+        result: JobResult | None = None,
+        nbytes: int = 0,
+    ) -> None:
+        self._finish(rec, status, error=error, result=result, nbytes=nbytes)
 
     def job_spec(self, rec: JobRecord) -> MergeSpec:
         return self._spec(rec)

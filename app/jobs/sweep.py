@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING
 from app.core.errors import IncompatibleModelsError
 from app.evals.choose import choose_alpha
 from app.jobs.evaljobs import EvalItem, evaluate_items, reference_items
-from app.jobs.models import JobRecord, JobResult, JobStage, JobStatus
+from app.jobs.models import JobRecord, JobStage, JobStatus
+from app.jobs.outcome import Outcome, publish
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -23,9 +24,10 @@ if TYPE_CHECKING:
 
 def run_sweep(
     runner: JobRunner, rec: JobRecord, reporter: JobReporter, cancel: threading.Event
-) -> tuple[JobResult, int]:
+) -> Outcome:
     """The residual (computed or reused), the target and every alpha evaluated, the pick
-    merged and published (and served when asked); the result carries the sweep's report.
+    merged and published in the store; the result carries the sweep's report, and the
+    outcome the pick's entry (registered, and served when asked, as the job ends).
 
     Raises:
         NoAlphaError: no alpha met the objective (nothing is published).
@@ -66,8 +68,11 @@ def run_sweep(
     picked = reporter.rec = runner.move(
         picked, JobStatus.running, JobStage.publish, f"publishing {report.chosen}"
     )
-    result, nbytes = runner.publish(picked, reporter, cancel)
-    return result.model_copy(update={"evaluation": report}), nbytes
+    done = publish(runner, picked, reporter, cancel)
+    entry = done.entry
+    if entry is not None and not entry.merged_key:  # served as the very merge it scored
+        entry = entry.model_copy(update={"content_key": chosen.content_key or ""})
+    return Outcome(done.result.model_copy(update={"evaluation": report}), done.nbytes, entry)
 
 
 def _plain(path: Path) -> Opener:

@@ -308,30 +308,33 @@ def read_sealed(path: Path) -> dict[str, Any]:
             match the seal (one flipped byte anywhere is enough).
         FileNotFoundError: there is no such file.
     """
-    raw = path.read_bytes()
+    return parse_sealed(path.read_bytes(), str(path.parent), path.name)
+
+
+def parse_sealed(raw: bytes, where: str, name: str) -> dict[str, Any]:
+    """The fields of the sealed manifest ``raw`` (file ``name`` of artifact ``where``),
+    after checking its seal (ArtifactCorruptError, as :func:`read_sealed`)."""
     try:
         data = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ArtifactCorruptError(
-            f"{path.parent}: {path.name} is not valid JSON ({exc}) — the file changed on disk",
-            file=path.name,
+            f"{where}: {name} is not valid JSON ({exc}) — the file changed on disk", file=name
         ) from None
     if not isinstance(data, dict):
         raise ArtifactCorruptError(
-            f"{path.parent}: {path.name} is not a JSON object — the file changed on disk",
-            file=path.name,
+            f"{where}: {name} is not a JSON object — the file changed on disk", file=name
         )
     seal = data.pop(SEAL, None)
     if not isinstance(seal, str) or len(seal) != 64:
         raise ArtifactCorruptError(
-            f"{path.parent}: {path.name} carries no seal (sha256 of itself): it was edited "
+            f"{where}: {name} carries no seal (sha256 of itself): it was edited "
             "or written by an older version — build the artifact again",
-            file=path.name,
+            file=name,
         )
     cut = raw.rfind(seal.encode())
     unsealed = raw[:cut] + _UNSEALED + raw[cut + 64 :]
     if cut < 0 or hashlib.sha256(unsealed).hexdigest() != seal:
-        raise ArtifactCorruptError(mismatch_message(str(path.parent), path.name), file=path.name)
+        raise ArtifactCorruptError(mismatch_message(where, name), file=name)
     return data
 
 

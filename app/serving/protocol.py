@@ -143,7 +143,8 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str
     realign: dict[str, Any] = Field(
-        description="Provenance: base, instruct, target, residual key, alpha, state."
+        description="Provenance: base, instruct, target, residual key, alpha, state; "
+        "for one model (GET /v1/models/{id}) also `evaluations`, its stored scores."
     )
 
 

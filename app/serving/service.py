@@ -125,9 +125,11 @@ class ServingService:
         state = self.pool.loaded()
         return [self.card(e, state.get(e.id, "unloaded")) for e in self.board.models()]
 
-    def card(self, e: ModelEntry, state: str | None = None) -> ModelCard:
+    def card(self, e: ModelEntry, state: str | None = None, *, scores: bool = False) -> ModelCard:
+        """The model object of ``e``; with ``scores``, its stored evaluation scores too
+        (``realign.evaluations``: one read of the store per score, so one model's card)."""
         state = state or self.pool.loaded().get(e.id, "unloaded")
-        return ModelCard(
+        card = ModelCard(
             id=e.id,
             created=int(e.created_at.timestamp()),
             owned_by=e.owner,
@@ -143,6 +145,23 @@ class ServingService:
                 "job_id": e.job_id,
             },
         )
+        if scores and (evaluations := self._scores(e)) is not None:
+            card.realign["evaluations"] = evaluations
+        return card
+
+    def _scores(self, e: ModelEntry) -> list[dict[str, Any]] | None:
+        """The model's stored evaluation scores, oldest first; None when the store
+        cannot be read now (the card goes out without them)."""
+        from app.evals.stored import scores_of
+
+        key = e.content_key or e.merged_key
+        if not key:
+            return []
+        try:
+            return [s.summary() for s in scores_of(self.store, key)]
+        except RealignError as exc:
+            log.warning("model %s: evaluation scores not read (%s)", e.id, exc)
+            return None
 
     # -- loading --------------------------------------------------------------------------
     def _loading_task(self, model_id: str) -> asyncio.Task[str]:

@@ -2,9 +2,13 @@
 
 Callers take a store from :func:`app.store.factory.store_from_settings` and type
 against :class:`Store`. Artifacts are content-addressed (``residuals/<key>``,
-``merged/<key>``) and always read from a local directory: a remote backend keeps a
-node-local read-through cache, and ``using`` hands out its path pinned against
-eviction.
+``merged/<key>``, ``evals/<key>``) and always read from a local directory: a remote
+backend keeps a node-local read-through cache, and ``using`` hands out its path pinned
+against eviction.
+
+An ``evals`` artifact is one sealed JSON file, :data:`EVAL_FILE`: a model's score on one
+suite (see :mod:`app.evals.stored`). Such records are a few hundred bytes: they are kept
+whatever the budget (eviction, ``realign ls`` and ``usage`` count the weights only).
 """
 
 from __future__ import annotations
@@ -19,7 +23,10 @@ from app.residuals.hashing import FileHasher
 from app.residuals.manifest import MergeManifest, ResidualManifest
 from app.store.s3 import S3Config
 
-Kind = Literal["residuals", "merged"]
+Kind = Literal["residuals", "merged", "evals"]
+# What the budget counts and evicts, and ``artifacts()`` lists by default.
+WEIGHT_KINDS: tuple[Kind, ...] = ("residuals", "merged")
+EVAL_FILE = "realign-eval.json"
 
 
 @dataclass(frozen=True)
@@ -66,6 +73,10 @@ class Store(Protocol):
         leave it alone meanwhile."""
         ...
 
+    def keys(self, kind: Kind, prefix: str = "") -> list[str]:
+        """The published keys of ``kind`` that start with ``prefix``, sorted."""
+        ...
+
     def read_text(self, key: str, name: str, kind: Kind = "residuals") -> str:
         """One small file of an artifact (a manifest) without fetching the rest."""
         ...
@@ -107,7 +118,7 @@ class Store(Protocol):
         ...
 
     def artifacts(self, kind: Kind | None = None) -> list[ArtifactInfo]:
-        """Every published artifact (of ``kind``)."""
+        """Every published artifact of ``kind`` (None: of the :data:`WEIGHT_KINDS`)."""
         ...
 
     def usage(self) -> int:

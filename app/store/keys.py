@@ -11,6 +11,7 @@ from app.core.errors import AmbiguousKeyError, ArtifactNotFoundError
 
 KEY_LENGTH = 32
 _KEY = re.compile(r"^[0-9a-f]{6,64}$")
+_MERGED = re.compile(rf"^[0-9a-f]{{{KEY_LENGTH}}}$")
 _SCHEMA = 1  # bump when the pack format changes incompatibly
 
 
@@ -57,6 +58,22 @@ def merged_key(
     if residuals and [(k, float(w)) for k, w in residuals] != [(residual, 1.0)]:
         fields["residuals"] = json.dumps([[k, repr(float(w))] for k, w in residuals])
     return _key(fields)
+
+
+def eval_key(content_key: str, suite: str, inputs: str) -> str:
+    """Key of one model's score on one suite with given inputs (``inputs``: a digest of
+    the limits, budget, chat format and data files); the model's part comes first
+    (:func:`eval_prefix`), so that a model's scores are listed by that prefix."""
+    fields = {"kind": "eval", "model": content_key, "suite": suite, "inputs": inputs}
+    return eval_prefix(content_key) + _key(fields)
+
+
+def eval_prefix(content_key: str) -> str:
+    """The key prefix of every score of the model with ``content_key``: its merged key
+    itself (so its scores sit beside it), else a digest of the content key."""
+    if _MERGED.match(content_key):
+        return content_key
+    return hashlib.sha256(f"eval-model:{content_key}".encode()).hexdigest()[:KEY_LENGTH]
 
 
 def _key(fields: dict[str, str]) -> str:

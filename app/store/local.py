@@ -21,7 +21,7 @@ import time
 import uuid
 from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from app.core.errors import (
     ArtifactInUseError,
@@ -38,7 +38,7 @@ from app.residuals.manifest import (
     read_residual_manifest,
 )
 from app.residuals.publish import publish
-from app.store.base import ArtifactInfo, Kind, evict_lru
+from app.store.base import WEIGHT_KINDS, ArtifactInfo, Kind, evict_lru
 from app.store.keys import pick_key
 from app.store.quarantine import (
     QUARANTINE,
@@ -83,7 +83,7 @@ class LocalStore:
         self.s3 = s3 or S3Config()
         self.budget_bytes = budget_bytes
         self.locking = locking
-        for sub in ("residuals", "merged", "sources", ".locks", ".access", QUARANTINE):
+        for sub in (*get_args(Kind), "sources", ".locks", ".access", QUARANTINE):
             (root / sub).mkdir(parents=True, exist_ok=True)
         self.staging = StagingArea(root / ".staging", lease_s)
         self.staging.sweep()  # what builders that died left, once their lease ran out
@@ -102,8 +102,10 @@ class LocalStore:
         Raises:
             ArtifactNotFoundError, AmbiguousKeyError.
         """
-        matches = [p.name for p in (self.root / kind).glob(f"{prefix}*") if p.is_dir()]
-        return pick_key(prefix, matches, kind, self.root)
+        return pick_key(prefix, self.keys(kind, prefix), kind, self.root)
+
+    def keys(self, kind: Kind, prefix: str = "") -> list[str]:
+        return sorted(p.name for p in (self.root / kind).glob(f"{prefix}*") if p.is_dir())
 
     # -- locks ----------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -283,9 +285,8 @@ class LocalStore:
 
     # -- maintenance ----------------------------------------------------------------------
     def artifacts(self, kind: Kind | None = None) -> list[ArtifactInfo]:
-        kinds: list[Kind] = [kind] if kind else ["residuals", "merged"]
         out = []
-        for k in kinds:
+        for k in [kind] if kind else WEIGHT_KINDS:
             for path in sorted((self.root / k).iterdir()):
                 if path.is_dir():
                     out.append(self._info(path.name, k))

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from app.core.errors import ArtifactCorruptError, ArtifactNotFoundError, BuildLockLostError
 from app.residuals.manifest import MergeManifest, ResidualManifest
-from app.store.base import ArtifactInfo, Kind, evict_lru
+from app.store.base import WEIGHT_KINDS, ArtifactInfo, Kind, evict_lru
 from app.store.commit import build_prefix, commit_files, publish
 from app.store.keys import pick_key
 from app.store.local import LocalStore
@@ -90,7 +90,10 @@ class ObjectStore:
         Raises:
             ArtifactNotFoundError, AmbiguousKeyError.
         """
-        return pick_key(prefix, self.bucket.keys(kind, prefix), kind, self.url)
+        return pick_key(prefix, self.keys(kind, prefix), kind, self.url)
+
+    def keys(self, kind: Kind, prefix: str = "") -> list[str]:
+        return self.bucket.keys(kind, prefix)
 
     @contextlib.contextmanager
     def using(self, key: str, kind: Kind = "residuals") -> Iterator[Path]:
@@ -306,9 +309,8 @@ class ObjectStore:
     # -- maintenance ----------------------------------------------------------------------
     def artifacts(self, kind: Kind | None = None) -> list[ArtifactInfo]:
         """Every published artifact; last use and in-use are as seen from this node."""
-        kinds: list[Kind] = [kind] if kind else ["residuals", "merged"]
         out = []
-        for k in kinds:
+        for k in [kind] if kind else WEIGHT_KINDS:
             cached = {a.key: a for a in self.cache.artifacts(k)}
             for key, (size, stamp) in self.bucket.listing(k).items():
                 local = cached.get(key)
@@ -343,7 +345,7 @@ class ObjectStore:
         if self.budget_bytes is None:
             return removed
         young = time.time() - self.lease_s
-        for kind in ("residuals", "merged"):
+        for kind in WEIGHT_KINDS:
             kept |= {k for k, (_, t) in self.bucket.listing(kind).items() if t > young}
         return removed + evict_lru(self, self.budget_bytes, kept)
 

@@ -105,13 +105,14 @@ class Bucket:
 
     def keys(self, kind: Kind, start: str = "") -> list[str]:
         """Keys of ``kind`` with a commit marker, starting with ``start``."""
-        return [k for k in self.listing(kind) if k.startswith(start)]
+        return [k for k in self.listing(kind, start) if k.startswith(start)]
 
-    def listing(self, kind: Kind) -> dict[str, tuple[int, float]]:
-        """Published keys of ``kind`` -> (bytes, publication time), from one listing
-        (plus a marker read for a key that also has uncommitted uploads)."""
+    def listing(self, kind: Kind, start: str = "") -> dict[str, tuple[int, float]]:
+        """Published keys of ``kind`` (starting with ``start``) -> (bytes, publication
+        time), from one listing (plus a marker read for a key that also has uncommitted
+        uploads)."""
         out = {}
-        for key, entry in sorted(self.scan(kind).items()):
+        for key, entry in sorted(self.scan(kind, start).items()):
             if entry.marker is None:
                 continue
             if len(entry.groups) == 1:
@@ -123,11 +124,12 @@ class Bucket:
             out[key] = (size, entry.marker)
         return out
 
-    def scan(self, kind: Kind) -> dict[str, Scanned]:
-        """Every key of ``kind`` in the bucket, committed or not, with its objects."""
+    def scan(self, kind: Kind, start: str = "") -> dict[str, Scanned]:
+        """Every key of ``kind`` (starting with ``start``) in the bucket, committed or
+        not, with its objects."""
         base = self.name(kind) + "/"
         out: dict[str, Scanned] = {}
-        for obj in list_objects(self.cfg, self.bucket, base):
+        for obj in list_objects(self.cfg, self.bucket, base + start):
             key, _, tail = obj["Key"][len(base) :].partition("/")
             entry = out.setdefault(key, Scanned())
             if tail == COMMIT:

@@ -16,7 +16,8 @@ from __future__ import annotations
 import logging
 
 from app.core.errors import ArtifactCorruptError, ArtifactInUseError, ArtifactNotFoundError
-from app.store.base import Kind
+from app.residuals.manifest import read_sealed
+from app.store.base import EVAL_FILE, Kind
 from app.store.local import LocalStore
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,8 @@ def drop_stale(cache: LocalStore, key: str, kind: Kind, url: str) -> bool:
     try:
         if kind == "merged":
             cache.verify_merged(key)
+        elif kind == "evals":
+            read_sealed(cache.path(key, kind) / EVAL_FILE)
         else:
             cache.verify(key)
     except (ArtifactCorruptError, FileNotFoundError) as exc:

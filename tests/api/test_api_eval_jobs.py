@@ -1,9 +1,12 @@
 """Eval jobs end to end on the embedded service and the real engine: a merge that asks
-for an evaluation, a later eval job reusing its cached scores, an alpha sweep that
-publishes its pick, and the HTML report of each."""
+for an evaluation (its scores stored beside the model and shown in its model object), a
+later eval job reusing them, a failed evaluation that registers nothing, an alpha sweep
+that publishes its pick, and the HTML report of each."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -35,7 +38,7 @@ def _format(model: dict[str, Any]) -> float:
 
 
 def test_merge_with_evaluation_then_a_cached_eval_job(
-    alice: httpx.Client, llama_triple: TinyTriple
+    alice: httpx.Client, llama_triple: TinyTriple, api_store: Path
 ) -> None:
     # alphas of their own: other modules' tests time merges of this triple at alpha 1
     body = merge_body(llama_triple, alpha=0.9, eval={**EVAL, "compare": ["instruct"]})
@@ -48,8 +51,17 @@ def test_merge_with_evaluation_then_a_cached_eval_job(
     first = [_format(m) for m in report["models"]]
     assert 'id="plot-scores"' in _report(alice, job["id"])
 
-    # The same model and reference on the same suite: scores come from the cache.
-    model_id = job["result"]["model_id"]
+    # Stored beside the model (its key starts the record's), shown in its model object.
+    model_id, merged_key = job["result"]["model_id"], job["result"]["merged_key"]
+    card = alice.get(f"/v1/models/{model_id}").json()
+    (scored,) = card["realign"]["evaluations"]
+    assert scored["suite"] == "format" and scored["metrics"]["format"] == first[0]
+    assert scored["n"] == 4 and scored["limit"] == 4 and scored["max_tokens"] == 16
+    assert scored["key"].startswith(merged_key)
+    record = json.loads((api_store / "evals" / scored["key"] / "realign-eval.json").read_text())
+    assert record["content_key"] == merged_key and record["score"]["suite"] == "format"
+
+    # The same model and reference on the same suite: scores come from the store.
     again = alice.post("/v1/evals", json={"model": model_id, **EVAL, "compare": ["instruct"]})
     assert again.status_code == 202, again.text
     assert again.headers["location"] == f"/v1/evals/{again.json()['id']}"
@@ -87,10 +99,17 @@ def test_sweep_publishes_the_pick(alice: httpx.Client, llama_triple: TinyTriple)
 
 def test_eval_job_of_an_in_engine_model(alice: httpx.Client, llama_triple: TinyTriple) -> None:
     """A model served as an in-engine merge is evaluated as that merge, keyed by the pack,
-    the target's content (not its path) and alpha."""
-    body = merge_body(llama_triple, alpha=0.7, serve=True, serve_mode="in_engine", name="inl")
+    the target's content (not its path) and alpha: by its merge job (before it is
+    registered), then by an eval job that finds those scores."""
+    body = merge_body(
+        llama_triple, alpha=0.7, serve=True, serve_mode="in_engine", name="inl", eval=EVAL
+    )
     job = wait_for(alice, alice.post("/merge", json=body).raise_for_status().json()["id"], 600)
     assert job["status"] == "succeeded", job["error"]
+    (scored,) = alice.get("/v1/models/inl").json()["realign"]["evaluations"]
+    assert (
+        scored["metrics"] == job["result"]["evaluation"]["models"][0]["suites"]["format"]["metrics"]
+    )
     response = alice.post("/v1/evals", json={"model": "inl", **EVAL})
     assert response.status_code == 202, response.text
     done = wait_for(alice, response.json()["id"], 600)
@@ -100,3 +119,33 @@ def test_eval_job_of_an_in_engine_model(alice: httpx.Client, llama_triple: TinyT
     key = merged["content_key"]
     assert key.startswith(f"inline-{job['result']['residual_key']}-") and key.endswith("-0.7")
     assert str(llama_triple.new_base) not in key
+    assert any("cached: format" in line for line in _events(alice, done["id"]))
+
+
+@pytest.mark.parametrize("mode", ["checkpoint", "in_engine"])
+def test_a_failed_evaluation_registers_nothing(
+    alice: httpx.Client, llama_triple: TinyTriple, sandbox: Path, api_store: Path, mode: str
+) -> None:
+    """The merge is published in the store (later merges reuse it), its evaluation fails
+    for real (a text that is not UTF-8), and the job fails with no model registered,
+    listed or announced for serving."""
+    bad = sandbox / f"undecodable-{mode}.txt"
+    bad.write_bytes(b"plain words, then \xff\xfe not UTF-8\n")
+    name = f"unchecked-{mode}"
+    check = {"suites": ["perplexity"], "texts": {"bad": str(bad)}, "limit": 2}
+    body = merge_body(llama_triple, alpha=0.55, serve=True, serve_mode=mode, name=name, eval=check)
+    job = wait_for(alice, alice.post("/merge", json=body).raise_for_status().json()["id"], 600)
+    assert job["status"] == "failed" and job["stage"] == "evaluate", job
+    assert job["error"]["code"] == "eval_failed", job["error"]
+    assert "perplexity" in job["error"]["message"] and "utf-8" in job["error"]["message"]
+    assert job["result"] is None
+    assert name not in {m["id"] for m in alice.get("/v1/models").json()["data"]}
+    assert alice.get(f"/v1/models/{name}").status_code == 404
+    log = _events(alice, job["id"])
+    assert not any("waiting for an engine" in line for line in log), log
+    if mode == "checkpoint":  # the checkpoint itself stays published, for reuse
+        alphas = [
+            json.loads((p / "realign.json").read_text())["alpha"]
+            for p in (api_store / "merged").iterdir()
+        ]
+        assert 0.55 in alphas

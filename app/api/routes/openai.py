@@ -72,4 +72,6 @@ def list_models(serving: ServingDep, caller: CallerDep) -> ModelList:
     "/v1/models/{model_id:path}", responses=error_responses(401, 404), summary="One served model"
 )
 def get_model(model_id: ModelId, serving: ServingDep, caller: CallerDep) -> ModelCard:
-    return serving.card(serving.entry(model_id))
+    """The model with provenance, and the evaluation scores stored for it
+    (``realign.evaluations``: suite, metrics, examples, limit, when)."""
+    return serving.card(serving.entry(model_id), scores=True)
