@@ -17,12 +17,11 @@ from pathlib import Path
 
 import psutil
 import pytest
-import redis
 
 from app.core.settings import Settings
 from app.demo.tiny import TinyTriple
-from app.evals.models import EvalJob, EvalRequest, SuiteName, SuiteScore
-from app.jobs.evaljobs import CACHE_PREFIX
+from app.evals.models import EvalJob, EvalRequest, SuiteName
+from app.evals.stored import read_score
 from app.jobs.models import Caller, JobStage, JobStatus
 from app.jobs.service import JobService
 from tests.core.test_lifeline import describe, gone, wait_gone
@@ -75,8 +74,8 @@ def _in_group(pgid: int) -> list[psutil.Process]:
 @pytest.fixture
 def cluster(
     redis_server: RedisServer, llama_triple: TinyTriple, store_dir: Path, tmp_path: Path
-) -> Iterator[tuple[JobService, Callable[[str], Workers], redis.Redis]]:
-    """The job service, workers by engine (vllm, torch) and a client of Redis."""
+) -> Iterator[tuple[JobService, Callable[[str], Workers]]]:
+    """The job service and workers by engine (vllm, torch)."""
     roots = [llama_triple.base.parent]
     env = service_env(
         redis_server.url,
@@ -93,16 +92,16 @@ def cluster(
 
     settings = Settings(redis_url=redis_server.url, models_cache_dir=store_dir, allowed_roots=roots)
     try:
-        yield JobService.from_settings(settings), workers, redis.Redis.from_url(redis_server.url)
+        yield JobService.from_settings(settings), workers
     finally:
         for w in made.values():
             w.stop_all()
 
 
 def test_a_worker_killed_mid_evaluation_leaves_no_process_and_no_score(
-    cluster: tuple[JobService, Callable[[str], Workers], redis.Redis], llama_triple: TinyTriple
+    cluster: tuple[JobService, Callable[[str], Workers]], llama_triple: TinyTriple
 ) -> None:
-    svc, workers, kv = cluster
+    svc, workers = cluster
     vllm = workers("vllm")
     proc = vllm.start("doomed")
     doomed = psutil.Process(proc.pid)
@@ -122,7 +121,7 @@ def test_a_worker_killed_mid_evaluation_leaves_no_process_and_no_score(
     wait_gone(descendants, timeout=15)
     # Nor any the engine started after the snapshot (its group is swept, not its tree).
     wait_gone(_in_group(endpoint.pid), timeout=15)
-    assert list(kv.scan_iter(f"{CACHE_PREFIX}*")) == []  # no partial score cached
+    assert svc.store.keys("evals") == []  # no partial score stored
     job = svc.get(rec.id, ALICE)
     assert job.status == JobStatus.running and job.result is None
 
@@ -139,9 +138,9 @@ def test_a_worker_killed_mid_evaluation_leaves_no_process_and_no_score(
     assert score.n == LIMIT
     log = [e.message for e in svc.events(rec.id, ALICE)]
     assert sum("starting an engine" in m for m in log) == 2, log  # one per delivery
-    (key,) = kv.scan_iter(f"{CACHE_PREFIX}*")
-    cached = kv.get(key)
-    assert cached is not None and SuiteScore.model_validate_json(cached) == score
+    (key,) = svc.store.keys("evals")
+    stored = read_score(svc.store, key)
+    assert stored is not None and stored.score == score
 
     # A finished evaluation leaves nothing running either.
     def settled() -> bool:
