@@ -10,7 +10,7 @@ import typer
 from rich.text import Text
 
 from app import __version__
-from app.cli import engine, evals, fidelity, packs, report, service  # noqa: F401  (commands register on import)
+from app.cli import engine, evals, fidelity, packs, report, service, sweep  # noqa: F401  (commands register on import)
 from app.cli.common import app, err, out
 from app.core.errors import InvalidSettingsError
 from app.core.logging import configure_logging

@@ -24,7 +24,7 @@ SUITE_HELP = (
 )
 
 
-def _texts(pairs: list[str]) -> dict[str, str]:
+def parse_texts(pairs: list[str]) -> dict[str, str]:
     texts: dict[str, str] = {}
     for pair in pairs:
         name, sep, path = pair.partition("=")
@@ -161,7 +161,7 @@ def eval_(
     require("eval", "eval")
     from app.evals.runner import evaluate_model
 
-    texts = _texts(text or [])
+    texts = parse_texts(text or [])
     spec = EvalSpec(
         suites=_suites(suite or [], bool(texts), bool(task)),
         texts={name: str(Path(path).resolve()) for name, path in texts.items()},

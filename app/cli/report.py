@@ -52,7 +52,7 @@ def report(
         out.file.write(page)
         return
     target = output if output is not None else results.with_suffix(".html")
-    _write(target, page)
+    write_atomic(target, page)
     err.print(f"report of {results} written", highlight=False)
     out.print(str(target), highlight=False, soft_wrap=True)
 
@@ -94,7 +94,7 @@ def _nested(data: object) -> list[object]:
     return [x for x in (data.get("evaluation"), inner) if isinstance(x, dict)]
 
 
-def _write(target: Path, page: str) -> None:
+def write_atomic(target: Path, page: str) -> None:
     """Write atomically: a reader never sees half a page."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")

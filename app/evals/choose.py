@@ -17,9 +17,19 @@ TARGET = "target"
 
 
 class NoAlphaError(RealignError, ValueError):
-    """No alpha of a sweep met the objective."""
+    """No alpha of a sweep met the objective.
+
+    Args:
+        message: what happened and what to do.
+        report: the sweep's report with its objective and why each alpha was left out
+            (``chosen`` None), when the scores are known.
+    """
 
     code = "no_alpha_meets_objective"
+
+    def __init__(self, message: str, report: EvalReport | None = None) -> None:
+        super().__init__(message)
+        self.report = report
 
 
 class SweepObjective(BaseModel):
@@ -42,9 +52,10 @@ class SweepObjective(BaseModel):
     def words(self, metrics: list[str]) -> str:
         """The objective as a sentence, naming the perplexity metrics it bounds."""
         metric = HEADLINE[self.maximize][0]
+        score = " ".join(dict.fromkeys((self.maximize.value, metric)))  # not "format format"
         bound = ", ".join(metrics) or "perplexity"
         return (
-            f"maximise {self.maximize.value} {metric} subject to {bound} <= "
+            f"maximise {score} subject to {bound} <= "
             f"{self.perplexity_limit:g}x the target's; ties to the alpha nearest 1"
         )
 
@@ -59,42 +70,56 @@ def domain_metrics(target: ModelEval) -> list[str]:
 
 
 def choose_alpha(report: EvalReport, objective: SweepObjective) -> EvalReport:
-    """The report with its pick (``chosen``: the label of the best alpha) and the
-    objective in words.
+    """The report with its pick (``chosen``: the label of the best alpha), the objective
+    in words, and why each alpha it did not consider was left out (``rejected``).
 
     Raises:
-        NoAlphaError: no alpha stays within the perplexity bound, or none was scored.
+        NoAlphaError: no alpha stays within the perplexity bound, or none was scored; it
+            carries the report (``chosen`` None) so the scores still reach the user.
     """
     target = next((m for m in report.models if m.label == TARGET), None)
     metrics = domain_metrics(target) if target else []
     metric = HEADLINE[objective.maximize][0]
-    candidates = []
+    candidates: list[tuple[float, float, str]] = []
+    rejected: dict[str, str] = {}
     for m in report.models:
-        score = m.suites.get(objective.maximize.value)
-        if m.alpha is None or score is None or metric not in score.metrics:
+        if m.alpha is None:
             continue
-        ratios = _ratios(m, target, metrics)
-        if all(r <= objective.perplexity_limit for r in ratios.values()):
+        score = m.suites.get(objective.maximize.value)
+        if score is None or metric not in score.metrics:
+            rejected[m.label] = f"{objective.maximize.value} {metric} not scored"
+        elif over := _over(m, target, metrics, objective.perplexity_limit):
+            rejected[m.label] = over
+        else:
             candidates.append((score.metrics[metric], -abs(m.alpha - 1.0), m.label))
     words = objective.words(metrics)
+    update: dict[str, object] = {"objective": words, "rejected": rejected}
     if not candidates:
+        why = "; ".join(f"{label}: {reason}" for label, reason in rejected.items())
         raise NoAlphaError(
-            f"no alpha of the sweep meets the objective ({words}); look at the scores in the "
-            "job's report, then sweep smaller alphas or raise perplexity_limit"
+            f"no alpha of the sweep meets the objective ({words}): {why or 'no alpha scored'}"
+            "; look at the scores in the job's report, then sweep smaller alphas or raise "
+            "perplexity_limit",
+            report.model_copy(update=update | {"chosen": None}),
         )
     best = max(candidates)
-    return report.model_copy(update={"chosen": best[2], "objective": words})
+    return report.model_copy(update=update | {"chosen": best[2]})
 
 
-def _ratios(m: ModelEval, target: ModelEval | None, metrics: list[str]) -> dict[str, float]:
-    """Each bounded perplexity of ``m`` over the target's (none without a target)."""
-    if target is None:
-        return {}
+def _over(m: ModelEval, target: ModelEval | None, metrics: list[str], limit: float) -> str:
+    """Why ``m``'s perplexity breaks the bound (each metric over it), or '' within it."""
+    if target is None or not metrics:
+        return ""
     mine = m.suites.get(SuiteName.perplexity.value)
     ref = target.suites[SuiteName.perplexity.value]
-    if mine is None:
-        return {name: float("inf") for name in metrics}
-    return {name: mine.metrics[name] / ref.metrics[name] for name in metrics}
+    out = []
+    for name in metrics:
+        value = mine.metrics.get(name) if mine else None
+        if value is None:
+            out.append(f"{name} not scored")
+        elif (ratio := value / ref.metrics[name]) > limit:
+            out.append(f"{name} {ratio:.4g}x the target's (limit {limit:g}x)")
+    return ", ".join(out)
 
 
 class AlphaSweep(SweepObjective):

@@ -179,6 +179,11 @@ class EvalReport(BaseModel):
         default=None, description="How the best alpha was chosen, in words (sweeps)."
     )
     chosen: str | None = Field(default=None, description="Label of the model chosen.")
+    rejected: dict[str, str] = Field(
+        default_factory=dict,
+        description="Why the objective left out each alpha it did not consider (sweeps), "
+        "by label, e.g. 'ppl_news 1.31x the target's (limit 1.05x)'.",
+    )
     created: datetime = Field(default_factory=lambda: datetime.now(UTC))
 
 

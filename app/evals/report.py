@@ -31,6 +31,7 @@ table { border-collapse: collapse; font-variant-numeric: tabular-nums; }
 th, td { border: 1px solid #d5d9e0; padding: .3rem .55rem; text-align: left; }
 thead th { background: #eef1f5; } td.num { text-align: right; }
 td.best { background: #d7f5dd; font-weight: 700; } td.missing { background: #f7f7f7; }
+tr.rejected th, tr.rejected td { color: #8a8f99; }
 tr.chosen th, tr.chosen td { border-top: 2px solid #c9a100; border-bottom: 2px solid #c9a100; }
 .badge { background: #c9a100; color: #fff; border-radius: .6rem; padding: 0 .45rem;
          font-size: .75rem; margin-left: .3rem; }
@@ -102,7 +103,7 @@ def _choice(report: EvalReport) -> str:
         return ""
     chosen = chosen_model(report)
     if report.chosen is None:
-        pick = "none"
+        pick = "none: no alpha met the objective" if report.rejected else "none"
     elif chosen is None:
         pick = f"{escape(report.chosen)} (not among the evaluated models)"
     else:
@@ -111,8 +112,20 @@ def _choice(report: EvalReport) -> str:
     objective = escape(report.objective) if report.objective else "not stated"
     return (
         f'<section id="choice"><p><strong>Chosen:</strong> <span id="chosen">{pick}</span></p>'
-        f'<p><strong>Objective:</strong> <span id="objective">{objective}</span></p></section>'
+        f'<p><strong>Objective:</strong> <span id="objective">{objective}</span></p>'
+        f"{_rejected(report)}</section>"
     )
+
+
+def _rejected(report: EvalReport) -> str:
+    """Each alpha the objective left out, and why."""
+    if not report.rejected:
+        return ""
+    items = "".join(
+        f'<li data-label="{escape(label)}"><strong>{escape(label)}</strong>: {escape(why)}</li>'
+        for label, why in report.rejected.items()
+    )
+    return f'<p><strong>Left out:</strong></p><ul id="rejected">{items}</ul>'
 
 
 def _table(report: EvalReport) -> str:
@@ -161,6 +174,8 @@ def _row(report: EvalReport, m: ModelEval, cols: list[Column], tops: list[float 
     ]
     cells += [_cell(m, c, top) for c, top in zip(cols, tops, strict=True)]
     attrs = ' class="chosen"' if chosen else ""
+    if why := report.rejected.get(m.label):
+        attrs = f' class="rejected" title="left out: {escape(why)}"'
     return f'<tr data-label="{escape(m.label)}"{attrs}>{"".join(cells)}</tr>'
 
 

@@ -53,12 +53,22 @@ class CeleryDispatcher:
 
 
 class ThreadDispatcher:
-    """The embedded worker: one thread runs validate and merge steps in order."""
+    """The embedded worker: one thread runs validate and merge steps in order.
 
-    def __init__(self, records: JobRecords, settings: Settings) -> None:
+    Args:
+        records: the job records.
+        settings: as the runner takes them.
+        adopt: pick up the records' unfinished jobs at start and re-send lost messages
+            (the service's worker); False: run only the jobs sent here (a command line
+            run sharing the records with a server leaves the server's jobs alone).
+    """
+
+    def __init__(self, records: JobRecords, settings: Settings, *, adopt: bool = True) -> None:
         self.records = records
         self.name = f"embedded@{socket.gethostname()}:{os.getpid()}"
-        self.runner = JobRunner(records, settings, self.name, self.send, pending=self.pending)
+        self.adopt = adopt
+        pending = self.pending if adopt else None
+        self.runner = JobRunner(records, settings, self.name, self.send, pending=pending)
         self.device = settings.device
         self._q: queue.Queue[tuple[str, str] | None] = queue.Queue()
         self._threads: list[threading.Thread] = []
@@ -87,7 +97,8 @@ class ThreadDispatcher:
             t.start()
             self._threads.append(t)
         self._threads.append(self.runner.loads.start(self._stop))
-        self._requeue_unfinished()
+        if self.adopt:
+            self._requeue_unfinished()
 
     def stop(self) -> None:
         self._stop.set()

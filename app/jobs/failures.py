@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 from app.core.errors import RealignError
-from app.jobs.models import JobError, JobStage
+from app.jobs.models import JobError, JobResult, JobStage
 
 INSUFFICIENT_STORAGE = "insufficient_storage"
 _FULL = (errno.ENOSPC, errno.EDQUOT)
@@ -93,6 +93,13 @@ def job_error(exc: BaseException, stage: JobStage | None, store: Path, job_id: s
         message=f"{_where(stage)} failed with an unexpected {exc.__class__.__name__}; "
         f"the worker log has the traceback (job {job_id})",
     )
+
+
+def partial_result(exc: BaseException) -> JobResult | None:
+    """What a failed job still has to show, when the error carries it (a sweep whose
+    alphas all missed the objective keeps every score, for its report)."""
+    result = getattr(exc, "result", None)
+    return result if isinstance(result, JobResult) else None
 
 
 def drop_tracebacks(exc: BaseException | None) -> None:

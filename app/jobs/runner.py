@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from app.core.errors import OperationCancelledError, RealignError
 from app.core.settings import Settings
-from app.jobs.failures import drop_tracebacks, job_error, lost_message
+from app.jobs.failures import drop_tracebacks, job_error, lost_message, partial_result
 from app.jobs.finals import FinalWriter
 from app.jobs.lease import LeaseHeldError, LeaseKeeper, reap
 from app.jobs.loads import LoadWatcher
@@ -293,7 +293,7 @@ class JobRunner:
         drop_tracebacks(exc)
         gc.collect()
         error = job_error(exc, rec.stage, self.settings.models_cache_dir, rec.id)
-        self._finish(rec, JobStatus.failed, error=error)
+        self._finish(rec, JobStatus.failed, error=error, result=partial_result(exc))
 
     def _pin(self, rec: JobRecord) -> JobRecord:
         """Resolve the job's refs once (Hub revisions to commits, a residual key prefix

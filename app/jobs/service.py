@@ -51,19 +51,19 @@ class JobService:
     def from_settings(cls, settings: Settings) -> JobService:
         """Embedded (SQLite records, in-process worker) without a Redis URL; Redis and
         Celery otherwise."""
-        dispatcher: Dispatcher
         if not settings.redis_url:
-            records = JobRecords(SqliteKV(settings.models_cache_dir / ".jobs.sqlite"))
-            dispatcher = ThreadDispatcher(records, settings)
-        else:
-            kv = RedisKV(settings.redis_url)
-            records = JobRecords(kv)
-            dispatcher = CeleryDispatcher(make_celery(settings), kv.client)
-        try:
-            records.ensure_indexes()
-        except RecordsUnavailableError as exc:  # the records come back later: serve anyway
-            log.warning("job index check skipped: %s", exc)
-        return cls(settings, records, dispatcher)
+            return cls.in_process(settings)
+        kv = RedisKV(settings.redis_url)
+        records = _indexed(JobRecords(kv))
+        return cls(settings, records, CeleryDispatcher(make_celery(settings), kv.client))
+
+    @classmethod
+    def in_process(cls, settings: Settings, *, adopt: bool = True) -> JobService:
+        """SQLite records in the store and an in-process worker (whatever
+        ``settings.redis_url`` says). ``adopt=False``: the worker runs only the jobs this
+        process submits (a command line sharing the records with a server)."""
+        records = _indexed(JobRecords(SqliteKV(settings.models_cache_dir / ".jobs.sqlite")))
+        return cls(settings, records, ThreadDispatcher(records, settings, adopt=adopt))
 
     def start(self) -> None:
         self.dispatcher.start()
@@ -351,6 +351,14 @@ class JobService:
     ) -> tuple[list[JobRecord], int]:
         owner = None if (all_callers and caller.is_admin) else caller.name
         return self.records.page(owner, status, offset, limit)
+
+
+def _indexed(records: JobRecords) -> JobRecords:
+    try:
+        records.ensure_indexes()
+    except RecordsUnavailableError as exc:  # the records come back later: serve anyway
+        log.warning("job index check skipped: %s", exc)
+    return records
 
 
 def _artifact(a: Any) -> dict[str, Any]:

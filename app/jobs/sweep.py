@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from app.core.errors import IncompatibleModelsError
-from app.evals.choose import choose_alpha
+from app.evals.choose import NoAlphaError, choose_alpha
 from app.jobs.evaljobs import EvalItem, evaluate_items, reference_items
 from app.jobs.models import JobRecord, JobStage, JobStatus
 from app.jobs.outcome import Outcome, publish
@@ -22,6 +22,26 @@ if TYPE_CHECKING:
     from app.jobs.runner import JobRunner
 
 
+class SweepRejectedError(NoAlphaError):
+    """No alpha met the objective; the failed job still shows every score.
+
+    Attributes:
+        result: the job's result without a model: the residual key and the report
+            (``evaluation``: every alpha's and reference's scores, why each was left out).
+    """
+
+    def __init__(self, exc: NoAlphaError, residual_key: str) -> None:
+        super().__init__(exc.message, exc.report)
+        self.result = JobResult(
+            model_id="",
+            merged_key="",
+            residual_key=residual_key,
+            output="",
+            manifest={},
+            evaluation=exc.report,
+        )
+
+
 def run_sweep(
     runner: JobRunner, rec: JobRecord, reporter: JobReporter, cancel: threading.Event
 ) -> Outcome:
@@ -30,7 +50,8 @@ def run_sweep(
     outcome the pick's entry (registered, and served when asked, as the job ends).
 
     Raises:
-        NoAlphaError: no alpha met the objective (nothing is published).
+        SweepRejectedError: no alpha met the objective (nothing is published); the job's
+            result still carries the scores.
     """
     from app.jobs.inline import residual_of
     from app.residuals.sources import local_source
@@ -55,7 +76,10 @@ def run_sweep(
     items += reference_items(runner, refs, [c for c in s.eval.compare if c != "target"])
     # every model is asked in the chat format of a merge (the instruct model's)
     scored = evaluate_items(runner, rec, items, s.eval, reporter, cancel, chat_from=1)
-    report = choose_alpha(scored, s.sweep)
+    try:
+        report = choose_alpha(scored, s.sweep)
+    except NoAlphaError as exc:
+        raise SweepRejectedError(exc, key) from None
     chosen = next(m for m in report.models if m.label == report.chosen)
     assert chosen.alpha is not None
     runner.records.add_event(

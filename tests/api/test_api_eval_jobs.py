@@ -1,7 +1,8 @@
 """Eval jobs end to end on the embedded service and the real engine: a merge that asks
 for an evaluation (its scores stored beside the model and shown in its model object), a
 later eval job reusing them, a failed evaluation that registers nothing, an alpha sweep
-that publishes its pick, and the HTML report of each."""
+that publishes its pick, one that no alpha passes (failed, its scores kept), and the HTML
+report of each."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pytest
 
 from app.demo.tiny import TinyTriple
 from tests.api.live import merge_body, wait_for
+from tests.evals.page import Page
 
 pytestmark = pytest.mark.slow
 EVAL = {"suites": ["format"], "limit": 4, "max_tokens": 16}
@@ -95,6 +97,40 @@ def test_sweep_publishes_the_pick(alice: httpx.Client, llama_triple: TinyTriple)
     assert "swept" in models
     page = _report(alice, job["id"])
     assert 'id="plot-alpha-score"' in page and 'id="plot-alpha-ppl"' in page
+
+
+def test_sweep_that_no_alpha_passes_fails_with_its_scores_and_report(
+    alice: httpx.Client, llama_triple: TinyTriple
+) -> None:
+    """Nothing is published, yet the failed job carries every score, and its report says
+    that no alpha qualified and why."""
+    # alpha 10 either way is far from the target: several times its perplexity
+    sweep = {"sweep": [-10, 10], "maximize": "format", "perplexity_limit": 1.5}
+    body = merge_body(llama_triple, alpha=sweep, eval=EVAL, name="swept-none")
+    job = wait_for(alice, alice.post("/merge", json=body).raise_for_status().json()["id"], 900)
+    assert job["status"] == "failed", job
+    assert job["error"]["code"] == "no_alpha_meets_objective"
+    assert "alpha=-10: ppl_general" in job["error"]["message"]
+    result = job["result"]
+    assert result["model_id"] == result["merged_key"] == result["output"] == ""
+    report = result["evaluation"]
+    by_label = {m["label"]: m for m in report["models"]}
+    assert set(by_label) == {"target", "alpha=-10", "alpha=10"}
+    target = by_label["target"]["suites"]["perplexity"]["metrics"]["ppl_general"]
+    assert report["chosen"] is None and set(report["rejected"]) == {"alpha=-10", "alpha=10"}
+    for label, why in report["rejected"].items():
+        ppl = by_label[label]["suites"]["perplexity"]["metrics"]["ppl_general"]
+        assert ppl / target > 1.5
+        assert why == f"ppl_general {ppl / target:.4g}x the target's (limit 1.5x)"
+    assert all(_format(m) >= 0.0 for m in by_label.values())
+    # nothing published or registered; the pick was never made, so alpha is unchanged
+    assert job["spec"]["alpha"] == 1.0
+    assert "swept-none" not in {m["id"] for m in alice.get("/v1/models").json()["data"]}
+    page = Page(_report(alice, job["id"]))
+    assert page.text["chosen"].startswith("none: no alpha met the objective")
+    assert "1.5x" in page.text["rejected"]
+    assert page.rows["alpha=-10"].classes == page.rows["alpha=10"].classes == {"rejected"}
+    assert "plot-alpha-ppl" in page.figures
 
 
 def test_eval_job_of_an_in_engine_model(alice: httpx.Client, llama_triple: TinyTriple) -> None:

@@ -64,6 +64,22 @@ def test_sweep_has_three_plots_and_states_and_marks_the_choice() -> None:
     assert [r.fixed[1] for r in page.rows.values()] == ["", "", "", *(f"{a:g}" for a in ALPHAS)]
 
 
+def test_sweep_that_no_alpha_passed_says_so_and_why_for_each() -> None:
+    why = {"alpha=0.75": "ppl_news 1.9x the target's (limit 1.05x)", "alpha=1": "<b>x</b>"}
+    failed = sweep().model_copy(update={"chosen": None, "rejected": why})
+    page = Page(render_report(failed))
+    assert page.text["chosen"] == "none: no alpha met the objective"
+    assert page.text["objective"] == OBJECTIVE
+    assert page.text["rejected"] == "alpha=0.75: ppl_news 1.9x the target's (limit 1.05x)" + (
+        "alpha=1: <b>x</b>"  # text, not markup
+    )
+    assert "b" not in page.tags
+    assert {label for label, row in page.rows.items() if row.classes} == set(why)
+    assert all(page.rows[label].classes == {"rejected"} for label in why)
+    # every score is still drawn; no pick is marked
+    assert list(page.figures) == ["plot-scores", "plot-alpha-score", "plot-alpha-ppl"]
+
+
 def test_user_strings_are_escaped() -> None:
     report = comparison()
     evil_model = model(EVIL, 0.5, 0.5, (10.0, 10.0), key='"><b>key')

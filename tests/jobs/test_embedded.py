@@ -192,3 +192,29 @@ def test_records_survive_a_restart(llama_triple: TinyTriple, store_dir: Path) ->
     assert again.get(rec.id, ALICE).status == JobStatus.succeeded
     ready, detail = again.readiness()  # no worker: still ready, jobs queue
     assert ready and "no worker is alive" in detail
+
+
+def test_a_command_line_worker_runs_only_its_own_jobs(
+    llama_triple: TinyTriple, store_dir: Path
+) -> None:
+    """`realign sweep`'s in-process service shares the store's records with a server: it
+    takes none of the server's queued jobs, which a restarted server still runs."""
+    settings = Settings(models_cache_dir=store_dir, allowed_roots=[llama_triple.base.parent])
+    server = JobService.in_process(settings)  # not started: its job waits, queued
+    theirs, _ = server.submit(spec(llama_triple, alpha=0.3), ALICE)
+    cli = JobService.in_process(settings, adopt=False)
+    cli.start()
+    try:
+        mine, _ = cli.submit(spec(llama_triple, alpha=0.6), ALICE)
+        assert wait(cli, mine.id).status == JobStatus.succeeded
+        time.sleep(0.5)
+        assert cli.get(theirs.id, ALICE).status == JobStatus.queued
+        assert cli.get(theirs.id, ALICE).deliveries == 0
+    finally:
+        cli.stop()
+    restarted = JobService.in_process(settings)
+    restarted.start()
+    try:
+        assert wait(restarted, theirs.id).status == JobStatus.succeeded
+    finally:
+        restarted.stop()

@@ -54,8 +54,9 @@ function progressCell(row, job) {
 }
 
 function outcome(job) {
-  if (job.result) return job.result.model_id || job.result.output;
+  // a failed sweep keeps its scores (a result without a model): its error comes first
   if (job.error) return job.error.code + ": " + job.error.message;
+  if (job.result) return job.result.model_id || job.result.output;
   return job.cancel_requested ? "cancel requested" : "";
 }
 
