@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from app.core.errors import IncompatibleModelsError
 from app.evals.choose import NoAlphaError, choose_alpha
 from app.jobs.evaljobs import EvalItem, evaluate_items, reference_items
-from app.jobs.models import JobRecord, JobStage, JobStatus
+from app.jobs.models import JobRecord, JobResult, JobStage, JobStatus
 from app.jobs.outcome import Outcome, publish
 
 if TYPE_CHECKING:
