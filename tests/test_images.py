@@ -1,0 +1,58 @@
+"""The api image builds from docker/Dockerfile and runs: scripts/build-images builds it
+daemonless (buildah, on a Debian-made Python base) and smoke-tests it (`realign merge`
+of tiny checkpoints, `realign serve` + `realign worker` running a merge job, probes)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+IMAGE = "localhost/realign-api:local"
+
+
+@pytest.fixture(scope="module")
+def built() -> str:
+    # Cold (tools, base image, every layer): ~7 min on 2 cores; with the layer cache ~40 s.
+    res = subprocess.run(
+        [ROOT / "scripts" / "build-images", "--target", "api"],
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-8000:]
+    return res.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_api_image_merges_and_serves(built: str) -> None:
+    merged = re.findall(
+        r"^(\S+): 21 tensors equal new_base \+ 0\.5 \* \(instruct - base\)$", built, re.M
+    )
+    # `realign merge` in a container, then the merge job run by `realign worker`
+    assert merged[0] == "/out/merged" and merged[1].startswith("/models_cache/merged/"), built
+    assert json.loads(built.split("healthz: ", 1)[1].splitlines()[0]) == {
+        "status": "ok",
+        "detail": "alive",
+    }
+    assert json.loads(built.split("readyz: ", 1)[1].splitlines()[0])["detail"] == "ready", built
+
+
+@pytest.mark.slow
+def test_api_image_config(built: str) -> None:
+    res = subprocess.run(
+        ["podman", "image", "inspect", IMAGE], capture_output=True, text=True, check=True
+    )
+    image = json.loads(res.stdout)[0]
+    config = image["Config"]
+    assert config["User"] == "10001:10001"
+    assert config["Entrypoint"] == ["realign"] and config["Cmd"] == ["serve"]
+    assert "REALIGN_SERVE_ROLE=api" in config["Env"]
+    # buildah keeps HEALTHCHECK only in the docker image format
+    assert "/healthz" in " ".join(image["Healthcheck"]["Test"])
+    assert "/models_cache" in config["Volumes"]
