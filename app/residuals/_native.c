@@ -525,33 +525,57 @@ void realign_unplanes(const uint8_t *const *planes, int64_t n, int32_t size,
         for (int32_t j = 0; j < size; j++) out[i * size + j] = planes[j][i];
 }
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
+/* Bit k set where element k of the 32 bytes at e (16 of 2 bytes or 8 of 4) is not 0. */
+static inline uint32_t nonzero_mask(const uint8_t *e, int32_t size) {
+    uint32_t mask = 0;
+#if defined(__SSE2__)
+    const __m128i zero = _mm_setzero_si128();
+    __m128i a = _mm_loadu_si128((const __m128i *)e), b = _mm_loadu_si128((const __m128i *)e + 1);
+    if (size == 2) {
+        __m128i z = _mm_packs_epi16(_mm_cmpeq_epi16(a, zero), _mm_cmpeq_epi16(b, zero));
+        return ~(uint32_t)_mm_movemask_epi8(z) & 0xFFFFu;
+    }
+    mask = (uint32_t)_mm_movemask_ps(_mm_castsi128_ps(_mm_cmpeq_epi32(a, zero))) |
+           (uint32_t)_mm_movemask_ps(_mm_castsi128_ps(_mm_cmpeq_epi32(b, zero))) << 4;
+    return ~mask & 0xFFu;
+#else
+    for (int32_t k = 0; k < 32 / size; k++) {
+        uint32_t v = 0;
+        memcpy(&v, e + k * size, (size_t)size);
+        mask |= (uint32_t)(v != 0) << k;
+    }
+    return mask;
+#endif
+}
+
 /* The non-zero elements of neg (n elements of size bytes): the gap from the previous one
- * (the first: its index) into gaps, their bytes into values; returns how many. */
+ * (the first: its index) into gaps, their bytes into values; returns how many. Corrections
+ * fall at random, so rather than branch on each element (or on short runs of zeros), a
+ * mask of the non-zero ones among 64 is walked bit by bit. */
 int64_t realign_sparse(const uint8_t *restrict neg, int64_t n, int32_t size,
                        uint32_t *restrict gaps, uint8_t *restrict values) {
-    int64_t m = 0, last = 0;
-    if (size == 2 || size == 4) { /* whole-word tests, 16 bytes at a time past zero runs */
-        const int64_t group = 16 / size;
-        for (int64_t i = 0; i < n; i++) {
-            if (i % group == 0 && i + group <= n) {
-                uint64_t w[2];
-                memcpy(w, neg + i * size, 16);
-                if (!(w[0] | w[1])) {
-                    i += group - 1;
-                    continue;
-                }
+    int64_t m = 0, last = 0, i = 0;
+    if (size == 2 || size == 4) {
+        const int64_t per = 32 / size, group = 64; /* elements per 32 bytes, per mask */
+        for (; i + group <= n; i += group) {
+            const uint8_t *e = neg + i * size;
+            uint64_t mask = 0;
+            for (int64_t k = 0; k < group / per; k++)
+                mask |= (uint64_t)nonzero_mask(e + 32 * k, size) << (k * per);
+            for (; mask; mask &= mask - 1) {
+                int64_t at = i + __builtin_ctzll(mask);
+                gaps[m] = (uint32_t)(at - last);
+                memcpy(values + m * size, neg + at * size, (size_t)size);
+                last = at;
+                m++;
             }
-            uint32_t v = 0;
-            memcpy(&v, neg + i * size, (size_t)size);
-            if (!v) continue;
-            gaps[m] = (uint32_t)(i - last);
-            memcpy(values + m * size, &v, (size_t)size);
-            last = i;
-            m++;
         }
-        return m;
     }
-    for (int64_t i = 0; i < n; i++) {
+    for (; i < n; i++) {
         const uint8_t *e = neg + i * size;
         uint32_t any = 0;
         for (int32_t j = 0; j < size; j++) any |= e[j];

@@ -3,6 +3,7 @@ than the bf16 pack, and every merge from one gives exactly the bytes of ``--no-c
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -144,10 +145,11 @@ def test_a_flipped_byte_in_a_frames_file_is_refused(
 def test_frame_codec_round_trips_and_rejects_damage(itemsize: int) -> None:
     rng = np.random.default_rng(itemsize)
     dtype = {2: np.uint16, 4: np.uint32}[itemsize]
-    for n in (1, 9, 4097, FRAME_ELEMS):
+    # sizes around the sparse scan's 64-element masks; no, few and all corrections
+    for n, dense in itertools.product((1, 9, 63, 64, 65, 4097, FRAME_ELEMS), (0.0, 0.05, 1.0)):
         p = rng.integers(0, 2 ** (8 * itemsize), n, dtype=np.uint64).astype(dtype)
         p[: n // 2] &= dtype(0x00FF)  # a compressible plane
-        neg = np.where(rng.random(n) < 0.05, p + 1, 0).astype(dtype)
+        neg = np.where(rng.random(n) < dense, p | 1, 0).astype(dtype)
         frame, count = encode_frame(memoryview(p).cast("B"), memoryview(neg).cast("B"), itemsize)
         assert count == np.count_nonzero(neg)
         po, no = bytearray(n * itemsize), bytearray(n * itemsize)
