@@ -45,9 +45,20 @@ Pieces = list[bytes | memoryview]
 _Frame = tuple[str, "Future[Pieces]", FrameBuffers, int]  # tensor, coding, buffers, count
 
 
-def _code_later(laid: Laid, first: Future[Pieces], first_n: int) -> Pieces:
-    """Code a frame after the first of its tensor, which says the planes worth coding."""
-    return code_frame(laid, worth_coding(first.result()[0], first_n, laid.itemsize))
+def _code_first(laid: Laid, planes: Future[tuple[bool, ...]]) -> Pieces:
+    """Code the first frame of a tensor, trying every plane, and say from it which planes
+    its later frames should try (only that answer is kept: not the frame's bytes)."""
+    try:
+        pieces = code_frame(laid)
+        planes.set_result(worth_coding(pieces[0], laid.n, laid.itemsize))
+    except BaseException as exc:
+        planes.set_exception(exc)
+        raise
+    return pieces
+
+
+def _code_later(laid: Laid, planes: Future[tuple[bool, ...]]) -> Pieces:
+    return code_frame(laid, planes.result())
 
 
 class FramedWriter(Closing):
@@ -84,7 +95,7 @@ class FramedWriter(Closing):
         self._carry = (mmap.mmap(-1, FRAME_ELEMS * 4), mmap.mmap(-1, FRAME_ELEMS * 4))
         self._filled = 0
         self._has_neg = False
-        self._first: dict[str, tuple[Future[Pieces], int]] = {}  # per tensor: its first frame
+        self._planes: dict[str, Future[tuple[bool, ...]]] = {}  # per tensor: planes to code
         threads = min(_THREADS, os.cpu_count() or 1)
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="realign-encode")
         self._free: queue.Queue[FrameBuffers] = queue.Queue()
@@ -164,6 +175,7 @@ class FramedWriter(Closing):
                 self._submit(spec, cp, cn if self._has_neg else None)
                 self._filled, self._has_neg = 0, False
         if self._left == 0:
+            self._planes.pop(name, None)
             self._advance()
 
     def _fill(self, p: memoryview, neg: memoryview | None) -> None:
@@ -186,12 +198,12 @@ class FramedWriter(Closing):
         buf = self._take_buffer()
         try:
             laid = lay_out(p, neg, spec.dtype.itemsize, buf)
-            first = self._first.get(spec.name)
-            if first is None:  # tries every plane; the tensor's later frames follow it
-                future = self._pool.submit(code_frame, laid)
-                self._first[spec.name] = (future, laid.n)
+            planes = self._planes.get(spec.name)
+            if planes is None:
+                planes = self._planes[spec.name] = Future()
+                future = self._pool.submit(_code_first, laid, planes)
             else:
-                future = self._pool.submit(_code_later, laid, *first)
+                future = self._pool.submit(_code_later, laid, planes)
         except BaseException:
             self._free.put(buf)
             raise
