@@ -497,6 +497,129 @@ int64_t realign_exact_split(const void *in0, int32_t code0, const void *in1, int
     return nonzero;
 }
 
+/* ---- exact residual packs in one pass: p, its rounding error, the statistics -------- */
+
+/* W bits of fp32 bits b: RNE, exact where b is a W value (code is a constant here); as
+ * bf16_encode / f16_encode, in 32-bit lanes only, which the vectoriser takes. */
+RL_INLINE uint32_t to_w(uint32_t b, int code) {
+    if (code == RL_F32) return b;
+    uint32_t a = b & 0x7FFFFFFFu;
+    if (code == RL_BF16) {
+        uint32_t r = (b + 0x7FFFu + ((b >> 16) & 1u)) >> 16;
+        uint32_t nan = 0u - (uint32_t)(a > 0x7F800000u); /* a mask: GCC 12 vectorises it */
+        return (r & ~nan) | (0x7FC0u & nan);
+    }
+    uint32_t sign = (b >> 16) & 0x8000u;
+    uint32_t big = a > 0x7F800000u ? (0x7E00u | ((a >> 13) & 0x3FFu)) : 0x7C00u;
+    uint32_t sub = f2u(u2f(a) + 0.5f) - 0x3F000000u;
+    uint32_t norm = (a - 0x38000000u + 0xFFFu + ((a >> 13) & 1u)) >> 13;
+    uint32_t r = a >= 0x47800000u ? big : (a < 0x38800000u ? sub : norm);
+    return r | sign;
+}
+
+RL_INLINE float from_w(uint32_t w, int code) {
+    if (code == RL_F32) return u2f(w);
+    if (code == RL_BF16) return u2f(w << 16);
+    uint32_t mag = (w & 0x7FFFu) << 13;
+    uint32_t exp = mag & 0x0F800000u;
+    uint32_t norm = mag + 0x38000000u;
+    uint32_t special = norm + 0x38000000u;
+    float sub = u2f(mag + 0x38800000u) - u2f(0x38800000u);
+    uint32_t r = exp == 0x0F800000u ? special : (exp == 0 ? f2u(sub) : norm);
+    return u2f(r | ((w & 0x8000u) << 16));
+}
+
+/* p and neg of realign_exact_split (as W bits) straight from the inputs: s = RN32(x0 - x1)
+ * and e = (x0 - x1) - s exactly (TwoSum). For W = F32, p = s; else s rounded to odd with
+ * e's sign, RO24(X), rounds to nearest-even W as X itself does (24 >= W's precision + 2,
+ * see the header), which is the residual kind's output. Then the split from p's value, as
+ * in split_block; non-finite inputs give the plain formula's cast and neg = +0. s (the
+ * plain fp32 formula) goes to sbuf for the statistics. */
+RL_INLINE uint32_t resid_body(const float *restrict x0, const float *restrict x1, int64_t m,
+                              int code, void *restrict p, void *restrict neg,
+                              float *restrict sbuf) {
+    const uint32_t inf_w = code == RL_BF16 ? 0x7F80u : code == RL_F16 ? 0x7C00u : 0x7F800000u;
+    uint16_t *restrict p16 = (uint16_t *)p, *restrict n16 = (uint16_t *)neg;
+    uint32_t *restrict p32 = (uint32_t *)p, *restrict n32 = (uint32_t *)neg;
+    uint32_t nonzero = 0;
+    for (int64_t i = 0; i < m; i++) {
+        float a = x0[i], c = x1[i];
+        float s = a - c, bb = s - a;
+        float e = (a - (s - bb)) + (-c - bb);
+        uint32_t us = f2u(s), ua = f2u(a), uc = f2u(c);
+        /* round to odd, branch-free (odd32): one step away from zero or toward it */
+        uint32_t above = e > 0.0f, below = e < 0.0f;
+        uint32_t away = (us >> 31) ? below : above;
+        uint32_t step = ((above | below) & ~us & 1u) * (away ? 1u : 0xFFFFFFFFu);
+        uint32_t w = to_w(code == RL_F32 ? us : us + step, code);
+        float ne = -((s - from_w(w, code)) + e);
+        uint32_t un = f2u(ne);
+        uint32_t fin = ((ua & 0x7F800000u) != 0x7F800000u) & ((uc & 0x7F800000u) != 0x7F800000u);
+        uint32_t ov = fin & ((w & inf_w) == inf_w);
+        uint32_t keep = fin & ((un & 0x7FFFFFFFu) != 0u) & (ov ^ 1u);
+        /* Both values below are W values: BF16 takes their top half as it is. */
+        uint32_t nv = (un & (0u - keep)) | (uc & (0u - ov)); /* exact in W: see the split */
+        uint32_t pv = code == RL_BF16 ? ua >> 16 : to_w(ua, code);
+        uint32_t wn = code == RL_BF16 ? nv >> 16 : to_w(nv, code);
+        uint32_t wp = (w & (ov - 1u)) | (pv & (0u - ov));
+        if (code == RL_F32) {
+            p32[i] = wp;
+            n32[i] = wn;
+        } else {
+            p16[i] = (uint16_t)wp;
+            n16[i] = (uint16_t)wn;
+        }
+        nonzero += nv != 0u;
+        sbuf[i] = s;
+    }
+    return nonzero;
+}
+
+RL_CLONES
+static uint32_t resid_block(const float *x0, const float *x1, int64_t m, int code, void *p,
+                            void *neg, float *sbuf) {
+    if (code == RL_BF16) return resid_body(x0, x1, m, RL_BF16, p, neg, sbuf);
+    if (code == RL_F16) return resid_body(x0, x1, m, RL_F16, p, neg, sbuf);
+    return resid_body(x0, x1, m, RL_F32, p, neg, sbuf);
+}
+
+/* The residual kind's output p = RN_W(x0 - x1) and the split's neg (see
+ * realign_exact_split) in one pass over the inputs, with the residual kind's statistics
+ * (stats[0] += sum of squares, stats[1] = max |s|, summed as realign_combine sums them)
+ * when want_stats. Returns how many neg elements are not +0, or -1 for an unknown code. */
+int64_t realign_exact_residual(const void *in0, int32_t code0, const void *in1, int32_t code1,
+                               int32_t code, void *p, void *neg, int64_t n, int32_t want_stats,
+                               double *stats) {
+    if (code < RL_F32 || code > RL_F16 || code0 < RL_F32 || code0 > RL_F16 || code1 < RL_F32 ||
+        code1 > RL_F16)
+        return -1;
+    float x0[RL_BLOCK], x1[RL_BLOCK], sbuf[RL_BLOCK];
+    rl_stats st;
+    memset(&st, 0, sizeof st);
+    int64_t nonzero = 0, size = itemsize(code);
+    for (int64_t b = 0; b < n; b += RL_BLOCK) {
+        int64_t m = n - b < RL_BLOCK ? n - b : RL_BLOCK;
+        prefetch(in0, code0, b, n, 0);
+        prefetch(in1, code1, b, n, 0);
+        decode(x0, at(in0, code0, b), code0, m, 0.0f);
+        decode(x1, at(in1, code1, b), code1, m, 0.0f);
+        nonzero += resid_block(x0, x1, m, code, (char *)p + b * size, (char *)neg + b * size,
+                               sbuf);
+        if (want_stats) add_stats(&st, sbuf, m);
+    }
+    if (want_stats) {
+        double sq = 0.0;
+        float mx = 0.0f;
+        for (int j = 0; j < RL_LANES; j++) {
+            sq += st.sq[j];
+            mx = st.mx[j] > mx ? st.mx[j] : mx;
+        }
+        stats[0] += sq;
+        stats[1] = (double)mx > stats[1] ? (double)mx : stats[1];
+    }
+    return nonzero;
+}
+
 /* Byte-plane layout of exact-pack frames (app/residuals/frames.py): plane j holds byte j of
  * every element, planes back to back. */
 void realign_planes(const uint8_t *restrict in, int64_t n, int32_t size, uint8_t *restrict out) {
@@ -525,33 +648,57 @@ void realign_unplanes(const uint8_t *const *planes, int64_t n, int32_t size,
         for (int32_t j = 0; j < size; j++) out[i * size + j] = planes[j][i];
 }
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
+/* Bit k set where element k of the 32 bytes at e (16 of 2 bytes or 8 of 4) is not 0. */
+static inline uint32_t nonzero_mask(const uint8_t *e, int32_t size) {
+    uint32_t mask = 0;
+#if defined(__SSE2__)
+    const __m128i zero = _mm_setzero_si128();
+    __m128i a = _mm_loadu_si128((const __m128i *)e), b = _mm_loadu_si128((const __m128i *)e + 1);
+    if (size == 2) {
+        __m128i z = _mm_packs_epi16(_mm_cmpeq_epi16(a, zero), _mm_cmpeq_epi16(b, zero));
+        return ~(uint32_t)_mm_movemask_epi8(z) & 0xFFFFu;
+    }
+    mask = (uint32_t)_mm_movemask_ps(_mm_castsi128_ps(_mm_cmpeq_epi32(a, zero))) |
+           (uint32_t)_mm_movemask_ps(_mm_castsi128_ps(_mm_cmpeq_epi32(b, zero))) << 4;
+    return ~mask & 0xFFu;
+#else
+    for (int32_t k = 0; k < 32 / size; k++) {
+        uint32_t v = 0;
+        memcpy(&v, e + k * size, (size_t)size);
+        mask |= (uint32_t)(v != 0) << k;
+    }
+    return mask;
+#endif
+}
+
 /* The non-zero elements of neg (n elements of size bytes): the gap from the previous one
- * (the first: its index) into gaps, their bytes into values; returns how many. */
+ * (the first: its index) into gaps, their bytes into values; returns how many. Corrections
+ * fall at random, so rather than branch on each element (or on short runs of zeros), a
+ * mask of the non-zero ones among 64 is walked bit by bit. */
 int64_t realign_sparse(const uint8_t *restrict neg, int64_t n, int32_t size,
                        uint32_t *restrict gaps, uint8_t *restrict values) {
-    int64_t m = 0, last = 0;
-    if (size == 2 || size == 4) { /* whole-word tests, 16 bytes at a time past zero runs */
-        const int64_t group = 16 / size;
-        for (int64_t i = 0; i < n; i++) {
-            if (i % group == 0 && i + group <= n) {
-                uint64_t w[2];
-                memcpy(w, neg + i * size, 16);
-                if (!(w[0] | w[1])) {
-                    i += group - 1;
-                    continue;
-                }
+    int64_t m = 0, last = 0, i = 0;
+    if (size == 2 || size == 4) {
+        const int64_t per = 32 / size, group = 64; /* elements per 32 bytes, per mask */
+        for (; i + group <= n; i += group) {
+            const uint8_t *e = neg + i * size;
+            uint64_t mask = 0;
+            for (int64_t k = 0; k < group / per; k++)
+                mask |= (uint64_t)nonzero_mask(e + 32 * k, size) << (k * per);
+            for (; mask; mask &= mask - 1) {
+                int64_t at = i + __builtin_ctzll(mask);
+                gaps[m] = (uint32_t)(at - last);
+                memcpy(values + m * size, neg + at * size, (size_t)size);
+                last = at;
+                m++;
             }
-            uint32_t v = 0;
-            memcpy(&v, neg + i * size, (size_t)size);
-            if (!v) continue;
-            gaps[m] = (uint32_t)(i - last);
-            memcpy(values + m * size, &v, (size_t)size);
-            last = i;
-            m++;
         }
-        return m;
     }
-    for (int64_t i = 0; i < n; i++) {
+    for (; i < n; i++) {
         const uint8_t *e = neg + i * size;
         uint32_t any = 0;
         for (int32_t j = 0; j < size; j++) any |= e[j];

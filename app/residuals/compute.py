@@ -19,7 +19,8 @@ from app.residuals.compat import (
     pair_tensors,
 )
 from app.residuals.dtypes import BF16, EXACT, F32, DType, exact_dtype, is_lossy
-from app.residuals.framed import FRAMES_INDEX, FramedWriter
+from app.residuals.framed import FRAMES_INDEX
+from app.residuals.framewriter import FramedWriter
 from app.residuals.manifest import (
     RESIDUAL_MANIFEST,
     ResidualManifest,

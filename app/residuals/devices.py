@@ -175,6 +175,33 @@ class NativeBackend:
 
         return sum(self._spread(run, p.nbytes // size))
 
+    def exact_residual(
+        self,
+        instruct: Operand,
+        base: Operand,
+        dtype: DType,
+        p: memoryview,
+        neg: memoryview,
+    ) -> tuple[int, tuple[float, float]]:
+        """:func:`app.residuals.native.exact_residual` over the worker threads, with the
+        ``residual`` kind's statistics summed as :meth:`combine` sums them."""
+        (i, di), (b, db), size = instruct, base, dtype.itemsize
+
+        def run(lo: int, hi: int) -> tuple[int, tuple[float, float]]:
+            return native.exact_residual(
+                i[lo * di.itemsize : hi * di.itemsize],
+                b[lo * db.itemsize : hi * db.itemsize],
+                dtype.code,
+                p[lo * size : hi * size],
+                neg[lo * size : hi * size],
+                (di.code, db.code),
+                want_stats=True,
+            )
+
+        parts = self._spread(run, p.nbytes // size)
+        stats = (sum(s for _, (s, _) in parts), max(m for _, (_, m) in parts))
+        return sum(c for c, _ in parts), stats
+
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown()

@@ -19,8 +19,10 @@ planes, then positions and values when the count is not zero — then the payloa
 from __future__ import annotations
 
 import ctypes
+import mmap
 import struct
 import threading
+from dataclasses import dataclass
 from typing import Any
 
 import zstandard
@@ -64,23 +66,49 @@ def _decompressor() -> Any:
 _P, _I32, _I64 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64
 
 
-def _scratch(name: str, size: int) -> memoryview:
-    """A buffer of this thread kept across frames: no allocation, no page faults, per
-    frame (its contents are consumed before the frame's encoding returns)."""
-    buf: bytearray | None = getattr(_local, name, None)
-    if buf is None or len(buf) < size:
-        buf = bytearray(size)
-        setattr(_local, name, buf)
-    return memoryview(buf)[:size]
+class FrameBuffers:
+    """Where one frame is laid out (byte planes, correction gaps and values) before it is
+    coded, reused frame after frame. An anonymous map: pages are faulted in once and the
+    gaps and values, as long as the frame but mostly unused, take memory only where
+    written."""
+
+    def __init__(self) -> None:
+        self._map = mmap.mmap(-1, FRAME_ELEMS * (4 + 4 + 4))  # planes, gaps, values
+
+    def views(self, n: int, itemsize: int) -> tuple[memoryview, memoryview, memoryview]:
+        mem, top = memoryview(self._map), FRAME_ELEMS * 4
+        return mem[: n * itemsize], mem[top : top + 4 * n], mem[2 * top : 2 * top + n * itemsize]
 
 
-def _planes(p: memoryview, n: int, itemsize: int) -> list[memoryview]:
-    """The byte planes of ``n`` elements (plane j: byte j of each), one buffer."""
-    out = _scratch("planes", n * itemsize)
+@dataclass(frozen=True)
+class Laid:
+    """A frame laid out in its :class:`FrameBuffers` (``lay_out``), ready to code."""
+
+    n: int
+    itemsize: int
+    count: int  # non-zero corrections
+    planes: list[memoryview]
+    gaps: memoryview
+    values: memoryview
+
+
+def lay_out(p: memoryview, neg: memoryview | None, itemsize: int, buf: FrameBuffers) -> Laid:
+    """Copy one frame of ``p`` and ``neg`` (``None``: all +0; ``n`` elements of
+    ``itemsize`` bytes each) into ``buf`` as byte planes and sparse corrections: after
+    this, the caller's buffers are free again."""
+    n = p.nbytes // itemsize
+    planes, gaps, values = buf.views(n, itemsize)
     native.function("realign_planes", (_P, _I64, _I32, _P), None)(
-        native.address(p), n, itemsize, native.address(out, writable=True)
+        native.address(p), n, itemsize, native.address(planes, writable=True)
     )
-    return [out[j * n : (j + 1) * n] for j in range(itemsize)]
+    count = 0
+    if neg is not None:
+        count = native.function("realign_sparse", (_P, _I64, _I32, _P, _P), _I64)(
+            native.address(neg), n, itemsize,
+            native.address(gaps, writable=True), native.address(values, writable=True),
+        )  # fmt: skip
+    layout = [planes[j * n : (j + 1) * n] for j in range(itemsize)]
+    return Laid(n, itemsize, count, layout, gaps[: 4 * count], values[: count * itemsize])
 
 
 def _section(raw: memoryview, attempt: bool = True) -> tuple[int, bytes | memoryview]:
@@ -91,11 +119,11 @@ def _section(raw: memoryview, attempt: bool = True) -> tuple[int, bytes | memory
     return 0, raw
 
 
-def worth_coding(frame: bytes, n: int, itemsize: int) -> tuple[bool, ...]:
+def worth_coding(frame: bytes | memoryview, n: int, itemsize: int) -> tuple[bool, ...]:
     """Which byte planes of ``p`` the later frames of a tensor should try to code, from
-    its first frame (of ``n`` elements): the sign/exponent plane always; a mantissa plane
-    only where it shrank to :data:`MANTISSA_KEEP` or less (else coding costs time for
-    little)."""
+    its first frame (of ``n`` elements; its header is enough): the sign/exponent plane
+    always; a mantissa plane only where it shrank to :data:`MANTISSA_KEEP` or less (else
+    coding costs time for little)."""
     heads = [_SECTION.unpack_from(frame, 4 + k * 5) for k in range(itemsize)]
     return tuple(
         j == itemsize - 1 or (mode == 1 and length <= MANTISSA_KEEP * n)
@@ -103,31 +131,34 @@ def worth_coding(frame: bytes, n: int, itemsize: int) -> tuple[bool, ...]:
     )
 
 
-def encode_frame(
-    p: memoryview, neg: memoryview | None, itemsize: int, planes: tuple[bool, ...] | None = None
-) -> tuple[bytes, int]:
-    """One frame of ``p`` and ``neg`` (``None``: all +0), both ``n`` elements of
-    ``itemsize`` bytes, and how many ``neg`` elements are not +0.
+def code_frame(laid: Laid, planes: tuple[bool, ...] | None = None) -> list[bytes | memoryview]:
+    """The bytes of a laid-out frame, in pieces to write one after the other: the header
+    first (what :func:`worth_coding` reads), then the sections; raw sections are views of
+    the frame's buffers.
 
     Args:
         planes: which byte planes of ``p`` to try to code (default: all); the others are
             stored as they are.
     """
-    n = p.nbytes // itemsize
-    layout = _planes(p, n, itemsize)
-    sections = [_section(layout[j], planes is None or planes[j]) for j in range(itemsize)]
-    count = 0
-    if neg is not None:
-        gaps, values = _scratch("gaps", 4 * n), _scratch("values", n * itemsize)
-        count = native.function("realign_sparse", (_P, _I64, _I32, _P, _P), _I64)(
-            native.address(neg), n, itemsize,
-            native.address(gaps, writable=True), native.address(values, writable=True),
-        )  # fmt: skip
-        if count:
-            sections.append(_section(gaps[: 4 * count]))
-            sections.append(_section(values[: count * itemsize]))
-    head = [_COUNT.pack(count), *(_SECTION.pack(mode, len(data)) for mode, data in sections)]
-    return b"".join([*head, *(bytes(data) for _, data in sections)]), count
+    sections = [_section(laid.planes[j], planes is None or planes[j]) for j in range(laid.itemsize)]
+    if laid.count:
+        sections += [_section(laid.gaps), _section(laid.values)]
+    head = b"".join(
+        [_COUNT.pack(laid.count), *(_SECTION.pack(mode, len(data)) for mode, data in sections)]
+    )
+    return [head, *(data for _, data in sections)]
+
+
+def encode_frame(
+    p: memoryview, neg: memoryview | None, itemsize: int, planes: tuple[bool, ...] | None = None
+) -> tuple[bytes, int]:
+    """One frame of ``p`` and ``neg`` (see :func:`lay_out`, :func:`code_frame`) as one
+    ``bytes``, and how many ``neg`` elements are not +0."""
+    buf = getattr(_local, "buf", None)
+    if buf is None:
+        buf = _local.buf = FrameBuffers()
+    laid = lay_out(p, neg, itemsize, buf)
+    return b"".join(code_frame(laid, planes)), laid.count
 
 
 def _payload(mode: int, data: memoryview, size: int) -> memoryview | bytes:

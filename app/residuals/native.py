@@ -44,12 +44,13 @@ _Stats = ctypes.c_double * 2
 class _Kernel:
     """The loaded extension: buffer-address helpers and the ctypes entry point."""
 
-    def __init__(self, module: Any, lib: Any, combine: Any, split: Any) -> None:
+    def __init__(self, module: Any, lib: Any, combine: Any, split: Any, residual: Any) -> None:
         self.lib = lib
         self.address = module.address
         self.writable_address = module.writable_address
         self.combine = combine
         self.split = split
+        self.residual = residual
 
 
 @functools.cache
@@ -58,6 +59,7 @@ def _load() -> tuple[_Kernel | None, str | None]:
         module = importlib.import_module("app.residuals._native")
         lib = ctypes.CDLL(module.__file__)
         fn, split = lib.realign_combine, lib.realign_exact_split
+        residual = lib.realign_exact_residual
     except (ImportError, OSError, AttributeError) as exc:
         return None, (
             f"the native merge kernel app.residuals._native is not built or is stale ({exc}); "
@@ -73,7 +75,10 @@ def _load() -> tuple[_Kernel | None, str | None]:
     # x0, its code, x1, its code, the code of p and neg, p (in/out), neg (out), n
     split.argtypes = [ptr, i32, ptr, i32, i32, ptr, ptr, i64]
     split.restype = i64
-    return _Kernel(module, lib, fn, split), None
+    # the same, then want_stats and the statistics
+    residual.argtypes = [*split.argtypes, i32, ptr]
+    residual.restype = i64
+    return _Kernel(module, lib, fn, split, residual), None
 
 
 @functools.cache
@@ -255,6 +260,38 @@ def _fix_hard(
         out[i * size : (i + 1) * size] = bits.to_bytes(size, "little")
 
 
+def _pair_args(
+    kernel: _Kernel,
+    instruct: memoryview,
+    base: memoryview,
+    code: str,
+    p: memoryview,
+    neg: memoryview,
+    codes: tuple[str, str] | None,
+) -> list[Any] | None:
+    """The kernel's x0, code0, x1, code1, code, p, neg, n arguments (None: no elements)."""
+    size = _itemsize(code, "p")
+    c0, c1 = codes or (code, code)
+    views = [_bytes_view(v, w) for v, w in ((instruct, "instruct"), (base, "base"), (p, "p"))]
+    neg_b = _bytes_view(neg, "neg")
+    n = views[2].nbytes // size
+    sizes = (_itemsize(c0, "instruct"), _itemsize(c1, "base"), size, size)
+    if any(v.nbytes != n * k for v, k in zip((*views, neg_b), sizes, strict=True)):
+        raise ValueError(f"exact split: inputs and outputs must all hold {n} elements")
+    if n == 0:
+        return None
+    return [
+        _address(kernel, views[0], "instruct"),
+        CODES[c0],
+        _address(kernel, views[1], "base"),
+        CODES[c1],
+        CODES[code],
+        _address(kernel, views[2], "p", writable=True),
+        _address(kernel, neg_b, "neg", writable=True),
+        n,
+    ]
+
+
 def exact_split(
     instruct: memoryview,
     base: memoryview,
@@ -280,24 +317,37 @@ def exact_split(
     kernel, error = _load()
     if kernel is None:
         raise RuntimeError(error)
-    size = _itemsize(code, "p")
-    c0, c1 = codes or (code, code)
-    views = [_bytes_view(v, w) for v, w in ((instruct, "instruct"), (base, "base"), (p, "p"))]
-    neg_b = _bytes_view(neg, "neg")
-    n = views[2].nbytes // size
-    sizes = (_itemsize(c0, "instruct"), _itemsize(c1, "base"), size, size)
-    if any(v.nbytes != n * k for v, k in zip((*views, neg_b), sizes, strict=True)):
-        raise ValueError(f"exact_split: inputs and outputs must all hold {n} elements")
-    if n == 0:
-        return 0
-    got = kernel.split(
-        _address(kernel, views[0], "instruct"),
-        CODES[c0],
-        _address(kernel, views[1], "base"),
-        CODES[c1],
-        CODES[code],
-        _address(kernel, views[2], "p", writable=True),
-        _address(kernel, neg_b, "neg", writable=True),
-        n,
-    )
-    return int(got)
+    args = _pair_args(kernel, instruct, base, code, p, neg, codes)
+    return int(kernel.split(*args)) if args else 0
+
+
+def exact_residual(
+    instruct: memoryview,
+    base: memoryview,
+    code: str,
+    p: memoryview,
+    neg: memoryview,
+    codes: tuple[str, str] | None = None,
+    *,
+    want_stats: bool = False,
+) -> tuple[int, tuple[float, float]]:
+    """Write both ``p``, the ``residual`` kind's output, and the ``neg`` that
+    :func:`exact_split` completes it with, in one pass over the inputs (same arguments).
+
+    Returns:
+        How many ``neg`` elements are not +0, and the ``residual`` kind's statistics
+        (``(0.0, 0.0)`` unless ``want_stats``).
+
+    Raises:
+        ValueError: sizes that disagree, an unknown code, read-only outputs.
+        RuntimeError: the kernel is not built.
+    """
+    kernel, error = _load()
+    if kernel is None:
+        raise RuntimeError(error)
+    args = _pair_args(kernel, instruct, base, code, p, neg, codes)
+    stats = _Stats(0.0, 0.0)
+    if not args:
+        return 0, (0.0, 0.0)
+    count = kernel.residual(*args, int(want_stats), stats)
+    return int(count), (stats[0], stats[1]) if want_stats else (0.0, 0.0)

@@ -51,7 +51,7 @@ class TensorSpec:
 
 
 _ALIGN = 4096  # O_DIRECT needs block-aligned buffers, file offsets and lengths
-_STAGE = 8 * 1024 * 1024
+STAGE_BYTES = 8 * 1024 * 1024
 
 
 def _write_fully(fd: int, data: memoryview) -> None:
@@ -73,7 +73,7 @@ def _set_direct(fd: int, on: bool) -> bool:
     return on
 
 
-class _ShardFile:
+class AppendFile:
     """An output file appended to sequentially, through ``O_DIRECT`` when possible.
 
     Bytes are staged in two aligned buffers: while one is written to the device by
@@ -263,7 +263,7 @@ class ShardedWriter(Closing):
         self.sizes: dict[str, int] = {}
         self._pos = 0  # index into _order of the tensor being written
         self._left = self._order[0][1].nbytes if self._order else 0
-        self._file: _ShardFile | None = None
+        self._file: AppendFile | None = None
         self._shard = -1
         self._hasher: hashlib._Hash | None = None
         self._xxh: xxhash.xxh3_128 | None = None
@@ -314,10 +314,10 @@ class ShardedWriter(Closing):
         self._finish_shard()
         self._shard = shard
         if self._io is None:
-            self._stages = [mmap.mmap(-1, _STAGE) for _ in range(2)]
+            self._stages = [mmap.mmap(-1, STAGE_BYTES) for _ in range(2)]
             self._io = ThreadPoolExecutor(1, thread_name_prefix="realign-io")
         stages = [memoryview(m) for m in self._stages]
-        self._file = _ShardFile(self.directory / self.files[shard], stages, self._io)
+        self._file = AppendFile(self.directory / self.files[shard], stages, self._io)
         self._hasher = hashlib.sha256() if self._hash else None
         self._xxh = xxhash.xxh3_128() if self._hash else None
         self._write_all(memoryview(_header(self._shards[shard], self._metadata)))

@@ -121,6 +121,7 @@ class _Slot:
         self.mapped: list[Source] = []  # inputs whose bytes are page-cache views
         self.pending: Pending = _NOTHING  # the chunk's steps, until its outputs are written
         self.stats_step: int | None = None  # the step whose statistics are the tensor's
+        self.stats: Stats = (0.0, 0.0)  # else the chunk's, from a pass outside the steps
 
     def clear(self) -> None:
         self.result = memoryview(b"")
@@ -130,6 +131,7 @@ class _Slot:
         self.mapped = []
         self.pending = _NOTHING
         self.stats_step = None
+        self.stats = (0.0, 0.0)
 
 
 def _sources(job: TensorJob) -> tuple[Source, ...]:
@@ -344,6 +346,8 @@ class StreamRunner:
         """Hand the chunk's steps to the backend (the writer waits for their outputs)."""
         steps: list[Step] = []
         main = self._main_step(job, chunk, slot)
+        if main is not None and self._exact_residual(job, chunk, slot):
+            main = None  # done, with its rounding error
         if main is not None:
             steps.append(main)
             slot.stats_step = 0 if job.kind == "residual" else None
@@ -351,7 +355,7 @@ class StreamRunner:
             follow = self._follow_step(job, chunk, slot, main is not None)
             steps += [follow] if follow is not None else []
         slot.pending = self.backend.submit(self.method, steps) if steps else _NOTHING
-        if job.exact and chunk.combine:
+        if job.exact and chunk.combine and slot.neg is None:
             self.backend.flush()
             slot.pending.wait()  # the split reads p on the host
             self._split(job, chunk, slot)
@@ -371,6 +375,20 @@ class StreamRunner:
         slot.result = slot.out[:out_bytes]
         want = job.kind == "residual"
         return Step(kind, operands, slot.result, job.spec.dtype, job.alpha, want_stats=want)
+
+    def _exact_residual(self, job: TensorJob, chunk: _Chunk, slot: _Slot) -> bool:
+        """An exact pack's chunk on the CPU kernel: ``p``, its rounding error and the
+        statistics in one pass over the inputs (see
+        :func:`app.residuals.native.exact_residual`); False where the backend has none."""
+        fused = getattr(self.backend, "exact_residual", None)
+        if not (job.exact and chunk.combine and self.method.native and fused is not None):
+            return False
+        p = slot.result
+        neg = memoryview(slot.err)[: p.nbytes]
+        i, b = (job.inputs[k].info.dtype for k in (0, 1))
+        _, slot.stats = fused((slot.data[0], i), (slot.data[1], b), job.spec.dtype, p, neg)
+        slot.neg = neg
+        return True
 
     def _split(self, job: TensorJob, chunk: _Chunk, slot: _Slot) -> None:
         """The rounding error of an exact pack's chunk, beside its ``p`` (see
@@ -434,7 +452,7 @@ class StreamRunner:
             stats = slot.pending.wait()
             if job.kind == "residual":
                 step = slot.stats_step
-                sq, mx = stats[step] if step is not None else (0.0, 0.0)
+                sq, mx = stats[step] if step is not None else slot.stats
                 old = self._sums.get(chunk.job, (0.0, 0.0))
                 self._sums[chunk.job] = (old[0] + sq, max(old[1], mx))
             if job.exact:

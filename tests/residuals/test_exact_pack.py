@@ -3,7 +3,9 @@ than the bf16 pack, and every merge from one gives exactly the bytes of ``--no-c
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -13,9 +15,11 @@ import torch
 from app.core.errors import ArtifactCorruptError
 from app.demo.tiny import TinyTriple, make_triple
 from app.merge import apply, compute, merge, verify
+from app.residuals import native
 from app.residuals.frames import FRAME_ELEMS, decode_frame, encode_frame
 from app.residuals.inline import stream_merged
 from tests.helpers import load_dir, rewrite_tensor
+from tests.residuals.adversarial import adversarial_inputs
 
 
 def _files(d: Path) -> dict[str, bytes]:
@@ -144,10 +148,11 @@ def test_a_flipped_byte_in_a_frames_file_is_refused(
 def test_frame_codec_round_trips_and_rejects_damage(itemsize: int) -> None:
     rng = np.random.default_rng(itemsize)
     dtype = {2: np.uint16, 4: np.uint32}[itemsize]
-    for n in (1, 9, 4097, FRAME_ELEMS):
+    # sizes around the sparse scan's 64-element masks; no, few and all corrections
+    for n, dense in itertools.product((1, 9, 63, 64, 65, 4097, FRAME_ELEMS), (0.0, 0.05, 1.0)):
         p = rng.integers(0, 2 ** (8 * itemsize), n, dtype=np.uint64).astype(dtype)
         p[: n // 2] &= dtype(0x00FF)  # a compressible plane
-        neg = np.where(rng.random(n) < 0.05, p + 1, 0).astype(dtype)
+        neg = np.where(rng.random(n) < dense, p | 1, 0).astype(dtype)
         frame, count = encode_frame(memoryview(p).cast("B"), memoryview(neg).cast("B"), itemsize)
         assert count == np.count_nonzero(neg)
         po, no = bytearray(n * itemsize), bytearray(n * itemsize)
@@ -194,3 +199,49 @@ def test_per_tensor_methods_read_p_and_neg_in_blocks(
     monkeypatch.setattr(multi, "_PAIR_ELEMS", 777)  # many blocks, rows of 256 and 512
     two = merge(*args, tmp_path / "two", method="ties", store=tmp_path / "s")
     assert not two.residual_created and _files(one.out) == _files(two.out)
+
+
+@pytest.mark.parametrize(
+    ("codes", "code"),
+    [
+        (("BF16", "BF16"), "BF16"),
+        (("F16", "F16"), "F16"),
+        (("F32", "F32"), "F32"),
+        (("BF16", "F16"), "F32"),
+        (("F16", "F32"), "F32"),
+    ],
+)
+def test_one_pass_split_gives_the_residual_and_split_bits(
+    codes: tuple[str, str], code: str
+) -> None:
+    """The one-pass kernel of exact packs writes what the residual kind then the split
+    write, bit for bit, with the same statistics: on weight-like data with nasty elements
+    and on random bit patterns (NaN payloads, infinities, subnormals, overflows)."""
+    torch_dt = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+    uint = {"BF16": np.uint16, "F16": np.uint16, "F32": np.uint32}
+    gen, rng = torch.Generator().manual_seed(7), np.random.default_rng(7)
+    cast = [
+        x.to(torch_dt[c])
+        for x, c in zip(adversarial_inputs(torch.float32, 2, gen), codes, strict=True)
+    ]
+    nasty = [x.view(torch.uint8).numpy() for x in cast]
+    finite = [torch.nan_to_num(x, 0.0, 0.0, 0.0).view(torch.uint8).numpy() for x in cast]
+    noise = [rng.integers(0, 256, 2 * 300_000 * (4 if c == "F32" else 2), np.uint8) for c in codes]
+    for xs in (nasty, finite, noise):
+        n = xs[0].nbytes // (4 if codes[0] == "F32" else 2)
+        size = np.dtype(uint[code]).itemsize
+        p_ref, neg_ref = bytearray(n * size), bytearray(n * size)
+        ins = [(memoryview(x), c) for x, c in zip(xs, codes, strict=True)]
+        stats_ref = native.combine("residual", memoryview(p_ref), code, ins, want_stats=True)
+        count_ref = native.exact_split(
+            ins[0][0], ins[1][0], code, memoryview(p_ref), memoryview(neg_ref), codes
+        )
+        p, neg = bytearray(n * size), bytearray(n * size)
+        count, stats = native.exact_residual(
+            ins[0][0], ins[1][0], code, memoryview(p), memoryview(neg), codes, want_stats=True
+        )
+        assert count == count_ref > 0
+        assert np.array_equal(np.frombuffer(p, uint[code]), np.frombuffer(p_ref, uint[code]))
+        assert np.array_equal(np.frombuffer(neg, uint[code]), np.frombuffer(neg_ref, uint[code]))
+        assert np.array_equal(stats, stats_ref, equal_nan=True)
+        assert xs is not finite or all(map(math.isfinite, stats))
