@@ -51,7 +51,7 @@ def test_api_image_config(built: str) -> None:
     image = json.loads(res.stdout)[0]
     config = image["Config"]
     assert config["User"] == "10001:10001"
-    assert config["Entrypoint"] == ["realign"] and config["Cmd"] == ["serve"]
+    assert config["Entrypoint"] == ["tini", "--", "realign"] and config["Cmd"] == ["serve"]
     assert "REALIGN_SERVE_ROLE=api" in config["Env"]
     # buildah keeps HEALTHCHECK only in the docker image format
     assert "/healthz" in " ".join(image["Healthcheck"]["Test"])

@@ -114,6 +114,10 @@ def main(argv: list[str]) -> NoReturn:
         raise SystemExit(f"lifeline: parent {parent} ended before {command[0]} started")
     if os.getpgrp() == os.getpid():  # a group of its own to sweep (spawn makes one)
         _start_watcher()
+    # Python starts with SIGPIPE and SIGXFSZ ignored, and exec keeps ignored signals:
+    # the command gets the defaults, as subprocess's restore_signals gives.
+    for sig in (signal.SIGPIPE, signal.SIGXFSZ):
+        signal.signal(sig, signal.SIG_DFL)
     try:
         os.execvp(command[0], command)
     except OSError as exc:

@@ -61,6 +61,17 @@ def _code_later(laid: Laid, planes: Future[tuple[bool, ...]]) -> Pieces:
     return code_frame(laid, planes.result())
 
 
+def submit_first(
+    pool: ThreadPoolExecutor, laid: Laid, planes: Future[tuple[bool, ...]]
+) -> Future[Pieces]:
+    """Have a tensor's first frame coded on ``pool``; ``planes`` gets its answer. A first
+    frame cancelled before it ran (an abort, a full disk) cancels ``planes`` too: a later
+    frame a pool thread has already taken would otherwise wait on it for ever."""
+    future = pool.submit(_code_first, laid, planes)
+    future.add_done_callback(lambda f: planes.cancel() if f.cancelled() else None)
+    return future
+
+
 class FramedWriter(Closing):
     """Writes the tensors of an exact pack, in the order of ``specs``, into ``directory``.
 
@@ -201,7 +212,7 @@ class FramedWriter(Closing):
             planes = self._planes.get(spec.name)
             if planes is None:
                 planes = self._planes[spec.name] = Future()
-                future = self._pool.submit(_code_first, laid, planes)
+                future = submit_first(self._pool, laid, planes)
             else:
                 future = self._pool.submit(_code_later, laid, planes)
         except BaseException:
@@ -213,6 +224,8 @@ class FramedWriter(Closing):
         while True:
             if self._error is not None:
                 raise self._error
+            if not self._appender.is_alive():  # gone without a word: never wait on it
+                raise RuntimeError("the exact pack's appender thread stopped unexpectedly")
             try:
                 return self._free.get(timeout=0.1)
             except queue.Empty:
@@ -238,7 +251,10 @@ class FramedWriter(Closing):
                     self._free.put(buf)
             except BaseException as exc:
                 if self._error is None:
-                    self._error = self._full(exc) if isinstance(exc, OSError) else exc
+                    err = self._full(exc) if isinstance(exc, OSError) else exc
+                    if err is not exc:
+                        err.__cause__ = exc
+                    self._error = err
 
     def _begin(self, spec: TensorSpec) -> None:
         if self._file is None or self._size >= self._max:
