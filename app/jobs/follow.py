@@ -10,7 +10,9 @@ from types import TracebackType
 
 from app.core.errors import JobNotFoundError, JobStateError
 from app.core.settings import Settings
-from app.jobs.models import Caller, JobEvent, JobRecord, MergeSpec
+from app.jobs.broker import TASK_MERGE, TASK_VALIDATE
+from app.jobs.dispatch import ThreadDispatcher
+from app.jobs.models import Caller, JobEvent, JobRecord, JobStage, JobStatus, MergeSpec
 from app.jobs.service import JobService
 
 # The owner of the jobs a command line runs: the caller the API sees without keys.
@@ -80,4 +82,23 @@ class LocalJobs:
                 after = event.seq
             if rec.status.terminal:
                 return rec
+            self._take_on(rec)
             time.sleep(self.poll_s)
+
+    def _take_on(self, rec: JobRecord) -> None:
+        """Run ``rec`` here when nothing else will: an identical job an earlier command left
+        unfinished (killed, or left with a second Ctrl-C), which no live worker holds or
+        has queued, would otherwise be followed for ever. A server sharing the records
+        (alive by its heartbeat) keeps its jobs; the job's lease keeps two runs apart."""
+        dispatcher = self.service.dispatcher
+        assert isinstance(dispatcher, ThreadDispatcher)
+        records = self.service.records
+        if rec.stage == JobStage.load or rec.id in dispatcher.pending():
+            return
+        if records.lease_holder(rec.id) is not None:
+            return
+        if any(w.name != dispatcher.name for w in records.workers()):
+            return
+        preflight_done = rec.status == JobStatus.queued and rec.stage == JobStage.preflight
+        validated = rec.status == JobStatus.running or preflight_done
+        dispatcher.send(TASK_MERGE if validated else TASK_VALIDATE, rec.id)

@@ -19,6 +19,7 @@ from app.core.errors import (
 )
 from app.core.settings import Settings
 from app.demo.tiny import TinyTriple
+from app.jobs.follow import LOCAL, LocalJobs
 from app.jobs.models import Caller, JobRecord, JobStatus, MergeSpec
 from app.jobs.service import JobService
 from tests.helpers import stored
@@ -218,3 +219,21 @@ def test_a_command_line_worker_runs_only_its_own_jobs(
         assert wait(restarted, theirs.id).status == JobStatus.succeeded
     finally:
         restarted.stop()
+
+
+def test_a_command_line_run_takes_on_the_job_an_earlier_one_left(
+    llama_triple: TinyTriple, store_dir: Path
+) -> None:
+    """A command killed after submitting leaves its job unfinished in the store's records;
+    the same command run again finds that job (an identical one in flight) and, with no
+    live worker on it, runs it itself instead of following it for ever."""
+    settings = Settings(models_cache_dir=store_dir, allowed_roots=[llama_triple.base.parent])
+    earlier = JobService.in_process(settings, adopt=False)  # never started: as if killed
+    left, created = earlier.submit(spec(llama_triple, alpha=0.45), LOCAL)
+    assert created
+    with LocalJobs(settings) as jobs:
+        rec, created = jobs.submit(spec(llama_triple, alpha=0.45))
+        assert (rec.id, created) == (left.id, False)
+        done = jobs.wait(rec.id, lambda event: None)
+    assert done.status == JobStatus.succeeded, done.error
+    assert done.deliveries == 1
