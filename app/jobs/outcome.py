@@ -58,8 +58,15 @@ def conclude(
 
         reporter = reporter or JobReporter(runner, rec, threading.Event())
         reporter.rec = rec
-        result = evaluate_merge(runner, rec, entry, result, reporter, reporter.cancel)
-        reporter.check()  # a cancel during the last suite: nothing is registered
+        try:
+            result = evaluate_merge(runner, rec, entry, result, reporter, reporter.cancel)
+            reporter.check()  # a cancel during the last suite: nothing is registered
+        except Exception as exc:
+            # The merge stays published in the store (correct, and reused by the next
+            # job): the failed job still says where, with no model id (none registered).
+            if getattr(exc, "result", None) is None:
+                exc.result = result.model_copy(update={"model_id": ""})  # type: ignore[attr-defined]
+            raise
         rec = runner.records.get(rec.id) or reporter.rec
         # where its scores are stored (an in-engine merge's content key is computed)
         merge = result.evaluation.models[0] if result.evaluation else None

@@ -174,7 +174,8 @@ def test_a_failed_evaluation_registers_nothing(
     assert job["status"] == "failed" and job["stage"] == "evaluate", job
     assert job["error"]["code"] == "eval_failed", job["error"]
     assert "perplexity" in job["error"]["message"] and "utf-8" in job["error"]["message"]
-    assert job["result"] is None
+    result = job["result"]  # where the merge went, and no model id: none is registered
+    assert result is not None and result["model_id"] == "" and result["residual_key"]
     assert name not in {m["id"] for m in alice.get("/v1/models").json()["data"]}
     assert alice.get(f"/v1/models/{name}").status_code == 404
     log = _events(alice, job["id"])
@@ -185,3 +186,5 @@ def test_a_failed_evaluation_registers_nothing(
             for p in (api_store / "merged").iterdir()
         ]
         assert 0.55 in alphas
+        stored = api_store / "merged" / result["merged_key"]
+        assert json.loads((stored / "realign.json").read_text())["alpha"] == 0.55
