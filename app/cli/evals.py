@@ -15,6 +15,12 @@ from app.evals.models import EvalProgress, EvalSpec, EvalTarget, ModelEval, Suit
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+# Options `realign eval` and `realign sweep` share.
+Limit = Annotated[int | None, typer.Option("--limit", min=1, help="At most N examples per suite.")]
+MaxTokens = Annotated[int, typer.Option("--max-tokens", min=1, help="Reply budget.")]
+Concurrency = Annotated[
+    int, typer.Option("--concurrency", min=1, max=256, help="Requests in flight.")
+]
 SUITE_HELP = (
     "Suite to run (repeat for several): format (replies end on the stop token within "
     "the budget and open as the assistant's turn), ifeval-lite (verifiable instructions, "
@@ -112,13 +118,9 @@ def eval_(
     task: Annotated[
         list[str] | None, typer.Option("--task", help="custom: a task name there (repeatable).")
     ] = None,
-    limit: Annotated[
-        int | None, typer.Option("--limit", min=1, help="At most N examples per suite.")
-    ] = None,
-    max_tokens: Annotated[int, typer.Option("--max-tokens", min=1, help="Reply budget.")] = 128,
-    concurrency: Annotated[
-        int, typer.Option("--concurrency", min=1, max=256, help="Requests in flight.")
-    ] = 8,
+    limit: Limit = None,
+    max_tokens: MaxTokens = 128,
+    concurrency: Concurrency = 8,
     url: Annotated[
         str | None,
         typer.Option(

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from app.cli.common import DType, Store, Target, app, err, fail, friendly, out
-from app.cli.evals import parse_texts
+from app.cli.evals import Concurrency, Limit, MaxTokens, parse_texts
 from app.cli.report import write_atomic
 from app.cli.sweepview import NO_ALPHA_EXIT, outcome_lines, printer, table
 from app.core.settings import get_settings
@@ -93,13 +93,9 @@ def sweep(
         list[Reference] | None,
         typer.Option("--compare", help="Also evaluate this input, for reference (repeatable)."),
     ] = None,
-    limit: Annotated[
-        int | None, typer.Option("--limit", min=1, help="At most N examples per suite.")
-    ] = None,
-    max_tokens: Annotated[int, typer.Option("--max-tokens", min=1, help="Reply budget.")] = 128,
-    concurrency: Annotated[
-        int, typer.Option("--concurrency", min=1, max=256, help="Requests in flight.")
-    ] = 8,
+    limit: Limit = None,
+    max_tokens: MaxTokens = 128,
+    concurrency: Concurrency = 8,
     name: Annotated[
         str | None, typer.Option("--name", help="Model id of the pick (default realign-<key>).")
     ] = None,
