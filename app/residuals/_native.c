@@ -302,6 +302,18 @@ typedef double rl_d8 __attribute__((vector_size(64)));
 typedef int32_t rl_i16 __attribute__((vector_size(64)));
 #endif
 
+/* Fold the lanes of `st` into stats[0] (sum of squares, added) and stats[1] (max |x|). */
+static void fold_stats(const rl_stats *st, double *stats) {
+    double sq = 0.0;
+    float mx = 0.0f;
+    for (int j = 0; j < RL_LANES; j++) {
+        sq += st->sq[j];
+        mx = st->mx[j] > mx ? st->mx[j] : mx;
+    }
+    stats[0] += sq;
+    stats[1] = (double)mx > stats[1] ? (double)mx : stats[1];
+}
+
 RL_CLONES
 static void add_stats(rl_stats *st, const float *restrict s, int64_t n) {
     int64_t i = 0;
@@ -422,16 +434,7 @@ int64_t realign_combine(void *out, int32_t out_code, const void *in0, int32_t co
         if (want_stats) add_stats(&st, sbuf, n);
         b += n;
     }
-    if (want_stats) {
-        double sq = 0.0;
-        float mx = 0.0f;
-        for (int j = 0; j < RL_LANES; j++) {
-            sq += st.sq[j];
-            mx = st.mx[j] > mx ? st.mx[j] : mx;
-        }
-        stats[0] += sq;
-        stats[1] = (double)mx > stats[1] ? (double)mx : stats[1];
-    }
+    if (want_stats) fold_stats(&st, stats);
     *n_hard = nh;
     return b;
 }
@@ -607,16 +610,7 @@ int64_t realign_exact_residual(const void *in0, int32_t code0, const void *in1, 
                                sbuf);
         if (want_stats) add_stats(&st, sbuf, m);
     }
-    if (want_stats) {
-        double sq = 0.0;
-        float mx = 0.0f;
-        for (int j = 0; j < RL_LANES; j++) {
-            sq += st.sq[j];
-            mx = st.mx[j] > mx ? st.mx[j] : mx;
-        }
-        stats[0] += sq;
-        stats[1] = (double)mx > stats[1] ? (double)mx : stats[1];
-    }
+    if (want_stats) fold_stats(&st, stats);
     return nonzero;
 }
 
