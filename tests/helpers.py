@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import threading
 from collections.abc import Callable
@@ -87,6 +88,13 @@ def stored(store: Path) -> list[str]:
 
 
 _FORMATS = {torch.float32: (24, -126), torch.bfloat16: (8, -126), torch.float16: (11, -14)}
+
+
+def card_without_time(card: str | bytes) -> str:
+    """A model card (README.md) without the minute it was made at: two merges of the same
+    inputs write the same card but for that line."""
+    text = card.decode() if isinstance(card, bytes) else card
+    return re.sub(r" on \d{4}-\d{2}-\d{2} \d{2}:\d{2} UTC\.", " on <time>.", text)
 
 
 def round_fraction(value: Fraction, dtype: torch.dtype) -> float:
