@@ -12,16 +12,21 @@ through the pack's read verifier (each file checked against its recorded checksu
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import os
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from app.core.errors import ArtifactCorruptError, CorruptCheckpointError
+from app.residuals import native
 from app.residuals.checkpoint import Checkpoint, TensorInfo
 from app.residuals.dtypes import DTYPES, DType
 from app.residuals.frames import FRAME_ELEMS, FrameError, decode_frame
@@ -96,12 +101,15 @@ class FramedPack(Checkpoint):
 
     label: str = ""
     _framed: dict[str, _Framed] = field(default_factory=dict, repr=False)
-    _cache: OrderedDict[tuple[str, int], tuple[bytearray, bytearray]] = field(
+    # decoded frames: (p, neg), a half None where it was decoded straight into a reader's
+    # buffer; the buffers of evicted frames are reused (no allocation, no page faults)
+    _cache: OrderedDict[tuple[str, int], list[bytearray | None]] = field(
         default_factory=OrderedDict, repr=False
     )
-    _free: list[tuple[bytearray, bytearray]] = field(default_factory=list, repr=False)
+    _free: list[bytearray] = field(default_factory=list, repr=False)
     _raw: bytearray = field(default_factory=bytearray, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _decoders: ThreadPoolExecutor | None = field(default=None, repr=False)
 
     @classmethod
     def open_framed(
@@ -125,28 +133,91 @@ class FramedPack(Checkpoint):
         row_elems = f.elems // info.rows if info.rows else 0
         lo, hi = row0 * row_elems, row1 * row_elems
         out = out.cast("B") if out.format != "B" or out.ndim != 1 else out
+        if out.nbytes < (hi - lo) * f.itemsize:  # the copies below are not bounds-checked
+            raise ValueError(f"{info.name}: {out.nbytes} bytes for {hi - lo} elements")
         at = 0
         with self._lock:
-            for k in range(lo // FRAME_ELEMS, -(-hi // FRAME_ELEMS)):
-                start = k * FRAME_ELEMS
-                p, n = self._frame(f, k)
-                data = n if neg else p
-                a, b = max(lo, start) - start, min(hi, start + FRAME_ELEMS) - start
-                size = (b - a) * f.itemsize
-                out[at : at + size] = memoryview(data)[a * f.itemsize : b * f.itemsize]
-                at += size
+            first, end = lo // FRAME_ELEMS, -(-hi // FRAME_ELEMS)
+            for batch in range(first, end, _BATCH):
+                parts = []
+                for k in range(batch, min(end, batch + _BATCH)):
+                    start = k * FRAME_ELEMS
+                    a, b = max(lo, start) - start, min(hi, start + FRAME_ELEMS) - start
+                    parts.append((k, a, b, out[at : at + (b - a) * f.itemsize]))
+                    at += (b - a) * f.itemsize
+                self._read_frames(f, int(neg), parts)
 
-    def _frame(self, f: _Framed, k: int) -> tuple[bytearray, bytearray]:
-        """Frame ``k`` of ``f`` decoded (from the cache when there); the caller holds the
-        lock (buffers of evicted frames are reused: no allocation, no page faults, per
-        frame)."""
-        key = (f.name, k)
-        hit = self._cache.get(key)
-        if hit is not None:
-            self._cache.move_to_end(key)
-            return hit
-        n = min(FRAME_ELEMS, f.elems - k * FRAME_ELEMS)
-        start, end = f.offsets[k], f.offsets[k + 1]
+    def _read_frames(self, f: _Framed, half: int, parts: list[_Part]) -> None:
+        """Elements ``[a, b)`` of frame ``k``, of ``p`` (``half`` 0) or ``neg`` (1), into
+        ``dest`` for each part; the caller holds the lock.
+
+        A frame's wanted half comes from the cache where it is there, else its frame is
+        decoded: a frame read whole straight into ``dest``, the rest into reused buffers;
+        the half not asked for is kept, as ``neg`` is read right after ``p``. The frames
+        to decode are read in one call in file order (as the read verifier hashes them);
+        decoding and copying run side by side on the pack's threads (zstd, the kernel and
+        ctypes' memmove drop the GIL): decoding is most of an exact apply's reading."""
+        todo = [(k, a, b, dest) for k, a, b, dest in parts if self._cached(f, k, half) is None]
+        view, start = self._read_raw(f, [k for k, *_ in todo]) if todo else (memoryview(b""), 0)
+        taken: list[bytearray] = []
+        fresh: dict[int, list[bytearray | None]] = {}
+
+        def take() -> bytearray:
+            taken.append(self._free.pop() if self._free else bytearray(FRAME_ELEMS * 4))
+            return taken[-1]
+
+        tasks: list[Callable[[], None]] = []
+        for k, a, b, dest in parts:
+            size = f.itemsize
+            hit = self._cached(f, k, half)
+            if hit is not None:
+                tasks.append(partial(_copy_out, dest, hit, a * size))
+                continue
+            n = min(FRAME_ELEMS, f.elems - k * FRAME_ELEMS)
+            whole = a == 0 and b == n
+            halves: list[bytearray | None] = [None, None]
+            for h in range(2):
+                halves[h] = None if whole and h == half else take()
+            outs = [dest if h is None else memoryview(h)[: n * size] for h in halves]
+            frame = view[f.offsets[k] - start : f.offsets[k + 1] - start]
+            kept = halves[half]
+            copy = None if kept is None else partial(_copy_out, dest, kept, a * size)
+            tasks.append(partial(_decode_one, f, k, frame, n, outs, copy))
+            fresh[k] = halves
+        try:
+            if len(tasks) == 1:
+                tasks[0]()
+            else:
+                futures = [self._pool().submit(t) for t in tasks]
+                wait(futures)
+                for future in futures:
+                    future.result()
+        except BaseException as exc:
+            self._free.extend(taken)
+            if isinstance(exc, FrameError):
+                if self.verifier is not None:  # a damaged file: say so as every reader does
+                    self.verifier.finish()
+                raise self._damaged(f, str(exc)) from exc
+            raise
+        for k, halves in fresh.items():
+            self._release(self._cache.pop((f.name, k), None))
+            self._cache[(f.name, k)] = halves
+        while len(self._cache) > _CACHED_FRAMES:
+            self._release(self._cache.popitem(last=False)[1])
+
+    def _cached(self, f: _Framed, k: int, half: int) -> bytearray | None:
+        entry = self._cache.get((f.name, k))
+        if entry is None or entry[half] is None:
+            return None
+        self._cache.move_to_end((f.name, k))  # newest: not evicted by this read's frames
+        return entry[half]
+
+    def _release(self, entry: list[bytearray | None] | None) -> None:
+        self._free.extend(b for b in entry or () if b is not None)
+
+    def _read_raw(self, f: _Framed, ks: list[int]) -> tuple[memoryview, int]:
+        """The stored bytes of frames ``ks[0]`` to ``ks[-1]`` of ``f``, and their offset."""
+        start, end = f.offsets[ks[0]], f.offsets[ks[-1] + 1]
         if len(self._raw) < end - start:
             self._raw = bytearray(end - start)
         view = memoryview(self._raw)[: end - start]
@@ -159,25 +230,13 @@ class FramedPack(Checkpoint):
             got += r
         if self.verifier is not None:
             self.verifier.consume(f.file, start, view)
-        size = FRAME_ELEMS * 4
-        p, neg = self._free.pop() if self._free else (bytearray(size), bytearray(size))
-        try:
-            decode_frame(
-                view,
-                n,
-                f.itemsize,
-                memoryview(p)[: n * f.itemsize],
-                memoryview(neg)[: n * f.itemsize],
-            )
-        except FrameError as exc:
-            self._free.append((p, neg))
-            if self.verifier is not None:  # a damaged file: say so as every reader does
-                self.verifier.finish()
-            raise self._damaged(f, f"frame {k} of {f.name!r}: {exc}") from exc
-        self._cache[key] = (p, neg)
-        while len(self._cache) > _CACHED_FRAMES:
-            self._free.append(self._cache.popitem(last=False)[1])
-        return p, neg
+        return view, start
+
+    def _pool(self) -> ThreadPoolExecutor:
+        if self._decoders is None:
+            workers = min(_BATCH, os.cpu_count() or 1)
+            self._decoders = ThreadPoolExecutor(workers, thread_name_prefix="realign-decode")
+        return self._decoders
 
     def _damaged(self, f: _Framed, what: str) -> ArtifactCorruptError:
         return ArtifactCorruptError(
@@ -186,9 +245,39 @@ class FramedPack(Checkpoint):
         )
 
     def close(self) -> None:
+        if self._decoders is not None:
+            self._decoders.shutdown(wait=True)
+            self._decoders = None
         self._cache.clear()
         self._free.clear()
         super().close()
 
 
-_CACHED_FRAMES = 12  # a chunk's frames (8M elements = 8 frames) and its neighbours
+_Part = tuple[int, int, int, memoryview]  # frame, first and end element, where they go
+
+
+def _copy_out(dest: memoryview, src: bytearray, offset: int) -> None:
+    if dest.nbytes:
+        ctypes.memmove(
+            native.address(dest, writable=True), native.address(src) + offset, dest.nbytes
+        )
+
+
+def _decode_one(
+    f: _Framed,
+    k: int,
+    frame: memoryview,
+    n: int,
+    outs: list[memoryview],
+    then: Callable[[], None] | None,
+) -> None:
+    try:
+        decode_frame(frame, n, f.itemsize, outs[0], outs[1])
+    except FrameError as exc:
+        raise FrameError(f"frame {k} of {f.name!r}: {exc}") from None
+    if then is not None:
+        then()
+
+
+_BATCH = 8  # frames decoded side by side: a chunk's (8M elements = 8 frames)
+_CACHED_FRAMES = 12  # a batch and its neighbours (the cache must hold a whole batch)

@@ -1,8 +1,11 @@
-"""The exact pack writer's failure paths: an abort or a write fault with frames in flight
-ends promptly, with the cause, and leaves no thread waiting."""
+"""The exact pack writer's failure paths (an abort or a write fault with frames in flight
+ends promptly, with the cause, and leaves no thread waiting), and reading back packs of
+many frames, decoded several at once."""
 
 from __future__ import annotations
 
+import itertools
+import json
 import resource
 import signal
 import threading
@@ -12,8 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app.core.errors import RealignError
+from app.core.errors import ArtifactCorruptError, RealignError
 from app.residuals.dtypes import BF16
+from app.residuals.framed import _CACHED_FRAMES, FRAMES_INDEX, NEG, FramedPack
 from app.residuals.frames import FRAME_ELEMS, FrameBuffers, lay_out
 from app.residuals.framewriter import FramedWriter, _code_later, submit_first
 from app.residuals.shards import TensorSpec
@@ -66,3 +70,60 @@ def test_a_file_size_fault_with_frames_in_flight_ends_with_its_cause(tmp_path: P
     writer.abort()  # again: idempotent, returns
     left = {t.name for t in threading.enumerate() if t.is_alive()} - before
     assert not any(n.startswith(("realign-append", "realign-encode", "realign-io")) for n in left)
+
+
+def _pack(tmp_path: Path, rows: int, cols: int) -> tuple[np.ndarray, np.ndarray, Path]:
+    """A written pack of one bf16 tensor spanning many frames, with corrections."""
+    rng = np.random.default_rng(7)
+    p = rng.integers(0, 1 << 16, rows * cols, dtype=np.uint32).astype(np.uint16)
+    p = (p & 0x00FF) | (rng.integers(0x38, 0x3C, p.size).astype(np.uint16) << 8)
+    neg = np.where(rng.random(p.size) < 0.03, p ^ 0x0101, 0).astype(np.uint16)
+    writer = FramedWriter(tmp_path, [TensorSpec("w", BF16, (rows, cols))])
+    step = 3 * cols + 5  # chunks that do not line up with frames
+    for at in range(0, p.size, step):
+        end = min(p.size, at + step)
+        writer.write_pair("w", memoryview(p[at:end]).cast("B"), memoryview(neg[at:end]).cast("B"))
+    writer.close()
+    return p, neg, tmp_path
+
+
+def test_frames_decoded_side_by_side_read_back_exactly(tmp_path: Path) -> None:
+    """A tensor of 11 frames read back in row ranges that start and end inside frames and
+    span several batches of frames decoded at once: every byte of p and neg."""
+    rows, cols = 44, FRAME_ELEMS // 4
+    p, neg, pack_dir = _pack(tmp_path, rows, cols)
+    pack = FramedPack.open_framed(pack_dir, {}, "pack", None)
+    try:
+        info, info_neg = pack.tensors["w"], pack.tensors["w" + NEG]
+        # p then neg (as a merge reads them), neg first, the same half twice
+        orders = [((p, info), (neg, info_neg)), ((neg, info_neg), (p, info), (p, info))]
+        for (row0, row1), order in itertools.product(
+            ((0, rows), (1, 38), (37, 44), (5, 6), (0, 1)), orders
+        ):
+            out = bytearray((row1 - row0) * cols * 2)
+            for want, which in order:
+                pack.read_into(which, row0, row1, memoryview(out))
+                assert bytes(out) == want[row0 * cols : row1 * cols].tobytes(), (row0, row1)
+        assert len(pack._free) + 2 * len(pack._cache) <= 2 * (_CACHED_FRAMES + 8)  # reused, never piled up
+    finally:
+        pack.close()
+    assert not [t for t in threading.enumerate() if t.name.startswith("realign-decode")]
+
+
+def test_a_damaged_frame_among_those_decoded_at_once_names_itself(tmp_path: Path) -> None:
+    rows, cols = 40, FRAME_ELEMS // 4
+    _, _, pack_dir = _pack(tmp_path, rows, cols)
+    index = json.loads((pack_dir / FRAMES_INDEX).read_text())["tensors"]["w"]
+    file = pack_dir / index["file"]
+    data = bytearray(file.read_bytes())
+    data[index["frames"][6] : index["frames"][6] + 4] = b"\xff\xff\xff\xff"  # its count
+    file.write_bytes(bytes(data))
+    pack = FramedPack.open_framed(pack_dir, {}, "pack", None)
+    try:
+        with pytest.raises(ArtifactCorruptError, match=r"frame 6 of 'w'.*corrections"):
+            pack.read_into(pack.tensors["w"], 0, rows, memoryview(bytearray(rows * cols * 2)))
+        # the frames before it still read (their buffers went back, none was lost)
+        out = bytearray(cols * 2)
+        pack.read_into(pack.tensors["w"], 0, 1, memoryview(out))
+    finally:
+        pack.close()
