@@ -157,33 +157,11 @@ class FramedPack(Checkpoint):
         to decode are read in one call in file order (as the read verifier hashes them);
         decoding and copying run side by side on the pack's threads (zstd, the kernel and
         ctypes' memmove drop the GIL): decoding is most of an exact apply's reading."""
-        todo = [(k, a, b, dest) for k, a, b, dest in parts if self._cached(f, k, half) is None]
-        view, start = self._read_raw(f, [k for k, *_ in todo]) if todo else (memoryview(b""), 0)
+        todo = [k for k, *_ in parts if self._cached(f, k, half) is None]
+        raw = self._read_raw(f, todo) if todo else (memoryview(b""), 0)
         taken: list[bytearray] = []
         fresh: dict[int, list[bytearray | None]] = {}
-
-        def take() -> bytearray:
-            taken.append(self._free.pop() if self._free else bytearray(FRAME_ELEMS * 4))
-            return taken[-1]
-
-        tasks: list[Callable[[], None]] = []
-        for k, a, b, dest in parts:
-            size = f.itemsize
-            hit = self._cached(f, k, half)
-            if hit is not None:
-                tasks.append(partial(_copy_out, dest, hit, a * size))
-                continue
-            n = min(FRAME_ELEMS, f.elems - k * FRAME_ELEMS)
-            whole = a == 0 and b == n
-            halves: list[bytearray | None] = [None, None]
-            for h in range(2):
-                halves[h] = None if whole and h == half else take()
-            outs = [dest if h is None else memoryview(h)[: n * size] for h in halves]
-            frame = view[f.offsets[k] - start : f.offsets[k + 1] - start]
-            kept = halves[half]
-            copy = None if kept is None else partial(_copy_out, dest, kept, a * size)
-            tasks.append(partial(_decode_one, f, k, frame, n, outs, copy))
-            fresh[k] = halves
+        tasks = [self._task(f, half, part, raw, taken, fresh) for part in parts]
         try:
             if len(tasks) == 1:
                 tasks[0]()
@@ -204,6 +182,37 @@ class FramedPack(Checkpoint):
             self._cache[(f.name, k)] = halves
         while len(self._cache) > _CACHED_FRAMES:
             self._release(self._cache.popitem(last=False)[1])
+
+    def _task(
+        self,
+        f: _Framed,
+        half: int,
+        part: _Part,
+        raw: tuple[memoryview, int],
+        taken: list[bytearray],
+        fresh: dict[int, list[bytearray | None]],
+    ) -> Callable[[], None]:
+        """What brings one part: a copy from the cache, or the decoding of its frame (the
+        buffers that takes go to ``taken``, the frame's new cache entry to ``fresh``)."""
+        k, a, b, dest = part
+        size = f.itemsize
+        hit = self._cached(f, k, half)
+        if hit is not None:
+            return partial(_copy_out, dest, hit, a * size)
+        n = min(FRAME_ELEMS, f.elems - k * FRAME_ELEMS)
+        whole = a == 0 and b == n
+        halves = [None if whole and h == half else self._take(taken) for h in range(2)]
+        fresh[k] = halves
+        outs = [dest if h is None else memoryview(h)[: n * size] for h in halves]
+        view, start = raw
+        frame = view[f.offsets[k] - start : f.offsets[k + 1] - start]
+        kept = halves[half]
+        then = None if kept is None else partial(_copy_out, dest, kept, a * size)
+        return partial(_decode_one, f, k, frame, n, outs, then)
+
+    def _take(self, taken: list[bytearray]) -> bytearray:
+        taken.append(self._free.pop() if self._free else bytearray(FRAME_ELEMS * 4))
+        return taken[-1]
 
     def _cached(self, f: _Framed, k: int, half: int) -> bytearray | None:
         entry = self._cache.get((f.name, k))
