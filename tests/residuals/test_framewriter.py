@@ -104,7 +104,8 @@ def test_frames_decoded_side_by_side_read_back_exactly(tmp_path: Path) -> None:
             for want, which in order:
                 pack.read_into(which, row0, row1, memoryview(out))
                 assert bytes(out) == want[row0 * cols : row1 * cols].tobytes(), (row0, row1)
-        assert len(pack._free) + 2 * len(pack._cache) <= 2 * (_CACHED_FRAMES + 8)  # reused, never piled up
+        # buffers are reused, never piled up
+        assert len(pack._free) + 2 * len(pack._cache) <= 2 * (_CACHED_FRAMES + 8)
     finally:
         pack.close()
     assert not [t for t in threading.enumerate() if t.name.startswith("realign-decode")]
