@@ -11,8 +11,9 @@ residual once, then times merge jobs applying it to the new base (submit to
 - ``2 workers, split``: the shard tasks on two workers at once.
 
 ``--store local``: one store directory for every worker (a shared file system).
-``--store object``: the store is ``s3://bench/realign`` on a moto S3 server on
-loopback (a process of its own); every worker has a node cache of its own, empty at
+``--store object``: the store is ``s3://bench/realign`` on an S3 server on loopback
+(a process of its own: moto, or with ``--s3rver DIR`` the Node.js s3rver, which moves
+bytes several times faster than moto); every worker has a node cache of its own, empty at
 each run (nodes that have not seen the pack or the target), and the target is an
 ``s3://`` model in the bucket (a local path is not split on an object store). The
 figures compare cases of one store with each other: the medians over the yardstick's
@@ -22,7 +23,8 @@ The merged model is removed between runs (every run writes it). Worker start-up 
 not timed.
 
     .venv/bin/python bench/parallel.py [--data bench/data/1b] [--store local|object|both]
-        [--runs 3] [--shard-gb 0.25]
+        [--runs 3] [--shard-gb 0.25] [--s3rver DIR]
+    # s3rver once: npm install --prefix bench/data/s3rver s3rver@3.7.1
 """
 
 from __future__ import annotations
@@ -54,7 +56,8 @@ from app.store.factory import store_from_settings  # noqa: E402
 CASES = {"1 worker, one task": (1, 0), "1 worker, split": (1, 2), "2 workers, split": (2, 2)}
 YARDSTICK = "1 worker, one task"
 ME = Caller(name="bench", role="admin")
-S3_ENV = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
+# s3rver knows one key pair; moto takes any
+S3_ENV = {"AWS_ACCESS_KEY_ID": "S3RVER", "AWS_SECRET_ACCESS_KEY": "S3RVER",
           "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
 FETCHED = re.compile(r"\(([\d.]+) MB of inputs fetched\)")
 
@@ -86,13 +89,21 @@ def start_redis(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
     return proc, f"redis://127.0.0.1:{port}/0"
 
 
-def start_s3(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
-    """A moto S3 server in a process of its own (it copies objects in Python)."""
+def start_s3(workdir: Path, s3rver: Path | None) -> tuple[subprocess.Popen[bytes], str]:
+    """An S3 server on loopback in a process of its own: moto (it keeps and copies
+    objects in Python), or s3rver (Node.js, objects in files) from ``s3rver``, a
+    directory where ``npm install s3rver@3.7.1`` was run."""
     port = free_port()
-    log = (workdir / "moto.log").open("ab")
-    cmd = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+    log = (workdir / "s3.log").open("ab")
+    if s3rver is None:
+        cmd = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+    else:
+        script = s3rver / "node_modules" / "s3rver" / "bin" / "s3rver.js"
+        (workdir / "s3").mkdir()
+        cmd = ["node", str(script), "-d", str(workdir / "s3"), "-a", "127.0.0.1",
+               "-p", str(port), "--silent"]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=log, stderr=log, env={**os.environ, **S3_ENV})
-    wait_port(port, "the moto S3 server")
+    wait_port(port, "the S3 server")
     return proc, f"http://127.0.0.1:{port}"
 
 
@@ -262,6 +273,12 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--shard-gb", type=float, default=0.25)
     ap.add_argument("--work", type=Path, default=None, help="scratch dir (default: a temp dir)")
+    ap.add_argument(
+        "--s3rver",
+        type=Path,
+        default=None,
+        help="object store on s3rver from this npm directory (default: moto)",
+    )
     args = ap.parse_args()
     data = args.data.resolve()
     work = Path(tempfile.mkdtemp(prefix="realign-parallel-", dir=args.work))
@@ -273,7 +290,7 @@ def main() -> None:
         if args.store in ("local", "both"):
             modes.append(lambda: local_mode(work, url, data, args.shard_gb))
         if args.store in ("object", "both"):
-            s3, endpoint = start_s3(work)
+            s3, endpoint = start_s3(work, args.s3rver)
             procs.append(s3)
             modes.append(lambda: object_mode(work, url, data, endpoint, args.shard_gb))
         results = {}
