@@ -66,11 +66,16 @@ class MathBackend(Protocol):
         """Release threads and device resources."""
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity (a container's cpuset, taskset)
+    on Linux, elsewhere all of them."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    return max(1, len(affinity(0)) if affinity is not None else (os.cpu_count() or 1))
+
+
 def default_workers() -> int:
     """Math threads for this process: the CPUs it may run on, at most 4."""
-    affinity = getattr(os, "sched_getaffinity", None)  # Linux; elsewhere all CPUs
-    cpus = len(affinity(0)) if affinity is not None else (os.cpu_count() or 1)
-    return max(1, min(_MAX_WORKERS, cpus))
+    return min(_MAX_WORKERS, usable_cpus())
 
 
 def host_buffer(nbytes: int) -> memoryview:

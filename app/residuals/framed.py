@@ -19,7 +19,7 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -28,6 +28,7 @@ from typing import Any
 from app.core.errors import ArtifactCorruptError, CorruptCheckpointError
 from app.residuals import native
 from app.residuals.checkpoint import Checkpoint, TensorInfo
+from app.residuals.devices import usable_cpus
 from app.residuals.dtypes import DTYPES, DType
 from app.residuals.frames import FRAME_ELEMS, FrameError, decode_frame
 from app.residuals.integrity import mismatch_message
@@ -163,13 +164,7 @@ class FramedPack(Checkpoint):
         fresh: dict[int, list[bytearray | None]] = {}
         tasks = [self._task(f, half, part, raw, taken, fresh) for part in parts]
         try:
-            if len(tasks) == 1:
-                tasks[0]()
-            else:
-                futures = [self._pool().submit(t) for t in tasks]
-                wait(futures)
-                for future in futures:
-                    future.result()
+            self._run(tasks)
         except BaseException as exc:
             self._free.extend(taken)
             if isinstance(exc, FrameError):
@@ -182,6 +177,25 @@ class FramedPack(Checkpoint):
             self._cache[(f.name, k)] = halves
         while len(self._cache) > _CACHED_FRAMES:
             self._release(self._cache.popitem(last=False)[1])
+
+    def _run(self, tasks: list[Callable[[], None]]) -> None:
+        """Run a batch's tasks on the pack's threads; return (or raise the first task's
+        error) only when none of them runs any more, so that their buffers may be reused
+        whatever interrupts the wait (a time limit's exception in this thread)."""
+        if len(tasks) == 1:
+            tasks[0]()
+            return
+        futures: list[Future[None]] = []
+        try:
+            for task in tasks:
+                futures.append(self._pool().submit(task))
+            wait(futures)
+        finally:  # also when interrupted: nothing started may still run after this
+            for future in futures:
+                future.cancel()
+            wait(futures)
+        for future in futures:
+            future.result()
 
     def _task(
         self,
@@ -243,7 +257,7 @@ class FramedPack(Checkpoint):
 
     def _pool(self) -> ThreadPoolExecutor:
         if self._decoders is None:
-            workers = min(_BATCH, os.cpu_count() or 1)
+            workers = min(_BATCH, usable_cpus())
             self._decoders = ThreadPoolExecutor(workers, thread_name_prefix="realign-decode")
         return self._decoders
 
@@ -254,11 +268,12 @@ class FramedPack(Checkpoint):
         )
 
     def close(self) -> None:
-        if self._decoders is not None:
-            self._decoders.shutdown(wait=True)
-            self._decoders = None
-        self._cache.clear()
-        self._free.clear()
+        with self._lock:  # after a read in progress, not under it
+            if self._decoders is not None:
+                self._decoders.shutdown(wait=True)
+                self._decoders = None
+            self._cache.clear()
+            self._free.clear()
         super().close()
 
 

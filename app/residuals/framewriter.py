@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import mmap
-import os
 import queue
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -28,6 +27,7 @@ from typing import Any
 
 import xxhash
 
+from app.residuals.devices import usable_cpus
 from app.residuals.framed import FRAMES_FORMAT, FRAMES_INDEX, frame_file
 from app.residuals.frames import (
     FRAME_ELEMS,
@@ -107,7 +107,7 @@ class FramedWriter(Closing):
         self._filled = 0
         self._has_neg = False
         self._planes: dict[str, Future[tuple[bool, ...]]] = {}  # per tensor: planes to code
-        threads = min(_THREADS, os.cpu_count() or 1)
+        threads = min(_THREADS, usable_cpus())
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="realign-encode")
         self._free: queue.Queue[FrameBuffers] = queue.Queue()
         for _ in range(2 * threads + 2):

@@ -9,7 +9,7 @@ import json
 import resource
 import signal
 import threading
-from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +17,10 @@ import pytest
 
 from app.core.errors import ArtifactCorruptError, RealignError
 from app.residuals.dtypes import BF16
-from app.residuals.framed import _CACHED_FRAMES, FRAMES_INDEX, NEG, FramedPack
+from app.residuals.framed import _BATCH, _CACHED_FRAMES, FRAMES_INDEX, NEG, FramedPack
 from app.residuals.frames import FRAME_ELEMS, FrameBuffers, lay_out
 from app.residuals.framewriter import FramedWriter, _code_later, submit_first
+from app.residuals.integrity import XXH3, ReadVerifier, xxh3_hex
 from app.residuals.shards import TensorSpec
 
 
@@ -76,55 +77,113 @@ def _pack(tmp_path: Path, rows: int, cols: int) -> tuple[np.ndarray, np.ndarray,
     """A written pack of one bf16 tensor spanning many frames, with corrections."""
     rng = np.random.default_rng(7)
     p = rng.integers(0, 1 << 16, rows * cols, dtype=np.uint32).astype(np.uint16)
-    p = (p & 0x00FF) | (rng.integers(0x38, 0x3C, p.size).astype(np.uint16) << 8)
+    p = ((p & 0x00FF) | (rng.integers(0x38, 0x3C, p.size) << 8)).astype(np.uint16)
     neg = np.where(rng.random(p.size) < 0.03, p ^ 0x0101, 0).astype(np.uint16)
     writer = FramedWriter(tmp_path, [TensorSpec("w", BF16, (rows, cols))])
     step = 3 * cols + 5  # chunks that do not line up with frames
     for at in range(0, p.size, step):
         end = min(p.size, at + step)
-        writer.write_pair("w", memoryview(p[at:end]).cast("B"), memoryview(neg[at:end]).cast("B"))
+        writer.write_pair("w", memoryview(p[at:end].tobytes()), memoryview(neg[at:end].tobytes()))
     writer.close()
     return p, neg, tmp_path
 
 
+def _verifier(pack_dir: Path) -> ReadVerifier:
+    files = sorted(pack_dir.glob("*.frames"))
+    return ReadVerifier(
+        {f: (f.stat().st_size, XXH3 + xxh3_hex(f.read_bytes())) for f in files}, "pack"
+    )
+
+
+def _buffers_once(pack: FramedPack) -> None:
+    """Every decode buffer is either free or in one cache entry, never in two places."""
+    held = [b for entry in pack._cache.values() for b in entry if b is not None]
+    ids = [id(b) for b in pack._free + held]
+    assert len(ids) == len(set(ids)) <= 2 * (_CACHED_FRAMES + _BATCH)
+
+
 def test_frames_decoded_side_by_side_read_back_exactly(tmp_path: Path) -> None:
-    """A tensor of 11 frames read back in row ranges that start and end inside frames and
-    span several batches of frames decoded at once: every byte of p and neg."""
-    rows, cols = 44, FRAME_ELEMS // 4
+    """A tensor of 13 frames (more than the cache keeps) read back in row ranges that
+    start and end inside frames and span several batches of frames decoded at once: every
+    byte of p and neg, and the bytes read check against the files' checksums."""
+    rows, cols = 52, FRAME_ELEMS // 4
     p, neg, pack_dir = _pack(tmp_path, rows, cols)
-    pack = FramedPack.open_framed(pack_dir, {}, "pack", None)
+    verifier = _verifier(pack_dir)
+    pack = FramedPack.open_framed(pack_dir, {}, "pack", verifier)
     try:
         info, info_neg = pack.tensors["w"], pack.tensors["w" + NEG]
         # p then neg (as a merge reads them), neg first, the same half twice
         orders = [((p, info), (neg, info_neg)), ((neg, info_neg), (p, info), (p, info))]
         for (row0, row1), order in itertools.product(
-            ((0, rows), (1, 38), (37, 44), (5, 6), (0, 1)), orders
+            ((0, rows), (1, 38), (37, 52), (5, 6), (0, 1)), orders
         ):
             out = bytearray((row1 - row0) * cols * 2)
             for want, which in order:
                 pack.read_into(which, row0, row1, memoryview(out))
                 assert bytes(out) == want[row0 * cols : row1 * cols].tobytes(), (row0, row1)
-        # buffers are reused, never piled up
-        assert len(pack._free) + 2 * len(pack._cache) <= 2 * (_CACHED_FRAMES + 8)
+            _buffers_once(pack)
+        verifier.finish()  # raises on a mismatch
     finally:
         pack.close()
     assert not [t for t in threading.enumerate() if t.name.startswith("realign-decode")]
 
 
-def test_a_damaged_frame_among_those_decoded_at_once_names_itself(tmp_path: Path) -> None:
-    rows, cols = 40, FRAME_ELEMS // 4
-    _, _, pack_dir = _pack(tmp_path, rows, cols)
+def _damage(pack_dir: Path, frame: int) -> None:
     index = json.loads((pack_dir / FRAMES_INDEX).read_text())["tensors"]["w"]
     file = pack_dir / index["file"]
     data = bytearray(file.read_bytes())
-    data[index["frames"][6] : index["frames"][6] + 4] = b"\xff\xff\xff\xff"  # its count
+    at = index["frames"][frame]
+    data[at : at + 4] = b"\xff\xff\xff\xff"  # its count of corrections
     file.write_bytes(bytes(data))
+
+
+def test_a_damaged_frame_among_those_decoded_at_once_names_itself(tmp_path: Path) -> None:
+    """A damaged frame in the middle of a batch fails the read with its name; the other
+    frames and every buffer survive (a later read of the frames before it is right), and
+    with a read verifier the file is named as not matching its checksum."""
+    rows, cols = 40, FRAME_ELEMS // 4
+    p, _, pack_dir = _pack(tmp_path, rows, cols)
+    verifier = _verifier(pack_dir)
+    _damage(pack_dir, 6)
     pack = FramedPack.open_framed(pack_dir, {}, "pack", None)
     try:
         with pytest.raises(ArtifactCorruptError, match=r"frame 6 of 'w'.*corrections"):
             pack.read_into(pack.tensors["w"], 0, rows, memoryview(bytearray(rows * cols * 2)))
-        # the frames before it still read (their buffers went back, none was lost)
-        out = bytearray(cols * 2)
-        pack.read_into(pack.tensors["w"], 0, 1, memoryview(out))
+        _buffers_once(pack)
+        out = bytearray(24 * cols * 2)  # frames 0-5
+        pack.read_into(pack.tensors["w"], 0, 24, memoryview(out))
+        assert bytes(out) == p[: 24 * cols].tobytes()
     finally:
         pack.close()
+    checked = FramedPack.open_framed(pack_dir, {}, "pack", verifier)
+    with checked, pytest.raises(ArtifactCorruptError, match="does not match its recorded"):
+        checked.read_into(checked.tensors["w"], 0, rows, memoryview(bytearray(rows * cols * 2)))
+
+
+def test_an_interrupted_batch_returns_only_when_its_frames_are_done(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An exception that interrupts the wait for a batch (a task time limit raises in the
+    reading thread) propagates only once no decode of that batch runs any more: nothing
+    writes into the caller's buffer or the pack's buffers after it."""
+    from app.residuals import framed
+
+    rows, cols = 32, FRAME_ELEMS // 4
+    _, _, pack_dir = _pack(tmp_path, rows, cols)
+    waits: list[list[Future[None]]] = []
+
+    def interrupted(futures: list[Future[None]]) -> object:
+        waits.append(futures)
+        if len(waits) == 1:
+            raise TimeoutError("interrupted")  # as SoftTimeLimitExceeded would
+        return wait(futures)
+
+    monkeypatch.setattr(framed, "wait", interrupted)
+    out = bytearray(rows * cols * 2)
+    pack = FramedPack.open_framed(pack_dir, {}, "pack", None)
+    with pack:
+        with pytest.raises(TimeoutError):
+            pack.read_into(pack.tensors["w"], 0, rows, memoryview(out))
+        assert len(waits[0]) > 1 and all(f.done() for f in waits[0])
+        _buffers_once(pack)
+        assert not pack._cache  # nothing half-decoded is kept
