@@ -160,13 +160,13 @@ class FramedPack(Checkpoint):
         ctypes' memmove drop the GIL): decoding is most of an exact apply's reading."""
         todo = [k for k, *_ in parts if self._cached(f, k, half) is None]
         raw = self._read_raw(f, todo) if todo else (memoryview(b""), 0)
-        taken: list[bytearray] = []
-        fresh: dict[int, list[bytearray | None]] = {}
-        tasks = [self._task(f, half, part, raw, taken, fresh) for part in parts]
+        fresh: dict[int, list[bytearray | None]] = {}  # the frames decoded: their buffers
+        tasks = [self._task(f, half, part, raw, fresh) for part in parts]
         try:
             self._run(tasks)
         except BaseException as exc:
-            self._free.extend(taken)
+            for halves in fresh.values():
+                self._release(halves)
             if isinstance(exc, FrameError):
                 if self.verifier is not None:  # a damaged file: say so as every reader does
                     self.verifier.finish()
@@ -203,11 +203,10 @@ class FramedPack(Checkpoint):
         half: int,
         part: _Part,
         raw: tuple[memoryview, int],
-        taken: list[bytearray],
         fresh: dict[int, list[bytearray | None]],
     ) -> Callable[[], None]:
-        """What brings one part: a copy from the cache, or the decoding of its frame (the
-        buffers that takes go to ``taken``, the frame's new cache entry to ``fresh``)."""
+        """What brings one part: a copy from the cache, or the decoding of its frame (its
+        new cache entry, with the buffers it takes, goes to ``fresh``)."""
         k, a, b, dest = part
         size = f.itemsize
         hit = self._cached(f, k, half)
@@ -215,7 +214,7 @@ class FramedPack(Checkpoint):
             return partial(_copy_out, dest, hit, a * size)
         n = min(FRAME_ELEMS, f.elems - k * FRAME_ELEMS)
         whole = a == 0 and b == n
-        halves = [None if whole and h == half else self._take(taken) for h in range(2)]
+        halves = [None if whole and h == half else self._take() for h in range(2)]
         fresh[k] = halves
         outs = [dest if h is None else memoryview(h)[: n * size] for h in halves]
         view, start = raw
@@ -224,9 +223,8 @@ class FramedPack(Checkpoint):
         then = None if kept is None else partial(_copy_out, dest, kept, a * size)
         return partial(_decode_one, f, k, frame, n, outs, then)
 
-    def _take(self, taken: list[bytearray]) -> bytearray:
-        taken.append(self._free.pop() if self._free else bytearray(FRAME_ELEMS * 4))
-        return taken[-1]
+    def _take(self) -> bytearray:
+        return self._free.pop() if self._free else bytearray(FRAME_ELEMS * 4)
 
     def _cached(self, f: _Framed, k: int, half: int) -> bytearray | None:
         entry = self._cache.get((f.name, k))
