@@ -15,6 +15,8 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from app.residuals.devices import usable_cpus
+
 _BUF = 4 * 1024 * 1024
 
 
@@ -76,6 +78,6 @@ class FileHasher:
     def sha256_many(self, paths: Iterable[Path]) -> dict[Path, str]:
         """Hash several files in parallel threads."""
         items = list(paths)
-        workers = max(1, min(len(items), os.cpu_count() or 1))
+        workers = max(1, min(len(items), usable_cpus()))
         with ThreadPoolExecutor(workers) as pool:
             return dict(zip(items, pool.map(self.sha256, items), strict=True))
