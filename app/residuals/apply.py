@@ -37,7 +37,7 @@ from app.residuals.manifest import (
 )
 from app.residuals.shards import ShardedWriter, TensorSpec
 from app.residuals.sources import RunOptions, file_order, make_runner
-from app.residuals.stream import Source, TensorJob
+from app.residuals.tensorjobs import Source, TensorJob
 
 
 def open_pack(pack_dir: Path, label: str | None = None) -> tuple[ResidualManifest, Checkpoint]:

@@ -35,7 +35,7 @@ from app.residuals.manifest import (
 from app.residuals.plan import OutputShard, layout_digest, plan_output, shard_jobs
 from app.residuals.shards import plan_shards, shard_files, write_index
 from app.residuals.sources import RunOptions, make_runner
-from app.residuals.stream import TensorJob
+from app.residuals.tensorjobs import TensorJob
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ from app.residuals.dtypes import F32, DType
 from app.residuals.lossy import NUMPY, LossyFormat, narrow, quantized, rows_cols, rows_dtype, widen
 from app.residuals.manifest import PackFidelity, ResidualManifest
 from app.residuals.shards import Closing, ShardedWriter, TensorSpec
-from app.residuals.stream import TensorJob
+from app.residuals.tensorjobs import TensorJob
 
 CODES, SCALES, ROWS = "::codes", "::scales", "::rows"
 

@@ -33,7 +33,7 @@ from app.residuals.manifest import (
 from app.residuals.remote_code import strip_auto_map
 from app.residuals.shards import ShardedWriter, TensorSpec
 from app.residuals.sources import RunOptions, file_order, make_runner
-from app.residuals.stream import Source, TensorJob, TensorStats
+from app.residuals.tensorjobs import Source, TensorJob, TensorStats
 
 if TYPE_CHECKING:
     from app.residuals.coded import LossyWriter

@@ -21,7 +21,7 @@ from app.residuals.apply import check_pack, open_pack, plan_apply
 from app.residuals.checkpoint import Checkpoint, TensorInfo
 from app.residuals.methods import MergeMethod, Params, get_method
 from app.residuals.multi import residual_rows
-from app.residuals.stream import Source, TensorJob
+from app.residuals.tensorjobs import Source, TensorJob
 
 DEFAULT_SCRATCH_BYTES = 512 * 1024 * 1024
 COMBINE_BYTES = 80

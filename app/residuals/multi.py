@@ -41,7 +41,7 @@ from app.residuals.methods import MergeMethod, Params, get_method
 from app.residuals.progress import Progress
 from app.residuals.shards import ShardedWriter
 from app.residuals.sources import RunOptions
-from app.residuals.stream import Source, TensorJob
+from app.residuals.tensorjobs import Source, TensorJob
 
 if TYPE_CHECKING:
     import torch

@@ -30,6 +30,7 @@ from app.residuals.compute import (
     residual_writer,
 )
 from app.residuals.dtypes import DType, is_lossy
+from app.residuals.headers import TensorInfo
 from app.residuals.manifest import (
     LineageInfo,
     MergeManifest,
@@ -39,7 +40,7 @@ from app.residuals.manifest import (
 )
 from app.residuals.shards import TensorSpec
 from app.residuals.sources import RunOptions, make_runner
-from app.residuals.stream import FollowUp, Source, TensorJob
+from app.residuals.tensorjobs import FollowUp, Source, TensorJob
 
 
 def compute_and_apply(
@@ -88,21 +89,7 @@ def compute_and_apply(
         j.spec.name: (j.common_rows, *j.spec.shape[1:]) if j.spec.shape else () for j in jobs
     }
     tensors = match_target(family_of(instruct.config), expected, set(pairing.copied), target)
-    jobs = [
-        TensorJob(
-            j.spec,
-            j.kind,
-            j.inputs,
-            j.common_rows,
-            exact=j.exact,
-            then=FollowUp(
-                TensorSpec(j.spec.name, tensors[j.spec.name].dtype, j.spec.shape),
-                Source(target, tensors[j.spec.name]),
-                alpha,
-            ),
-        )
-        for j in jobs
-    ]
+    jobs = [_then_apply(j, target, tensors[j.spec.name], alpha) for j in jobs]
     order = merged_order([j.spec.name for j in jobs], set(pairing.copied), tensors)
     copies = [copy_job(target, tensors[n]) for n in order if n in pairing.copied]
     merged_specs = [j.then.spec for j in jobs if j.then] + [c.spec for c in copies]
@@ -113,33 +100,30 @@ def compute_and_apply(
         stats = make_runner(method, "residual+apply", opts).run(jobs, res_writer, out_writer)
         make_runner(method, "apply", opts).run(copies, out_writer)
     residual = finish_residual(
-        residual_dir,
-        res_writer,
-        jobs,
-        stats,
-        pairing,
-        instruct,
-        sources=(sources[0], sources[1]),
-        dtype=dtype,
-        method=method,
-        key=key,
-    )
-    files = written_entries(out_writer)
+        residual_dir, res_writer, jobs, stats, pairing, instruct,
+        sources=(sources[0], sources[1]), dtype=dtype, method=method, key=key,
+    )  # fmt: skip
     merged = MergeManifest(
-        method=method,
-        alpha=alpha,
-        fused=False,
-        residual_key=key,
-        residual_dtype=residual.dtype,
-        instruct=sources[0],
-        base=sources[1],
-        target=sources[2],
-        tool_version=app.__version__,
-        vocab=residual.vocab,
-        lineage=lineage,
-        files=files,
-    )
+        method=method, alpha=alpha, fused=False, residual_key=key,
+        residual_dtype=residual.dtype, instruct=sources[0], base=sources[1],
+        target=sources[2], tool_version=app.__version__, vocab=residual.vocab,
+        lineage=lineage, files=written_entries(out_writer),
+    )  # fmt: skip
     merged = finish_merged(
         out_dir, merged, target, residual_dir / "assets", dict(residual.special_tokens)
     )
     return residual, merged
+
+
+def _then_apply(job: TensorJob, target: Checkpoint, tensor: TensorInfo, alpha: float) -> TensorJob:
+    """``job`` (a residual tensor) followed by its apply to the target's ``tensor``."""
+    return TensorJob(
+        job.spec,
+        job.kind,
+        job.inputs,
+        job.common_rows,
+        exact=job.exact,
+        then=FollowUp(
+            TensorSpec(job.spec.name, tensor.dtype, job.spec.shape), Source(target, tensor), alpha
+        ),
+    )

@@ -12,7 +12,7 @@ import hashlib
 from dataclasses import dataclass
 
 from app.residuals.shards import TensorSpec, plan_shards, shard_files
-from app.residuals.stream import TensorJob
+from app.residuals.tensorjobs import TensorJob
 
 
 @dataclass(frozen=True)
