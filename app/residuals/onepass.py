@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import app
 from app.residuals.apply import (
+    applied_manifest,
     apply_residual,
     copy_job,
     finish_merged,
@@ -103,12 +103,7 @@ def compute_and_apply(
         residual_dir, res_writer, jobs, stats, pairing, instruct,
         sources=(sources[0], sources[1]), dtype=dtype, method=method, key=key,
     )  # fmt: skip
-    merged = MergeManifest(
-        method=method, alpha=alpha, fused=False, residual_key=key,
-        residual_dtype=residual.dtype, instruct=sources[0], base=sources[1],
-        target=sources[2], tool_version=app.__version__, vocab=residual.vocab,
-        lineage=lineage, files=written_entries(out_writer),
-    )  # fmt: skip
+    merged = applied_manifest(residual, sources[2], alpha, written_entries(out_writer), lineage)
     merged = finish_merged(
         out_dir, merged, target, residual_dir / "assets", dict(residual.special_tokens)
     )
