@@ -109,12 +109,25 @@ class EnginePool:
         failed = self._failures.get(src.model_id)
         return failed[1] if failed is not None and failed[0] == src else None
 
+    def holds(self, src: ModelSource) -> bool:
+        """Whether the weights of ``src`` are loaded and ready (not another version of its
+        model id)."""
+        slot = self._find(src.model_id)
+        return slot is not None and slot.ready.is_set() and slot.source == src
+
     @contextlib.asynccontextmanager
-    async def use(self, model_id: str) -> AsyncIterator[ChatEngine]:
+    async def use(
+        self, model_id: str, local: LocalModel | None = None
+    ) -> AsyncIterator[ChatEngine]:
         """Hold the engine serving ``model_id`` for one request.
 
+        Args:
+            local: the weights the request was prepared for (:meth:`local` when its
+                prompt was tokenized); another version swapped in meanwhile fails it.
+
         Raises:
-            ModelLoadingError: not ready within ``wait_s`` (or not loaded at all).
+            ModelLoadingError: not ready within ``wait_s`` (or not loaded at all), or
+                replaced by other weights since ``local``.
             ModelLoadFailedError: its last load failed.
         """
         deadline = time.monotonic() + self.wait_s
@@ -131,7 +144,15 @@ class EnginePool:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(slot.ready.wait(), max(0.0, deadline - time.monotonic()))
             async with slot.lock.read():
-                if slot.model_id == model_id and slot.ready.is_set():
+                # Re-checked under the lock: while this request waited for it, the slot may
+                # have been swapped to other weights, or evicted and its engine closed.
+                if slot.ready.is_set() and slot in self._slots and slot.model_id == model_id:
+                    if local is not None and slot.local is not local:
+                        raise ModelLoadingError(
+                            f"model {model_id!r} was replaced by other weights while this "
+                            "request waited; send it again",
+                            retry_after=1,
+                        )
                     slot.last_used = time.monotonic()
                     yield slot.engine
                     return
@@ -241,10 +262,20 @@ class EnginePool:
 
     async def _evict(self, slot: _Slot) -> None:
         async with slot.lock.write():
+            slot.ready.clear()  # requests waiting for this slot's lock must not take it
             self._slots.remove(slot)
             await slot.engine.close()
             slot.pin.close()
         log.info("evicted %s (least recently used)", slot.model_id)
+
+    async def drop(self, src: ModelSource, failed: ModelLoadFailedError) -> None:
+        """Take loaded ``src`` out again and remember why (a load whose engine started but
+        whose model cannot be served, e.g. broken tokenizer files)."""
+        async with self._manage:
+            slot = self._find(src.model_id)
+            if slot is not None and slot.source == src:
+                await self._evict(slot)
+            self._failures[src.model_id] = (src, failed)
 
     async def unload(self, model_id: str) -> bool:
         self._failures.pop(model_id, None)

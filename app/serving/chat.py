@@ -14,6 +14,7 @@ from app.core.errors import InvalidParameterError, RealignError
 from app.core.http_errors import map_error
 from app.engines.base import GenerationRequest
 from app.engines.pool import EnginePool
+from app.engines.source import LocalModel
 from app.serving.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -47,6 +48,7 @@ class _Run:
     model: str
     prompt_tokens: int
     choices: list[_Choice]
+    local: LocalModel | None = None  # the weights its prompt was tokenized for
     id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex[:24]}")
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -126,6 +128,7 @@ class ChatService:
 
     async def chat(self, body: ChatCompletionRequest) -> ChatCompletion | AsyncIterator[str]:
         tok: ServedTokenizer = self.tokenizer_for(body.model)
+        local = self.pool.local(body.model)  # what tok belongs to (no await in between)
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         prompt = tok.chat_prompt(messages)
         req = self._request(body, tok, prompt, body.token_budget(DEFAULT_MAX_TOKENS))
@@ -134,6 +137,7 @@ class ChatService:
             body.model,
             len(prompt),
             [_Choice(Detokenizer(tok, body.stops())) for _ in range(body.n)],
+            local,
         )
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -157,6 +161,7 @@ class ChatService:
 
     async def complete(self, body: CompletionRequest) -> Completion | AsyncIterator[str]:
         tok: ServedTokenizer = self.tokenizer_for(body.model)
+        local = self.pool.local(body.model)  # what tok belongs to (no await in between)
         prompts = body.prompts()
         if len(prompts) != 1:
             raise UnsupportedParameterError(
@@ -171,6 +176,7 @@ class ChatService:
             body.model,
             len(prompt),
             [_Choice(Detokenizer(tok, body.stops())) for _ in range(body.n)],
+            local,
         )
         run.id = f"cmpl-{uuid.uuid4().hex[:24]}"
         if body.stream:
@@ -195,7 +201,7 @@ class ChatService:
         self, run: _Run, req: GenerationRequest
     ) -> AsyncIterator[tuple[int, str, str | None]]:
         """(choice index, new text, finish reason) as tokens arrive."""
-        async with self.pool.use(run.model) as engine:
+        async with self.pool.use(run.model, run.local) as engine:
             async for chunk in engine.generate(req):
                 choice = run.choices[chunk.index]
                 if choice.finish is not None:

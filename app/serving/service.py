@@ -12,7 +12,12 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-from app.core.errors import ModelLoadFailedError, ModelNotFoundError, RealignError
+from app.core.errors import (
+    ModelLoadFailedError,
+    ModelNotFoundError,
+    RealignError,
+    RecordsUnavailableError,
+)
 from app.core.settings import Settings
 from app.engines.factory import factory_from_settings
 from app.engines.pool import EnginePool, ModelLoadingError, ModelSource, describe, load_reason
@@ -65,7 +70,7 @@ class ServingService:
         self.pool = EnginePool(factory, settings.max_engines, settings.engine_wait_s)
         self.chat_service = ChatService(self.pool, self.tokenizer, self.context_length)
         self._tokenizers: dict[tuple[str, str], ServedTokenizer] = {}
-        self._loading: dict[str, asyncio.Task[str]] = {}
+        self._loading: dict[str, tuple[ModelSource, asyncio.Task[str]]] = {}
         bus = bus if bus is not None else make_bus(settings.redis_url)
         self.replica = Replica(board, bus, self, role)
 
@@ -94,8 +99,8 @@ class ServingService:
         return entry
 
     def _local(self, model_id: str) -> LocalModel:
-        """Where loaded ``model_id``'s files are on this node (pinned by the pool)."""
-        self.entry(model_id)  # 404 for unknown ids
+        """Where loaded ``model_id``'s files are on this node (pinned by the pool); only
+        models of the catalog are loaded (:meth:`_ready` answers 404 for other ids)."""
         local = self.pool.local(model_id)
         if local is None:
             raise ModelLoadingError(f"model {model_id!r} is not loaded; retry shortly")
@@ -164,32 +169,39 @@ class ServingService:
             return None
 
     # -- loading --------------------------------------------------------------------------
-    def _loading_task(self, model_id: str) -> asyncio.Task[str]:
-        """The load of ``model_id`` in flight, started if there is none."""
-        task = self._loading.get(model_id)
-        if task is None or task.done():
-            source = self.source(self.entry(model_id))
-            task = asyncio.get_running_loop().create_task(self._load(source))
-            self._loading[model_id] = task
+    def _loading_task(self, source: ModelSource) -> asyncio.Task[str]:
+        """The load of ``source`` in flight, started if there is none (a load of another
+        version of its model id is not it)."""
+        held = self._loading.get(source.model_id)
+        if held is not None and held[0] == source and not held[1].done():
+            return held[1]
+        task = asyncio.get_running_loop().create_task(self._load(source))
+        self._loading[source.model_id] = (source, task)
         return task
 
     async def _load(self, source: ModelSource) -> str:
         how = await self.pool.load(source)
-        self.tokenizer(source.model_id)  # broken tokenizer files fail the load too
+        try:  # broken tokenizer files fail the load too, and the engine goes
+            await asyncio.to_thread(self.tokenizer, source.model_id)
+        except ModelLoadFailedError as exc:
+            await self.pool.drop(source, exc)
+            raise
         return how
 
     def _in_flight(self) -> set[str]:
-        return {m for m, task in self._loading.items() if not task.done()}
+        return {m for m, (_, task) in self._loading.items() if not task.done()}
 
     async def load(self, model_id: str) -> str:
-        return await asyncio.shield(self._loading_task(model_id))
+        source = self.source(await asyncio.to_thread(self.entry, model_id))
+        return await asyncio.shield(self._loading_task(source))
 
     async def unload(self, model_id: str) -> bool:
-        self.entry(model_id)
+        await asyncio.to_thread(self.entry, model_id)
         return await self.pool.unload(model_id)
 
     async def _ready(self, model_id: str) -> None:
-        """Wait (up to ``engine_wait_s``) for ``model_id``, loading it on first use.
+        """Wait (up to ``engine_wait_s``) for the weights ``model_id`` is registered with,
+        loading them on first use (or when the id was registered again with others).
 
         Raises:
             ModelNotFoundError: no served model has this id.
@@ -197,17 +209,24 @@ class ServingService:
                 started: an explicit load (an admin, a serve job) retries, and a model
                 re-registered with other weights is loaded afresh.
             ModelLoadingError: still loading after ``engine_wait_s``.
+            RecordsUnavailableError: the catalog cannot be read and the model is not
+                loaded here (a loaded model is served meanwhile).
         """
-        entry = self.entry(model_id)  # 404 for unknown ids, before anything else
-        state = self.pool.loaded().get(model_id)
-        if state == "ready":
+        try:  # off the event loop: a catalog that does not answer stalls no stream
+            entry = await asyncio.to_thread(self.entry, model_id)
+        except RecordsUnavailableError:
+            if self.pool.loaded().get(model_id) == "ready":
+                return
+            raise
+        source = self.source(entry)
+        if self.pool.holds(source):
             return
-        failed = self.pool.failure(self.source(entry))
+        failed = self.pool.failure(source)
         if failed is not None and model_id not in self._in_flight():
             raise ModelLoadFailedError(model_id, failed.reason)
         try:
             await asyncio.wait_for(
-                asyncio.shield(self._loading_task(model_id)), self.settings.engine_wait_s
+                asyncio.shield(self._loading_task(source)), self.settings.engine_wait_s
             )
         except TimeoutError:
             raise ModelLoadingError(
