@@ -18,6 +18,7 @@ from types import TracebackType
 from app.jobs.failures import lost_message
 from app.jobs.models import JobRecord, JobStage, JobStatus, utcnow
 from app.jobs.records import JobRecords
+from app.jobs.shard_records import SplitRecords
 
 log = logging.getLogger("app.jobs")
 
@@ -99,7 +100,8 @@ def orphans(records: JobRecords, ttl: float, max_deliveries: int) -> list[JobRec
     or ``queued`` ones whose last allowed delivery died (a delivery is counted before
     the move to running), and ``validating`` ones nothing wrote for longer than a lease
     (a live validation holds the lease). A job never delivered is only waiting in the
-    queue and is left alone; one with deliveries left will be delivered again.
+    queue and is left alone; one with deliveries left will be delivered again; one split
+    into shard tasks is theirs to end.
     """
     cutoff = utcnow() - timedelta(seconds=ttl)
     ids = [*records.running()]
@@ -113,9 +115,18 @@ def orphans(records: JobRecords, ttl: float, max_deliveries: int) -> list[JobRec
             continue
         if rec.status != JobStatus.validating and rec.deliveries < max_deliveries:
             continue
+        if _split_running(records, job_id):
+            continue  # its shard tasks hold their own leases, and end it themselves
         if records.lease_holder(job_id) is None:
             out.append(rec)
     return out
+
+
+def _split_running(records: JobRecords, job_id: str) -> bool:
+    """Whether ``job_id`` was split into shard tasks that have not ended it: the merge
+    task that split it returned (and gave up the job's lease) once it queued them."""
+    split = SplitRecords(records.kv, job_id)
+    return split.plan() is not None and split.ended() is None
 
 
 def reap(

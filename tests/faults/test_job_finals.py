@@ -23,7 +23,9 @@ from app.jobs.models import Caller, JobError, JobRecord, JobStage, JobStatus, Me
 from app.jobs.records import JobFinishedError, JobRecords
 from app.jobs.runner import JobRunner
 from app.jobs.service import JobService
+from app.jobs.shard_records import SplitPlan, SplitRecords
 from app.jobs.sqlite_kv import SqliteKV
+from app.residuals.manifest import SourceInfo
 from tests.jobs.conftest import RedisServer, Workers, service_env
 
 ALICE = Caller(name="alice")
@@ -253,3 +255,29 @@ def test_the_reaper_ends_stalled_validations_only(tmp_path: Path) -> None:
     for job_id, status in (("mrg_live", "validating"), ("mrg_waiting", "queued")):
         got = records.get(job_id)
         assert got is not None and got.status.value == status
+
+
+def test_the_reaper_leaves_a_split_job_to_its_shard_tasks(tmp_path: Path) -> None:
+    """The merge task that split a job returned once it queued the shard tasks, giving up
+    the job's lease: the job (its one allowed delivery counted) is theirs to end, and is
+    not failed as a dead worker's; once the split ended without ending it, it is."""
+    records = JobRecords(SqliteKV(tmp_path / "jobs.sqlite"))
+    settings = Settings(models_cache_dir=tmp_path / "store", job_lease_s=0.5, max_deliveries=1)
+    runner = JobRunner(records, settings, "w1", lambda t, j: None)
+    rec = JobRecord(
+        id="mrg_split", owner="alice", spec=MergeSpec(base="/b", instruct="/i", target="/t"),
+        status=JobStatus.running, stage=JobStage.apply,
+    )  # fmt: skip
+    records.create(rec)
+    records.count_delivery(rec.id)
+    split = SplitRecords(records.kv, rec.id)
+    target = SourceInfo(ref="/t", path="/t", digest="d", files={})
+    plan = SplitPlan(
+        residual_key="r" * 32, target="/t", target_src=target, alpha=1.0, merged_key="m" * 32,
+        max_shard_bytes=1, layout="l", files=["a", "b"], nbytes=[1, 1], tensors=[1, 1],
+    )  # fmt: skip
+    split.save_plan(plan)
+    time.sleep(0.7)
+    assert runner.reap() == []
+    split.end(JobStatus.failed, JobError(code="x", message="ended, record not written"))
+    assert runner.reap() == [rec.id]
