@@ -165,7 +165,10 @@ class Settings(BaseSettings):
     )
     port: int = Field(default=8000, ge=0, le=65535, description="Port `realign serve` binds.")
     max_body_bytes: int = Field(default=64 * 1024, description="Request body limit (413).")
-    job_time_limit_s: int = Field(default=6 * 3600, description="Hard limit of one merge job.")
+    job_time_limit_s: int = Field(
+        default=6 * 3600,
+        description="Hard limit of one merge step: past it the job fails (`time_limit`).",
+    )
     visibility_timeout_s: int = Field(
         default=7 * 3600, description="Redis redelivery timeout; must exceed the job limit."
     )

@@ -116,3 +116,11 @@ def lost_message(deliveries: int) -> str:
         f"the merge was delivered {deliveries} times and its worker died each time "
         "(out of memory? killed?) — check worker logs and resources before resubmitting"
     )
+
+
+def time_limit_message(limit_s: float) -> str:
+    return (
+        f"the job ran longer than REALIGN_JOB_TIME_LIMIT_S ({limit_s:g} s) and was stopped; "
+        "nothing was published — raise the limit for models this large, or look for a "
+        "stalled read (the store's disk, REALIGN_MAX_READ_MBPS, the network)"
+    )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from datetime import timedelta
 from types import TracebackType
@@ -36,18 +37,35 @@ class LeaseKeeper:
         holder: this worker's name.
         ttl: seconds the lease lives without renewal.
 
+        limit_s: how long the step may run (``REALIGN_JOB_TIME_LIMIT_S``): past it the
+            step is cancelled, and a step that does not stop within two more lease
+            periods (a read stuck in the kernel) gives up the lease, so that the job is
+            failed or delivered again as a dead worker's. Celery's own time limits do not
+            apply: workers run tasks in their main thread (the solo pool).
+
     Attributes:
         cancel: set when the lease is lost (and by the progress callback on a cancel);
             the merge engine stops at its next check.
         lost: set when another holder took the lease: the step must not write again.
+        timed_out: set when the step ran past ``limit_s`` (``cancel`` is set too).
     """
 
-    def __init__(self, records: JobRecords, job_id: str, holder: str, ttl: float) -> None:
+    def __init__(
+        self,
+        records: JobRecords,
+        job_id: str,
+        holder: str,
+        ttl: float,
+        limit_s: float | None = None,
+    ) -> None:
         self.records, self.job_id, self.holder, self.ttl = records, job_id, holder, ttl
+        self.limit_s = limit_s
         self.cancel = threading.Event()
         self.lost = threading.Event()
+        self.timed_out = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._started = time.monotonic()
 
     def __enter__(self) -> LeaseKeeper:
         """Take the lease.
@@ -58,6 +76,7 @@ class LeaseKeeper:
         """
         if not self.records.acquire_lease(self.job_id, self.holder, self.ttl):
             raise LeaseHeldError(self.job_id)
+        self._started = time.monotonic()
         self._thread = threading.Thread(target=self._keep, daemon=True)
         self._thread.start()
         return self
@@ -76,8 +95,35 @@ class LeaseKeeper:
         except Exception as err:  # it expires on its own
             log.warning("job %s: lease not released (%s)", self.job_id, err)
 
+    def _wait(self) -> float:
+        """Seconds until the next renewal (sooner when the time limit falls before)."""
+        beat = self.ttl / 3
+        if self.limit_s is None or self.timed_out.is_set():
+            return beat
+        return max(0.0, min(beat, self._started + self.limit_s - time.monotonic()))
+
+    def _past_limit(self) -> bool:
+        """Cancel the step at its time limit; True once it outlived the grace after it
+        (the lease is then given up)."""
+        if self.limit_s is None:
+            return False
+        over = time.monotonic() - self._started - self.limit_s
+        if over >= 0 and not self.timed_out.is_set():
+            log.warning("job %s: past its time limit (%g s); stopping it", self.job_id,
+                        self.limit_s)  # fmt: skip
+            self.timed_out.set()
+            self.cancel.set()
+        if over < 2 * self.ttl:
+            return False
+        log.error("job %s: still running %.0f s past its time limit; giving up its lease",
+                  self.job_id, over)  # fmt: skip
+        self.lost.set()
+        return True
+
     def _keep(self) -> None:
-        while not self._stop.wait(self.ttl / 3):
+        while not self._stop.wait(self._wait()):
+            if self._past_limit():
+                return
             try:
                 if not self.records.acquire_lease(self.job_id, self.holder, self.ttl):
                     log.warning(

@@ -18,7 +18,13 @@ from typing import TYPE_CHECKING
 
 from app.core.errors import OperationCancelledError, RealignError
 from app.core.settings import Settings
-from app.jobs.failures import drop_tracebacks, job_error, lost_message, partial_result
+from app.jobs.failures import (
+    drop_tracebacks,
+    job_error,
+    lost_message,
+    partial_result,
+    time_limit_message,
+)
 from app.jobs.finals import FinalWriter
 from app.jobs.lease import LeaseHeldError, LeaseKeeper, reap
 from app.jobs.loads import LoadWatcher
@@ -146,7 +152,8 @@ class JobRunner:
         rec = self._live(job_id)
         if rec is None:
             return
-        with LeaseKeeper(self.records, job_id, self.worker, self.lease_s) as lease:
+        limit = self.settings.job_time_limit_s
+        with LeaseKeeper(self.records, job_id, self.worker, self.lease_s, limit) as lease:
             self.current_job = job_id
             try:
                 # Counted only once the lease is ours: retries while another delivery
@@ -247,6 +254,10 @@ class JobRunner:
         except Exception as exc:  # every fault ends the job, none leaves it running
             if lease.lost.is_set():  # the job is another holder's now: write nothing
                 log.warning("job %s: run stopped after its lease was lost (%s)", rec.id, exc)
+            elif lease.timed_out.is_set():
+                self._fail(
+                    reporter.rec, "time_limit", time_limit_message(self.settings.job_time_limit_s)
+                )
             elif isinstance(exc, OperationCancelledError):
                 error = JobError(code=exc.code, message=str(exc))
                 self._finish(reporter.rec, JobStatus.cancelled, error=error)

@@ -281,3 +281,19 @@ def test_the_reaper_leaves_a_split_job_to_its_shard_tasks(tmp_path: Path) -> Non
     assert runner.reap() == []
     split.end(JobStatus.failed, JobError(code="x", message="ended, record not written"))
     assert runner.reap() == [rec.id]
+
+
+def test_a_merge_past_its_time_limit_fails_and_publishes_nothing(
+    llama_triple: TinyTriple, tmp_path: Path, slow_reads: None
+) -> None:
+    """Workers run tasks in their main thread, where Celery's time limits never fire: the
+    job's lease keeper stops the merge at REALIGN_JOB_TIME_LIMIT_S instead."""
+    records, _, rec, thread = _slow_merge(tmp_path, llama_triple, job_time_limit_s=2)
+    thread.join(timeout=60)
+    assert not thread.is_alive()
+    job = records.get(rec.id)
+    assert job is not None and job.status == JobStatus.failed, job
+    assert job.error is not None and job.error.code == "time_limit", job.error
+    assert "REALIGN_JOB_TIME_LIMIT_S (2 s)" in job.error.message
+    assert records.lease_holder(rec.id) is None
+    assert records.models() == [] and list((tmp_path / "store").glob("merged/*")) == []
