@@ -283,6 +283,7 @@ class Fanout:
         if plan is not None:
             with contextlib.suppress(Exception):  # queued shard tasks also see the end
                 self.queue.revoke(split.job_id, len(plan.files))
+            split.forget_deliveries(len(plan.files))
         self.staging.discard(split.job_id)
 
     def sweep(self) -> list[str]:

@@ -142,6 +142,11 @@ class SplitRecords:
         raw = self.kv.get(f"{self._k}:end")
         return SplitEnd.model_validate_json(raw) if raw else None
 
+    def forget_deliveries(self, count: int) -> None:
+        """Drop the shards' delivery counts (kept without expiry while the split runs);
+        the job has ended, so a late delivery only sees the end."""
+        self.kv.delete(*(f"{self._k}:shard:{i}:deliveries" for i in range(count)))
+
     def clear(self, count: int) -> None:
         """Forget the split (its job has a final state)."""
         keys = [f"{self._k}:plan", f"{self._k}:end"]

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 
 from app.core.settings import Settings, get_settings
 from app.demo.tiny import TinyTriple
@@ -200,6 +201,9 @@ def test_cancel_mid_split_publishes_nothing_and_stops_every_shard_task(
     assert list((store_dir / "merged").iterdir()) == []
     shards = store_dir / ".shards"
     assert not shards.exists() or list(shards.iterdir()) == []
+    admin = redis.Redis.from_url(service.settings.redis_url or "")
+    kept = [k for k in admin.scan_iter(f"realign:job:{rec.id}:split:*") if admin.ttl(k) == -1]
+    assert kept == [], "records of the split kept without expiry"
 
 
 def test_sigkill_of_a_worker_mid_shard_still_ends_the_job_identically(
