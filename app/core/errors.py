@@ -331,3 +331,10 @@ class BuildLockLostError(ServiceUnavailableError):
     nothing, and another builder may have published the artifact meanwhile."""
 
     code = "build_lock_lost"
+
+
+class StagingLostError(BuildLockLostError):
+    """A builder's staging directory was removed while it built (its lease ran out while
+    the process was paused, and another process swept it): it published nothing."""
+
+    code = "staging_lost"

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from app.core.errors import StoreUnavailableError
+from app.core.errors import StagingLostError, StoreUnavailableError
 from app.residuals.hashing import FileHasher
 from app.store.base import Kind
 from app.store.remote import BUILD, COMMIT, Bucket
@@ -55,6 +55,8 @@ def publish(
     """
     data = build_prefix(fence)
     rels = relative_files(src)
+    if not rels:  # a swept staging directory: never an empty marker
+        raise StagingLostError(f"{kind}/{key}: {src} holds no files; nothing was published")
     hashes = hasher.sha256_many(src / r for r in rels)
     files = {r: ((src / r).stat().st_size, hashes[src / r]) for r in rels}
     own = bucket.name(kind, key, data) + "/"

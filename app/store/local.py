@@ -198,6 +198,7 @@ class LocalStore:
             self.staging.sweep()  # what dead builders left, once their lease ran out
             with self.staging.claim(key) as tmp:
                 build(tmp)
+                self.staging.check(tmp)
                 if commit is not None and not commit(tmp):
                     return False
                 self._publish(tmp, key, kind)

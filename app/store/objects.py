@@ -200,6 +200,7 @@ class ObjectStore:
                 if held_here:  # readers here keep their copy: the rebuild goes to the bucket
                     with self.cache.staging.claim(key) as tmp:
                         build(tmp)
+                        self.cache.staging.check(tmp)
                         return commit(tmp)
                 created = self.cache.get_or_build(key, build, kind, keep, commit=commit)
                 if not created:  # another builder's commit came first: use that one

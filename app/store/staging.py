@@ -4,7 +4,9 @@ A builder works in ``.staging/<key>.<token>`` (a name no other builder can pick)
 next to ``<key>.<token>.lease``: its host, pid, token and when the lease runs out.
 A thread renews the lease while the build runs. Anyone may remove a staging
 directory whose lease has run out (its builder died: SIGKILL, OOM, power loss);
-nobody touches one whose lease is current. No file lock is involved, so this holds
+nobody touches one whose lease is current, or whose builder is a live process of the
+same host (paused, say). A builder checks that its directory is still the one it made
+before publishing it (:meth:`StagingArea.check`). No file lock is involved, so this holds
 on NFS and on volumes where ``flock`` does nothing.
 """
 
@@ -22,6 +24,8 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from app.core.errors import StagingLostError
+
 LEASE_SUFFIX = ".lease"
 DEFAULT_LEASE_S = 120.0
 
@@ -36,6 +40,25 @@ class Lease:
     expires_at: float
 
 
+@dataclass(frozen=True)
+class _Claim:
+    """What :meth:`StagingArea.claim` made: its lease's token, the directory's identity,
+    and whether the renewal found the lease swept."""
+
+    token: str
+    dev: int
+    ino: int
+    lost: threading.Event
+
+    def holds(self, tmp: Path, lease_token: str | None) -> bool:
+        try:
+            now = tmp.stat()
+        except OSError:
+            return False
+        same_dir = (now.st_dev, now.st_ino) == (self.dev, self.ino)
+        return same_dir and not self.lost.is_set() and lease_token in (self.token, "")
+
+
 class StagingArea:
     """The ``.staging`` directory of a store.
 
@@ -48,6 +71,7 @@ class StagingArea:
         self.root = root
         self.lease_s = lease_s
         root.mkdir(parents=True, exist_ok=True)
+        self._claims: dict[Path, _Claim] = {}
 
     @contextlib.contextmanager
     def claim(self, key: str) -> Iterator[Path]:
@@ -59,19 +83,40 @@ class StagingArea:
         lease = self.lease_path(tmp)
         self._write_lease(lease, token)  # the lease first: never a staging dir without one
         stop = threading.Event()
+        lost = threading.Event()
         renew = threading.Thread(
-            target=self._renew, args=(lease, token, stop), name="realign-lease", daemon=True
-        )
+            target=self._renew, args=(lease, token, stop, lost), name="realign-lease",
+            daemon=True,
+        )  # fmt: skip
         try:
             tmp.mkdir()
+            made = tmp.stat()
+            self._claims[tmp] = _Claim(token, made.st_dev, made.st_ino, lost)
             renew.start()
             yield tmp
         finally:
             stop.set()
             if renew.is_alive():
                 renew.join()
+            self._claims.pop(tmp, None)
             shutil.rmtree(tmp, ignore_errors=True)
             lease.unlink(missing_ok=True)
+
+    def check(self, tmp: Path) -> None:
+        """Make sure ``tmp`` is still the directory :meth:`claim` made, before it is
+        published: a builder paused past its lease may find it swept (its files gone
+        with it, or a new directory of that name holding only what it wrote since).
+
+        Raises:
+            StagingLostError: it is not.
+        """
+        claim = self._claims.get(tmp)
+        if claim is None or not claim.holds(tmp, self._lease_token(self.lease_path(tmp))):
+            raise StagingLostError(
+                f"the staging directory {tmp} was removed while this build ran (its lease "
+                f"of {self.lease_s:g} s ran out: the process was paused?); nothing was "
+                "published — run it again"
+            )
 
     @staticmethod
     def lease_path(tmp: Path) -> Path:
@@ -111,7 +156,7 @@ class StagingArea:
     def _expired(self, tmp: Path, now: float) -> bool:
         lease = self.read_lease(tmp)
         if lease is not None:
-            return lease.expires_at < now
+            return lease.expires_at < now and not _alive_here(lease)
         try:
             return tmp.lstat().st_mtime + self.lease_s < now
         except OSError:
@@ -123,10 +168,37 @@ class StagingArea:
         part.write_text(json.dumps(asdict(info)))
         os.replace(part, lease)  # readers see the old lease or the new one, never half
 
-    def _renew(self, lease: Path, token: str, stop: threading.Event) -> None:
+    @staticmethod
+    def _lease_token(lease: Path) -> str | None:
+        """The token of a lease file; None when it is gone (swept), "" when unreadable."""
+        try:
+            return str(json.loads(lease.read_text())["token"])
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError):
+            return ""
+
+    def _renew(self, lease: Path, token: str, stop: threading.Event, lost: threading.Event) -> None:
         while not stop.wait(self.lease_s / 3):
+            if self._lease_token(lease) is None:  # swept while this process was paused
+                lost.set()
+                return
             with contextlib.suppress(OSError):
                 self._write_lease(lease, token)
+
+
+def _alive_here(lease: Lease) -> bool:
+    """Whether the builder of ``lease`` is a live process of this host (paused, or late
+    renewing): its staging directory stays, whatever the lease says."""
+    if lease.host != socket.gethostname():
+        return False
+    try:
+        os.kill(lease.pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 def copy_tree(src: Path, dest: Path) -> None:

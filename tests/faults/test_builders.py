@@ -7,6 +7,7 @@ import errno
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from app.core.errors import StagingLostError
 from app.demo.tiny import TinyTriple
 from app.merge import compute
 from app.store.local import LocalStore
@@ -166,3 +168,48 @@ def test_a_file_system_without_flock_works_as_locking_none(
     assert any("flock is not available" in r.getMessage() for r in caplog.records)
     ref = compute(str(t.base), str(t.instruct), store=tmp_path / "ref")
     assert artifact(first.path) == artifact(ref.path)
+
+
+def test_a_paused_builder_keeps_its_staging_and_publishes_it_whole(
+    llama_triple: TinyTriple, tmp_path: Path
+) -> None:
+    """SIGSTOP a builder past its lease: a sweep on its host leaves its staging alone (its
+    process lives), and once resumed it publishes the whole pack."""
+    t = llama_triple
+    store = tmp_path / "store"
+    paused = builder(t, store, delay=0.3, REALIGN_STORE_LEASE_S="1")
+    assert paused.stdout is not None and paused.stdout.readline().startswith("progress")
+    (staging,) = staging_of(store, paused.pid)
+    paused.send_signal(signal.SIGSTOP)
+    try:
+        time.sleep(2.0)  # its lease ran out: nothing renews it
+        lease = StagingArea(store / ".staging", lease_s=1).read_lease(staging)
+        assert lease is not None and lease.expires_at < time.time()
+        assert StagingArea(store / ".staging", lease_s=1).sweep() == []
+        assert staging.is_dir()
+    finally:
+        paused.send_signal(signal.SIGCONT)
+    stdout, stderr = paused.communicate(timeout=300)
+    assert paused.returncode == 0, stderr
+    key = stdout.strip().splitlines()[-1].split()[1]
+    LocalStore(store).verify(key)  # every file there, as its manifest says
+
+
+def test_a_builder_whose_staging_was_swept_publishes_nothing(tmp_path: Path) -> None:
+    """A sweeper on another host removed the staging directory of a builder paused past
+    its lease; resumed, the builder writes on into a directory of the same name (only
+    what came after). It must not publish that."""
+    store = LocalStore(tmp_path / "store")
+
+    def build(tmp: Path) -> None:
+        (tmp / "residual-00001.safetensors").write_bytes(b"weights" * 1000)
+        shutil.rmtree(tmp)  # swept meanwhile, as StagingArea.sweep does it
+        StagingArea.lease_path(tmp).unlink()
+        (tmp / "assets").mkdir(parents=True)  # what the builder writes after it resumes
+        (tmp / "manifest.json").write_text("{}")
+
+    with pytest.raises(StagingLostError, match="was removed while this build ran"):
+        store.get_or_build("0" * 32, build)
+    assert not store.exists("0" * 32)
+    assert list((tmp_path / "store" / ".staging").iterdir()) == []
+    assert store.get_or_build("0" * 32, lambda tmp: (tmp / "f").write_text("x"))  # next one
