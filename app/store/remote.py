@@ -32,6 +32,7 @@ from typing import Any
 from app.core.errors import ArtifactCorruptError, ArtifactNotFoundError, StoreUnavailableError
 from app.store.base import Kind
 from app.store.s3 import (
+    ObjectMissingError,
     S3Config,
     call,
     download_file,
@@ -171,8 +172,8 @@ class Bucket:
             self._still_there(done),
             ThreadPoolExecutor(max_workers=min(4, max(1, len(done.files)))) as pool,
         ):
-            jobs = [
-                pool.submit(
+            jobs = {
+                rel: pool.submit(
                     download_file,
                     self.cfg,
                     self.bucket,
@@ -182,9 +183,18 @@ class Bucket:
                     sha,
                 )
                 for rel, (size, sha) in done.files.items()
-            ]
-            for job in jobs:
-                job.result()
+            }
+            for rel, job in jobs.items():
+                try:
+                    job.result()
+                except ObjectMissingError as exc:
+                    if self.committed(done.key, done.kind) != done:
+                        raise  # removed meanwhile (see _still_there)
+                    raise ArtifactCorruptError(  # deleted, or cut short, since its commit
+                        f"{done.kind[:-1]} {done.key}: {rel} is missing from {self.url()} "
+                        f"or shorter than its commit says ({exc.message})",
+                        file=rel,
+                    ) from None
 
     @contextlib.contextmanager
     def _still_there(self, done: Committed) -> Iterator[None]:

@@ -70,6 +70,13 @@ def split_url(url: str) -> tuple[str, str]:
     return bucket, prefix.strip("/")
 
 
+class ObjectMissingError(StoreUnavailableError):
+    """An object is not in the bucket (404), or is shorter than the range asked (416)."""
+
+
+_MISSING = ("404", "NoSuchKey", "NotFound", "416", "InvalidRange")
+
+
 def call(what: str, fn: Callable[[], T]) -> T:
     """Run one S3 request, turning connection failures and service errors into
     :class:`StoreUnavailableError` (what failed, where, what to do)."""
@@ -85,7 +92,8 @@ def call(what: str, fn: Callable[[], T]) -> T:
         ) from None
     except ClientError as exc:
         err = exc.response.get("Error", {})
-        raise StoreUnavailableError(
+        kind = ObjectMissingError if err.get("Code") in _MISSING else StoreUnavailableError
+        raise kind(
             f"object store refused {what}: {err.get('Code', '?')} {err.get('Message', '')}"
             " — check the bucket, REALIGN_STORE_URL and the AWS credentials"
         ) from None

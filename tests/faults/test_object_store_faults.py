@@ -120,6 +120,33 @@ def test_flipped_byte_in_bucket_is_caught_and_rebuilt(
     assert node_c.verify(key).key == key
 
 
+@pytest.mark.parametrize("fault", ["deleted", "truncated"])
+def test_a_data_object_gone_from_the_bucket_is_caught_and_rebuilt(
+    fault: str, llama_triple: TinyTriple, s3_server: S3Server, bucket: str, tmp_path: Path
+) -> None:
+    """A lifecycle rule or an operator deleted (or cut short) one object of a committed
+    pack: reading it is a damaged artifact, rebuilt from its sources, not 'store
+    unavailable' forever."""
+    t = llama_triple
+    node_a = object_store(s3_server, bucket, tmp_path / "a")
+    key = compute(str(t.base), str(t.instruct), store=node_a).key
+    name, client = _first_shard(s3_server, bucket, key), s3_server.client()
+    if fault == "deleted":
+        client.delete_object(Bucket=bucket, Key=name)
+    else:
+        data = client.get_object(Bucket=bucket, Key=name)["Body"].read()
+        client.put_object(Bucket=bucket, Key=name, Body=data[: len(data) // 2])
+    node_b = object_store(s3_server, bucket, tmp_path / "b")
+    with pytest.raises(ArtifactCorruptError), node_b.using(key):
+        pass
+    assert not node_b.cache.exists(key)
+    heard: list[str] = []
+    out = apply(key, str(t.new_base), tmp_path / "out", store=node_b, notice=heard.append)
+    assert out.out.is_dir() and heard and "rebuilt" in heard[0]
+    node_c = object_store(s3_server, bucket, tmp_path / "c")  # the bucket copy is whole again
+    assert node_c.verify(key).key == key
+
+
 def test_flipped_byte_without_sources_says_what_to_do(
     llama_triple: TinyTriple, s3_server: S3Server, bucket: str, tmp_path: Path
 ) -> None:
