@@ -290,7 +290,8 @@ class LocalStore:
         for k in [kind] if kind else WEIGHT_KINDS:
             for path in sorted((self.root / k).iterdir()):
                 if path.is_dir():
-                    out.append(self._info(path.name, k))
+                    with contextlib.suppress(FileNotFoundError):  # removed meanwhile
+                        out.append(self._info(path.name, k))
         return out
 
     def _info(self, key: str, kind: Kind) -> ArtifactInfo:
