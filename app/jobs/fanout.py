@@ -256,7 +256,11 @@ class Fanout:
             log.warning("job %s: a shard task without a split plan; dropping it", job_id)
             return split, None, None
         if self._stopped(split):
-            self._end(split, JobStatus.cancelled, JobError(code="cancelled", message=CANCELLED))
+            holder = self.records.lease_holder(job_id)
+            if holder is None or holder == self.runner.worker:
+                self._end(split, JobStatus.cancelled, JobError(code="cancelled", message=CANCELLED))
+            # else a final task is publishing: it sees the cancel at its next check, and
+            # ends the job itself (before its commit) or registers the model (after it)
             return split, None, None
         return split, rec, plan
 

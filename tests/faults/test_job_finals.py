@@ -297,3 +297,51 @@ def test_a_merge_past_its_time_limit_fails_and_publishes_nothing(
     assert "REALIGN_JOB_TIME_LIMIT_S (2 s)" in job.error.message
     assert records.lease_holder(rec.id) is None
     assert records.models() == [] and list((tmp_path / "store").glob("merged/*")) == []
+
+
+class _Sent:
+    """Where a Fanout's task messages go in this test (recorded, nothing runs them)."""
+
+    def __init__(self) -> None:
+        self.revoked: list[str] = []
+
+    def send_shards(self, job_id: str, count: int) -> None: ...
+    def send_assemble(self, job_id: str) -> None: ...
+
+    def revoke(self, job_id: str, count: int) -> None:
+        self.revoked.append(job_id)
+
+
+def test_a_cancel_during_a_split_publish_is_left_to_the_final_task(tmp_path: Path) -> None:
+    """A duplicate final (or shard) task that sees a cancel while the first final task
+    holds the job's lease and publishes must not end the job, nor drop the staged
+    shards under it: the publisher ends it (or registers the model, past its commit)."""
+    from app.jobs.fanout import Fanout
+
+    records = JobRecords(SqliteKV(tmp_path / "jobs.sqlite"))
+    settings = Settings(models_cache_dir=tmp_path / "store")
+    sent = _Sent()
+    fanout = Fanout(JobRunner(records, settings, "w2", lambda t, j: None, shards=sent), sent)
+    rec = JobRecord(
+        id="mrg_pub", owner="alice", spec=MergeSpec(base="/b", instruct="/i", target="/t"),
+        status=JobStatus.running, stage=JobStage.publish,
+    )  # fmt: skip
+    records.create(rec)
+    target = SourceInfo(ref="/t", path="/t", digest="d", files={})
+    SplitRecords(records.kv, rec.id).save_plan(
+        SplitPlan(
+            residual_key="r" * 32, target="/t", target_src=target, alpha=1.0,
+            merged_key="m" * 32, max_shard_bytes=1, layout="l", files=["a"], nbytes=[1],
+            tensors=[1],
+        )
+    )  # fmt: skip
+    records.acquire_lease(rec.id, "w1", 60)  # w1's final task is publishing
+    records.request_cancel(rec.id)
+    fanout.assemble(rec.id)  # a duplicate final task on w2
+    job = records.get(rec.id)
+    assert job is not None and job.status == JobStatus.running
+    assert SplitRecords(records.kv, rec.id).ended() is None and sent.revoked == []
+    records.release_lease(rec.id, "w1")  # w1 died before ending it: the next one ends it
+    fanout.assemble(rec.id)
+    job = records.get(rec.id)
+    assert job is not None and job.status == JobStatus.cancelled
