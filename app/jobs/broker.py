@@ -26,7 +26,8 @@ def queue_keys(name: str) -> list[str]:
 
 
 def jobs_in_broker(client: Any) -> set[str]:
-    """Ids of the jobs that have a validate or merge message in the Redis broker: waiting
+    """Ids of the jobs that have a message in the Redis broker (any step: validate,
+    merge, a shard or the final task of a split merge): waiting
     in a queue, or delivered to a worker and not acknowledged yet (running, or held for
     a retry's countdown). Reads every message: call it only when a job looks lost.
 
@@ -34,7 +35,7 @@ def jobs_in_broker(client: Any) -> set[str]:
         client: a redis-py client of the broker (decoded responses).
     """
     pipe = client.pipeline(transaction=False)
-    for name in (QUEUES[TASK_VALIDATE], QUEUES[TASK_MERGE]):
+    for name in sorted(set(QUEUES.values())):
         for key in queue_keys(name):
             pipe.lrange(key, 0, -1)
     pipe.hvals(UNACKED)
@@ -48,7 +49,7 @@ def _job_of(raw: str) -> str | None:
     """The job id a Celery message (protocol 2, JSON body) carries, if it is ours."""
     try:
         msg = json.loads(raw)
-        if msg["headers"]["task"] not in (TASK_VALIDATE, TASK_MERGE):
+        if msg["headers"]["task"] not in QUEUES:
             return None
         body = msg["body"]
         if msg["properties"].get("body_encoding") == "base64":

@@ -273,6 +273,10 @@ class Fanout:
         error = job_error(exc, rec.stage, self.settings.models_cache_dir, rec.id)
         self._end(split, JobStatus.failed, error)
 
+    def end(self, split: SplitRecords, status: JobStatus, error: JobError | None) -> None:
+        """End a split job from outside its tasks (see :meth:`_end`)."""
+        self._end(split, status, error)
+
     def _end(self, split: SplitRecords, status: JobStatus, error: JobError | None) -> None:
         """End the job (the first ender's state wins), stop the other shard tasks and
         drop the staged shards.

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 from app.jobs.broker import TASK_MERGE, TASK_VALIDATE
 from app.jobs.models import JobError, JobRecord, JobStage, JobStatus, utcnow
+from app.jobs.shard_records import SplitRecords
 
 if TYPE_CHECKING:
     from app.jobs.runner import JobRunner
@@ -63,6 +64,7 @@ class Requeuer:
         # flight between the broker's queue and its unacked set (a worker taking it right
         # now) never looks lost.
         self._missing: dict[str, datetime] = {}
+        self._split_missing: dict[str, datetime] = {}
 
     def sweep(self, page: int = PAGE) -> list[str]:
         """Re-send (or fail, past the cap) every queued job whose message is lost, however
@@ -133,6 +135,74 @@ class Requeuer:
         finally:
             self.records.release_lease(seen.id, self.holder)
         self.runner.enqueue(task, rec.id)  # after the release: the step takes the lease
+        return True
+
+    def sweep_splits(self) -> list[str]:
+        """Re-send the shard tasks, or the final task once every shard is written, of split
+        merges that wait for a message the broker no longer holds (none of the job's in
+        it, no lease held, nothing written for the re-send period, two sweeps in a row);
+        past the cap the job fails ``message_lost``.
+
+        Returns:
+            The ids of the jobs re-sent or failed.
+        """
+        fanout = self.runner.fanout
+        if self.pending is None or fanout is None:
+            return []
+        cutoff = utcnow() - timedelta(seconds=self.after)
+        present: set[str] | None = None
+        done: list[str] = []
+        missing: dict[str, datetime] = {}
+        for job_id in self.records.running():
+            rec = self.records.get(job_id)
+            split = SplitRecords(self.records.kv, job_id)
+            plan = split.plan() if rec is not None and rec.updated_at <= cutoff else None
+            if rec is None or plan is None or split.ended() is not None:
+                continue
+            if self.records.lease_holder(job_id) is not None or split.leased(len(plan.files)):
+                continue  # a worker is on it
+            if present is None:
+                present = set(self.pending())
+            if job_id in present:
+                continue
+            if self._split_missing.get(job_id) != rec.updated_at:  # confirm next sweep
+                missing[job_id] = rec.updated_at
+            elif self._resend_split(rec, split, len(plan.files)):
+                done.append(job_id)
+        self._split_missing = missing
+        return done
+
+    def _resend_split(self, seen: JobRecord, split: SplitRecords, count: int) -> bool:
+        fanout = self.runner.fanout
+        assert fanout is not None
+        if not self.records.claim_resend(seen.id, self.holder, self.after):
+            return False
+        if not self.records.acquire_lease(seen.id, self.holder, self.runner.lease_s):
+            return False
+        try:
+            rec = self.records.get(seen.id)
+            if rec is None or rec.updated_at != seen.updated_at or split.ended() is not None:
+                return False  # it moved on
+            resent = self.records.resends(rec.id)
+            if resent >= self.cap:
+                fanout.end(split, JobStatus.failed, self._lost(resent))
+                return True
+            n = self.records.count_resend(rec.id)
+            final = all(r is not None for r in split.results(count))
+            what = "final task" if final else "shard tasks"
+            message = (
+                f"message re-sent: the split merge waited {self.after:g} s with no {what} "
+                f"in the broker (dropped after a records outage, or lost in a broker "
+                f"restart); re-send {n} of {self.cap}"
+            )
+            self.records.add_event(rec, "status", message)
+            log.warning("job %s: %s", rec.id, message)
+        finally:
+            self.records.release_lease(seen.id, self.holder)
+        if final:  # after the release: the task takes the lease
+            fanout.queue.send_assemble(rec.id)
+        else:  # shards already written return at once
+            fanout.queue.send_shards(rec.id, count)
         return True
 
     def _lost(self, done: int) -> JobError:

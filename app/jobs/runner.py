@@ -191,6 +191,7 @@ class JobRunner:
         self.finals.flush()
         self.reap()
         self.requeue.sweep()
+        self.requeue.sweep_splits()
         if self.fanout is not None:
             self.fanout.sweep()
         self._sweep_bucket()

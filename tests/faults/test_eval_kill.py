@@ -82,6 +82,10 @@ def cluster(
         store_dir,
         roots,
         REALIGN_JOB_LEASE_S="3",  # a dead worker's lease expires soon
+        # an evaluation starts vLLM (~20 s here): above the suite's short limit, and the
+        # redelivery waits for the visibility timeout, which must exceed it
+        REALIGN_JOB_TIME_LIMIT_S="90",
+        REALIGN_VISIBILITY_TIMEOUT_S="100",
         REALIGN_VLLM_ARGS=json.dumps({"enforce_eager": True}),  # no graph compilation
     )
     made: dict[str, Workers] = {}

@@ -281,3 +281,48 @@ def test_a_long_queue_hides_no_lost_message(
 def _confirmed(w: JobRunner) -> list[str]:
     """What a worker re-sends within two sweeps (the first may only note the miss)."""
     return w.requeue.sweep() or w.requeue.sweep()
+
+
+@pytest.mark.slow
+def test_a_split_merge_whose_final_message_is_lost_is_sent_again(
+    redis_server: RedisServer, llama_triple: TinyTriple, store_dir: Path, tmp_path: Path
+) -> None:
+    """Every shard of a split merge is written, then the broker loses the final task's
+    message: housekeeping sends it again (a job event says so) and the job succeeds,
+    instead of staying 'running' with its staged shards forever."""
+    from app.merge import compute
+
+    compute(str(llama_triple.base), str(llama_triple.instruct), store=store_dir)
+    roots = [llama_triple.base.parent]
+    env = service_env(
+        redis_server.url, store_dir, roots, REALIGN_JOB_REQUEUE_AFTER_S=str(AFTER_S),
+        REALIGN_MAX_SHARD_GB="0.0005", REALIGN_MERGE_PARALLEL_MIN_SHARDS="2",
+    )  # fmt: skip
+    settings = Settings(
+        redis_url=redis_server.url, models_cache_dir=store_dir, allowed_roots=roots,
+        job_time_limit_s=8, visibility_timeout_s=10,
+    )  # fmt: skip
+    svc, workers = JobService.from_settings(settings), Workers(env, tmp_path)
+    broker = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        rec, _ = svc.submit(_spec(llama_triple), ALICE)
+        light = workers.start("light", queues="cpu")
+
+        def validated() -> bool:
+            job = svc.get(rec.id, ALICE)
+            return job.status == JobStatus.queued and job.stage == JobStage.preflight
+
+        _until("the validation", validated, workers)
+        workers.kill(light)  # final tasks go to "cpu": none is taken now
+        workers.start("heavy", queues="gpu")  # the merge splits, its shards are written
+        _until("the final task's message", lambda: broker.llen("cpu") == 1, workers)
+        assert svc.get(rec.id, ALICE).status == JobStatus.running
+        broker.delete(*queue_keys("cpu"))  # the broker loses it
+        _until("the final task re-sent", lambda: len(_resent(svc, rec.id)) == 1, workers)
+        assert "final task" in _resent(svc, rec.id)[0]
+        workers.start("light2", queues="cpu")
+        _until("the job's end", lambda: svc.get(rec.id, ALICE).status.terminal, workers)
+        job = svc.get(rec.id, ALICE)
+        assert job.status == JobStatus.succeeded, (job.error, workers.logs())
+    finally:
+        workers.stop_all()
