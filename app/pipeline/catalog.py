@@ -80,6 +80,9 @@ def verify(key: str, st: Store) -> ResidualManifest:
     except ArtifactCorruptError as exc:
         manifest = manifest_or_none(st.path(full))
         moved = st.quarantine(full, "residuals", str(exc))
+        if st.exists(full):  # only this node's copy was bad; the store's is whole
+            with contextlib.suppress(ArtifactCorruptError):
+                return st.verify(full)
         if manifest is None and moved is not None:
             manifest = manifest_or_none(moved)  # a corrupt download, kept aside
         raise ArtifactCorruptError(

@@ -27,7 +27,12 @@ import time
 from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 
-from app.core.errors import ArtifactCorruptError, ArtifactNotFoundError, BuildLockLostError
+from app.core.errors import (
+    ArtifactCorruptError,
+    ArtifactNotFoundError,
+    BuildLockLostError,
+    StoreUnavailableError,
+)
 from app.residuals.manifest import MergeManifest, ResidualManifest
 from app.store.base import WEIGHT_KINDS, ArtifactInfo, Kind, evict_lru
 from app.store.commit import build_prefix, commit_files, publish
@@ -287,13 +292,16 @@ class ObjectStore:
         return self.cache.verify_merged(key)
 
     def quarantine(self, key: str, kind: Kind, reason: str) -> Path | None:
-        """Hide a corrupt artifact: the cached copy moves to the cache's quarantine and
-        the bucket's commit marker to ``.quarantine/`` (files kept until rebuilt).
+        """Hide a corrupt artifact: the cached copy moves to the cache's quarantine and,
+        unless the bucket's copy downloads whole again, the bucket's commit marker to
+        ``.quarantine/`` (files kept until rebuilt).
 
         Returns:
             The local quarantine directory (of this copy, or of a corrupt download).
         """
         moved = self.cache.quarantine(key, kind, reason)
+        if moved is not None and self._bucket_copy_sound(key, kind):
+            return moved  # this node's copy went bad, not the bucket's: downloaded again
         remote = ""
         with contextlib.suppress(ArtifactNotFoundError):
             remote = self.bucket.uncommit(key, kind, reason)
@@ -303,6 +311,18 @@ class ObjectStore:
             found = sorted(self.cache.root.glob(f".quarantine/{key}.*"), reverse=True)
             moved = next((p for p in found if p.is_dir()), None)
         return moved
+
+    def _bucket_copy_sound(self, key: str, kind: Kind) -> bool:
+        """Whether the bucket's copy of ``key`` downloads whole (each file against its
+        sha256) into this node's cache: then only the cached copy was damaged (a disk
+        fault here), and every other node keeps the artifact."""
+        try:
+            self._fetch(key, kind)
+        except (ArtifactCorruptError, ArtifactNotFoundError, StoreUnavailableError) as exc:
+            log.warning("%s %s: the bucket's copy is not sound either (%s)", kind[:-1], key, exc)
+            return False
+        log.warning("%s %s: the cached copy was damaged; downloaded again", kind[:-1], key)
+        return True
 
     def quarantine_count(self) -> int:
         return self.cache.quarantine_count()

@@ -147,6 +147,26 @@ def test_a_data_object_gone_from_the_bucket_is_caught_and_rebuilt(
     assert node_c.verify(key).key == key
 
 
+def test_a_byte_flipped_in_one_nodes_cache_leaves_the_bucket_copy_alone(
+    llama_triple: TinyTriple, s3_server: S3Server, bucket: str, tmp_path: Path
+) -> None:
+    """The damage is in node A's cached copy (a disk fault there), not in the bucket:
+    A's copy is quarantined and downloaded again; the artifact stays published for
+    every node, even with its sources gone."""
+    t = llama_triple
+    node_a = object_store(s3_server, bucket, tmp_path / "a")
+    key = compute(str(t.base), str(t.instruct), store=node_a).key
+    cached = node_a.cache.path(key, "residuals")
+    shard = sorted(p for p in cached.iterdir() if p.suffix in (".safetensors", ".frames"))[0]
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    assert verify(key, node_a).key == key  # healed from the bucket
+    assert node_a.quarantine_count() == 1 and shard.read_bytes() != bytes(data)
+    node_b = object_store(s3_server, bucket, tmp_path / "b")
+    assert node_b.exists(key) and node_b.verify(key).key == key
+
+
 def test_flipped_byte_without_sources_says_what_to_do(
     llama_triple: TinyTriple, s3_server: S3Server, bucket: str, tmp_path: Path
 ) -> None:

@@ -208,14 +208,15 @@ def test_the_probe_sees_messages_delivered_but_not_acknowledged(
     app = make_celery(settings)
     app.send_task("realign.merge", args=["mrg_held"], queue="gpu")
     app.send_task("realign.validate", args=["mrg_waiting"], queue="cpu")
-    app.send_task("realign.assemble", args=["mrg_other"], queue="cpu")  # not a job step
+    app.send_task("realign.assemble", args=["mrg_split"], queue="cpu")  # a split's final task
+    app.send_task("celery.backend_cleanup", args=[], queue="cpu")  # not one of ours
     broker = redis.Redis.from_url(redis_server.url, decode_responses=True)
     with app.connection_for_read() as conn:
         held = conn.SimpleQueue("gpu", no_ack=False).get(timeout=5)
         assert broker.llen("gpu") == 0 and broker.hlen("unacked") == 1
-        assert jobs_in_broker(broker) == {"mrg_held", "mrg_waiting"}
+        assert jobs_in_broker(broker) == {"mrg_held", "mrg_waiting", "mrg_split"}
         held.ack()
-    assert jobs_in_broker(broker) == {"mrg_waiting"}
+    assert jobs_in_broker(broker) == {"mrg_waiting", "mrg_split"}
 
 
 # -- a backlog longer than a page, on real Redis ------------------------------------------

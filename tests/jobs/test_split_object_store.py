@@ -105,6 +105,9 @@ def test_split_merge_of_an_s3_target_on_two_nodes(
         "REALIGN_MAX_SHARD_GB": MAX_SHARD_GB,
         "REALIGN_MERGE_PARALLEL_MIN_SHARDS": "2",
         "REALIGN_MAX_READ_MBPS": "1",  # slow enough that both workers take shards
+        # a step reads ~10 MB at that rate: above the suite's short time limit
+        "REALIGN_JOB_TIME_LIMIT_S": "120",
+        "REALIGN_VISIBILITY_TIMEOUT_S": "130",
     }
     roots = [t.base.parent]
     pools = [

@@ -41,6 +41,10 @@ def test_sweep_removes_only_uploads_no_marker_names(
     client.put_object(Bucket=bucket, Key=dead, Body=b"x" * 4096)  # a builder that died
     legacy = f"realign/.staging/{kept}.0ld/part-0.bin"
     client.put_object(Bucket=bucket, Key=legacy, Body=b"y")  # from before builder prefixes
+    (part,) = (n for n in _names(s3_server, bucket) if f"/{sick}/" in n and "part-0" in n)
+    damaged = bytearray(client.get_object(Bucket=bucket, Key=part)["Body"].read())
+    damaged[0] ^= 0xFF  # the bucket's copy is bad: quarantine hides it there too
+    client.put_object(Bucket=bucket, Key=part, Body=bytes(damaged))
     time.sleep(1.1)  # listings give whole seconds: the quarantine comes a second later
     st.quarantine(sick, "residuals", "a flipped byte")
     notes = client.list_objects_v2(Bucket=bucket, Prefix="realign/.quarantine/")["Contents"]
