@@ -287,8 +287,11 @@ class EnginePool:
             return True
 
     async def close(self) -> None:
-        for slot in list(self._slots):
-            await self._evict(slot)
+        """Close every engine, after the load in progress (an engine it starts is one of
+        them: none is left running)."""
+        async with self._manage:
+            for slot in list(self._slots):
+                await self._evict(slot)
 
     async def _verify(self, engine: ChatEngine, model_id: str, local: LocalModel) -> None:
         checksum = getattr(engine, "checksum", None)

@@ -8,6 +8,7 @@ bucket, read in place when it is local, and pinned while an engine holds them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -80,6 +81,10 @@ class ServingService:
 
     async def stop(self) -> None:
         await self.replica.stop()
+        for _, task in list(self._loading.values()):  # a load cut short closes its engine
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
         await self.pool.close()
 
     def readiness(self) -> tuple[bool, str]:

@@ -13,7 +13,7 @@ import pytest
 from app.core.settings import Settings
 from app.demo.tiny import TinyTriple
 from app.engines.factory import factory_from_settings
-from app.engines.pool import EnginePool, ModelLoadingError
+from app.engines.pool import EnginePool, ModelLoadingError, describe
 from app.handoff.board import LoadBoard
 from app.handoff.entry import ModelEntry
 from app.jobs.sqlite_kv import SqliteKV
@@ -149,3 +149,21 @@ def test_a_model_id_registered_again_serves_its_new_weights(
     first, second, expected = asyncio.run(run())
     assert second == expected
     assert first != second
+
+
+def test_closing_the_pool_during_a_load_leaves_no_engine_running(
+    llama_triple_fp32: TinyTriple, tmp_path: Path
+) -> None:
+    store = LocalStore(tmp_path / "store")
+    a = merged(store, llama_triple_fp32)
+    settings = Settings(models_cache_dir=store.root, engine="torch")
+
+    async def run() -> None:
+        pool = EnginePool(factory_from_settings(settings))
+        loading = asyncio.create_task(pool.load(source_of(entry("a", a), store)))
+        await asyncio.sleep(0)  # the load has begun
+        await pool.close()  # shutdown meanwhile
+        assert loading.done() and await loading == "started a new engine"
+        assert describe(pool) == [] and pool.local("a") is None
+
+    asyncio.run(run())
