@@ -203,8 +203,9 @@ class Fanout:
                 return  # a duplicate: the first final task published and cleared it
             try:
                 self._publish(split, rec, plan, [r for r in split.results(len(plan.files)) if r])
-            except OperationCancelledError:
-                self._end(split, JobStatus.cancelled, JobError(code="cancelled", message=CANCELLED))
+            except OperationCancelledError as exc:
+                error = JobError(code="cancelled", message=str(exc) or CANCELLED)
+                self._end(split, JobStatus.cancelled, error)
             except Exception as exc:
                 if not lease.lost.is_set():  # the job is another holder's now: write nothing
                     self._fail(split, rec, exc)

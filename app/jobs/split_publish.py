@@ -75,7 +75,11 @@ def publish_split(
         done = _publish_remote(step, step.store, step.staging, job_id, plan, outputs)
     else:
         done = _publish_local(step, job_id, plan, outputs)
-    step.check()  # cancelled during the upload: stored, but not handed out
+    if step.stopped():  # cancelled during the upload: stored, but not handed out
+        raise OperationCancelledError(
+            f"cancelled while the model was published: it is stored as merged/{done.key} "
+            f"but not registered or served (`realign rm {done.key}` removes it)"
+        )
     return done
 
 
