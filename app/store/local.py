@@ -161,6 +161,18 @@ class LocalStore:
         """Pin ``key`` against eviction and removal (whether or not it exists yet)."""
         return self._flock(f"{key}.use", fcntl.LOCK_SH)
 
+    def unpinned(self, key: str) -> contextlib.AbstractContextManager[bool]:
+        """Hold off new pins of ``key`` while the block runs; yields False (and holds
+        nothing) when a reader here pins it, cached or still downloading."""
+        return self._flock(f"{key}.use", fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+    def held(self, key: str) -> bool:
+        """Whether a reader here pins ``key`` now (cached, or still downloading)."""
+        if not (self.root / ".locks" / f"{key}.use").exists():
+            return False  # never pinned on this node
+        with self.unpinned(key) as free:
+            return not free
+
     def touch(self, key: str) -> None:
         (self.root / ".access" / key).touch()
 

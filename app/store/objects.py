@@ -29,6 +29,7 @@ from pathlib import Path
 
 from app.core.errors import (
     ArtifactCorruptError,
+    ArtifactInUseError,
     ArtifactNotFoundError,
     BuildLockLostError,
     StoreUnavailableError,
@@ -336,7 +337,7 @@ class ObjectStore:
             for key, (size, stamp) in self.bucket.listing(k).items():
                 local = cached.get(key)
                 last = max(stamp, local.last_used) if local else stamp
-                in_use = bool(local and local.in_use)
+                in_use = bool(local and local.in_use) or self.cache.held(key)
                 out.append(ArtifactInfo(key, k, self.path(key, k), size, last, in_use))
         return out
 
@@ -354,7 +355,10 @@ class ObjectStore:
         """
         if self.cache.exists(key, kind):
             self.cache.remove(key, kind)
-        self.bucket.delete(key, kind)
+        with self.cache.unpinned(key) as free:  # a download here under way pins it too
+            if not free:
+                raise ArtifactInUseError(f"{key} is being read on this node; try again later")
+            self.bucket.delete(key, kind)
 
     def evict(self, keep: str | Collection[str] | None = None) -> list[str]:
         """Trim this node's cache to its budget, and the bucket to ``budget_bytes``

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from app.core.errors import ArtifactNotFoundError
+from app.core.errors import ArtifactInUseError, ArtifactNotFoundError
 from app.core.settings import Settings
 from app.demo.tiny import TinyTriple
 from app.merge import compute, list_artifacts, merge, merge_to_store
@@ -219,3 +219,22 @@ def test_publish_a_finished_directory(
     reader = object_store(s3_server, bucket, tmp_path / "reader")
     with reader.using(made.key) as path:
         assert _files(path) == _files(made.path)
+
+
+def test_a_download_in_progress_pins_the_bucket_copy(
+    llama_triple: TinyTriple, s3_server: S3Server, bucket: str, tmp_path: Path
+) -> None:
+    """A reader on this node holds an artifact it is still downloading (not cached yet):
+    the bucket's budget evicts other artifacts, not that one, and removal is refused."""
+    made = compute(str(llama_triple.base), str(llama_triple.instruct), store=tmp_path / "made")
+    st = object_store(s3_server, bucket, tmp_path / "node")
+    assert st.publish(made.path, made.key)
+    st.cache.remove(made.key)  # not in this node's cache: a reader starts downloading it
+    evictor = object_store(s3_server, bucket, tmp_path / "node", store_budget_gb=1e-9)
+    evictor.lease_s = 0  # nothing counts as just committed
+    with st.cache.pinned(made.key):
+        assert [a.in_use for a in evictor.artifacts()] == [True]
+        assert evictor.evict() == [] and evictor.exists(made.key)
+        with pytest.raises(ArtifactInUseError):
+            evictor.remove(made.key)
+    assert evictor.evict() == [made.key] and not evictor.exists(made.key)
