@@ -147,6 +147,7 @@ class ObjectStore:
             try:
                 self.bucket.fetch(done, tmp)
             except ArtifactCorruptError as exc:
+                _keep_evidence(tmp, exc.file)
                 moved = self.cache.quarantine_dir(tmp, key, kind, str(exc), log=False)
                 log.warning("%s %s: corrupt download kept at %s", kind[:-1], key, moved)
                 raise
@@ -373,6 +374,14 @@ class ObjectStore:
         for kind in WEIGHT_KINDS:
             kept |= {k for k, (_, t) in self.bucket.listing(kind).items() if t > young}
         return removed + evict_lru(self, self.budget_bytes, kept)
+
+
+def _keep_evidence(tmp: Path, bad: str) -> None:
+    """Of a corrupt download, keep what tells what it was (its small metadata files, the
+    manifest among them) and the damaged file; the rest would only fill the disk."""
+    for f in sorted(tmp.rglob("*")):
+        if f.is_file() and f.suffix != ".json" and f.relative_to(tmp).as_posix() != bad:
+            f.unlink()
 
 
 def _twice(publish: Callable[[], bool]) -> bool:

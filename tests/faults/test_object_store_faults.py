@@ -112,6 +112,10 @@ def test_flipped_byte_in_bucket_is_caught_and_rebuilt(
     with pytest.raises(ArtifactCorruptError, match=match), node_b.using(key):
         pass
     assert not node_b.cache.exists(key)  # nothing corrupt is handed out
+    (kept,) = node_b.cache.root.glob(f".quarantine/{key}.*/")  # the evidence, not a copy
+    names = {p.name for p in kept.rglob("*") if p.is_file()}
+    bad = _first_shard(s3_server, bucket, key).rsplit("/", 1)[1]
+    assert bad in names and all(n == bad or n.endswith(".json") for n in names), names
     heard: list[str] = []
     out = apply(key, str(t.new_base), tmp_path / "out", store=node_b, notice=heard.append)
     assert out.out.is_dir() and heard and "rebuilt" in heard[0]
