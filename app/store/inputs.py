@@ -126,7 +126,8 @@ def _fetch_s3(ref: ModelRef, store: Store, trusted_code: Collection[str]) -> Res
         part = dest.with_name(f"{dest.name}.{uuid.uuid4().hex[:8]}.part")
         try:
             for rel, obj in objects.items():
-                download_file(store.s3, bucket, obj["Key"], part / rel, int(obj["Size"]), None)
+                size, etag = int(obj["Size"]), obj.get("ETag")
+                download_file(store.s3, bucket, obj["Key"], part / rel, size, None, etag)
             with contextlib.suppress(OSError):  # another process got there first: same objects
                 os.replace(part, dest)
         finally:

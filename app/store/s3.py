@@ -74,6 +74,10 @@ class ObjectMissingError(StoreUnavailableError):
     """An object is not in the bucket (404), or is shorter than the range asked (416)."""
 
 
+class ObjectChangedError(StoreUnavailableError):
+    """An object was replaced while it was being read (its ETag no longer matches)."""
+
+
 _MISSING = ("404", "NoSuchKey", "NotFound", "416", "InvalidRange")
 
 
@@ -92,6 +96,11 @@ def call(what: str, fn: Callable[[], T]) -> T:
         ) from None
     except ClientError as exc:
         err = exc.response.get("Error", {})
+        if err.get("Code") in ("412", "PreconditionFailed"):
+            raise ObjectChangedError(
+                f"{what}: the object was replaced while it was being read; run it again "
+                "(an upload over the same name, e.g. a checkpoint pushed again)"
+            ) from None
         kind = ObjectMissingError if err.get("Code") in _MISSING else StoreUnavailableError
         raise kind(
             f"object store refused {what}: {err.get('Code', '?')} {err.get('Message', '')}"
@@ -137,7 +146,13 @@ def upload_file(cfg: S3Config, path: Path, bucket: str, key: str) -> None:
 
 
 def download_file(
-    cfg: S3Config, bucket: str, key: str, dest: Path, size: int, sha256: str | None
+    cfg: S3Config,
+    bucket: str,
+    key: str,
+    dest: Path,
+    size: int,
+    sha256: str | None,
+    etag: str | None = None,
 ) -> None:
     """Download one object into ``dest`` by parallel byte ranges, then check its size
     and sha256 (as recorded in the artifact's manifest).
@@ -153,7 +168,8 @@ def download_file(
         fh.truncate(size)
 
     def fetch(span: tuple[int, int]) -> None:
-        got = client.get_object(Bucket=bucket, Key=key, Range=f"bytes={span[0]}-{span[1]}")
+        match = {"IfMatch": etag} if etag else {}  # every range of one version
+        got = client.get_object(Bucket=bucket, Key=key, Range=f"bytes={span[0]}-{span[1]}", **match)
         data = got["Body"].read()
         with dest.open("r+b") as out:
             out.seek(span[0])

@@ -238,3 +238,23 @@ def test_a_download_in_progress_pins_the_bucket_copy(
         with pytest.raises(ArtifactInUseError):
             evictor.remove(made.key)
     assert evictor.evict() == [made.key] and not evictor.exists(made.key)
+
+
+def test_a_ranged_download_reads_one_version_of_an_object(
+    s3_server: S3Server, bucket: str, tmp_path: Path
+) -> None:
+    """Every range of an ``s3://`` input is read under the ETag it was listed with: an
+    object replaced in between (a checkpoint pushed again) fails the download instead
+    of leaving a file made of both versions."""
+    from app.store.s3 import ObjectChangedError, download_file
+
+    st = object_store(s3_server, bucket, tmp_path / "node")
+    client = s3_server.client()
+    client.put_object(Bucket=bucket, Key="models/x/model.safetensors", Body=b"a" * 5000)
+    listed = client.head_object(Bucket=bucket, Key="models/x/model.safetensors")["ETag"]
+    dest = tmp_path / "x" / "model.safetensors"
+    download_file(st.s3, bucket, "models/x/model.safetensors", dest, 5000, None, listed)
+    assert dest.read_bytes() == b"a" * 5000
+    client.put_object(Bucket=bucket, Key="models/x/model.safetensors", Body=b"b" * 5000)
+    with pytest.raises(ObjectChangedError, match="replaced while it was being read"):
+        download_file(st.s3, bucket, "models/x/model.safetensors", dest, 5000, None, listed)
