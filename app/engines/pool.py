@@ -143,19 +143,25 @@ class EnginePool:
                 )
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(slot.ready.wait(), max(0.0, deadline - time.monotonic()))
-            async with slot.lock.read():
-                # Re-checked under the lock: while this request waited for it, the slot may
-                # have been swapped to other weights, or evicted and its engine closed.
-                if slot.ready.is_set() and slot in self._slots and slot.model_id == model_id:
-                    if local is not None and slot.local is not local:
-                        raise ModelLoadingError(
-                            f"model {model_id!r} was replaced by other weights while this "
-                            "request waited; send it again",
-                            retry_after=1,
-                        )
-                    slot.last_used = time.monotonic()
-                    yield slot.engine
-                    return
+            held = False
+            try:  # a swap or eviction waiting for in-flight requests holds new ones off
+                async with slot.lock.read(max(0.0, deadline - time.monotonic())):
+                    held = True
+                    # Re-checked under the lock: while this request waited for it, the slot
+                    # may have been swapped to other weights, or evicted and its engine closed.
+                    if slot.ready.is_set() and slot in self._slots and slot.model_id == model_id:
+                        if local is not None and slot.local is not local:
+                            raise ModelLoadingError(
+                                f"model {model_id!r} was replaced by other weights while "
+                                "this request waited; send it again",
+                                retry_after=1,
+                            )
+                        slot.last_used = time.monotonic()
+                        yield slot.engine
+                        return
+            except TimeoutError:
+                if held:
+                    raise  # the request's own
             if time.monotonic() >= deadline:
                 raise ModelLoadingError(f"model {model_id!r} is loading; retry shortly")
 

@@ -18,9 +18,11 @@ class RWLock:
         self._waiting_writers = 0
 
     @contextlib.asynccontextmanager
-    async def read(self) -> AsyncIterator[None]:
+    async def read(self, timeout: float | None = None) -> AsyncIterator[None]:
+        """Share the lock; waiting at most ``timeout`` seconds for it (TimeoutError)."""
         async with self._cond:
-            await self._cond.wait_for(lambda: not self._writer and not self._waiting_writers)
+            async with asyncio.timeout(timeout):
+                await self._cond.wait_for(lambda: not self._writer and not self._waiting_writers)
             self._readers += 1
         try:
             yield

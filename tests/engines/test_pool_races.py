@@ -6,6 +6,7 @@ LocalStore, the catalog on SQLite, tiny models."""
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import pytest
@@ -165,5 +166,43 @@ def test_closing_the_pool_during_a_load_leaves_no_engine_running(
         await pool.close()  # shutdown meanwhile
         assert loading.done() and await loading == "started a new engine"
         assert describe(pool) == [] and pool.local("a") is None
+
+    asyncio.run(run())
+
+
+def test_a_request_behind_a_waiting_swap_gets_503_within_the_wait(
+    llama_triple_fp32: TinyTriple, tmp_path: Path
+) -> None:
+    """A long generation holds model "a"; a swap of its engine to "b" waits for it; a new
+    request for "a" meanwhile gets 503 after REALIGN_ENGINE_WAIT_S, not a stall as long
+    as that generation."""
+    store = LocalStore(tmp_path / "store")
+    a, b = merged(store, llama_triple_fp32), merged(store, llama_triple_fp32, alpha=0.5)
+    settings = Settings(models_cache_dir=store.root, engine="torch")
+
+    async def run() -> None:
+        pool = EnginePool(factory_from_settings(settings), max_engines=1, wait_s=0.5)
+        await pool.load(source_of(entry("a", a), store))
+        inside, leave = asyncio.Event(), asyncio.Event()
+
+        async def streaming() -> None:
+            async with pool.use("a"):
+                inside.set()
+                await leave.wait()
+
+        first = asyncio.create_task(streaming())
+        await inside.wait()
+        swapping = asyncio.create_task(pool.load(source_of(entry("b", b), store)))
+        slot = pool._slots[0]
+        await until(lambda: slot.lock._waiting_writers == 1, "the swap waits")
+        started = time.monotonic()
+        with pytest.raises(ModelLoadingError, match="retry shortly"):
+            async with pool.use("a"):
+                pass
+        assert time.monotonic() - started < 3
+        leave.set()
+        await first
+        assert await swapping == "swapped in place"
+        await pool.close()
 
     asyncio.run(run())
