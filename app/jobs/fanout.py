@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Protocol
 
 from app.core.errors import OperationCancelledError, RealignError
-from app.jobs.failures import job_error, lost_message
+from app.jobs.failures import job_error
 from app.jobs.models import JobError, JobRecord, JobStage, JobStatus
 from app.jobs.outcome import conclude, stored_outcome
 from app.jobs.shard_inputs import open_inputs
@@ -122,7 +122,10 @@ class Fanout:
         done = split.deliveries(index)
         if done >= self.settings.max_deliveries:
             lost = JobError(
-                code="worker_lost", message=f"{plan.files[index]}: {lost_message(done)}"
+                code="worker_lost",
+                message=f"{plan.files[index]}: delivered {done} times without being recorded "
+                "(its worker died, or the job records could not be written each time) — "
+                "check worker logs, memory and Redis before resubmitting",
             )
             self._end(split, JobStatus.failed, lost)
             return False
