@@ -19,11 +19,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from app.core.errors import OperationCancelledError, RealignError
-from app.jobs.failures import job_error
+from app.jobs.failures import job_error, time_limit_message
 from app.jobs.models import JobError, JobRecord, JobStage, JobStatus
 from app.jobs.outcome import conclude, stored_outcome
 from app.jobs.shard_inputs import open_inputs
@@ -54,6 +56,15 @@ class ShardQueue(Protocol):
     def send_shards(self, job_id: str, count: int) -> None: ...
     def send_assemble(self, job_id: str) -> None: ...
     def revoke(self, job_id: str, count: int) -> None: ...
+
+
+@dataclass(frozen=True)
+class _Limit:
+    """A shard task's stop signals: ``cancel`` (a cancel of the job, or the time limit)
+    and ``timed_out`` (the time limit)."""
+
+    cancel: threading.Event
+    timed_out: threading.Event
 
 
 class Fanout:
@@ -112,13 +123,15 @@ class Fanout:
         if split.results(len(plan.files))[index] is None:
             if not split.acquire(index, self.runner.worker, self.runner.lease_s):
                 raise LeaseHeldError(job_id)
-            with self._leased(split, index):
+            with self._leased(split, index) as limit:
                 written = split.results(len(plan.files))[index] is not None  # meanwhile
-                if not written and not self._write(split, rec, plan, index):
+                if not written and not self._write(split, rec, plan, index, limit):
                     return
         self._maybe_assemble(split, plan)
 
-    def _write(self, split: SplitRecords, rec: JobRecord, plan: SplitPlan, index: int) -> bool:
+    def _write(
+        self, split: SplitRecords, rec: JobRecord, plan: SplitPlan, index: int, limit: _Limit
+    ) -> bool:
         done = split.deliveries(index)
         if done >= self.settings.max_deliveries:
             lost = JobError(
@@ -131,9 +144,13 @@ class Fanout:
             return False
         split.count_delivery(index)
         try:
-            out, fetched = self._write_shard(split, rec, plan, index)
+            out, fetched = self._write_shard(split, rec, plan, index, limit.cancel)
         except OperationCancelledError:
-            self._end(split, JobStatus.cancelled, JobError(code="cancelled", message=CANCELLED))
+            if limit.timed_out.is_set():
+                message = time_limit_message(self.settings.job_time_limit_s)
+                self._end(split, JobStatus.failed, JobError(code="time_limit", message=message))
+            else:
+                self._end(split, JobStatus.cancelled, JobError(code="cancelled", message=CANCELLED))
             return False
         except Exception as exc:
             if self._stopped(split):  # the job ended meanwhile and its staging went
@@ -148,10 +165,14 @@ class Fanout:
         return True
 
     def _write_shard(
-        self, split: SplitRecords, rec: JobRecord, plan: SplitPlan, index: int
+        self,
+        split: SplitRecords,
+        rec: JobRecord,
+        plan: SplitPlan,
+        index: int,
+        cancel: threading.Event,
     ) -> tuple[ShardOutput, int]:
         """Write the shard from the inputs it needs; returns it and the bytes fetched."""
-        cancel = threading.Event()
         rate = self.settings.max_read_mbps
         opts = RunOptions(
             device=self.settings.device,
@@ -316,20 +337,32 @@ class Fanout:
         return dropped
 
     @contextlib.contextmanager
-    def _leased(self, split: SplitRecords, index: int) -> Iterator[None]:
-        """Keep the shard's lease while the block runs (a dead holder's lapses)."""
-        stop = threading.Event()
+    def _leased(self, split: SplitRecords, index: int) -> Iterator[_Limit]:
+        """Keep the shard's lease while the block runs (a dead holder's lapses); past
+        ``REALIGN_JOB_TIME_LIMIT_S`` cancel the shard, and give the lease up two lease
+        periods later if it still runs (see :class:`~app.jobs.lease.LeaseKeeper`)."""
+        stop, limit = threading.Event(), _Limit(threading.Event(), threading.Event())
         holder, ttl = self.runner.worker, self.runner.lease_s
+        ends = time.monotonic() + self.settings.job_time_limit_s
+
+        def beat() -> float:  # the next renewal, or the time limit when it comes first
+            left = ends - time.monotonic()
+            return ttl / 3 if left <= 0 else min(ttl / 3, left)
 
         def keep() -> None:
-            while not stop.wait(ttl / 3):
+            while not stop.wait(beat()):
+                if time.monotonic() >= ends:
+                    limit.timed_out.set()
+                    limit.cancel.set()
+                    if time.monotonic() >= ends + 2 * ttl:
+                        return  # stuck: its lease lapses, the shard is delivered again
                 with contextlib.suppress(Exception):  # Redis restarting: next beat
                     split.acquire(index, holder, ttl)
 
         keeper = threading.Thread(target=keep, daemon=True, name="realign-shard-lease")
         keeper.start()
         try:
-            yield
+            yield limit
         finally:
             stop.set()
             keeper.join()

@@ -229,3 +229,33 @@ def test_sigkill_of_a_worker_mid_shard_still_ends_the_job_identically(
     assert done.status == JobStatus.succeeded, (done.error, workers.logs())
     assert done.result is not None
     _same_model(Path(done.result.output), _single_process(llama_triple, tmp_path, monkeypatch))
+
+
+def test_a_shard_past_the_time_limit_fails_the_job_and_publishes_nothing(
+    env: dict[str, str],
+    service: JobService,
+    llama_triple: TinyTriple,
+    store_dir: Path,
+    tmp_path: Path,
+) -> None:
+    """Celery's time limits never fire in the workers' solo pool: a shard task that runs
+    past REALIGN_JOB_TIME_LIMIT_S is stopped by its lease keeper, and the job fails
+    'time_limit' with nothing published and no shard task left running."""
+    _precompute(llama_triple, store_dir)
+    slow = {**env, "REALIGN_MAX_READ_MBPS": "0.2", "REALIGN_JOB_TIME_LIMIT_S": "2"}
+    pool = Workers(slow, tmp_path)
+    try:
+        pool.start("w1")
+        rec, _ = service.submit(_spec(llama_triple), ALICE)
+        done = _wait(service, rec.id, lambda r: r.status.terminal, 120, pool)
+        assert done.status == JobStatus.failed, (done.error, pool.logs())
+        assert done.error is not None and done.error.code == "time_limit", done.error
+        assert "REALIGN_JOB_TIME_LIMIT_S (2 s)" in done.error.message
+        assert any("shard tasks" in e.message for e in service.events(rec.id, ALICE))
+        end = time.monotonic() + 15
+        while _lease_keys(service, rec.id) and time.monotonic() < end:
+            time.sleep(0.1)
+        assert _lease_keys(service, rec.id) == []
+        assert list((store_dir / "merged").iterdir()) == []
+    finally:
+        pool.stop_all()
