@@ -25,11 +25,13 @@ from app.core.errors import (
     ServiceUnavailableError,
     install_hint,
 )
+from app.engines.amx import request_amx
 from app.engines.base import GenerationChunk, GenerationRequest, InlineMerge
 from app.engines.rwlock import RWLock
 from app.engines.sizing import EngineMemory, context_length, vllm_memory_args
 
 EXTENSION = "app.engines.vllm.VllmWorkerExtension"
+request_amx()  # in a vLLM worker, before its first bf16 attention (see app.engines.amx)
 PROBE_TOKENS = 4
 Shapes = dict[str, tuple[int, ...]]
 
