@@ -121,6 +121,6 @@ def lost_message(deliveries: int) -> str:
 def time_limit_message(limit_s: float) -> str:
     return (
         f"the job ran longer than REALIGN_JOB_TIME_LIMIT_S ({limit_s:g} s) and was stopped; "
-        "nothing was published — raise the limit for models this large, or look for a "
-        "stalled read (the store's disk, REALIGN_MAX_READ_MBPS, the network)"
+        "no model of it is registered or served — raise the limit for models this large, "
+        "or look for a stalled read (the store's disk, REALIGN_MAX_READ_MBPS, the network)"
     )

@@ -281,13 +281,20 @@ class Fanout:
             log.warning("job %s: a shard task without a split plan; dropping it", job_id)
             return split, None, None
         if self._stopped(split):
-            holder = self.records.lease_holder(job_id)
-            if holder is None or holder == self.runner.worker:
+            if not self._publishing(split, plan):
                 self._end(split, JobStatus.cancelled, JobError(code="cancelled", message=CANCELLED))
-            # else a final task is publishing: it sees the cancel at its next check, and
-            # ends the job itself (before its commit) or registers the model (after it)
+            # else it sees the cancel at its next check, and ends the job itself (before
+            # its commit) or registers the model (after it)
             return split, None, None
         return split, rec, plan
+
+    def _publishing(self, split: SplitRecords, plan: SplitPlan) -> bool:
+        """Whether a final task of another worker may be publishing the job now: every
+        shard is written and another holds the job's lease."""
+        holder = self.records.lease_holder(split.job_id)
+        if holder is None or holder == self.runner.worker:
+            return False
+        return all(r is not None for r in split.results(len(plan.files)))
 
     def _stopped(self, split: SplitRecords) -> bool:
         return self.records.cancel_requested(split.job_id) or split.ended() is not None

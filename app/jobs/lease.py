@@ -48,6 +48,8 @@ class LeaseKeeper:
             the merge engine stops at its next check.
         lost: set when another holder took the lease: the step must not write again.
         timed_out: set when the step ran past ``limit_s`` (``cancel`` is set too).
+        gave_up: set when the lease was given up after the grace: the step may write
+            its end only if it takes the lease again (nobody else took the job).
     """
 
     def __init__(
@@ -63,6 +65,7 @@ class LeaseKeeper:
         self.cancel = threading.Event()
         self.lost = threading.Event()
         self.timed_out = threading.Event()
+        self.gave_up = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._started = time.monotonic()
@@ -117,7 +120,7 @@ class LeaseKeeper:
             return False
         log.error("job %s: still running %.0f s past its time limit; giving up its lease",
                   self.job_id, over)  # fmt: skip
-        self.lost.set()
+        self.gave_up.set()
         return True
 
     def _keep(self) -> None:

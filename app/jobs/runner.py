@@ -256,9 +256,13 @@ class JobRunner:
             if lease.lost.is_set():  # the job is another holder's now: write nothing
                 log.warning("job %s: run stopped after its lease was lost (%s)", rec.id, exc)
             elif lease.timed_out.is_set():
-                self._fail(
-                    reporter.rec, "time_limit", time_limit_message(self.settings.job_time_limit_s)
-                )
+                if lease.gave_up.is_set() and not self.records.acquire_lease(
+                    rec.id, self.worker, self.lease_s
+                ):  # a stuck step given up on: another delivery has the job now
+                    log.warning("job %s: stopped past its time limit; job taken over", rec.id)
+                else:
+                    message = time_limit_message(self.settings.job_time_limit_s)
+                    self._fail(reporter.rec, "time_limit", message)
             elif isinstance(exc, OperationCancelledError):
                 error = JobError(code=exc.code, message=str(exc))
                 self._finish(reporter.rec, JobStatus.cancelled, error=error)

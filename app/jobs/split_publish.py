@@ -78,7 +78,7 @@ def publish_split(
     if step.stopped():  # cancelled during the upload: stored, but not handed out
         raise OperationCancelledError(
             f"cancelled while the model was published: it is stored as merged/{done.key} "
-            f"but not registered or served (`realign rm {done.key}` removes it)"
+            "but neither registered nor served"
         )
     return done
 

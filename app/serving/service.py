@@ -83,8 +83,8 @@ class ServingService:
         await self.replica.stop()
         for _, task in list(self._loading.values()):  # a load cut short closes its engine
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+            with contextlib.suppress(Exception):
+                await asyncio.wait([task])
         await self.pool.close()
 
     def readiness(self) -> tuple[bool, str]:

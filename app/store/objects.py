@@ -320,6 +320,14 @@ class ObjectStore:
         fault here), and every other node keeps the artifact."""
         try:
             self._fetch(key, kind)
+            try:  # whole as committed; whole as its manifest says too (what failed here)
+                if kind == "residuals":
+                    self.cache.verify(key)
+                elif kind == "merged":
+                    self.cache.verify_merged(key)
+            except ArtifactCorruptError:
+                self.cache.quarantine(key, kind, "the bucket's copy does not match its manifest")
+                raise
         except (ArtifactCorruptError, ArtifactNotFoundError, StoreUnavailableError) as exc:
             log.warning("%s %s: the bucket's copy is not sound either (%s)", kind[:-1], key, exc)
             return False
@@ -380,7 +388,11 @@ def _keep_evidence(tmp: Path, bad: str) -> None:
     """Of a corrupt download, keep what tells what it was (its small metadata files, the
     manifest among them) and the damaged file; the rest would only fill the disk."""
     for f in sorted(tmp.rglob("*")):
-        if f.is_file() and f.suffix != ".json" and f.relative_to(tmp).as_posix() != bad:
+        if (
+            f.is_file()
+            and f.suffix != ".json"
+            and bad not in (f.relative_to(tmp).as_posix(), f.name)
+        ):
             f.unlink()
 
 

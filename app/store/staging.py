@@ -38,6 +38,7 @@ class Lease:
     pid: int
     token: str
     expires_at: float
+    process: str | None = None  # the builder process's identity (see _process_identity)
 
 
 @dataclass(frozen=True)
@@ -163,7 +164,10 @@ class StagingArea:
             return False
 
     def _write_lease(self, lease: Path, token: str) -> None:
-        info = Lease(socket.gethostname(), os.getpid(), token, time.time() + self.lease_s)
+        info = Lease(
+            socket.gethostname(), os.getpid(), token, time.time() + self.lease_s,
+            _process_identity(os.getpid()),
+        )  # fmt: skip
         part = lease.with_name(f"{lease.name}.{token[:8]}.part")
         part.write_text(json.dumps(asdict(info)))
         os.replace(part, lease)  # readers see the old lease or the new one, never half
@@ -187,11 +191,25 @@ class StagingArea:
                 self._write_lease(lease, token)
 
 
+def _process_identity(pid: int) -> str | None:
+    """What tells process ``pid`` from a later one given the same pid (a container
+    restarted under the same hostname, the host rebooted): the boot's id and the
+    process's start time (Linux); None where that cannot be read."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return f"{boot}:{stat.rsplit(')', 1)[1].split()[19]}"  # field 22: start time
+
+
 def _alive_here(lease: Lease) -> bool:
     """Whether the builder of ``lease`` is a live process of this host (paused, or late
     renewing): its staging directory stays, whatever the lease says."""
     if lease.host != socket.gethostname():
         return False
+    if lease.process is not None:
+        return _process_identity(lease.pid) == lease.process
     try:
         os.kill(lease.pid, 0)
     except ProcessLookupError:

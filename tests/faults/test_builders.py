@@ -9,6 +9,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -213,3 +214,19 @@ def test_a_builder_whose_staging_was_swept_publishes_nothing(tmp_path: Path) -> 
     assert not store.exists("0" * 32)
     assert list((tmp_path / "store" / ".staging").iterdir()) == []
     assert store.get_or_build("0" * 32, lambda tmp: (tmp / "f").write_text("x"))  # next one
+
+
+def test_a_dead_builders_staging_is_swept_though_its_pid_lives_again(tmp_path: Path) -> None:
+    """A container restarted under the same hostname gives a new process the dead
+    builder's pid (here: this very process): the lease's process identity (boot and
+    start time) tells them apart, and the staging goes once the lease ran out."""
+    area = StagingArea(tmp_path / ".staging", lease_s=1)
+    dead = tmp_path / ".staging" / f"{'0' * 32}.{'ab' * 16}"
+    dead.mkdir()
+    (dead / "part.bin").write_bytes(b"x" * 1000)
+    lease = {
+        "host": socket.gethostname(), "pid": os.getpid(), "token": "ab" * 16,
+        "expires_at": time.time() - 10, "process": "another-boot:12345",
+    }  # fmt: skip
+    area.lease_path(dead).write_text(json.dumps(lease))
+    assert area.sweep() == [dead] and not dead.exists()

@@ -157,9 +157,11 @@ def service_env(redis_url: str, store: Path, roots: list[Path], **extra: str) ->
             "REALIGN_REDIS_URL": redis_url,
             "REALIGN_MODELS_CACHE_DIR": str(store),
             "REALIGN_ALLOWED_ROOTS": "[" + ",".join(f'"{r}"' for r in roots) + "]",
-            # short enough that a killed worker's job is redelivered within the test
-            "REALIGN_JOB_TIME_LIMIT_S": "8",
-            "REALIGN_VISIBILITY_TIMEOUT_S": "10",
+            # short enough that a killed worker's job is redelivered within the test (the
+            # visibility timeout must exceed the time limit, which workers enforce: a few
+            # times the longest step of these tests, a throttled ~3 s merge)
+            "REALIGN_JOB_TIME_LIMIT_S": "12",
+            "REALIGN_VISIBILITY_TIMEOUT_S": "14",
             **extra,
         }
     )
