@@ -23,7 +23,7 @@ from app.jobs.models import Caller, JobError, JobRecord, JobStage, JobStatus, Me
 from app.jobs.records import JobFinishedError, JobRecords
 from app.jobs.runner import JobRunner
 from app.jobs.service import JobService
-from app.jobs.shard_records import SplitPlan, SplitRecords
+from app.jobs.shard_records import ShardResult, SplitPlan, SplitRecords
 from app.jobs.sqlite_kv import SqliteKV
 from app.residuals.manifest import SourceInfo
 from tests.jobs.conftest import RedisServer, Workers, service_env
@@ -335,7 +335,9 @@ def test_a_cancel_during_a_split_publish_is_left_to_the_final_task(tmp_path: Pat
             tensors=[1],
         )
     )  # fmt: skip
-    records.acquire_lease(rec.id, "w1", 60)  # w1's final task is publishing
+    split = SplitRecords(records.kv, rec.id)
+    split.record(0, ShardResult(file="a", size=1, sha256="0" * 64, worker="w1"))
+    records.acquire_lease(rec.id, "w1", 60)  # every shard written: w1's final task publishes
     records.request_cancel(rec.id)
     fanout.assemble(rec.id)  # a duplicate final task on w2
     job = records.get(rec.id)
@@ -345,3 +347,36 @@ def test_a_cancel_during_a_split_publish_is_left_to_the_final_task(tmp_path: Pat
     fanout.assemble(rec.id)
     job = records.get(rec.id)
     assert job is not None and job.status == JobStatus.cancelled
+
+
+def test_a_cancel_seen_by_a_shard_task_ends_the_job_while_shards_remain(
+    tmp_path: Path,
+) -> None:
+    """Shards are still to be written, and some other holder has the job's lease (the
+    merge task right after it queued the shards, a housekeeping pass): no final task can
+    be publishing, so the shard task that sees the cancel ends the job."""
+    from app.jobs.fanout import Fanout
+
+    records = JobRecords(SqliteKV(tmp_path / "jobs.sqlite"))
+    settings = Settings(models_cache_dir=tmp_path / "store")
+    sent = _Sent()
+    fanout = Fanout(JobRunner(records, settings, "w2", lambda t, j: None, shards=sent), sent)
+    rec = JobRecord(
+        id="mrg_cut", owner="alice", spec=MergeSpec(base="/b", instruct="/i", target="/t"),
+        status=JobStatus.running, stage=JobStage.apply,
+    )  # fmt: skip
+    records.create(rec)
+    target = SourceInfo(ref="/t", path="/t", digest="d", files={})
+    SplitRecords(records.kv, rec.id).save_plan(
+        SplitPlan(
+            residual_key="r" * 32, target="/t", target_src=target, alpha=1.0,
+            merged_key="m" * 32, max_shard_bytes=1, layout="l", files=["a", "b"],
+            nbytes=[1, 1], tensors=[1, 1],
+        )
+    )  # fmt: skip
+    records.acquire_lease(rec.id, "w1", 60)
+    records.request_cancel(rec.id)
+    fanout.run_shard(rec.id, 1)
+    job = records.get(rec.id)
+    assert job is not None and job.status == JobStatus.cancelled
+    assert sent.revoked == [rec.id]
