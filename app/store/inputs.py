@@ -17,6 +17,7 @@ import fnmatch
 import hashlib
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Collection, Iterable
 from pathlib import Path
@@ -122,6 +123,7 @@ def _fetch_s3(ref: ModelRef, store: Store, trusted_code: Collection[str]) -> Res
         ).encode()
     ).hexdigest()
     dest = store.root / "sources" / "s3" / listing[:32]
+    _sweep_parts(dest.parent)
     if not dest.is_dir():
         part = dest.with_name(f"{dest.name}.{uuid.uuid4().hex[:8]}.part")
         try:
@@ -141,6 +143,24 @@ def _fetch_s3(ref: ModelRef, store: Store, trusted_code: Collection[str]) -> Res
     pinned = f"s3://{bucket}/{prefix}@sha256:{digest}"
     check_remote_code(dest, pinned, trusted_code)
     return ResolvedModel(ref=pinned, path=dest, commit=f"sha256:{digest}")
+
+
+PART_TTL_S = 6 * 3600.0
+"""A download directory nothing wrote to for this long was left by a killed process."""
+
+
+def _sweep_parts(parent: Path, now: float | None = None) -> list[Path]:
+    """Remove the ``.part`` download directories of processes that died mid-download
+    (SIGKILL, OOM): nothing was written in them for :data:`PART_TTL_S`."""
+    now = time.time() if now is None else now
+    removed = []
+    for part in parent.glob("*.part") if parent.is_dir() else []:
+        with contextlib.suppress(OSError):
+            newest = max([part.stat().st_mtime] + [f.stat().st_mtime for f in part.rglob("*")])
+            if newest + PART_TTL_S < now:
+                shutil.rmtree(part, ignore_errors=True)
+                removed.append(part)
+    return removed
 
 
 def _wanted(rel: str) -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -258,3 +259,25 @@ def test_a_ranged_download_reads_one_version_of_an_object(
     client.put_object(Bucket=bucket, Key="models/x/model.safetensors", Body=b"b" * 5000)
     with pytest.raises(ObjectChangedError, match="replaced while it was being read"):
         download_file(st.s3, bucket, "models/x/model.safetensors", dest, 5000, None, listed)
+
+
+def test_downloads_left_by_killed_processes_are_swept(
+    llama_triple: TinyTriple, s3_server: S3Server, bucket: str, tmp_path: Path
+) -> None:
+    """A process killed while it downloaded an ``s3://`` input left its ``.part``
+    directory: the next resolve removes it once nothing wrote to it for hours; a
+    download under way (written to recently) stays."""
+    from app.store.inputs import PART_TTL_S, resolve_input
+
+    st = object_store(s3_server, bucket, tmp_path / "node")
+    ref = _upload(s3_server, bucket, llama_triple.base, "models/base")
+    parts = st.root / "sources" / "s3"
+    dead, live = parts / "0123.deadbeef.part", parts / "4567.cafef00d.part"
+    for d in (dead, live):
+        d.mkdir(parents=True)
+        (d / "model.safetensors").write_bytes(b"x" * 100)
+    old = time.time() - PART_TTL_S - 60
+    for p in (dead, dead / "model.safetensors"):
+        os.utime(p, (old, old))
+    got = resolve_input(ref, st)
+    assert got.path.is_dir() and not dead.exists() and live.is_dir()
