@@ -36,7 +36,6 @@ class LeaseKeeper:
         job_id: the job.
         holder: this worker's name.
         ttl: seconds the lease lives without renewal.
-
         limit_s: how long the step may run (``REALIGN_JOB_TIME_LIMIT_S``): past it the
             step is cancelled, and a step that does not stop within two more lease
             periods (a read stuck in the kernel) gives up the lease, so that the job is
