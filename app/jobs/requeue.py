@@ -16,8 +16,9 @@ waiting forever. ``validating`` jobs nobody runs are the reaper's (they fail).
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
@@ -104,36 +105,54 @@ class Requeuer:
             and rec.deliveries < self.cap  # a merge that died too often: the reaper's
         )
 
-    def _resend(self, seen: JobRecord) -> bool:
+    @contextlib.contextmanager
+    def _taken(
+        self, seen: JobRecord, still: Callable[[JobRecord], bool]
+    ) -> Iterator[JobRecord | None]:
+        """``seen``'s job under this sweeper's lease while the block runs; None when
+        another worker re-sent it within the period, a worker holds it, or it moved on
+        (``still`` says whether the record read again is as seen)."""
         if not self.records.claim_resend(seen.id, self.holder, self.after):
-            return False  # another worker re-sent it within the period
+            yield None  # another worker re-sent it within the period
+            return
         if not self.records.acquire_lease(seen.id, self.holder, self.runner.lease_s):
-            return False  # a worker took it meanwhile
+            yield None  # a worker took it meanwhile
+            return
         try:
             rec = self.records.get(seen.id)
-            if rec is None or (rec.status, rec.stage, rec.updated_at) != (
-                seen.status,
-                seen.stage,
-                seen.updated_at,
-            ):
-                return False  # it moved on
+            yield rec if rec is not None and still(rec) else None
+        finally:
+            self.records.release_lease(seen.id, self.holder)
+
+    def _note_resend(self, rec: JobRecord, what: str) -> None:
+        """Count a re-send and say so in a job event and the log."""
+        n = self.records.count_resend(rec.id)
+        message = (
+            f"message re-sent: {what} (dropped after a records outage, or lost in a broker "
+            f"restart); re-send {n} of {self.cap}"
+        )
+        self.records.add_event(rec, "status", message)
+        log.warning("job %s: %s", rec.id, message)
+
+    def _resend(self, seen: JobRecord) -> bool:
+        def same(rec: JobRecord) -> bool:
+            return (rec.status, rec.stage, rec.updated_at) == (
+                seen.status, seen.stage, seen.updated_at,
+            )  # fmt: skip
+
+        with self._taken(seen, same) as rec:
+            if rec is None:
+                return False
             task = next_task(rec)
             assert task is not None
             done = self.records.resends(rec.id)
             if done >= self.cap:
                 self.runner.finish(rec, JobStatus.failed, error=self._lost(done))
                 return True
-            n = self.records.count_resend(rec.id)
             step = "validate" if task == TASK_VALIDATE else "merge"
-            message = (
-                f"message re-sent: the job sat queued {self.after:g} s with no {step} "
-                f"message in the broker (dropped after a records outage, or lost in a "
-                f"broker restart); re-send {n} of {self.cap}"
+            self._note_resend(
+                rec, f"the job sat queued {self.after:g} s with no {step} message in the broker"
             )
-            self.records.add_event(rec, "status", message)
-            log.warning("job %s: %s", rec.id, message)
-        finally:
-            self.records.release_lease(seen.id, self.holder)
         self.runner.enqueue(task, rec.id)  # after the release: the step takes the lease
         return True
 
@@ -175,30 +194,22 @@ class Requeuer:
     def _resend_split(self, seen: JobRecord, split: SplitRecords, count: int) -> bool:
         fanout = self.runner.fanout
         assert fanout is not None
-        if not self.records.claim_resend(seen.id, self.holder, self.after):
-            return False
-        if not self.records.acquire_lease(seen.id, self.holder, self.runner.lease_s):
-            return False
-        try:
-            rec = self.records.get(seen.id)
-            if rec is None or rec.updated_at != seen.updated_at or split.ended() is not None:
-                return False  # it moved on
+
+        def same(rec: JobRecord) -> bool:
+            return rec.updated_at == seen.updated_at and split.ended() is None
+
+        with self._taken(seen, same) as rec:
+            if rec is None:
+                return False
             resent = self.records.resends(rec.id)
             if resent >= self.cap:
                 fanout.end(split, JobStatus.failed, self._lost(resent))
                 return True
-            n = self.records.count_resend(rec.id)
             final = all(r is not None for r in split.results(count))
             what = "final task" if final else "shard tasks"
-            message = (
-                f"message re-sent: the split merge waited {self.after:g} s with no {what} "
-                f"in the broker (dropped after a records outage, or lost in a broker "
-                f"restart); re-send {n} of {self.cap}"
+            self._note_resend(
+                rec, f"the split merge waited {self.after:g} s with no {what} in the broker"
             )
-            self.records.add_event(rec, "status", message)
-            log.warning("job %s: %s", rec.id, message)
-        finally:
-            self.records.release_lease(seen.id, self.holder)
         if final:  # after the release: the task takes the lease
             fanout.queue.send_assemble(rec.id)
         else:  # shards already written return at once

@@ -50,6 +50,20 @@ async def until(check: object, what: str) -> None:
     raise AssertionError(f"never: {what}")
 
 
+async def in_flight(pool: EnginePool, model: str, leave: asyncio.Event) -> asyncio.Task[None]:
+    """A request holding ``model``'s engine until ``leave`` is set (once it holds it)."""
+    inside = asyncio.Event()
+
+    async def hold() -> None:
+        async with pool.use(model):
+            inside.set()
+            await leave.wait()
+
+    task = asyncio.create_task(hold())
+    await inside.wait()
+    return task
+
+
 def test_a_request_waiting_while_its_engine_is_evicted_gets_503_not_a_closed_engine(
     llama_triple_fp32: TinyTriple, qwen_triple: TinyTriple, tmp_path: Path
 ) -> None:
@@ -60,15 +74,8 @@ def test_a_request_waiting_while_its_engine_is_evicted_gets_503_not_a_closed_eng
     async def run() -> None:
         pool = EnginePool(factory_from_settings(settings), max_engines=1, wait_s=5)
         await pool.load(source_of(entry("a", a), store))
-        inside, leave = asyncio.Event(), asyncio.Event()
-
-        async def streaming() -> None:  # a generation in flight on "a"
-            async with pool.use("a"):
-                inside.set()
-                await leave.wait()
-
-        first = asyncio.create_task(streaming())
-        await inside.wait()
+        leave = asyncio.Event()
+        first = await in_flight(pool, "a", leave)  # a generation in flight on "a"
         # another architecture needs the only engine: its eviction waits for "a"'s reader
         loading = asyncio.create_task(pool.load(source_of(entry("q", q), store)))
         slot = pool._slots[0]
@@ -183,15 +190,8 @@ def test_a_request_behind_a_waiting_swap_gets_503_within_the_wait(
     async def run() -> None:
         pool = EnginePool(factory_from_settings(settings), max_engines=1, wait_s=0.5)
         await pool.load(source_of(entry("a", a), store))
-        inside, leave = asyncio.Event(), asyncio.Event()
-
-        async def streaming() -> None:
-            async with pool.use("a"):
-                inside.set()
-                await leave.wait()
-
-        first = asyncio.create_task(streaming())
-        await inside.wait()
+        leave = asyncio.Event()
+        first = await in_flight(pool, "a", leave)  # a generation in flight on "a"
         swapping = asyncio.create_task(pool.load(source_of(entry("b", b), store)))
         slot = pool._slots[0]
         await until(lambda: slot.lock._waiting_writers == 1, "the swap waits")

@@ -257,6 +257,27 @@ def test_the_reaper_ends_stalled_validations_only(tmp_path: Path) -> None:
         assert got is not None and got.status.value == status
 
 
+def _split_job(
+    records: JobRecords, job_id: str, stage: JobStage, files: list[str]
+) -> tuple[JobRecord, SplitRecords]:
+    """A running job split into ``files`` output shards (its plan only references)."""
+    rec = JobRecord(
+        id=job_id, owner="alice", spec=MergeSpec(base="/b", instruct="/i", target="/t"),
+        status=JobStatus.running, stage=stage,
+    )  # fmt: skip
+    records.create(rec)
+    split = SplitRecords(records.kv, job_id)
+    target = SourceInfo(ref="/t", path="/t", digest="d", files={})
+    split.save_plan(
+        SplitPlan(
+            residual_key="r" * 32, target="/t", target_src=target, alpha=1.0,
+            merged_key="m" * 32, max_shard_bytes=1, layout="l", files=files,
+            nbytes=[1] * len(files), tensors=[1] * len(files),
+        )
+    )  # fmt: skip
+    return rec, split
+
+
 def test_the_reaper_leaves_a_split_job_to_its_shard_tasks(tmp_path: Path) -> None:
     """The merge task that split a job returned once it queued the shard tasks, giving up
     the job's lease: the job (its one allowed delivery counted) is theirs to end, and is
@@ -264,19 +285,8 @@ def test_the_reaper_leaves_a_split_job_to_its_shard_tasks(tmp_path: Path) -> Non
     records = JobRecords(SqliteKV(tmp_path / "jobs.sqlite"))
     settings = Settings(models_cache_dir=tmp_path / "store", job_lease_s=0.5, max_deliveries=1)
     runner = JobRunner(records, settings, "w1", lambda t, j: None)
-    rec = JobRecord(
-        id="mrg_split", owner="alice", spec=MergeSpec(base="/b", instruct="/i", target="/t"),
-        status=JobStatus.running, stage=JobStage.apply,
-    )  # fmt: skip
-    records.create(rec)
+    rec, split = _split_job(records, "mrg_split", JobStage.apply, ["a", "b"])
     records.count_delivery(rec.id)
-    split = SplitRecords(records.kv, rec.id)
-    target = SourceInfo(ref="/t", path="/t", digest="d", files={})
-    plan = SplitPlan(
-        residual_key="r" * 32, target="/t", target_src=target, alpha=1.0, merged_key="m" * 32,
-        max_shard_bytes=1, layout="l", files=["a", "b"], nbytes=[1, 1], tensors=[1, 1],
-    )  # fmt: skip
-    split.save_plan(plan)
     time.sleep(0.7)
     assert runner.reap() == []
     split.end(JobStatus.failed, JobError(code="x", message="ended, record not written"))
@@ -322,20 +332,7 @@ def test_a_cancel_during_a_split_publish_is_left_to_the_final_task(tmp_path: Pat
     settings = Settings(models_cache_dir=tmp_path / "store")
     sent = _Sent()
     fanout = Fanout(JobRunner(records, settings, "w2", lambda t, j: None, shards=sent), sent)
-    rec = JobRecord(
-        id="mrg_pub", owner="alice", spec=MergeSpec(base="/b", instruct="/i", target="/t"),
-        status=JobStatus.running, stage=JobStage.publish,
-    )  # fmt: skip
-    records.create(rec)
-    target = SourceInfo(ref="/t", path="/t", digest="d", files={})
-    SplitRecords(records.kv, rec.id).save_plan(
-        SplitPlan(
-            residual_key="r" * 32, target="/t", target_src=target, alpha=1.0,
-            merged_key="m" * 32, max_shard_bytes=1, layout="l", files=["a"], nbytes=[1],
-            tensors=[1],
-        )
-    )  # fmt: skip
-    split = SplitRecords(records.kv, rec.id)
+    rec, split = _split_job(records, "mrg_pub", JobStage.publish, ["a"])
     split.record(0, ShardResult(file="a", size=1, sha256="0" * 64, worker="w1"))
     records.acquire_lease(rec.id, "w1", 60)  # every shard written: w1's final task publishes
     records.request_cancel(rec.id)
@@ -361,19 +358,7 @@ def test_a_cancel_seen_by_a_shard_task_ends_the_job_while_shards_remain(
     settings = Settings(models_cache_dir=tmp_path / "store")
     sent = _Sent()
     fanout = Fanout(JobRunner(records, settings, "w2", lambda t, j: None, shards=sent), sent)
-    rec = JobRecord(
-        id="mrg_cut", owner="alice", spec=MergeSpec(base="/b", instruct="/i", target="/t"),
-        status=JobStatus.running, stage=JobStage.apply,
-    )  # fmt: skip
-    records.create(rec)
-    target = SourceInfo(ref="/t", path="/t", digest="d", files={})
-    SplitRecords(records.kv, rec.id).save_plan(
-        SplitPlan(
-            residual_key="r" * 32, target="/t", target_src=target, alpha=1.0,
-            merged_key="m" * 32, max_shard_bytes=1, layout="l", files=["a", "b"],
-            nbytes=[1, 1], tensors=[1, 1],
-        )
-    )  # fmt: skip
+    rec, _ = _split_job(records, "mrg_cut", JobStage.apply, ["a", "b"])
     records.acquire_lease(rec.id, "w1", 60)
     records.request_cancel(rec.id)
     fanout.run_shard(rec.id, 1)
