@@ -616,6 +616,7 @@ int64_t realign_exact_residual(const void *in0, int32_t code0, const void *in1, 
 
 /* Byte-plane layout of exact-pack frames (app/residuals/frames.py): plane j holds byte j of
  * every element, planes back to back. */
+RL_CLONES
 void realign_planes(const uint8_t *restrict in, int64_t n, int32_t size, uint8_t *restrict out) {
     if (size == 2) {
         for (int64_t i = 0; i < n; i++) {
@@ -628,6 +629,7 @@ void realign_planes(const uint8_t *restrict in, int64_t n, int32_t size, uint8_t
         for (int32_t j = 0; j < size; j++) out[j * n + i] = in[i * size + j];
 }
 
+RL_CLONES
 void realign_unplanes(const uint8_t *const *planes, int64_t n, int32_t size,
                       uint8_t *restrict out) {
     if (size == 2) {
@@ -669,21 +671,39 @@ static inline uint32_t nonzero_mask(const uint8_t *e, int32_t size) {
 #endif
 }
 
-/* The non-zero elements of neg (n elements of size bytes): the gap from the previous one
- * (the first: its index) into gaps, their bytes into values; returns how many. Corrections
- * fall at random, so rather than branch on each element (or on short runs of zeros), a
- * mask of the non-zero ones among 64 is walked bit by bit. */
-int64_t realign_sparse(const uint8_t *restrict neg, int64_t n, int32_t size,
-                       uint32_t *restrict gaps, uint8_t *restrict values) {
+/* Bit k set where element k of the 64 at e (of size 2 or 4 bytes) is not 0. */
+RL_INLINE uint64_t nonzero_mask64(const uint8_t *e, int32_t size) {
+    const int64_t per = 32 / size; /* elements per 32 bytes */
+    uint64_t mask = 0;
+    for (int64_t k = 0; k < 64 / per; k++) mask |= (uint64_t)nonzero_mask(e + 32 * k, size) << (k * per);
+    return mask;
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define RL_AVX512BW __attribute__((target("avx512f,avx512bw")))
+RL_AVX512BW RL_INLINE uint64_t nonzero_mask64_avx512(const uint8_t *e, int32_t size) {
+    if (size == 2) {
+        __m512i a = _mm512_loadu_si512((const void *)e), b = _mm512_loadu_si512((const void *)(e + 64));
+        return (uint64_t)_mm512_test_epi16_mask(a, a) | (uint64_t)_mm512_test_epi16_mask(b, b) << 32;
+    }
+    uint64_t mask = 0;
+    for (int k = 0; k < 4; k++) {
+        __m512i a = _mm512_loadu_si512((const void *)(e + 64 * k));
+        mask |= (uint64_t)_mm512_test_epi32_mask(a, a) << (16 * k);
+    }
+    return mask;
+}
+#endif
+
+/* realign_sparse with `masks` telling the non-zero elements among 64. */
+RL_INLINE int64_t sparse_body(const uint8_t *restrict neg, int64_t n, int32_t size,
+                              uint32_t *restrict gaps, uint8_t *restrict values,
+                              uint64_t (*masks)(const uint8_t *, int32_t)) {
     int64_t m = 0, last = 0, i = 0;
     if (size == 2 || size == 4) {
-        const int64_t per = 32 / size, group = 64; /* elements per 32 bytes, per mask */
-        for (; i + group <= n; i += group) {
-            const uint8_t *e = neg + i * size;
-            uint64_t mask = 0;
-            for (int64_t k = 0; k < group / per; k++)
-                mask |= (uint64_t)nonzero_mask(e + 32 * k, size) << (k * per);
-            for (; mask; mask &= mask - 1) {
+        for (; i + 64 <= n; i += 64) {
+            for (uint64_t mask = masks(neg + i * size, size); mask; mask &= mask - 1) {
                 int64_t at = i + __builtin_ctzll(mask);
                 gaps[m] = (uint32_t)(at - last);
                 memcpy(values + m * size, neg + at * size, (size_t)size);
@@ -705,6 +725,25 @@ int64_t realign_sparse(const uint8_t *restrict neg, int64_t n, int32_t size,
     return m;
 }
 
+#if defined(__x86_64__) && defined(__GNUC__)
+RL_AVX512BW static int64_t sparse_avx512(const uint8_t *restrict neg, int64_t n, int32_t size,
+                                         uint32_t *restrict gaps, uint8_t *restrict values) {
+    return sparse_body(neg, n, size, gaps, values, nonzero_mask64_avx512);
+}
+#endif
+
+/* The non-zero elements of neg (n elements of size bytes): the gap from the previous one
+ * (the first: its index) into gaps, their bytes into values; returns how many. Corrections
+ * fall at random, so rather than branch on each element (or on short runs of zeros), a
+ * mask of the non-zero ones among 64 is walked bit by bit. */
+int64_t realign_sparse(const uint8_t *restrict neg, int64_t n, int32_t size,
+                       uint32_t *restrict gaps, uint8_t *restrict values) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (__builtin_cpu_supports("avx512bw")) return sparse_avx512(neg, n, size, gaps, values);
+#endif
+    return sparse_body(neg, n, size, gaps, values, nonzero_mask64);
+}
+
 /* The inverse: zero neg, then put values at the positions gaps give. Returns 0, or -1
  * where a position falls outside [0, n). */
 int32_t realign_scatter(const uint32_t *restrict gaps, const uint8_t *restrict values,
@@ -717,6 +756,137 @@ int32_t realign_scatter(const uint32_t *restrict gaps, const uint8_t *restrict v
         memcpy(neg + at * size, values + k * size, (size_t)size);
     }
     return 0;
+}
+
+/* ---- nibble code of a byte plane (an exact pack's sign/exponent plane) ----------------
+ * A residual's sign/exponent byte takes few values, so each byte becomes its 4-bit code:
+ * its index in an alphabet of at most 15 values, or 15 (an escape: the byte itself goes
+ * to a list of escapes, in order). Two codes per coded byte, the first in the low nibble;
+ * an odd count pads with a 0 nibble. Half the size of the plane at a fraction of the cost
+ * of an entropy coder (which would reach ~0.3 of it). */
+
+/* The alphabet for realign_nib_encode: the (at most 15) most frequent of the n bytes of
+ * src, most frequent first (ties: the smaller byte), into alpha. Returns how many, and in
+ * *escaped how many of the n bytes it leaves out. */
+int32_t realign_nib_alphabet(const uint8_t *restrict src, int64_t n, uint8_t *restrict alpha,
+                             int64_t *escaped) {
+    int64_t hist[4][256], count[256], kept = 0;
+    int32_t k = 0;
+    uint8_t taken[256] = {0};
+    memset(hist, 0, sizeof hist);
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4) { /* four tables: repeats of one byte do not wait on each other */
+        hist[0][src[i]]++;
+        hist[1][src[i + 1]]++;
+        hist[2][src[i + 2]]++;
+        hist[3][src[i + 3]]++;
+    }
+    for (; i < n; i++) hist[0][src[i]]++;
+    for (int b = 0; b < 256; b++) count[b] = hist[0][b] + hist[1][b] + hist[2][b] + hist[3][b];
+    for (; k < 15; k++) {
+        int best = -1;
+        for (int b = 0; b < 256; b++)
+            if (!taken[b] && count[b] > 0 && (best < 0 || count[b] > count[best])) best = b;
+        if (best < 0) break;
+        taken[best] = 1;
+        alpha[k] = (uint8_t)best;
+        kept += count[best];
+    }
+    *escaped = n - kept;
+    return k;
+}
+
+#define RL_NIB 256 /* bytes per block: compare loops the compiler vectorises, in L1 */
+
+/* Codes of one block: the index of each byte in alpha (k values), else 15. */
+RL_INLINE void nib_codes(const uint8_t *restrict src, int64_t m, const uint8_t *restrict alpha,
+                         int32_t k, uint8_t *restrict code) {
+    for (int64_t i = 0; i < m; i++) code[i] = 15;
+    for (int32_t c = 0; c < k; c++) {
+        const uint8_t s = alpha[c];
+        for (int64_t i = 0; i < m; i++) code[i] = src[i] == s ? (uint8_t)c : code[i];
+    }
+}
+
+/* Code n bytes of src, the k values of alpha (k <= 15) taking codes 0..k-1, into
+ * (n + 1) / 2 bytes of nib and the escaped bytes into esc. Returns how many bytes were
+ * escaped, or -1 past cap (esc holds cap bytes): the plane is not worth this code. */
+RL_CLONES
+int64_t realign_nib_encode(const uint8_t *restrict src, int64_t n, const uint8_t *restrict alpha,
+                           int32_t k, uint8_t *restrict nib, uint8_t *restrict esc, int64_t cap) {
+    uint8_t code[RL_NIB];
+    int64_t escaped = 0;
+    for (int64_t b = 0; b < n; b += RL_NIB) {
+        int64_t m = n - b < RL_NIB ? n - b : RL_NIB;
+        nib_codes(src + b, m, alpha, k, code);
+        uint8_t any = 0;
+        for (int64_t i = 0; i < m; i++) any |= (uint8_t)(code[i] + 1) & 16; /* code 15 */
+        if (m & 1) code[m] = 0;
+        for (int64_t i = 0; i < (m + 1) / 2; i++)
+            nib[b / 2 + i] = (uint8_t)(code[2 * i] | code[2 * i + 1] << 4);
+        for (int64_t i = 0; any && i < m; i++) {
+            if (code[i] != 15) continue;
+            if (escaped == cap) return -1;
+            esc[escaped++] = src[b + i];
+        }
+    }
+    return escaped;
+}
+
+/* One element's byte from its code (the escapes in order), as realign_nib_decode. */
+RL_INLINE int32_t nib_one(uint32_t c, const uint8_t *restrict alpha, int32_t k,
+                          const uint8_t *restrict esc, int64_t n_esc, int64_t *used,
+                          uint8_t *out) {
+    if (c < (uint32_t)k) {
+        *out = alpha[c];
+        return 0;
+    }
+    if (c != 15u || *used == n_esc) return -1;
+    *out = esc[(*used)++];
+    return 0;
+}
+
+/* The inverse into n bytes of dst, with the alphabet's k values (k <= 15). Returns 0, or
+ * -1 for a damaged section: a code past the alphabet, escapes that run out or are left
+ * over, a pad nibble that is not 0. */
+RL_CLONES
+int32_t realign_nib_decode(const uint8_t *restrict nib, int64_t n, const uint8_t *restrict alpha,
+                           int32_t k, const uint8_t *restrict esc, int64_t n_esc,
+                           uint8_t *restrict dst) {
+    int64_t used = 0, j = 0;
+    if (k < 0 || k > 15) return -1;
+    if ((n & 1) && nib[n / 2] >> 4) return -1;
+#if defined(__GNUC__) && !defined(__clang__)
+    /* 32 elements at a time: a byte shuffle (pshufb) looks codes up in the alphabet. */
+    typedef uint8_t u8x16 __attribute__((vector_size(16)));
+    const u8x16 even = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23};
+    const u8x16 odd = {8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+    u8x16 table = {0}, top;
+    memcpy(&table, alpha, (size_t)k);
+    memset(&top, k, sizeof top);
+    for (; j + 16 <= n / 2; j += 16) {
+        u8x16 x, c0, c1;
+        memcpy(&x, nib + j, 16);
+        c0 = __builtin_shuffle(x & 15, x >> 4, even);
+        c1 = __builtin_shuffle(x & 15, x >> 4, odd);
+        u8x16 o0 = __builtin_shuffle(table, c0), o1 = __builtin_shuffle(table, c1);
+        u8x16 over = (u8x16)((c0 >= top) | (c1 >= top));
+        memcpy(dst + 2 * j, &o0, 16);
+        memcpy(dst + 2 * j + 16, &o1, 16);
+        uint64_t flags[2];
+        memcpy(flags, &over, 16);
+        if (!(flags[0] | flags[1])) continue;
+        for (int64_t i = 2 * j; i < 2 * j + 32; i++) /* escapes (rare) or damage */
+            if (nib_one(i & 1 ? (uint32_t)nib[i / 2] >> 4 : nib[i / 2] & 15u, alpha, k, esc,
+                        n_esc, &used, dst + i))
+                return -1;
+    }
+#endif
+    for (int64_t i = 2 * j; i < n; i++)
+        if (nib_one(i & 1 ? (uint32_t)nib[i / 2] >> 4 : nib[i / 2] & 15u, alpha, k, esc, n_esc,
+                    &used, dst + i))
+            return -1;
+    return used == n_esc ? 0 : -1;
 }
 
 /* ---- the Python module: buffer addresses for the ctypes wrapper -------------------- */

@@ -34,7 +34,9 @@ from app.residuals.frames import FRAME_ELEMS, FrameError, decode_frame
 from app.residuals.integrity import mismatch_message
 
 FRAMES_INDEX = "residual.frames.json"
-FRAMES_FORMAT = "realign.frames/1"
+FRAMES_FORMAT = "realign.frames/2"
+"""Written by this version: /2 brought nibble-coded planes; /1 packs (zstd only) read too."""
+_READABLE = ("realign.frames/1", FRAMES_FORMAT)
 NEG = "::neg"
 """Suffix of the correction tensor of each residual tensor in a :class:`FramedPack`."""
 
@@ -66,7 +68,7 @@ def _read_index(pack_dir: Path) -> dict[str, _Framed]:
     path = pack_dir / FRAMES_INDEX
     try:
         index = json.loads(path.read_text())
-        if index.get("format") != FRAMES_FORMAT or index["frame_elems"] != FRAME_ELEMS:
+        if index.get("format") not in _READABLE or index["frame_elems"] != FRAME_ELEMS:
             raise ValueError(f"format {index.get('format')!r}, {index.get('frame_elems')} elems")
         out = {}
         for name, e in index["tensors"].items():

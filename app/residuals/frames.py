@@ -6,14 +6,15 @@ rounded once to W, ``neg`` the rounding error, zero for most elements. Both are 
 frames of :data:`FRAME_ELEMS` elements, each encoded on its own:
 
 * ``p`` as byte planes (byte ``j`` of every element together). A residual's sign and
-  exponent byte takes few distinct values, so its plane shrinks to about a third with zstd;
-  mantissa planes are kept as they are where zstd does not win.
+  exponent byte takes few distinct values: its plane is nibble-coded (4 bits per byte,
+  :mod:`app.residuals.nibbles`), else coded with zstd; mantissa planes are kept as they
+  are where zstd does not win.
 * ``neg`` sparsely: the positions of its non-zero elements (gaps between them, zstd) and
   their values (zstd).
 
 Frame layout (little endian): ``u32`` count of non-zero ``neg`` elements, then one section
-header per payload (``u8`` mode: 0 raw, 1 zstd; ``u32`` stored length) — W's itemsize
-planes, then positions and values when the count is not zero — then the payloads.
+header per payload (``u8`` mode: 0 raw, 1 zstd, 2 nibbles; ``u32`` stored length) — W's
+itemsize planes, then positions and values when the count is not zero — then the payloads.
 """
 
 from __future__ import annotations
@@ -27,21 +28,28 @@ from typing import Any
 
 import zstandard
 
-from app.residuals import native
+from app.residuals import native, nibbles
 
 FRAME_ELEMS = 1 << 20
 """Elements per frame: small enough to decode into cache-sized buffers, big enough for zstd."""
 # Measured on residual planes (bench/packs.py): zstd's fast strategy with a tiny match table
 # codes the exponent plane to ~0.33 at ~2.5x the speed of level 1 (which gives ~0.36): such a
-# plane has few repeats for LZ to find, and its gain is in zstd's entropy coding.
+# plane has few repeats for LZ to find, and its gain is in zstd's entropy coding. The nibble
+# code keeps 0.5 of it at a sixth of zstd's cost (0.23 against 1.4 ns/byte to code, 0.07
+# against 0.6 to decode): zstd was most of an exact pack's compute.
 _PARAMS = zstandard.ZstdCompressionParameters(
     strategy=zstandard.STRATEGY_FAST, window_log=17, hash_log=6, min_match=7, search_log=1
 )
 _KEEP = 0.95  # a compressed payload is kept only when at most this fraction of the raw size
 MANTISSA_KEEP = 0.5
 """A mantissa plane is coded only where a tensor's first frame shrank it to this fraction."""
+_PROBE = 1 << 16  # bytes of a tensor's first mantissa plane that zstd tries
 _SECTION = struct.Struct("<BI")
 _COUNT = struct.Struct("<I")
+_RAW, _ZSTD, _NIBBLES = 0, 1, 2
+Coding = bool | bytes
+"""How a later frame codes one byte plane: ``False`` raw, ``True`` zstd where it wins,
+``bytes`` nibbles with that alphabet (zstd where too many bytes escape it)."""
 _local = threading.local()
 
 
@@ -67,17 +75,23 @@ _P, _I32, _I64 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64
 
 
 class FrameBuffers:
-    """Where one frame is laid out (byte planes, correction gaps and values) before it is
-    coded, reused frame after frame. An anonymous map: pages are faulted in once and the
-    gaps and values, as long as the frame but mostly unused, take memory only where
-    written."""
+    """Where one frame is laid out (byte planes, correction gaps and values) and its
+    sign/exponent plane nibble-coded, reused frame after frame. An anonymous map: pages are
+    faulted in once and the gaps and values, as long as the frame but mostly unused, take
+    memory only where written."""
 
     def __init__(self) -> None:
-        self._map = mmap.mmap(-1, FRAME_ELEMS * (4 + 4 + 4))  # planes, gaps, values
+        # planes, gaps, values, then the nibble section
+        self._map = mmap.mmap(-1, FRAME_ELEMS * (4 + 4 + 4) + nibbles.section_bytes(FRAME_ELEMS))
 
-    def views(self, n: int, itemsize: int) -> tuple[memoryview, memoryview, memoryview]:
+    def views(self, n: int, itemsize: int) -> tuple[memoryview, memoryview, memoryview, memoryview]:
         mem, top = memoryview(self._map), FRAME_ELEMS * 4
-        return mem[: n * itemsize], mem[top : top + 4 * n], mem[2 * top : 2 * top + n * itemsize]
+        return (
+            mem[: n * itemsize],
+            mem[top : top + 4 * n],
+            mem[2 * top : 2 * top + n * itemsize],
+            mem[3 * top : 3 * top + nibbles.section_bytes(n)],
+        )
 
 
 @dataclass(frozen=True)
@@ -90,6 +104,7 @@ class Laid:
     planes: list[memoryview]
     gaps: memoryview
     values: memoryview
+    nibbles: memoryview  # room for the sign/exponent plane's nibble section
 
 
 def lay_out(p: memoryview, neg: memoryview | None, itemsize: int, buf: FrameBuffers) -> Laid:
@@ -97,7 +112,7 @@ def lay_out(p: memoryview, neg: memoryview | None, itemsize: int, buf: FrameBuff
     ``itemsize`` bytes each) into ``buf`` as byte planes and sparse corrections: after
     this, the caller's buffers are free again."""
     n = p.nbytes // itemsize
-    planes, gaps, values = buf.views(n, itemsize)
+    planes, gaps, values, nibbles = buf.views(n, itemsize)
     native.function("realign_planes", (_P, _I64, _I32, _P), None)(
         native.address(p), n, itemsize, native.address(planes, writable=True)
     )
@@ -108,39 +123,64 @@ def lay_out(p: memoryview, neg: memoryview | None, itemsize: int, buf: FrameBuff
             native.address(gaps, writable=True), native.address(values, writable=True),
         )  # fmt: skip
     layout = [planes[j * n : (j + 1) * n] for j in range(itemsize)]
-    return Laid(n, itemsize, count, layout, gaps[: 4 * count], values[: count * itemsize])
+    return Laid(n, itemsize, count, layout, gaps[: 4 * count], values[: count * itemsize], nibbles)
 
 
 def _section(raw: memoryview, attempt: bool = True) -> tuple[int, bytes | memoryview]:
     if attempt:
         packed: bytes = _compressor().compress(raw)
         if len(packed) <= _KEEP * raw.nbytes:
-            return 1, packed
-    return 0, raw
+            return _ZSTD, packed
+    return _RAW, raw
 
 
-def worth_coding(frame: bytes | memoryview, n: int, itemsize: int) -> tuple[bool, ...]:
-    """Which byte planes of ``p`` the later frames of a tensor should try to code, from
-    its first frame (of ``n`` elements; its header is enough): the sign/exponent plane
-    always; a mantissa plane only where it shrank to :data:`MANTISSA_KEEP` or less (else
-    coding costs time for little)."""
-    heads = [_SECTION.unpack_from(frame, 4 + k * 5) for k in range(itemsize)]
-    return tuple(
-        j == itemsize - 1 or (mode == 1 and length <= MANTISSA_KEEP * n)
-        for j, (mode, length) in enumerate(heads)
-    )
+def _shrinks(plane: memoryview) -> bool:
+    """Whether zstd takes a mantissa plane to :data:`MANTISSA_KEEP` or less, from its first
+    :data:`_PROBE` bytes (residual mantissas are mostly noise: coding them all to find out
+    would cost a tenth of a pack's compute)."""
+    if plane.nbytes <= _PROBE:
+        return True
+    return len(_compressor().compress(plane[:_PROBE])) <= MANTISSA_KEEP * _PROBE
 
 
-def code_frame(laid: Laid, planes: tuple[bool, ...] | None = None) -> list[bytes | memoryview]:
+def _plane(laid: Laid, j: int, coding: Coding | None) -> tuple[int, bytes | memoryview]:
+    raw = laid.planes[j]
+    if coding is None:  # a tensor's first frame: every plane tries
+        coding = (nibbles.alphabet(raw) or True) if j == laid.itemsize - 1 else _shrinks(raw)
+    if isinstance(coding, bytes):
+        coded = nibbles.encode(raw, coding, laid.nibbles)
+        if coded is not None:
+            return _NIBBLES, coded
+        coding = True
+    return _section(raw, coding)
+
+
+def worth_coding(pieces: list[bytes | memoryview], n: int, itemsize: int) -> tuple[Coding, ...]:
+    """How the later frames of a tensor should code the byte planes of ``p``, from its first
+    frame (of ``n`` elements; its pieces from :func:`code_frame`): the sign/exponent plane
+    with the first frame's alphabet where it took the nibble code, else zstd; a mantissa
+    plane with zstd only where it shrank to :data:`MANTISSA_KEEP` or less (else coding
+    costs time for little)."""
+    heads = [_SECTION.unpack_from(pieces[0], 4 + k * 5) for k in range(itemsize)]
+    plan: list[Coding] = []
+    for j, (mode, length) in enumerate(heads):
+        if mode == _NIBBLES:
+            plan.append(nibbles.alphabet_of(pieces[1 + j]))
+        else:
+            plan.append(j == itemsize - 1 or (mode == _ZSTD and length <= MANTISSA_KEEP * n))
+    return tuple(plan)
+
+
+def code_frame(laid: Laid, plan: tuple[Coding, ...] | None = None) -> list[bytes | memoryview]:
     """The bytes of a laid-out frame, in pieces to write one after the other: the header
-    first (what :func:`worth_coding` reads), then the sections; raw sections are views of
-    the frame's buffers.
+    first, then one piece per section (what :func:`worth_coding` reads); raw and nibble
+    sections are views of the frame's buffers.
 
     Args:
-        planes: which byte planes of ``p`` to try to code (default: all); the others are
-            stored as they are.
+        plan: how to code each byte plane of ``p`` (:func:`worth_coding`); default: the
+            first frame's way, every plane tried.
     """
-    sections = [_section(laid.planes[j], planes is None or planes[j]) for j in range(laid.itemsize)]
+    sections = [_plane(laid, j, None if plan is None else plan[j]) for j in range(laid.itemsize)]
     if laid.count:
         sections += [_section(laid.gaps), _section(laid.values)]
     head = b"".join(
@@ -150,7 +190,7 @@ def code_frame(laid: Laid, planes: tuple[bool, ...] | None = None) -> list[bytes
 
 
 def encode_frame(
-    p: memoryview, neg: memoryview | None, itemsize: int, planes: tuple[bool, ...] | None = None
+    p: memoryview, neg: memoryview | None, itemsize: int, plan: tuple[Coding, ...] | None = None
 ) -> tuple[bytes, int]:
     """One frame of ``p`` and ``neg`` (see :func:`lay_out`, :func:`code_frame`) as one
     ``bytes``, and how many ``neg`` elements are not +0."""
@@ -158,15 +198,20 @@ def encode_frame(
     if buf is None:
         buf = _local.buf = FrameBuffers()
     laid = lay_out(p, neg, itemsize, buf)
-    return b"".join(code_frame(laid, planes)), laid.count
+    return b"".join(code_frame(laid, plan)), laid.count
 
 
-def _payload(mode: int, data: memoryview, size: int) -> memoryview | bytes:
-    if mode == 0:
+def _payload(mode: int, data: memoryview, size: int, j: int) -> memoryview | bytes | bytearray:
+    if mode == _RAW:
         if data.nbytes != size:
             raise FrameError(f"a raw section holds {data.nbytes} bytes, {size} expected")
         return data
-    if mode != 1:
+    if mode == _NIBBLES:
+        try:
+            return nibbles.decode(data, size, j)
+        except nibbles.NibbleError as exc:
+            raise FrameError(str(exc)) from None
+    if mode != _ZSTD:
         raise FrameError(f"unknown section mode {mode}")
     try:
         out: bytes = _decompressor().decompress(data, max_output_size=size)
@@ -197,10 +242,10 @@ def decode_frame(
     at = 4 + 5 * n_sections
     sizes = [n] * itemsize + ([4 * count, itemsize * count] if count else [])
     parts = []
-    for (mode, length), size in zip(heads, sizes, strict=True):
+    for j, ((mode, length), size) in enumerate(zip(heads, sizes, strict=True)):
         if at + length > frame.nbytes:
             raise FrameError("a section runs past the end of its frame")
-        parts.append(_payload(mode, frame[at : at + length], size))
+        parts.append(_payload(mode, frame[at : at + length], size, j))
         at += length
     if at != frame.nbytes:
         raise FrameError(f"{frame.nbytes - at} stray bytes after the last section")

@@ -8,7 +8,7 @@ overlap, so that the next chunk is computed while earlier frames are coded and w
 1. the caller lays the frame out (byte planes, sparse corrections) into one of a few
    reusable frame buffers: its own buffers are free again when the call returns, and it
    waits only while every frame buffer is in use;
-2. a thread pool codes the frame (zstd, which releases the GIL);
+2. a thread pool codes the frame (nibbles in C, zstd; both release the GIL);
 3. an appender thread takes the coded frames in order, hashes them (sha256 and XXH3-128)
    and appends them to the current file through ``O_DIRECT`` where the file system
    allows it (no page-cache copy), then hands the frame buffer back.
@@ -31,6 +31,7 @@ from app.residuals.devices import usable_cpus
 from app.residuals.framed import FRAMES_FORMAT, FRAMES_INDEX, frame_file
 from app.residuals.frames import (
     FRAME_ELEMS,
+    Coding,
     FrameBuffers,
     Laid,
     code_frame,
@@ -45,24 +46,24 @@ Pieces = list[bytes | memoryview]
 _Frame = tuple[str, "Future[Pieces]", FrameBuffers, int]  # tensor, coding, buffers, count
 
 
-def _code_first(laid: Laid, planes: Future[tuple[bool, ...]]) -> Pieces:
-    """Code the first frame of a tensor, trying every plane, and say from it which planes
-    its later frames should try (only that answer is kept: not the frame's bytes)."""
+def _code_first(laid: Laid, planes: Future[tuple[Coding, ...]]) -> Pieces:
+    """Code the first frame of a tensor, trying every plane, and say from it how its later
+    frames should code each plane (only that answer is kept: not the frame's bytes)."""
     try:
         pieces = code_frame(laid)
-        planes.set_result(worth_coding(pieces[0], laid.n, laid.itemsize))
+        planes.set_result(worth_coding(pieces, laid.n, laid.itemsize))
     except BaseException as exc:
         planes.set_exception(exc)
         raise
     return pieces
 
 
-def _code_later(laid: Laid, planes: Future[tuple[bool, ...]]) -> Pieces:
+def _code_later(laid: Laid, planes: Future[tuple[Coding, ...]]) -> Pieces:
     return code_frame(laid, planes.result())
 
 
 def submit_first(
-    pool: ThreadPoolExecutor, laid: Laid, planes: Future[tuple[bool, ...]]
+    pool: ThreadPoolExecutor, laid: Laid, planes: Future[tuple[Coding, ...]]
 ) -> Future[Pieces]:
     """Have a tensor's first frame coded on ``pool``; ``planes`` gets its answer. A first
     frame cancelled before it ran (an abort, a full disk) cancels ``planes`` too: a later
@@ -106,7 +107,7 @@ class FramedWriter(Closing):
         self._carry = (mmap.mmap(-1, FRAME_ELEMS * 4), mmap.mmap(-1, FRAME_ELEMS * 4))
         self._filled = 0
         self._has_neg = False
-        self._planes: dict[str, Future[tuple[bool, ...]]] = {}  # per tensor: planes to code
+        self._planes: dict[str, Future[tuple[Coding, ...]]] = {}  # per tensor: plane codings
         threads = min(_THREADS, usable_cpus())
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="realign-encode")
         self._free: queue.Queue[FrameBuffers] = queue.Queue()

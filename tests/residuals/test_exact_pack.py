@@ -165,11 +165,36 @@ def test_frame_codec_round_trips_and_rejects_damage(itemsize: int) -> None:
 def test_index_and_manifest_record_the_format(llama_triple: TinyTriple, tmp_path: Path) -> None:
     res = compute(str(llama_triple.base), str(llama_triple.instruct), store=tmp_path / "s")
     index = json.loads((res.path / "residual.frames.json").read_text())
-    assert index["format"] == "realign.frames/1"
+    assert index["format"] == "realign.frames/2"
     assert res.manifest.dtype == "exact"
+    modes = []
     for name, t in res.manifest.tensors.items():
         assert t.dtype == "bfloat16" and t.corrections is not None  # the inputs' own dtype
-        assert index["tensors"][name]["shape"] == list(t.shape)
+        entry = index["tensors"][name]
+        assert entry["shape"] == list(t.shape)
+        with (res.path / entry["file"]).open("rb") as fh:
+            fh.seek(entry["frames"][0])
+            modes.append(fh.read(4 + 5 * 2)[4 + 5])  # the sign/exponent plane's section
+    assert modes.count(2) >= len(modes) - 2, modes  # nibble-coded (not a norm's few ones)
+
+
+def test_a_pack_of_the_first_frames_format_still_merges(
+    llama_triple: TinyTriple, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Packs written before nibble-coded planes (realign.frames/1, zstd only) read as
+    they did: merges from one give the bytes of --no-cache."""
+    from app.residuals import framewriter, nibbles
+
+    t, store = llama_triple, tmp_path / "s"
+    with monkeypatch.context() as m:
+        m.setattr(framewriter, "FRAMES_FORMAT", "realign.frames/1")
+        m.setattr(nibbles, "alphabet", lambda plane: None)
+        old = compute(str(t.base), str(t.instruct), store=store)
+    assert json.loads((old.path / "residual.frames.json").read_text())["format"].endswith("/1")
+    fused = merge(str(t.base), str(t.instruct), str(t.new_base), tmp_path / "fused",
+                  alpha=0.7, no_cache=True, store=store)  # fmt: skip
+    got = apply(old.key, str(t.new_base), tmp_path / "got", alpha=0.7, store=store)
+    assert _files(got.out) == _files(fused.out) and verify(old.key, store).exact
 
 
 def test_instruct_and_base_of_different_dtypes(tmp_path: Path) -> None:

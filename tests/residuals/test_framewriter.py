@@ -18,7 +18,7 @@ import pytest
 from app.core.errors import ArtifactCorruptError, RealignError
 from app.residuals.dtypes import BF16
 from app.residuals.framed import _BATCH, _CACHED_FRAMES, FRAMES_INDEX, NEG, FramedPack
-from app.residuals.frames import FRAME_ELEMS, FrameBuffers, lay_out
+from app.residuals.frames import FRAME_ELEMS, Coding, FrameBuffers, lay_out
 from app.residuals.framewriter import FramedWriter, _code_later, submit_first
 from app.residuals.integrity import XXH3, ReadVerifier, xxh3_hex
 from app.residuals.shards import TensorSpec
@@ -36,7 +36,7 @@ def test_a_first_frame_cancelled_before_it_ran_releases_the_later_frames() -> No
     gate = threading.Event()
     with ThreadPoolExecutor(1) as pool:
         pool.submit(gate.wait)  # the only thread is busy: both frames stay queued
-        planes: Future[tuple[bool, ...]] = Future()
+        planes: Future[tuple[Coding, ...]] = Future()
         laid = [lay_out(_frame(k), None, 2, FrameBuffers()) for k in range(2)]
         first = submit_first(pool, laid[0], planes)
         later = pool.submit(_code_later, laid[1], planes)
