@@ -6,13 +6,13 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from app.core.errors import InvalidParameterError, RealignError
 from app.core.http_errors import map_error
-from app.engines.base import GenerationRequest
+from app.engines.base import ChatEngine, GenerationRequest
 from app.engines.pool import EnginePool
 from app.engines.source import LocalModel
 from app.serving.protocol import (
@@ -141,7 +141,7 @@ class ChatService:
         )
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
-            return self._sse(run, req, usage)
+            return await self._stream(run, req, usage)
         await self._drain(run, req)
         return ChatCompletion(
             id=run.id,
@@ -181,7 +181,7 @@ class ChatService:
         run.id = f"cmpl-{uuid.uuid4().hex[:24]}"
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
-            return self._sse(run, req, usage)
+            return await self._stream(run, req, usage)
         await self._drain(run, req)
         echo = prompts[0] if body.echo else ""
         return Completion(
@@ -198,75 +198,76 @@ class ChatService:
         )
 
     async def _deltas(
-        self, run: _Run, req: GenerationRequest
+        self, run: _Run, req: GenerationRequest, engine: ChatEngine
     ) -> AsyncIterator[tuple[int, str, str | None]]:
         """(choice index, new text, finish reason) as tokens arrive."""
-        async with self.pool.use(run.model, run.local) as engine:
-            async for chunk in engine.generate(req):
-                choice = run.choices[chunk.index]
-                if choice.finish is not None:
-                    continue
-                stop_token = chunk.finish_reason == "stop"
-                ids = chunk.token_ids[:-1] if stop_token else chunk.token_ids
-                choice.tokens += len(chunk.token_ids)
-                text = choice.detok.push(ids)
-                finish = "stop" if choice.detok.stopped else chunk.finish_reason
-                if choice.detok.stopped:
-                    choice.stop_reason = choice.detok.matched
-                elif stop_token and chunk.token_ids:
-                    choice.stop_reason = _stop_reason(choice.detok.tok, chunk.token_ids[-1])
-                choice.text += text
-                choice.finish = finish
-                yield chunk.index, text, finish
+        async for chunk in engine.generate(req):
+            choice = run.choices[chunk.index]
+            if choice.finish is not None:
+                continue
+            stop_token = chunk.finish_reason == "stop"
+            ids = chunk.token_ids[:-1] if stop_token else chunk.token_ids
+            choice.tokens += len(chunk.token_ids)
+            text = choice.detok.push(ids)
+            finish = "stop" if choice.detok.stopped else chunk.finish_reason
+            if choice.detok.stopped:
+                choice.stop_reason = choice.detok.matched
+            elif stop_token and chunk.token_ids:
+                choice.stop_reason = _stop_reason(choice.detok.tok, chunk.token_ids[-1])
+            choice.text += text
+            choice.finish = finish
+            yield chunk.index, text, finish
 
     async def _drain(self, run: _Run, req: GenerationRequest) -> None:
-        async for _ in self._deltas(run, req):
-            pass
+        async with self.pool.use(run.model, run.local) as engine:
+            async for _ in self._deltas(run, req, engine):
+                pass
 
-    async def _sse(self, run: _Run, req: GenerationRequest, usage: bool) -> AsyncIterator[str]:
-        """Server-sent events; errors after the first byte become an error event."""
+    async def _stream(self, run: _Run, req: GenerationRequest, usage: bool) -> AsyncIterator[str]:
+        """The SSE events of ``run``, once its engine is held: a model that is loading,
+        failed or busy past the wait is an HTTP error with its status (and Retry-After),
+        not a ``200`` whose stream holds the error."""
+        events = self._sse(run, req, usage)
+        await anext(events)  # up to the engine: raises (and ends the generator) as use() does
+        return events
+
+    async def _sse(
+        self, run: _Run, req: GenerationRequest, usage: bool
+    ) -> AsyncGenerator[str, None]:
+        """Server-sent events, after one empty item once the engine is held (see
+        :meth:`_stream`); errors after the first byte become an error event. Dropped
+        unread (the client gone before the first byte), the generator is closed by the
+        event loop's finalizer, which lets the engine go."""
         chunk_kind = "chat.completion.chunk" if run.kind == "chat.completion" else run.kind
         head = {"id": run.id, "object": chunk_kind, "created": run.created, "model": run.model}
-        try:
-            if run.kind == "chat.completion":
-                for i in range(len(run.choices)):
-                    yield _event(
-                        {
-                            **head,
-                            "choices": [
-                                {
-                                    "index": i,
-                                    "delta": {"role": "assistant", "content": ""},
-                                    "finish_reason": None,
-                                    "logprobs": None,
-                                }
-                            ],
-                        }
+        async with self.pool.use(run.model, run.local) as engine:
+            yield ""
+            try:
+                if run.kind == "chat.completion":
+                    for i in range(len(run.choices)):
+                        delta = {"role": "assistant", "content": ""}
+                        yield _event({**head, "choices": [_streamed(i, {"delta": delta}, None)]})
+                async for index, text, finish in self._deltas(run, req, engine):
+                    if not text and finish is None:
+                        continue
+                    body = (
+                        {"delta": {"content": text}}
+                        if run.kind == "chat.completion"
+                        else {"text": text}
                     )
-            async for index, text, finish in self._deltas(run, req):
-                if not text and finish is None:
-                    continue
-                body = (
-                    {"delta": {"content": text}}
-                    if run.kind == "chat.completion"
-                    else {"text": text}
-                )
-                yield _event(
-                    {
-                        **head,
-                        "choices": [
-                            {"index": index, **body, "finish_reason": finish, "logprobs": None}
-                        ],
-                    }
-                )
-            if usage:
-                yield _event({**head, "choices": [], "usage": run.usage().model_dump()})
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # the status line is sent: the error becomes an event
-            where = f"{run.kind} stream {run.id} of {run.model!r}"
-            yield _event(map_error(exc, where=where).body)
+                    yield _event({**head, "choices": [_streamed(index, body, finish)]})
+                if usage:
+                    yield _event({**head, "choices": [], "usage": run.usage().model_dump()})
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the status line is sent: the error becomes an event
+                where = f"{run.kind} stream {run.id} of {run.model!r}"
+                yield _event(map_error(exc, where=where).body)
         yield "data: [DONE]\n\n"
+
+
+def _streamed(index: int, body: dict[str, Any], finish: str | None) -> dict[str, Any]:
+    return {"index": index, **body, "finish_reason": finish, "logprobs": None}
 
 
 def _stop_reason(tok: ServedTokenizer, token: int) -> int | None:

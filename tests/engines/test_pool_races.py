@@ -20,7 +20,7 @@ from app.handoff.entry import ModelEntry
 from app.jobs.sqlite_kv import SqliteKV
 from app.merge import merge_to_store
 from app.pipeline.stored import StoredMerge
-from app.serving.protocol import ChatCompletionRequest
+from app.serving.protocol import ChatCompletion, ChatCompletionRequest
 from app.serving.service import ServingService
 from app.serving.sources import source_of
 from app.store.local import LocalStore
@@ -204,5 +204,49 @@ def test_a_request_behind_a_waiting_swap_gets_503_within_the_wait(
         await first
         assert await swapping == "swapped in place"
         await pool.close()
+
+    asyncio.run(run())
+
+
+def test_a_stream_gets_its_engine_before_the_status_line(
+    llama_triple_fp32: TinyTriple, tmp_path: Path
+) -> None:
+    """A streamed chat request that cannot get its engine (a swap waits on a long
+    generation) fails before its first event, so the route answers 503 with Retry-After
+    rather than 200 with an error event; a stream dropped unread lets its engine go."""
+    store = LocalStore(tmp_path / "store")
+    a, b = merged(store, llama_triple_fp32), merged(store, llama_triple_fp32, alpha=0.5)
+    settings = Settings(models_cache_dir=store.root, engine="torch", engine_wait_s=0.5)
+    board = LoadBoard(SqliteKV(tmp_path / "records.sqlite"))
+    body = ChatCompletionRequest(
+        model="a", messages=QUESTION, max_tokens=4, temperature=0, stream=True
+    )
+
+    async def run() -> None:
+        serving = ServingService(settings, board, store=store)
+        board.register_model(entry("a", a))
+        events = await serving.chat(body)
+        assert not isinstance(events, ChatCompletion)
+        got = [e async for e in events]  # type: ignore[union-attr]
+        assert got[0].startswith("data: {") and '"role":"assistant"' in got[0]
+        assert got[-1] == "data: [DONE]\n\n" and not any('"error"' in e for e in got)
+
+        pool = serving.pool
+        leave = asyncio.Event()
+        first = await in_flight(pool, "a", leave)
+        swapping = asyncio.create_task(pool.load(serving.source(entry("b", b))))
+        await until(lambda: pool._slots[0].lock._waiting_writers == 1, "the swap waits")
+        with pytest.raises(ModelLoadingError, match="retry shortly"):
+            await serving.chat(body)  # no generator handed out: nothing was sent
+        leave.set()
+        await first
+        assert await swapping == "swapped in place"
+
+        board.register_model(entry("a", a))
+        unread = await serving.chat(body)  # holds "a"'s engine (after "b" was swapped out)
+        del unread  # the client went away before the first byte
+        await asyncio.sleep(0.05)  # the loop's finalizer closes the generator
+        assert await pool.load(serving.source(entry("b", b))) == "swapped in place"
+        await serving.stop()
 
     asyncio.run(run())
