@@ -617,7 +617,7 @@ int64_t realign_exact_residual(const void *in0, int32_t code0, const void *in1, 
 /* Byte-plane layout of exact-pack frames (app/residuals/frames.py): plane j holds byte j of
  * every element, planes back to back. */
 RL_CLONES
-void realign_planes(const uint8_t *restrict in, int64_t n, int32_t size, uint8_t *restrict out) {
+static void planes(const uint8_t *restrict in, int64_t n, int32_t size, uint8_t *restrict out) {
     if (size == 2) {
         for (int64_t i = 0; i < n; i++) {
             out[i] = in[2 * i];
@@ -630,8 +630,8 @@ void realign_planes(const uint8_t *restrict in, int64_t n, int32_t size, uint8_t
 }
 
 RL_CLONES
-void realign_unplanes(const uint8_t *const *planes, int64_t n, int32_t size,
-                      uint8_t *restrict out) {
+static void unplanes(const uint8_t *const *planes, int64_t n, int32_t size,
+                     uint8_t *restrict out) {
     if (size == 2) {
         const uint8_t *restrict lo = planes[0], *restrict hi = planes[1];
         for (int64_t i = 0; i < n; i++) {
@@ -642,6 +642,17 @@ void realign_unplanes(const uint8_t *const *planes, int64_t n, int32_t size,
     }
     for (int64_t i = 0; i < n; i++)
         for (int32_t j = 0; j < size; j++) out[i * size + j] = planes[j][i];
+}
+
+/* Exported names stay plain (ctypes looks them up), the clones behind them: clang before
+ * 17 exports a target_clones function only under a ".ifunc" suffix. */
+void realign_planes(const uint8_t *restrict in, int64_t n, int32_t size, uint8_t *restrict out) {
+    planes(in, n, size, out);
+}
+
+void realign_unplanes(const uint8_t *const *planes_in, int64_t n, int32_t size,
+                      uint8_t *restrict out) {
+    unplanes(planes_in, n, size, out);
 }
 
 #if defined(__SSE2__)
@@ -808,12 +819,9 @@ RL_INLINE void nib_codes(const uint8_t *restrict src, int64_t m, const uint8_t *
     }
 }
 
-/* Code n bytes of src, the k values of alpha (k <= 15) taking codes 0..k-1, into
- * (n + 1) / 2 bytes of nib and the escaped bytes into esc. Returns how many bytes were
- * escaped, or -1 past cap (esc holds cap bytes): the plane is not worth this code. */
 RL_CLONES
-int64_t realign_nib_encode(const uint8_t *restrict src, int64_t n, const uint8_t *restrict alpha,
-                           int32_t k, uint8_t *restrict nib, uint8_t *restrict esc, int64_t cap) {
+static int64_t nib_encode(const uint8_t *restrict src, int64_t n, const uint8_t *restrict alpha,
+                          int32_t k, uint8_t *restrict nib, uint8_t *restrict esc, int64_t cap) {
     uint8_t code[RL_NIB];
     int64_t escaped = 0;
     for (int64_t b = 0; b < n; b += RL_NIB) {
@@ -846,11 +854,8 @@ RL_INLINE int32_t nib_one(uint32_t c, const uint8_t *restrict alpha, int32_t k,
     return 0;
 }
 
-/* The inverse into n bytes of dst, with the alphabet's k values (k <= 15). Returns 0, or
- * -1 for a damaged section: a code past the alphabet, escapes that run out or are left
- * over, a pad nibble that is not 0. */
 RL_CLONES
-int32_t realign_nib_decode(const uint8_t *restrict nib, int64_t n, const uint8_t *restrict alpha,
+static int32_t nib_decode(const uint8_t *restrict nib, int64_t n, const uint8_t *restrict alpha,
                            int32_t k, const uint8_t *restrict esc, int64_t n_esc,
                            uint8_t *restrict dst) {
     int64_t used = 0, j = 0;
@@ -887,6 +892,25 @@ int32_t realign_nib_decode(const uint8_t *restrict nib, int64_t n, const uint8_t
                     &used, dst + i))
             return -1;
     return used == n_esc ? 0 : -1;
+}
+
+/* Code n bytes of src, the k values of alpha (k <= 15) taking codes 0..k-1, into
+ * (n + 1) / 2 bytes of nib and the escaped bytes into esc. Returns how many bytes were
+ * escaped, or -1 past cap (esc holds cap bytes; or k > 15): the plane is not worth this
+ * code. */
+int64_t realign_nib_encode(const uint8_t *restrict src, int64_t n, const uint8_t *restrict alpha,
+                           int32_t k, uint8_t *restrict nib, uint8_t *restrict esc, int64_t cap) {
+    if (k < 0 || k > 15) return -1;
+    return nib_encode(src, n, alpha, k, nib, esc, cap);
+}
+
+/* The inverse into n bytes of dst, with the alphabet's k values (k <= 15). Returns 0, or
+ * -1 for a damaged section: a code past the alphabet, escapes that run out or are left
+ * over, a pad nibble that is not 0. */
+int32_t realign_nib_decode(const uint8_t *restrict nib, int64_t n, const uint8_t *restrict alpha,
+                           int32_t k, const uint8_t *restrict esc, int64_t n_esc,
+                           uint8_t *restrict dst) {
+    return nib_decode(nib, n, alpha, k, esc, n_esc, dst);
 }
 
 /* ---- the Python module: buffer addresses for the ctypes wrapper -------------------- */

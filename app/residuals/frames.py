@@ -149,8 +149,8 @@ def _plane(laid: Laid, j: int, coding: Coding | None) -> tuple[int, bytes | memo
         coding = (nibbles.alphabet(raw) or True) if j == laid.itemsize - 1 else _shrinks(raw)
     if isinstance(coding, bytes):
         coded = nibbles.encode(raw, coding, laid.nibbles)
-        if coded is not None:
-            return _NIBBLES, coded
+        if coded is not None:  # a plane of a few bytes is smaller raw (the alphabet's cost)
+            return (_NIBBLES, coded) if coded.nbytes < raw.nbytes else (_RAW, raw)
         coding = True
     return _section(raw, coding)
 
@@ -214,6 +214,10 @@ def _payload(mode: int, data: memoryview, size: int, j: int) -> memoryview | byt
     if mode != _ZSTD:
         raise FrameError(f"unknown section mode {mode}")
     try:
+        # A damaged header could claim any size, which decompress would allocate.
+        claimed = zstandard.frame_content_size(data)
+        if claimed not in (-1, size):
+            raise FrameError(f"a section claims {claimed} bytes, {size} expected")
         out: bytes = _decompressor().decompress(data, max_output_size=size)
     except zstandard.ZstdError as exc:
         raise FrameError(f"zstd: {exc}") from None

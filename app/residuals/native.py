@@ -53,6 +53,13 @@ class _Kernel:
         self.residual = residual
 
 
+_CODEC = (
+    "realign_planes", "realign_unplanes", "realign_sparse", "realign_scatter",
+    "realign_nib_alphabet", "realign_nib_encode", "realign_nib_decode",
+)  # fmt: skip
+"""The exact packs' frame codec functions (called through :func:`function`)."""
+
+
 @functools.cache
 def _load() -> tuple[_Kernel | None, str | None]:
     try:
@@ -60,6 +67,8 @@ def _load() -> tuple[_Kernel | None, str | None]:
         lib = ctypes.CDLL(module.__file__)
         fn, split = lib.realign_combine, lib.realign_exact_split
         residual = lib.realign_exact_residual
+        for name in _CODEC:  # a library built from older sources lacks some: stale
+            getattr(lib, name)
     except (ImportError, OSError, AttributeError) as exc:
         return None, (
             f"the native merge kernel app.residuals._native is not built or is stale ({exc}); "

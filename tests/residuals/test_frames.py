@@ -11,7 +11,7 @@ import pytest
 from app.residuals.frames import FRAME_ELEMS, FrameError, decode_frame, encode_frame
 from app.residuals.nibbles import ESCAPES
 
-_NIBBLES, _ZSTD = 2, 1
+_RAW, _ZSTD, _NIBBLES = 0, 1, 2
 
 
 def _residual_like(n: int, itemsize: int, values: int, escapes: float, seed: int) -> np.ndarray:
@@ -51,7 +51,9 @@ def test_a_plane_of_few_values_is_nibble_coded_and_reads_back(itemsize: int) -> 
     for n, values, escapes in itertools.product(sizes, (1, 9, 15), (0.0, ESCAPES / 2)):
         p = _residual_like(n, itemsize, values, escapes, n + values)
         frame = _round_trip(p, itemsize, None)
-        assert _mode(frame, top) == _NIBBLES, (n, values, escapes)
+        # a plane of a few bytes is kept raw where the alphabet would make it bigger
+        want = _NIBBLES if n >= 64 else _RAW if n <= 8 else _mode(frame, top)
+        assert _mode(frame, top) == want, (n, values, escapes)
         if n >= 4097:  # half a byte per element, and a few escapes
             assert len(frame) < p.nbytes - n // 2 + n // 30
 
@@ -69,7 +71,7 @@ def test_later_frames_code_with_the_first_frames_alphabet() -> None:
     p = _residual_like(4099, 2, 12, 0.0, 3)
     alphabet = bytes(range(0x30, 0x30 + 10))  # two of the twelve values escape
     frame = _round_trip(p, 2, (False, alphabet))
-    assert _mode(frame, 1) == _NIBBLES and _mode(frame, 0) == 0  # the mantissa plane: raw
+    assert _mode(frame, 1) == _NIBBLES and _mode(frame, 0) == _RAW  # the mantissa plane
     assert _mode(_round_trip(p, 2, (False, alphabet[:3])), 1) == _ZSTD  # most escape
     assert _mode(_round_trip(p, 2, (True, b"")), 1) == _ZSTD  # an empty alphabet: all escape
 
@@ -78,7 +80,7 @@ def test_later_frames_code_with_the_first_frames_alphabet() -> None:
 def test_a_damaged_nibble_section_is_refused(n: int) -> None:
     p = _residual_like(n, 2, 9, 0.0, 11)
     frame = bytearray(_round_trip(p, 2, (False, bytes(range(0x30, 0x38)))))  # 0x38 escapes
-    assert _mode(frame, 1) == _NIBBLES and _mode(frame, 0) == 0
+    assert _mode(frame, 1) == _NIBBLES and _mode(frame, 0) == _RAW
     at = 4 + 5 * 2 + n  # the nibble section, after the raw mantissa plane
     k = frame[at]
     escaped = int.from_bytes(frame[at + 1 + k : at + 5 + k], "little")
@@ -99,3 +101,16 @@ def test_a_damaged_nibble_section_is_refused(n: int) -> None:
         with pytest.raises(FrameError):
             decode_frame(memoryview(bytes(bad)), n, 2, memoryview(po), memoryview(no))
             pytest.fail(f"{what}: decoded")
+
+
+def test_a_zstd_section_claiming_a_huge_size_is_refused_not_allocated() -> None:
+    """A damaged zstd frame header may claim any content size: the section is refused as
+    damaged instead of the decoder trying to allocate it."""
+    n = 4096
+    p = np.arange(n, dtype=np.uint16) % 7  # a mantissa plane zstd shrinks
+    frame = bytearray(_round_trip(p, 2, None))
+    assert _mode(frame, 0) == _ZSTD
+    frame[4 + 5 * 2 + 4] = 0xE0  # the zstd frame header of section 0: an 8-byte size
+    po, no = bytearray(2 * n), bytearray(2 * n)
+    with pytest.raises(FrameError, match="claims"):
+        decode_frame(memoryview(bytes(frame)), n, 2, memoryview(po), memoryview(no))

@@ -520,3 +520,20 @@ def test_imports_nothing_heavy_and_explains_a_missing_build() -> None:
     first, message = res.stdout.splitlines()[:2]
     assert first == "False []"
     assert "install a C compiler" in message and "reinstall realign" in message
+
+
+def test_a_library_built_from_older_sources_is_reported_stale() -> None:
+    """A kernel built before a codec function existed (a checkout pulled, the extension
+    not rebuilt) is refused at load with what to do, not at the first exact pack."""
+    code = (
+        "from app.residuals import native\n"
+        "native._CODEC += ('realign_from_a_later_version',)\n"
+        "print(native.available())\n"
+        "print(native.load_error())\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    res = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    first, message = res.stdout.splitlines()[:2]
+    assert first == "False"
+    assert "realign_from_a_later_version" in message and "is stale" in message
