@@ -4,7 +4,7 @@ with while weights (and instruct-side tokenizers) are swapped under it."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -55,7 +55,7 @@ class ChatEngine(Protocol):
     async def start(self) -> None:
         """Load the model (may take seconds to minutes)."""
 
-    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+    def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
         """Stream the choices' new tokens."""
         ...
 

@@ -15,7 +15,7 @@ import dataclasses
 import importlib.util
 import json
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any
 
@@ -275,7 +275,7 @@ class VllmEngine:
         return self._engine
 
     # -- generation -----------------------------------------------------------------------
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
         """Stream each choice's new token ids; the last chunk of a choice has
         ``finish_reason`` ``stop`` (a stop or EOS token, included) or ``length``."""
         async with self._lock.read():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
@@ -199,28 +200,32 @@ class ChatService:
 
     async def _deltas(
         self, run: _Run, req: GenerationRequest, engine: ChatEngine
-    ) -> AsyncIterator[tuple[int, str, str | None]]:
+    ) -> AsyncGenerator[tuple[int, str, str | None], None]:
         """(choice index, new text, finish reason) as tokens arrive."""
-        async for chunk in engine.generate(req):
-            choice = run.choices[chunk.index]
-            if choice.finish is not None:
-                continue
-            stop_token = chunk.finish_reason == "stop"
-            ids = chunk.token_ids[:-1] if stop_token else chunk.token_ids
-            choice.tokens += len(chunk.token_ids)
-            text = choice.detok.push(ids)
-            finish = "stop" if choice.detok.stopped else chunk.finish_reason
-            if choice.detok.stopped:
-                choice.stop_reason = choice.detok.matched
-            elif stop_token and chunk.token_ids:
-                choice.stop_reason = _stop_reason(choice.detok.tok, chunk.token_ids[-1])
-            choice.text += text
-            choice.finish = finish
-            yield chunk.index, text, finish
+        async with contextlib.aclosing(engine.generate(req)) as chunks:
+            async for chunk in chunks:
+                choice = run.choices[chunk.index]
+                if choice.finish is not None:
+                    continue
+                stop_token = chunk.finish_reason == "stop"
+                ids = chunk.token_ids[:-1] if stop_token else chunk.token_ids
+                choice.tokens += len(chunk.token_ids)
+                text = choice.detok.push(ids)
+                finish = "stop" if choice.detok.stopped else chunk.finish_reason
+                if choice.detok.stopped:
+                    choice.stop_reason = choice.detok.matched
+                elif stop_token and chunk.token_ids:
+                    choice.stop_reason = _stop_reason(choice.detok.tok, chunk.token_ids[-1])
+                choice.text += text
+                choice.finish = finish
+                yield chunk.index, text, finish
 
     async def _drain(self, run: _Run, req: GenerationRequest) -> None:
-        async with self.pool.use(run.model, run.local) as engine:
-            async for _ in self._deltas(run, req, engine):
+        async with (
+            self.pool.use(run.model, run.local) as engine,
+            contextlib.aclosing(self._deltas(run, req, engine)) as deltas,
+        ):
+            async for _ in deltas:
                 pass
 
     async def _stream(self, run: _Run, req: GenerationRequest, usage: bool) -> AsyncIterator[str]:
@@ -235,9 +240,9 @@ class ChatService:
         self, run: _Run, req: GenerationRequest, usage: bool
     ) -> AsyncGenerator[str, None]:
         """Server-sent events, after one empty item once the engine is held (see
-        :meth:`_stream`); errors after the first byte become an error event. Dropped
-        unread (the client gone before the first byte), the generator is closed by the
-        event loop's finalizer, which lets the engine go."""
+        :meth:`_stream`); errors after the first byte become an error event. A client gone
+        mid-stream cancels it, which lets the engine go; a generator dropped unread (the
+        response never started) is closed by the event loop's finalizer, which does too."""
         chunk_kind = "chat.completion.chunk" if run.kind == "chat.completion" else run.kind
         head = {"id": run.id, "object": chunk_kind, "created": run.created, "model": run.model}
         async with self.pool.use(run.model, run.local) as engine:
@@ -247,15 +252,17 @@ class ChatService:
                     for i in range(len(run.choices)):
                         delta = {"role": "assistant", "content": ""}
                         yield _event({**head, "choices": [_streamed(i, {"delta": delta}, None)]})
-                async for index, text, finish in self._deltas(run, req, engine):
-                    if not text and finish is None:
-                        continue
-                    body = (
-                        {"delta": {"content": text}}
-                        if run.kind == "chat.completion"
-                        else {"text": text}
-                    )
-                    yield _event({**head, "choices": [_streamed(index, body, finish)]})
+                # closed before the engine goes back to the pool, however the stream ends
+                async with contextlib.aclosing(self._deltas(run, req, engine)) as deltas:
+                    async for index, text, finish in deltas:
+                        if not text and finish is None:
+                            continue
+                        body = (
+                            {"delta": {"content": text}}
+                            if run.kind == "chat.completion"
+                            else {"text": text}
+                        )
+                        yield _event({**head, "choices": [_streamed(index, body, finish)]})
                 if usage:
                     yield _event({**head, "choices": [], "usage": run.usage().model_dump()})
             except asyncio.CancelledError:
