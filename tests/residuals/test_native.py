@@ -503,21 +503,30 @@ def test_bad_calls_say_what_is_wrong() -> None:
         native.combine("apply", buf, "BF16", [(buf, "BF16"), (buf, "BF16")], float("nan"))
 
 
-def test_imports_nothing_heavy_and_explains_a_missing_build() -> None:
+def _load_report(prelude: str, first: str) -> tuple[str, str]:
+    """In a fresh interpreter: ``prelude``, then import the kernel's wrapper and print
+    ``first`` and its load error (what :func:`native.load_error` tells a user)."""
     code = (
+        f"{prelude}from app.residuals import native\nprint({first})\nprint(native.load_error())\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    res = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    line, message = res.stdout.splitlines()[:2]
+    return line, message
+
+
+def test_imports_nothing_heavy_and_explains_a_missing_build() -> None:
+    prelude = (
         "import sys, importlib.abc\n"
         "class Block(importlib.abc.MetaPathFinder):\n"
         "    def find_spec(self, name, path, target=None):\n"
         "        if name == 'app.residuals._native': raise ImportError('not built')\n"
         "sys.meta_path.insert(0, Block())\n"
-        "from app.residuals import native\n"
-        "print(native.available(), [m for m in ('torch', 'numpy') if m in sys.modules])\n"
-        "print(native.load_error())\n"
     )
-    root = Path(__file__).resolve().parents[2]
-    res = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
-    first, message = res.stdout.splitlines()[:2]
+    first, message = _load_report(
+        prelude, "native.available(), [m for m in ('torch', 'numpy') if m in sys.modules]"
+    )
     assert first == "False []"
     assert "install a C compiler" in message and "reinstall realign" in message
 
@@ -525,15 +534,8 @@ def test_imports_nothing_heavy_and_explains_a_missing_build() -> None:
 def test_a_library_built_from_older_sources_is_reported_stale() -> None:
     """A kernel built before a codec function existed (a checkout pulled, the extension
     not rebuilt) is refused at load with what to do, not at the first exact pack."""
-    code = (
-        "from app.residuals import native\n"
-        "native._CODEC += ('realign_from_a_later_version',)\n"
-        "print(native.available())\n"
-        "print(native.load_error())\n"
-    )
-    root = Path(__file__).resolve().parents[2]
-    res = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
-    first, message = res.stdout.splitlines()[:2]
+    # _CODEC is read at the first load, which the print below triggers
+    prelude = "import app.residuals.native as n\nn._CODEC += ('realign_from_a_later_version',)\n"
+    first, message = _load_report(prelude, "native.available()")
     assert first == "False"
     assert "realign_from_a_later_version" in message and "is stale" in message
