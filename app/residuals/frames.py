@@ -112,7 +112,7 @@ def lay_out(p: memoryview, neg: memoryview | None, itemsize: int, buf: FrameBuff
     ``itemsize`` bytes each) into ``buf`` as byte planes and sparse corrections: after
     this, the caller's buffers are free again."""
     n = p.nbytes // itemsize
-    planes, gaps, values, nibbles = buf.views(n, itemsize)
+    planes, gaps, values, coded = buf.views(n, itemsize)
     native.function("realign_planes", (_P, _I64, _I32, _P), None)(
         native.address(p), n, itemsize, native.address(planes, writable=True)
     )
@@ -123,7 +123,7 @@ def lay_out(p: memoryview, neg: memoryview | None, itemsize: int, buf: FrameBuff
             native.address(gaps, writable=True), native.address(values, writable=True),
         )  # fmt: skip
     layout = [planes[j * n : (j + 1) * n] for j in range(itemsize)]
-    return Laid(n, itemsize, count, layout, gaps[: 4 * count], values[: count * itemsize], nibbles)
+    return Laid(n, itemsize, count, layout, gaps[: 4 * count], values[: count * itemsize], coded)
 
 
 def _section(raw: memoryview, attempt: bool = True) -> tuple[int, bytes | memoryview]:
