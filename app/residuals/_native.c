@@ -296,10 +296,10 @@ typedef struct {
 } rl_stats;
 
 #if defined(__GNUC__)
-typedef float rl_f8 __attribute__((vector_size(32)));
-typedef float rl_f16 __attribute__((vector_size(64)));
-typedef double rl_d8 __attribute__((vector_size(64)));
-typedef int32_t rl_i16 __attribute__((vector_size(64)));
+/* 32-byte vectors: wider generic vectors are split through the stack on AVX2 targets. */
+typedef float rl_f4 __attribute__((vector_size(16)));
+typedef double rl_d4 __attribute__((vector_size(32)));
+typedef int32_t rl_i8 __attribute__((vector_size(32)));
 #endif
 
 /* Fold the lanes of `st` into stats[0] (sum of squares, added) and stats[1] (max |x|). */
@@ -318,27 +318,44 @@ RL_CLONES
 static void add_stats(rl_stats *st, const float *restrict s, int64_t n) {
     int64_t i = 0;
 #if defined(__GNUC__)
-    /* Explicit vectors: the compiler may not reorder these double sums by itself. */
-    rl_d8 lo, hi;
-    rl_f16 mx;
-    memcpy(&lo, st->sq, sizeof lo);
-    memcpy(&hi, st->sq + 8, sizeof hi);
-    memcpy(&mx, st->mx, sizeof mx);
+    /* Explicit vectors: the compiler may not reorder these double sums by itself. Lane j
+     * of the 16 takes the elements i with i % 16 == j, as the scalar tail does. */
+    rl_d4 q0, q1, q2, q3;
+    rl_i8 m0, m1;
+    memcpy(&q0, st->sq, sizeof q0);
+    memcpy(&q1, st->sq + 4, sizeof q1);
+    memcpy(&q2, st->sq + 8, sizeof q2);
+    memcpy(&q3, st->sq + 12, sizeof q3);
+    memcpy(&m0, st->mx, sizeof m0);
+    memcpy(&m1, st->mx + 8, sizeof m1);
     for (; i + RL_LANES <= n; i += RL_LANES) {
-        rl_f8 v0, v1;
-        rl_f16 v;
+        rl_f4 v0, v1, v2, v3;
+        rl_i8 a0, a1;
         memcpy(&v0, s + i, sizeof v0);
-        memcpy(&v1, s + i + 8, sizeof v1);
-        memcpy(&v, s + i, sizeof v);
-        rl_d8 w0 = __builtin_convertvector(v0, rl_d8), w1 = __builtin_convertvector(v1, rl_d8);
-        lo += w0 * w0;
-        hi += w1 * w1;
-        rl_i16 m = (rl_i16)v & 0x7FFFFFFF, keep = m > (rl_i16)mx;
-        mx = (rl_f16)((m & keep) | ((rl_i16)mx & ~keep));
+        memcpy(&v1, s + i + 4, sizeof v1);
+        memcpy(&v2, s + i + 8, sizeof v2);
+        memcpy(&v3, s + i + 12, sizeof v3);
+        rl_d4 w0 = __builtin_convertvector(v0, rl_d4), w1 = __builtin_convertvector(v1, rl_d4);
+        rl_d4 w2 = __builtin_convertvector(v2, rl_d4), w3 = __builtin_convertvector(v3, rl_d4);
+        q0 += w0 * w0;
+        q1 += w1 * w1;
+        q2 += w2 * w2;
+        q3 += w3 * w3;
+        /* |x| as bits: non-negative floats order as their bit patterns do. */
+        memcpy(&a0, s + i, sizeof a0);
+        memcpy(&a1, s + i + 8, sizeof a1);
+        a0 &= 0x7FFFFFFF;
+        a1 &= 0x7FFFFFFF;
+        rl_i8 k0 = a0 > m0, k1 = a1 > m1;
+        m0 = (a0 & k0) | (m0 & ~k0);
+        m1 = (a1 & k1) | (m1 & ~k1);
     }
-    memcpy(st->sq, &lo, sizeof lo);
-    memcpy(st->sq + 8, &hi, sizeof hi);
-    memcpy(st->mx, &mx, sizeof mx);
+    memcpy(st->sq, &q0, sizeof q0);
+    memcpy(st->sq + 4, &q1, sizeof q1);
+    memcpy(st->sq + 8, &q2, sizeof q2);
+    memcpy(st->sq + 12, &q3, sizeof q3);
+    memcpy(st->mx, &m0, sizeof m0);
+    memcpy(st->mx + 8, &m1, sizeof m1);
 #endif
     for (int j = 0; i < n; i++, j++) {
         float v = s[i], m = v < 0.0f ? -v : v;
