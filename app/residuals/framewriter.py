@@ -9,14 +9,13 @@ overlap, so that the next chunk is computed while earlier frames are coded and w
    reusable frame buffers: its own buffers are free again when the call returns, and it
    waits only while every frame buffer is in use;
 2. a thread pool codes the frame (nibbles in C, zstd; both release the GIL);
-3. an appender thread takes the coded frames in order, hashes them (sha256 and XXH3-128)
-   and appends them to the current file through ``O_DIRECT`` where the file system
+3. an appender thread takes the coded frames in order, hashes them (XXH3-128) and appends
+   them to the current file through ``O_DIRECT`` where the file system
    allows it (no page-cache copy), then hands the frame buffer back.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import mmap
 import queue
@@ -80,7 +79,10 @@ class FramedWriter(Closing):
         directory: an existing, empty directory.
         specs: every residual tensor (``p``'s dtype and shape), in arrival order.
         max_file_bytes: a new file starts at the first tensor after this many bytes.
-        hash_files: record sha256 and XXH3-128 of every file while writing.
+        hash_files: record the XXH3-128 of every file while writing: the checksum that
+            every read verifies. No sha256: only Realign reads these files, and a sha256
+            would cost a core-second per 1.7 GB on the writer's one serial stage; the
+            object store takes the sha256 of each file it uploads for its commit marker.
     """
 
     def __init__(
@@ -96,7 +98,7 @@ class FramedWriter(Closing):
         self._max = max_file_bytes
         self._hash = hash_files
         self.files: list[str] = []
-        self.sha256: dict[str, str] = {}
+        self.sha256: dict[str, str] = {}  # stays empty (see hash_files)
         self.xxh3: dict[str, str] = {}
         self.sizes: dict[str, int] = {}
         self.nonzero: dict[str, int] = {}
@@ -116,10 +118,9 @@ class FramedWriter(Closing):
         self._todo: queue.Queue[TensorSpec | _Frame | None] = queue.Queue()
         self._error: BaseException | None = None
         self._dropping = False
-        # The appender's side: the file being written, its size and hashes.
+        # The appender's side: the file being written, its size and checksum.
         self._file: AppendFile | None = None
         self._size = 0
-        self._sha: Any = None
         self._xxh: Any = None
         self._io: ThreadPoolExecutor | None = None
         self._stages: list[mmap.mmap] = []
@@ -275,8 +276,7 @@ class FramedWriter(Closing):
             offsets.append(self._size)
         for piece in pieces:
             view = memoryview(piece)
-            if self._sha is not None:
-                self._sha.update(view)
+            if self._xxh is not None:
                 self._xxh.update(view)
             self._file.write(view)
             self._size += view.nbytes
@@ -293,7 +293,6 @@ class FramedWriter(Closing):
         stages = [memoryview(m) for m in self._stages]
         self._file = AppendFile(self.directory / name, stages, self._io)
         self._size = 0
-        self._sha = hashlib.sha256() if self._hash else None
         self._xxh = xxhash.xxh3_128() if self._hash else None
 
     def _finish_file(self) -> None:
@@ -306,8 +305,7 @@ class FramedWriter(Closing):
             file.close()
         name = self.files[-1]
         self.sizes[name] = size
-        if self._sha is not None:
-            self.sha256[name] = self._sha.hexdigest()
+        if self._xxh is not None:
             self.xxh3[name] = self._xxh.hexdigest()
 
     def _full(self, exc: OSError) -> BaseException:

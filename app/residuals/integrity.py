@@ -6,7 +6,8 @@ version: ~14 GB/s on one core, so the check costs a few percent of a merge), els
 sha256 (artifacts written before). Both catch any accidental change — a flipped bit, a
 truncated copy; neither is a defence against someone who may rewrite the manifest too,
 which carries its own seal in the same directory. sha256 stays the identity of a file
-(content addresses, object-store downloads)."""
+where one is needed (input models, safetensors outputs, object-store commit markers);
+the ``.frames`` files of exact packs, read by Realign alone, record only the XXH3-128."""
 
 from __future__ import annotations
 

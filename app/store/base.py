@@ -102,11 +102,13 @@ class Store(Protocol):
         ...
 
     def verify(self, key: str) -> ResidualManifest:
-        """Check a residual pack's files against their sha256 (ArtifactCorruptError)."""
+        """Check a residual pack's files against their recorded checksums
+        (ArtifactCorruptError)."""
         ...
 
     def verify_merged(self, key: str) -> MergeManifest:
-        """Check a merged model's files against their sha256 (ArtifactCorruptError)."""
+        """Check a merged model's files against their recorded checksums
+        (ArtifactCorruptError)."""
         ...
 
     def quarantine(self, key: str, kind: Kind, reason: str) -> Path | None:

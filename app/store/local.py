@@ -247,7 +247,7 @@ class LocalStore:
         ReadVerifier(expected, key).finish()
 
     def verify(self, key: str) -> ResidualManifest:
-        """Check every file of a residual pack against the sha256 in its manifest.
+        """Check every file of a residual pack against the checksum its manifest records.
 
         Raises:
             ArtifactCorruptError: a file is missing, resized or altered.
@@ -259,7 +259,7 @@ class LocalStore:
 
     def verify_merged(self, key: str) -> MergeManifest:
         """Check a stored merged model's files (weights, config, tokenizer) against the
-        sha256 in its ``realign.json``.
+        checksum its ``realign.json`` records.
 
         Raises:
             ArtifactCorruptError: a file is missing, resized or altered.

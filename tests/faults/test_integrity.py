@@ -5,6 +5,7 @@ read fails with the message `realign verify` gives."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -244,8 +245,8 @@ def test_pack_directory_outside_the_store_is_checked(
 def test_every_file_records_a_fast_checksum_and_older_packs_still_verify(
     llama_triple: TinyTriple, tmp_path: Path
 ) -> None:
-    """New artifacts record an XXH3-128 beside the sha256 of each file and are checked
-    by it on read; a pack written before (sha256 only, resealed) is checked by sha256."""
+    """New artifacts record an XXH3-128 of each file and are checked by it on read; a
+    pack written before (sha256 only, resealed) is checked by sha256."""
     from app.merge import apply
     from app.residuals.integrity import xxh3_hex
     from app.residuals.manifest import ResidualManifest, read_merge_manifest, write_json
@@ -266,7 +267,13 @@ def test_every_file_records_a_fast_checksum_and_older_packs_still_verify(
     manifest = res.manifest.model_copy(
         update={
             "files": {
-                n: e.model_copy(update={"xxh3_128": None}) for n, e in res.manifest.files.items()
+                n: e.model_copy(
+                    update={
+                        "xxh3_128": None,
+                        "sha256": hashlib.sha256((res.path / n).read_bytes()).hexdigest(),
+                    }
+                )
+                for n, e in res.manifest.files.items()
             }
         }
     )
