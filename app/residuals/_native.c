@@ -786,6 +786,22 @@ int32_t realign_scatter(const uint32_t *restrict gaps, const uint8_t *restrict v
     return 0;
 }
 
+/* realign_scatter for corrections stored by byte plane (realign.frames/3): byte k of
+ * gap i at gaps[k * m + i] (4 planes), byte j of value i at values[j * m + i]. Returns 0,
+ * or -1 where a position falls outside [0, n). */
+int32_t realign_scatter_planes(const uint8_t *restrict gaps, const uint8_t *restrict values,
+                               int64_t m, int64_t n, int32_t size, uint8_t *restrict neg) {
+    memset(neg, 0, (size_t)(n * size));
+    int64_t at = 0;
+    for (int64_t k = 0; k < m; k++) {
+        at += (int64_t)gaps[k] | (int64_t)gaps[m + k] << 8 | (int64_t)gaps[2 * m + k] << 16 |
+              (int64_t)gaps[3 * m + k] << 24;
+        if (at >= n) return -1;
+        for (int32_t j = 0; j < size; j++) neg[at * size + j] = values[j * m + k];
+    }
+    return 0;
+}
+
 /* ---- nibble code of a byte plane (an exact pack's sign/exponent plane) ----------------
  * A residual's sign/exponent byte takes few values, so each byte becomes its 4-bit code:
  * its index in an alphabet of at most 15 values, or 15 (an escape: the byte itself goes
@@ -826,13 +842,69 @@ int32_t realign_nib_alphabet(const uint8_t *restrict src, int64_t n, uint8_t *re
 
 #define RL_NIB 256 /* bytes per block: compare loops the compiler vectorises, in L1 */
 
-/* Codes of one block: the index of each byte in alpha (k values), else 15. */
-RL_INLINE void nib_codes(const uint8_t *restrict src, int64_t m, const uint8_t *restrict alpha,
-                         int32_t k, uint8_t *restrict code) {
-    for (int64_t i = 0; i < m; i++) code[i] = 15;
+#if defined(__GNUC__)
+typedef uint8_t rl_u8x32 __attribute__((vector_size(32)));
+#endif
+
+/* The alphabet as the codes need it: each value, and its code flipped (c ^ 15), in every
+ * byte of a vector. */
+typedef struct {
+    const uint8_t *alpha;
+    int32_t k;
+#if defined(__GNUC__)
+    rl_u8x32 keys[15], flips[15];
+#endif
+} rl_alphabet;
+
+static void nib_alphabet_init(rl_alphabet *a, const uint8_t *alpha, int32_t k) {
+    a->alpha = alpha;
+    a->k = k;
+#if defined(__GNUC__)
     for (int32_t c = 0; c < k; c++) {
-        const uint8_t s = alpha[c];
-        for (int64_t i = 0; i < m; i++) code[i] = src[i] == s ? (uint8_t)c : code[i];
+        uint8_t kb[32], fb[32];
+        memset(kb, alpha[c], sizeof kb);
+        memset(fb, c ^ 15, sizeof fb);
+        memcpy(&a->keys[c], kb, sizeof kb);
+        memcpy(&a->flips[c], fb, sizeof fb);
+    }
+#endif
+}
+
+/* Codes of one block: the index of each byte in the alphabet (values all different), else
+ * 15. Each byte collects (c ^ 15) of the one value it equals, 0 where none, and flips back. */
+RL_INLINE void nib_codes(const uint8_t *restrict src, int64_t m, const rl_alphabet *a,
+                         uint8_t *restrict code) {
+    int64_t i = 0;
+    const int32_t k = a->k;
+#if defined(__GNUC__)
+    /* 128 bytes in registers against every value: no loads or stores between compares. */
+    for (; i + 128 <= m; i += 128) {
+        rl_u8x32 s0, s1, s2, s3, c0 = {0}, c1 = {0}, c2 = {0}, c3 = {0};
+        memcpy(&s0, src + i, 32);
+        memcpy(&s1, src + i + 32, 32);
+        memcpy(&s2, src + i + 64, 32);
+        memcpy(&s3, src + i + 96, 32);
+        for (int32_t c = 0; c < k; c++) {
+            const rl_u8x32 key = a->keys[c], flip = a->flips[c];
+            c0 |= (rl_u8x32)(s0 == key) & flip;
+            c1 |= (rl_u8x32)(s1 == key) & flip;
+            c2 |= (rl_u8x32)(s2 == key) & flip;
+            c3 |= (rl_u8x32)(s3 == key) & flip;
+        }
+        c0 ^= 15;
+        c1 ^= 15;
+        c2 ^= 15;
+        c3 ^= 15;
+        memcpy(code + i, &c0, 32);
+        memcpy(code + i + 32, &c1, 32);
+        memcpy(code + i + 64, &c2, 32);
+        memcpy(code + i + 96, &c3, 32);
+    }
+#endif
+    for (; i < m; i++) {
+        uint8_t c = 15;
+        for (int32_t j = 0; j < k; j++) c = src[i] == a->alpha[j] ? (uint8_t)j : c;
+        code[i] = c;
     }
 }
 
@@ -841,9 +913,11 @@ static int64_t nib_encode(const uint8_t *restrict src, int64_t n, const uint8_t 
                           int32_t k, uint8_t *restrict nib, uint8_t *restrict esc, int64_t cap) {
     uint8_t code[RL_NIB];
     int64_t escaped = 0;
+    rl_alphabet a;
+    nib_alphabet_init(&a, alpha, k);
     for (int64_t b = 0; b < n; b += RL_NIB) {
         int64_t m = n - b < RL_NIB ? n - b : RL_NIB;
-        nib_codes(src + b, m, alpha, k, code);
+        nib_codes(src + b, m, &a, code);
         uint8_t any = 0;
         for (int64_t i = 0; i < m; i++) any |= (uint8_t)(code[i] + 1) & 16; /* code 15 */
         if (m & 1) code[m] = 0;
