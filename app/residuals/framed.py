@@ -34,9 +34,10 @@ from app.residuals.frames import FRAME_ELEMS, FrameError, decode_frame
 from app.residuals.integrity import mismatch_message
 
 FRAMES_INDEX = "residual.frames.json"
-FRAMES_FORMAT = "realign.frames/2"
-"""Written by this version: /2 brought nibble-coded planes; /1 packs (zstd only) read too."""
-_READABLE = ("realign.frames/1", FRAMES_FORMAT)
+FRAMES_FORMAT = "realign.frames/3"
+"""Written by this version: /2 brought nibble-coded planes, /3 corrections by byte plane;
+packs of /1 (zstd only) and /2 read too."""
+_READABLE = ("realign.frames/1", "realign.frames/2", FRAMES_FORMAT)
 NEG = "::neg"
 """Suffix of the correction tensor of each residual tensor in a :class:`FramedPack`."""
 

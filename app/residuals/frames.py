@@ -9,12 +9,15 @@ frames of :data:`FRAME_ELEMS` elements, each encoded on its own:
   exponent byte takes few distinct values: its plane is nibble-coded (4 bits per byte,
   :mod:`app.residuals.nibbles`), else coded with zstd; mantissa planes are kept as they
   are where zstd does not win.
-* ``neg`` sparsely: the positions of its non-zero elements (gaps between them, zstd) and
-  their values (zstd).
+* ``neg`` sparsely: the positions of its non-zero elements (``u32`` gaps between them) and
+  their values, each by byte plane and zstd (most gaps fit their low byte: zstd makes
+  short work of the other three planes).
 
 Frame layout (little endian): ``u32`` count of non-zero ``neg`` elements, then one section
-header per payload (``u8`` mode: 0 raw, 1 zstd, 2 nibbles; ``u32`` stored length) — W's
-itemsize planes, then positions and values when the count is not zero — then the payloads.
+header per payload (``u8`` mode: 0 raw, 1 zstd, 2 nibbles, plus :data:`_BY_PLANE` where the
+payload holds its elements by byte plane; ``u32`` stored length) — W's itemsize planes,
+then positions and values when the count is not zero — then the payloads. Packs of
+``realign.frames/1`` and ``/2`` store positions and values element by element.
 """
 
 from __future__ import annotations
@@ -47,6 +50,10 @@ _PROBE = 1 << 16  # bytes of a tensor's first mantissa plane that zstd tries
 _SECTION = struct.Struct("<BI")
 _COUNT = struct.Struct("<I")
 _RAW, _ZSTD, _NIBBLES = 0, 1, 2
+_BY_PLANE = 0x80  # mode flag of correction sections stored by byte plane (frames/3)
+PLANE_CORRECTIONS = True
+"""Store corrections by byte plane (``realign.frames/3``); False only to write the earlier
+layout in compatibility tests."""
 Coding = bool | bytes
 """How a later frame codes one byte plane: ``False`` raw, ``True`` zstd where it wins,
 ``bytes`` nibbles with that alphabet (zstd where too many bytes escape it)."""
@@ -75,23 +82,25 @@ _P, _I32, _I64 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64
 
 
 class FrameBuffers:
-    """Where one frame is laid out (byte planes, correction gaps and values) and its
-    sign/exponent plane nibble-coded, reused frame after frame. An anonymous map: pages are
-    faulted in once and the gaps and values, as long as the frame but mostly unused, take
-    memory only where written."""
+    """Where one frame is laid out (byte planes, correction gaps and values, then those two
+    by byte plane) and its sign/exponent plane nibble-coded, reused frame after frame. An
+    anonymous map: pages are faulted in once and the gaps and values, as long as the frame
+    but mostly unused, take memory only where written."""
 
     def __init__(self) -> None:
-        # planes, gaps, values, then the nibble section
-        self._map = mmap.mmap(-1, FRAME_ELEMS * (4 + 4 + 4) + nibbles.section_bytes(FRAME_ELEMS))
+        # planes, gaps, values, gaps by plane, values by plane, then the nibble section
+        self._map = mmap.mmap(-1, FRAME_ELEMS * 4 * 5 + nibbles.section_bytes(FRAME_ELEMS))
 
-    def views(self, n: int, itemsize: int) -> tuple[memoryview, memoryview, memoryview, memoryview]:
+    def views(self, n: int, itemsize: int) -> list[memoryview]:
         mem, top = memoryview(self._map), FRAME_ELEMS * 4
-        return (
+        return [
             mem[: n * itemsize],
             mem[top : top + 4 * n],
             mem[2 * top : 2 * top + n * itemsize],
-            mem[3 * top : 3 * top + nibbles.section_bytes(n)],
-        )
+            mem[3 * top : 3 * top + 4 * n],
+            mem[4 * top : 4 * top + n * itemsize],
+            mem[5 * top : 5 * top + nibbles.section_bytes(n)],
+        ]
 
 
 @dataclass(frozen=True)
@@ -112,18 +121,27 @@ def lay_out(p: memoryview, neg: memoryview | None, itemsize: int, buf: FrameBuff
     ``itemsize`` bytes each) into ``buf`` as byte planes and sparse corrections: after
     this, the caller's buffers are free again."""
     n = p.nbytes // itemsize
-    planes, gaps, values, coded = buf.views(n, itemsize)
-    native.function("realign_planes", (_P, _I64, _I32, _P), None)(
-        native.address(p), n, itemsize, native.address(planes, writable=True)
-    )
+    planes, gaps, values, gap_planes, value_planes, coded = buf.views(n, itemsize)
+    _planes(p, n, itemsize, planes)
     count = 0
     if neg is not None:
         count = native.function("realign_sparse", (_P, _I64, _I32, _P, _P), _I64)(
             native.address(neg), n, itemsize,
             native.address(gaps, writable=True), native.address(values, writable=True),
         )  # fmt: skip
+    if count and PLANE_CORRECTIONS:
+        _planes(gaps, count, 4, gap_planes)
+        _planes(values, count, itemsize, value_planes)
+        gaps, values = gap_planes, value_planes
     layout = [planes[j * n : (j + 1) * n] for j in range(itemsize)]
     return Laid(n, itemsize, count, layout, gaps[: 4 * count], values[: count * itemsize], coded)
+
+
+def _planes(src: memoryview, n: int, itemsize: int, out: memoryview) -> None:
+    """Byte ``j`` of each of the ``n`` elements of ``src`` to plane ``j`` of ``out``."""
+    native.function("realign_planes", (_P, _I64, _I32, _P), None)(
+        native.address(src), n, itemsize, native.address(out, writable=True)
+    )
 
 
 def _section(raw: memoryview, attempt: bool = True) -> tuple[int, bytes | memoryview]:
@@ -182,7 +200,8 @@ def code_frame(laid: Laid, plan: tuple[Coding, ...] | None = None) -> list[bytes
     """
     sections = [_plane(laid, j, None if plan is None else plan[j]) for j in range(laid.itemsize)]
     if laid.count:
-        sections += [_section(laid.gaps), _section(laid.values)]
+        flag = _BY_PLANE if PLANE_CORRECTIONS else 0
+        sections += [(m | flag, d) for m, d in (_section(laid.gaps), _section(laid.values))]
     head = b"".join(
         [_COUNT.pack(laid.count), *(_SECTION.pack(mode, len(data)) for mode, data in sections)]
     )
@@ -245,11 +264,14 @@ def decode_frame(
         raise FrameError(f"{count} corrections in a frame of {n} elements")
     at = 4 + 5 * n_sections
     sizes = [n] * itemsize + ([4 * count, itemsize * count] if count else [])
+    flags = [mode & _BY_PLANE for mode, _ in heads]
+    if any(flags[:itemsize]) or len(set(flags[itemsize:])) > 1:
+        raise FrameError(f"section modes {[mode for mode, _ in heads]} mix their layouts")
     parts = []
     for j, ((mode, length), size) in enumerate(zip(heads, sizes, strict=True)):
         if at + length > frame.nbytes:
             raise FrameError("a section runs past the end of its frame")
-        parts.append(_payload(mode, frame[at : at + length], size, j))
+        parts.append(_payload(mode & ~_BY_PLANE, frame[at : at + length], size, j))
         at += length
     if at != frame.nbytes:
         raise FrameError(f"{frame.nbytes - at} stray bytes after the last section")
@@ -258,7 +280,8 @@ def decode_frame(
         pointers, n, itemsize, native.address(p_out, writable=True)
     )
     empty = bytearray(1)
-    bad = native.function("realign_scatter", (_P, _P, _I64, _I64, _I32, _P), _I32)(
+    scatter = "realign_scatter_planes" if count and flags[itemsize] else "realign_scatter"
+    bad = native.function(scatter, (_P, _P, _I64, _I64, _I32, _P), _I32)(
         native.address(parts[itemsize] if count else empty),
         native.address(parts[itemsize + 1] if count else empty),
         count, n, itemsize, native.address(neg_out, writable=True),

@@ -55,7 +55,7 @@ class _Kernel:
 
 _CODEC = (
     "realign_planes", "realign_unplanes", "realign_sparse", "realign_scatter",
-    "realign_nib_alphabet", "realign_nib_encode", "realign_nib_decode",
+    "realign_scatter_planes", "realign_nib_alphabet", "realign_nib_encode", "realign_nib_decode",
 )  # fmt: skip
 """The exact packs' frame codec functions (called through :func:`function`)."""
 

@@ -165,32 +165,41 @@ def test_frame_codec_round_trips_and_rejects_damage(itemsize: int) -> None:
 def test_index_and_manifest_record_the_format(llama_triple: TinyTriple, tmp_path: Path) -> None:
     res = compute(str(llama_triple.base), str(llama_triple.instruct), store=tmp_path / "s")
     index = json.loads((res.path / "residual.frames.json").read_text())
-    assert index["format"] == "realign.frames/2"
+    assert index["format"] == "realign.frames/3"
     assert res.manifest.dtype == "exact"
-    modes = []
+    modes, corrections = [], []
     for name, t in res.manifest.tensors.items():
         assert t.dtype == "bfloat16" and t.corrections is not None  # the inputs' own dtype
         entry = index["tensors"][name]
         assert entry["shape"] == list(t.shape)
         with (res.path / entry["file"]).open("rb") as fh:
             fh.seek(entry["frames"][0])
-            modes.append(fh.read(4 + 5 * 2)[4 + 5])  # the sign/exponent plane's section
+            head = fh.read(4 + 5 * 4)
+        modes.append(head[4 + 5])  # the sign/exponent plane's section
+        if int.from_bytes(head[:4], "little"):  # gaps and values, by byte plane
+            corrections += [head[4 + 10] & 0x80, head[4 + 15] & 0x80]
     assert modes.count(2) >= len(modes) - 2, modes  # nibble-coded (not a norm's few ones)
+    assert corrections and all(corrections), corrections
 
 
-def test_a_pack_of_the_first_frames_format_still_merges(
-    llama_triple: TinyTriple, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("version", [1, 2])
+def test_a_pack_of_an_earlier_frames_format_still_merges(
+    llama_triple: TinyTriple, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, version: int
 ) -> None:
-    """Packs written before nibble-coded planes (realign.frames/1, zstd only) read as
-    they did: merges from one give the bytes of --no-cache."""
-    from app.residuals import framewriter, nibbles
+    """Packs written before corrections were stored by byte plane (realign.frames/2) and
+    before nibble-coded planes (/1, zstd only) read as they did: merges from one give the
+    bytes of --no-cache."""
+    from app.residuals import frames, framewriter, nibbles
 
     t, store = llama_triple, tmp_path / "s"
     with monkeypatch.context() as m:
-        m.setattr(framewriter, "FRAMES_FORMAT", "realign.frames/1")
-        m.setattr(nibbles, "alphabet", lambda plane: None)
+        m.setattr(framewriter, "FRAMES_FORMAT", f"realign.frames/{version}")
+        m.setattr(frames, "PLANE_CORRECTIONS", False)
+        if version == 1:
+            m.setattr(nibbles, "alphabet", lambda plane: None)
         old = compute(str(t.base), str(t.instruct), store=store)
-    assert json.loads((old.path / "residual.frames.json").read_text())["format"].endswith("/1")
+    index = json.loads((old.path / "residual.frames.json").read_text())
+    assert index["format"] == f"realign.frames/{version}"
     fused = merge(str(t.base), str(t.instruct), str(t.new_base), tmp_path / "fused",
                   alpha=0.7, no_cache=True, store=store)  # fmt: skip
     got = apply(old.key, str(t.new_base), tmp_path / "got", alpha=0.7, store=store)

@@ -1,5 +1,6 @@
-"""Nibble-coded sign/exponent planes in exact packs' frames: every byte back, the way a
-tensor's first frame chooses for its later ones, and damage refused."""
+"""Exact packs' frames: nibble-coded sign/exponent planes and corrections by byte plane,
+every byte back, the way a tensor's first frame chooses for its later ones, and damage
+refused."""
 
 from __future__ import annotations
 
@@ -114,3 +115,38 @@ def test_a_zstd_section_claiming_a_huge_size_is_refused_not_allocated() -> None:
     po, no = bytearray(2 * n), bytearray(2 * n)
     with pytest.raises(FrameError, match="claims"):
         decode_frame(memoryview(bytes(frame)), n, 2, memoryview(po), memoryview(no))
+
+
+@pytest.mark.parametrize("itemsize", [2, 4])
+def test_corrections_by_byte_plane_read_back_and_damage_is_refused(itemsize: int) -> None:
+    """Gaps of every width (one to four bytes) and values come back from their byte planes;
+    sections that mix layouts, and a position past the frame, are refused."""
+    n = FRAME_ELEMS
+    rng = np.random.default_rng(itemsize)
+    dtype = {2: np.uint16, 4: np.uint32}[itemsize]
+    p = rng.integers(0, 1 << (8 * itemsize), n, dtype=np.uint64).astype(dtype)
+    at = np.concatenate([[0, 1, 300, 70_000, n - 1], rng.choice(n, 5000, replace=False)])
+    neg = np.zeros(n, dtype)
+    neg[at] = rng.integers(1, 1 << (8 * itemsize), at.size, dtype=np.uint64).astype(dtype)
+    frame, count = encode_frame(memoryview(p).cast("B"), memoryview(neg).cast("B"), itemsize)
+    assert count == np.count_nonzero(neg)
+    gaps, values = itemsize, itemsize + 1
+    assert _mode(frame, gaps) & 0x80 and _mode(frame, values) & 0x80
+    po, no = bytearray(p.nbytes), bytearray(p.nbytes)
+    decode_frame(memoryview(frame), n, itemsize, memoryview(po), memoryview(no))
+    assert bytes(po) == p.tobytes() and bytes(no) == neg.tobytes()
+    for section, flip in ((gaps, 0x80), (0, 0x80)):
+        bad = bytearray(frame)
+        bad[4 + 5 * section] ^= flip
+        with pytest.raises(FrameError, match="mix"):
+            decode_frame(memoryview(bytes(bad)), n, itemsize, memoryview(po), memoryview(no))
+    # two corrections in a small frame: their sections stay raw, by byte plane
+    small = np.zeros(64, dtype)
+    small[[3, 60]] = 1
+    tiny, _ = encode_frame(memoryview(p[:64]).cast("B"), memoryview(small).cast("B"), itemsize)
+    assert _mode(tiny, gaps) == 0x80 and _mode(tiny, values) == 0x80
+    bad = bytearray(tiny)
+    bad[len(tiny) - 2 * itemsize - 1] = 0x01  # the second gap's top byte: 2**24 on
+    po, no = bytearray(64 * itemsize), bytearray(64 * itemsize)
+    with pytest.raises(FrameError, match="past the end"):
+        decode_frame(memoryview(bytes(bad)), 64, itemsize, memoryview(po), memoryview(no))
