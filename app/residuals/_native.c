@@ -985,13 +985,16 @@ static int32_t nib_decode(const uint8_t *restrict nib, int64_t n, const uint8_t 
     return used == n_esc ? 0 : -1;
 }
 
-/* Code n bytes of src, the k values of alpha (k <= 15) taking codes 0..k-1, into
- * (n + 1) / 2 bytes of nib and the escaped bytes into esc. Returns how many bytes were
- * escaped, or -1 past cap (esc holds cap bytes; or k > 15): the plane is not worth this
- * code. */
+/* Code n bytes of src, the k values of alpha (k <= 15, all different) taking codes
+ * 0..k-1, into (n + 1) / 2 bytes of nib and the escaped bytes into esc. Returns how many
+ * bytes were escaped, or -1 past cap (esc holds cap bytes; or k > 15, or a value twice):
+ * the plane is not worth this code. */
 int64_t realign_nib_encode(const uint8_t *restrict src, int64_t n, const uint8_t *restrict alpha,
                            int32_t k, uint8_t *restrict nib, uint8_t *restrict esc, int64_t cap) {
     if (k < 0 || k > 15) return -1;
+    for (int32_t a = 0; a < k; a++)
+        for (int32_t b = a + 1; b < k; b++)
+            if (alpha[a] == alpha[b]) return -1;
     return nib_encode(src, n, alpha, k, nib, esc, cap);
 }
 

@@ -114,6 +114,7 @@ class Laid:
     gaps: memoryview
     values: memoryview
     nibbles: memoryview  # room for the sign/exponent plane's nibble section
+    by_plane: bool  # gaps and values are laid out by byte plane
 
 
 def lay_out(p: memoryview, neg: memoryview | None, itemsize: int, buf: FrameBuffers) -> Laid:
@@ -129,12 +130,14 @@ def lay_out(p: memoryview, neg: memoryview | None, itemsize: int, buf: FrameBuff
             native.address(neg), n, itemsize,
             native.address(gaps, writable=True), native.address(values, writable=True),
         )  # fmt: skip
-    if count and PLANE_CORRECTIONS:
+    by_plane = PLANE_CORRECTIONS
+    if count and by_plane:
         _planes(gaps, count, 4, gap_planes)
         _planes(values, count, itemsize, value_planes)
         gaps, values = gap_planes, value_planes
     layout = [planes[j * n : (j + 1) * n] for j in range(itemsize)]
-    return Laid(n, itemsize, count, layout, gaps[: 4 * count], values[: count * itemsize], coded)
+    gaps, values = gaps[: 4 * count], values[: count * itemsize]
+    return Laid(n, itemsize, count, layout, gaps, values, coded, by_plane)
 
 
 def _planes(src: memoryview, n: int, itemsize: int, out: memoryview) -> None:
@@ -200,7 +203,7 @@ def code_frame(laid: Laid, plan: tuple[Coding, ...] | None = None) -> list[bytes
     """
     sections = [_plane(laid, j, None if plan is None else plan[j]) for j in range(laid.itemsize)]
     if laid.count:
-        flag = _BY_PLANE if PLANE_CORRECTIONS else 0
+        flag = _BY_PLANE if laid.by_plane else 0
         sections += [(m | flag, d) for m, d in (_section(laid.gaps), _section(laid.values))]
     head = b"".join(
         [_COUNT.pack(laid.count), *(_SECTION.pack(mode, len(data)) for mode, data in sections)]

@@ -263,6 +263,7 @@ def test_every_file_records_a_fast_checksum_and_older_packs_still_verify(
         assert files
         for name, entry in files.items():
             assert entry.xxh3_128 == xxh3_hex((directory / name).read_bytes()), name
+            assert (entry.sha256 is None) == name.endswith(".frames"), name
     old = shutil.copytree(res.path, tmp_path / "old")
     manifest = res.manifest.model_copy(
         update={

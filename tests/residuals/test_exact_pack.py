@@ -200,6 +200,14 @@ def test_a_pack_of_an_earlier_frames_format_still_merges(
         old = compute(str(t.base), str(t.instruct), store=store)
     index = json.loads((old.path / "residual.frames.json").read_text())
     assert index["format"] == f"realign.frames/{version}"
+    flags = []
+    for entry in index["tensors"].values():
+        with (old.path / entry["file"]).open("rb") as fh:
+            fh.seek(entry["frames"][0])
+            head = fh.read(4 + 5 * 4)
+        if int.from_bytes(head[:4], "little"):  # gaps and values, element by element
+            flags += [head[4 + 10] & 0x80, head[4 + 15] & 0x80]
+    assert flags and not any(flags)
     fused = merge(str(t.base), str(t.instruct), str(t.new_base), tmp_path / "fused",
                   alpha=0.7, no_cache=True, store=store)  # fmt: skip
     got = apply(old.key, str(t.new_base), tmp_path / "got", alpha=0.7, store=store)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from app.residuals.frames import FRAME_ELEMS, FrameError, decode_frame, encode_frame
-from app.residuals.nibbles import ESCAPES
+from app.residuals.nibbles import ESCAPES, encode, section_bytes
 
 _RAW, _ZSTD, _NIBBLES = 0, 1, 2
 
@@ -77,6 +77,14 @@ def test_later_frames_code_with_the_first_frames_alphabet() -> None:
     assert _mode(_round_trip(p, 2, (True, b"")), 1) == _ZSTD  # an empty alphabet: all escape
 
 
+def test_the_nibble_code_refuses_an_alphabet_that_it_cannot_index() -> None:
+    plane = memoryview(bytes(range(0x30, 0x34)) * 64)
+    out = memoryview(bytearray(section_bytes(plane.nbytes)))
+    assert encode(plane, b"\x30\x31\x32\x33", out) is not None
+    assert encode(plane, b"\x30\x31\x31\x33", out) is None  # a value twice
+    assert encode(plane, bytes(range(16)), out) is None  # 16 values leave no escape
+
+
 @pytest.mark.parametrize("n", [4096, 4097])
 def test_a_damaged_nibble_section_is_refused(n: int) -> None:
     p = _residual_like(n, 2, 9, 0.0, 11)
@@ -119,22 +127,25 @@ def test_a_zstd_section_claiming_a_huge_size_is_refused_not_allocated() -> None:
 
 @pytest.mark.parametrize("itemsize", [2, 4])
 def test_corrections_by_byte_plane_read_back_and_damage_is_refused(itemsize: int) -> None:
-    """Gaps of every width (one to four bytes) and values come back from their byte planes;
-    sections that mix layouts, and a position past the frame, are refused."""
+    """Gaps of every width a frame holds (one to three bytes) and values come back from
+    their byte planes; sections that mix layouts, and positions past the frame, are
+    refused."""
     n = FRAME_ELEMS
     rng = np.random.default_rng(itemsize)
     dtype = {2: np.uint16, 4: np.uint32}[itemsize]
     p = rng.integers(0, 1 << (8 * itemsize), n, dtype=np.uint64).astype(dtype)
-    at = np.concatenate([[0, 1, 300, 70_000, n - 1], rng.choice(n, 5000, replace=False)])
-    neg = np.zeros(n, dtype)
-    neg[at] = rng.integers(1, 1 << (8 * itemsize), at.size, dtype=np.uint64).astype(dtype)
-    frame, count = encode_frame(memoryview(p).cast("B"), memoryview(neg).cast("B"), itemsize)
-    assert count == np.count_nonzero(neg)
     gaps, values = itemsize, itemsize + 1
-    assert _mode(frame, gaps) & 0x80 and _mode(frame, values) & 0x80
     po, no = bytearray(p.nbytes), bytearray(p.nbytes)
-    decode_frame(memoryview(frame), n, itemsize, memoryview(po), memoryview(no))
-    assert bytes(po) == p.tobytes() and bytes(no) == neg.tobytes()
+    dense = np.concatenate([[0, 1, 300], rng.choice(n, 5000, replace=False)])
+    sparse = np.array([5, 70_000, 70_300, 200_000, 200_001, 900_000, n - 1])  # gaps >= 2**16
+    for at in (dense, sparse):
+        neg = np.zeros(n, dtype)
+        neg[at] = rng.integers(1, 1 << (8 * itemsize), at.size, dtype=np.uint64).astype(dtype)
+        frame, count = encode_frame(memoryview(p).cast("B"), memoryview(neg).cast("B"), itemsize)
+        assert count == np.count_nonzero(neg)
+        assert _mode(frame, gaps) & 0x80 and _mode(frame, values) & 0x80
+        decode_frame(memoryview(frame), n, itemsize, memoryview(po), memoryview(no))
+        assert bytes(po) == p.tobytes() and bytes(no) == neg.tobytes()
     for section, flip in ((gaps, 0x80), (0, 0x80)):
         bad = bytearray(frame)
         bad[4 + 5 * section] ^= flip
@@ -145,8 +156,14 @@ def test_corrections_by_byte_plane_read_back_and_damage_is_refused(itemsize: int
     small[[3, 60]] = 1
     tiny, _ = encode_frame(memoryview(p[:64]).cast("B"), memoryview(small).cast("B"), itemsize)
     assert _mode(tiny, gaps) == 0x80 and _mode(tiny, values) == 0x80
-    bad = bytearray(tiny)
-    bad[len(tiny) - 2 * itemsize - 1] = 0x01  # the second gap's top byte: 2**24 on
     po, no = bytearray(64 * itemsize), bytearray(64 * itemsize)
+    top = len(tiny) - 2 * itemsize - 1  # the second gap's byte 3; byte 2 two before it
+    for where in (top, top - 2):  # the second position moves 2**24 or 2**16 on
+        bad = bytearray(tiny)
+        bad[where] = 0x01
+        with pytest.raises(FrameError, match="past the end"):
+            decode_frame(memoryview(bytes(bad)), 64, itemsize, memoryview(po), memoryview(no))
+    bad = bytearray(tiny)
+    bad[top - 1] = 0x01  # the first gap's byte 3: 2**24 on, past the end too
     with pytest.raises(FrameError, match="past the end"):
         decode_frame(memoryview(bytes(bad)), 64, itemsize, memoryview(po), memoryview(no))
