@@ -26,6 +26,28 @@ def _files(d: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(d.glob("model*.safetensors*"))}
 
 
+def _first_heads(pack: Path) -> dict[str, bytes]:
+    """The header of each tensor's first frame, by tensor: the count of corrections and
+    the section heads of a 2-byte dtype (two planes, gaps, values)."""
+    index = json.loads((pack / "residual.frames.json").read_text())
+    heads = {}
+    for name, entry in index["tensors"].items():
+        with (pack / entry["file"]).open("rb") as fh:
+            fh.seek(entry["frames"][0])
+            heads[name] = fh.read(4 + 5 * 4)
+    return heads
+
+
+def _by_plane_flags(heads: dict[str, bytes]) -> list[int]:
+    """The by-plane flag of the gaps and values sections of frames that hold corrections."""
+    return [
+        h[4 + 5 * k] & 0x80
+        for h in heads.values()
+        if int.from_bytes(h[:4], "little")
+        for k in (2, 3)
+    ]
+
+
 def _same_as_no_cache(t: TinyTriple, tmp: Path, alpha: float, store: Path) -> Path:
     """Merge through the exact pack (computed here, then reused) and check every byte
     against the fused one-pass merge."""
@@ -167,19 +189,14 @@ def test_index_and_manifest_record_the_format(llama_triple: TinyTriple, tmp_path
     index = json.loads((res.path / "residual.frames.json").read_text())
     assert index["format"] == "realign.frames/3"
     assert res.manifest.dtype == "exact"
-    modes, corrections = [], []
     for name, t in res.manifest.tensors.items():
         assert t.dtype == "bfloat16" and t.corrections is not None  # the inputs' own dtype
-        entry = index["tensors"][name]
-        assert entry["shape"] == list(t.shape)
-        with (res.path / entry["file"]).open("rb") as fh:
-            fh.seek(entry["frames"][0])
-            head = fh.read(4 + 5 * 4)
-        modes.append(head[4 + 5])  # the sign/exponent plane's section
-        if int.from_bytes(head[:4], "little"):  # gaps and values, by byte plane
-            corrections += [head[4 + 10] & 0x80, head[4 + 15] & 0x80]
+        assert index["tensors"][name]["shape"] == list(t.shape)
+    heads = _first_heads(res.path)
+    modes = [h[4 + 5] for h in heads.values()]  # the sign/exponent plane's section
     assert modes.count(2) >= len(modes) - 2, modes  # nibble-coded (not a norm's few ones)
-    assert corrections and all(corrections), corrections
+    flags = _by_plane_flags(heads)  # gaps and values, by byte plane
+    assert flags and all(flags), flags
 
 
 @pytest.mark.parametrize("version", [1, 2])
@@ -200,13 +217,7 @@ def test_a_pack_of_an_earlier_frames_format_still_merges(
         old = compute(str(t.base), str(t.instruct), store=store)
     index = json.loads((old.path / "residual.frames.json").read_text())
     assert index["format"] == f"realign.frames/{version}"
-    flags = []
-    for entry in index["tensors"].values():
-        with (old.path / entry["file"]).open("rb") as fh:
-            fh.seek(entry["frames"][0])
-            head = fh.read(4 + 5 * 4)
-        if int.from_bytes(head[:4], "little"):  # gaps and values, element by element
-            flags += [head[4 + 10] & 0x80, head[4 + 15] & 0x80]
+    flags = _by_plane_flags(_first_heads(old.path))  # gaps and values, element by element
     assert flags and not any(flags)
     fused = merge(str(t.base), str(t.instruct), str(t.new_base), tmp_path / "fused",
                   alpha=0.7, no_cache=True, store=store)  # fmt: skip
