@@ -128,7 +128,9 @@ def test_a_waiting_job_is_left_alone_and_one_always_lost_fails(
     loser = threading.Thread(target=lose, daemon=True)
     loser.start()
     try:
-        _until("the job to end", lambda: svc.get(rec.id, ALICE).status.terminal, workers, 120)
+        # ~8 heartbeats of 10 s (each re-send noted, then confirmed, then the failing
+        # sweep): room for a slow machine's late beats
+        _until("the job to end", lambda: svc.get(rec.id, ALICE).status.terminal, workers, 240)
     finally:
         stop.set()
         loser.join()

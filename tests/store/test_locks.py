@@ -49,12 +49,14 @@ def test_one_holder_and_fencing_tokens_grow(lock: RedisBuildLock) -> None:
 
 
 def test_hold_renews_and_reports_a_lost_lease(lock: RedisBuildLock) -> None:
-    with hold(lock, "slow", 0.3) as held:
-        time.sleep(0.8)  # longer than the lease: renewals keep it
+    # A 1.5 s lease renewed every 0.5 s: a loaded CI machine may delay one renewal by
+    # tenths of a second without the lease running out.
+    with hold(lock, "slow", 1.5) as held:
+        time.sleep(3.5)  # longer than the lease: renewals keep it
         held.check()
-        assert lock.acquire("slow", 0.3) is None
+        assert lock.acquire("slow", 1.5) is None
         lock.client.delete(lock.prefix + "slow")  # taken away (e.g. Redis lost it)
-        time.sleep(0.3)
+        assert held.lost.wait(10)  # the next renewal finds out
         with pytest.raises(BuildLockLostError):
             held.check()
     assert lock.acquire("slow", 1) is not None
