@@ -1,10 +1,12 @@
 """The api image builds from docker/Dockerfile and runs: scripts/build-images builds it
 daemonless (buildah, on a Debian-made Python base) and smoke-tests it (`realign merge`
-of tiny checkpoints, `realign serve` + `realign worker` running a merge job, probes)."""
+of tiny checkpoints, `realign serve` + `realign worker` running a merge job, probes); a gpu build without the disk it needs is refused before
+any build starts."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -56,3 +58,42 @@ def test_api_image_config(built: str) -> None:
     # buildah keeps HEALTHCHECK only in the docker image format
     assert "/healthz" in " ".join(image["Healthcheck"]["Test"])
     assert "/models_cache" in config["Volumes"]
+
+
+def _build_gpu(**env: str) -> subprocess.CompletedProcess[str]:
+    """`scripts/build-images --target api --target gpu` with ``env`` added."""
+    return subprocess.run(
+        [ROOT / "scripts" / "build-images", "--target", "api", "--target", "gpu"],
+        capture_output=True,
+        text=True,
+        timeout=600,  # installs podman and buildah with apt where they are missing
+        env={**os.environ, **env},
+    )
+
+
+def test_a_gpu_build_without_room_is_refused_before_any_build() -> None:
+    """Every target's space is checked before the first build: no half-built api image,
+    no base image made, one line naming the directory and the setting."""
+    res = _build_gpu(REALIGN_GPU_MIN_FREE_GIB="1000000")
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "needs about 1000000 GiB free under /var/lib" in res.stderr, res.stderr
+    assert "REALIGN_GPU_MIN_FREE_GIB" in res.stderr
+    assert "building target" not in res.stderr and "time: base" not in res.stderr
+
+
+def test_a_gpu_build_whose_temporary_directory_is_small_is_refused(tmp_path: Path) -> None:
+    """buildah archives the new layer under TMPDIR first: a small TMPDIR on its own
+    filesystem (a real 64 MiB tmpfs) is refused before any build."""
+    point = tmp_path / "small"
+    point.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(point)]
+    done = subprocess.run(mount, capture_output=True, text=True)
+    assert done.returncode == 0, f"mount failed (the test command runs as root): {done.stderr}"
+    try:
+        res = _build_gpu(TMPDIR=str(point))
+    finally:
+        subprocess.run(["umount", str(point)], check=True)
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert f"needs about 20 GiB free under {point}" in res.stderr, res.stderr
+    assert "point TMPDIR at a larger filesystem" in res.stderr
+    assert "building target" not in res.stderr
