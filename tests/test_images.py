@@ -1,7 +1,7 @@
 """The api image builds from docker/Dockerfile and runs: scripts/build-images builds it
 daemonless (buildah, on a Debian-made Python base) and smoke-tests it (`realign merge`
-of tiny checkpoints, `realign serve` + `realign worker` running a merge job, probes); a gpu build without the disk it needs is refused before
-any build starts."""
+of tiny checkpoints, `realign serve` + `realign worker` running a merge job, probes); a
+gpu build without the disk it needs is refused before any build starts."""
 
 from __future__ import annotations
 
