@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import threading
@@ -76,10 +77,15 @@ def edit_config(model: Path, **changes: object) -> None:
 
 
 def tree(path: Path) -> list[str]:
-    """Sorted relative paths of everything under ``path`` (for 'nothing changed' checks)."""
-    if not path.exists():
-        return []
-    return sorted(p.relative_to(path).as_posix() for p in path.rglob("*"))
+    """Sorted relative paths of everything under ``path`` (for 'nothing changed' checks).
+
+    Tolerates entries that a running process removes while the walk is under way (a
+    writability probe, a staging directory being cleaned up): those are left out."""
+    found: list[str] = []
+    for root, dirs, files in os.walk(path):  # os.walk skips directories that vanish
+        rel = Path(root).relative_to(path)
+        found.extend((rel / name).as_posix() for name in (*dirs, *files))
+    return sorted(found)
 
 
 def stored(store: Path) -> list[str]:
