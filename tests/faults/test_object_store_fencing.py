@@ -76,6 +76,7 @@ def test_two_builder_processes_without_a_lock_publish_one_artifact(
                 print("commit", won, flush=True)
                 return won
             c.commit = commit
+            print("ready", flush=True)
             while not Path({str(go)!r}).exists():
                 time.sleep(0.01)
             res = compute({str(t.base)!r}, {str(t.instruct)!r}, settings=settings,
@@ -83,7 +84,9 @@ def test_two_builder_processes_without_a_lock_publish_one_artifact(
             print("result", res.key, res.created, flush=True)
         """)
         procs.append(_spawn(script))
-    time.sleep(3)  # both have imported everything and are waiting
+    for p in procs:  # both have imported everything and are waiting
+        seen = _lines(p, "ready")
+        assert seen and "ready" in seen[-1], "".join(seen) + p.communicate(timeout=60)[1]
     go.touch()
     outs = [p.communicate(timeout=240) for p in procs]
     assert all(p.returncode == 0 for p in procs), [e for _, e in outs]
