@@ -216,8 +216,12 @@ def test_swap_waits_for_generations(
         else:
             merged = InlineMerge(models.residual, models.new_base, ALPHA)
             swapping = asyncio.create_task(engine.reload_merged(merged))
-        await asyncio.sleep(0.5)
+        for _ in range(3000):  # the swap reads the new weights' shapes, then queues
+            if engine._lock._waiting_writers == 1 or swapping.done():
+                break
+            await asyncio.sleep(0.01)
         assert not swapping.done(), "the swap must wait for in-flight generations"
+        assert engine._lock._waiting_writers == 1, "the swap never queued for the lock"
         late = [asyncio.create_task(tokens(engine.generate(request))) for _ in range(3)]
         await asyncio.sleep(0.2)
         assert not any(t.done() for t in late), "new generations wait behind the swap"

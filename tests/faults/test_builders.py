@@ -30,16 +30,32 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def builder(
-    t: TinyTriple, store: Path, *, delay: float, dtype: str = "bfloat16", **env: str
+    t: TinyTriple,
+    store: Path,
+    *,
+    delay: float,
+    dtype: str = "bfloat16",
+    gate: Path | None = None,
+    go: Path | None = None,
+    **env: str,
 ) -> subprocess.Popen[str]:
-    """A process computing the residual of ``t`` into ``store``, ``delay`` s per tensor."""
+    """A process computing the residual of ``t`` into ``store``, ``delay`` s per tensor
+    (``gate``: after its first tensor it waits for that file to exist; ``go``: it says
+    "ready" once imported and waits for that file before it starts)."""
     script = textwrap.dedent(f"""
         import time
         from pathlib import Path
         from app.merge import compute
+        gate, go = {str(gate) if gate else None!r}, {str(go) if go else None!r}
+        if go:
+            print("ready", flush=True)
+            while not Path(go).exists():
+                time.sleep(0.01)
         def slow(p):
             print("progress", p.tensors_done, flush=True)
             time.sleep({delay})
+            while gate and p.tensors_done and not Path(gate).exists():
+                time.sleep(0.05)
         res = compute({str(t.base)!r}, {str(t.instruct)!r}, store=Path({str(store)!r}),
                       dtype={dtype!r}, progress=slow)
         print("result", res.key, res.created, flush=True)
@@ -83,7 +99,13 @@ def test_eight_builders_without_flock_all_succeed_with_one_artifact(
 ) -> None:
     t = llama_triple
     store, single = tmp_path / "store", tmp_path / "single"
-    procs = [builder(t, store, delay=0.2, REALIGN_STORE_LOCKING="none") for _ in range(8)]
+    go = tmp_path / "go"
+    procs = [builder(t, store, delay=0.2, go=go, REALIGN_STORE_LOCKING="none") for _ in range(8)]
+    try:
+        for p in procs:  # all imported: they start together
+            assert p.stdout is not None and p.stdout.readline() == "ready\n"
+    finally:
+        go.touch()
     results = []
     for p in procs:
         stdout, stderr = p.communicate(timeout=600)
@@ -128,21 +150,24 @@ def test_dead_builders_staging_is_reclaimed_after_its_lease_live_ones_never(
     store = tmp_path / "store"
     lease = {"REALIGN_STORE_LEASE_S": "1"}
     dead = builder(t, store, delay=0.5, **lease)
-    live = builder(t, store, delay=0.4, dtype="float32", **lease)  # another key
-    for p in (dead, live):
-        assert p.stdout is not None and p.stdout.readline().startswith("progress")
-    dead.send_signal(signal.SIGKILL)
-    dead.wait(timeout=30)
-    (dead_dir,) = staging_of(store, dead.pid)
-    (live_dir,) = staging_of(store, live.pid)
+    gate = tmp_path / "gate"  # the live one waits mid-build until the checks are done
+    live = builder(t, store, delay=0.4, dtype="float32", gate=gate, **lease)  # another key
+    try:
+        for p in (dead, live):
+            assert p.stdout is not None and p.stdout.readline().startswith("progress")
+        dead.send_signal(signal.SIGKILL)
+        dead.wait(timeout=30)
+        (dead_dir,) = staging_of(store, dead.pid)
+        (live_dir,) = staging_of(store, live.pid)
 
-    time.sleep(1.5)  # the dead builder's lease runs out; the live one renews its own
-    assert StagingArea(store / ".staging", lease_s=1).sweep() == [dead_dir]
-    assert not dead_dir.exists() and live_dir.exists()
-    res = compute(str(t.base), str(t.instruct), store=LocalStore(store, lease_s=1))
-    assert res.created  # the next builder of the dead one's key
-    assert live_dir.exists() and live.poll() is None  # still building, untouched
-
+        time.sleep(1.5)  # the dead builder's lease runs out; the live one renews its own
+        assert StagingArea(store / ".staging", lease_s=1).sweep() == [dead_dir]
+        assert not dead_dir.exists() and live_dir.exists()
+        res = compute(str(t.base), str(t.instruct), store=LocalStore(store, lease_s=1))
+        assert res.created  # the next builder of the dead one's key
+        assert live_dir.exists() and live.poll() is None  # still building, untouched
+    finally:
+        gate.touch()
     stdout, stderr = live.communicate(timeout=300)
     assert live.returncode == 0, stderr
     assert stdout.strip().splitlines()[-1].endswith("True")  # built and published

@@ -91,18 +91,18 @@ def test_lease_is_compare_and_set(records: JobRecords) -> None:
     lock = threading.Lock()
 
     def grab(i: int) -> None:
-        if records.acquire_lease("mrg_l", f"w{i}", 2.0):
+        if records.acquire_lease("mrg_l", f"w{i}", 30.0):
             with lock:
                 winners.append(f"w{i}")
 
     _hammer(8, grab)
     assert len(winners) == 1
     owner = winners[0]
-    assert records.acquire_lease("mrg_l", owner, 0.5)  # renewal by the holder
+    assert records.acquire_lease("mrg_l", owner, 2.0)  # renewal by the holder
     assert not records.acquire_lease("mrg_l", "intruder", 5.0)
     records.release_lease("mrg_l", "intruder")  # not the holder: no effect
     assert records.lease_holder("mrg_l") == owner
-    time.sleep(0.7)  # the renewed lease (0.5 s) expired: the next holder gets it
+    time.sleep(2.3)  # the renewed lease (2 s) expired: the next holder gets it
     assert records.acquire_lease("mrg_l", "next", 5.0)
     assert not records.acquire_lease("mrg_l", owner, 5.0)  # the old holder cannot renew
     records.release_lease("mrg_l", owner)

@@ -68,7 +68,8 @@ class RedisServer:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        for _ in range(100):
+        deadline = time.monotonic() + 30  # a loaded machine may take seconds
+        while time.monotonic() < deadline and self.proc.poll() is None:
             if _answers(self.port):
                 return
             time.sleep(0.05)

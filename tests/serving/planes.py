@@ -30,20 +30,29 @@ class Planes:
     logdir: Path
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
-    def start(self, name: str, *args: str, **env: str) -> subprocess.Popen[bytes]:
-        """``realign <args>`` with this environment, ``env`` added."""
+    def start(
+        self, name: str, *args: str, prelude: str = "", **env: str
+    ) -> subprocess.Popen[bytes]:
+        """``realign <args>`` with this environment, ``env`` added (``prelude``: Python
+        run in the process first, e.g. to hold a step at a chosen point)."""
         log = (self.logdir / f"{name}.log").open("ab")
         cmd = [sys.executable, "-m", "app.cli", *args]
+        if prelude:
+            cli = f"import sys\nsys.argv = {['realign', *args]!r}\nfrom app.cli import main\nmain()"
+            cmd = [sys.executable, "-c", f"{prelude}\n{cli}"]
         proc = subprocess.Popen(
             cmd, cwd=ROOT, env={**self.env, **env}, stdout=log, stderr=subprocess.STDOUT
         )
         self.procs.append(proc)
         return proc
 
-    def serve(self, name: str, role: str, **env: str) -> tuple[subprocess.Popen[bytes], str]:
+    def serve(
+        self, name: str, role: str, prelude: str = "", **env: str
+    ) -> tuple[subprocess.Popen[bytes], str]:
         """``realign serve --role <role>`` on a free port, once its /healthz answers."""
         port = free_port()
-        proc = self.start(name, "serve", "--role", role, "--port", str(port), **env)
+        args = ("serve", "--role", role, "--port", str(port))
+        proc = self.start(name, *args, prelude=prelude, **env)
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 120
         while True:

@@ -24,6 +24,17 @@ from tests.serving.planes import Planes, ended, greedy, job_when, submit
 
 pytestmark = pytest.mark.slow
 LOAD_TIMEOUT_S = 60  # REALIGN_SERVE_LOAD_TIMEOUT_S of the worker (the judge)
+# Run in a replica first: its load of the model "stuck" reports "loading", then waits.
+HOLD_STUCK = """
+import asyncio
+from app.serving.replica import Replica
+act = Replica._act
+async def held(self, notice):
+    while notice.model_id == "stuck":
+        await asyncio.sleep(1)
+    return await act(self, notice)
+Replica._act = held
+"""
 
 
 @pytest.fixture
@@ -90,15 +101,14 @@ def test_a_replica_that_starts_later_ends_the_job_and_a_killed_one_times_out(
     job = httpx.get(f"{api}/v1/merges/{first}").json()
     assert (job["status"], job["stage"]) == ("running", "load"), job
     # ...and a replica started afterwards finds the notice in the records and ends it
-    replica, url = planes.serve("serving1", "serving")
+    replica, url = planes.serve("serving1", "serving", prelude=HOLD_STUCK)
     job = job_when(api, first, ended, planes, timeout=LOAD_TIMEOUT_S)
     assert job["status"] == "succeeded", job["error"]
     assert greedy(url, "later")
 
     # a replica SIGKILLed while loading: the job fails with load_timeout, naming it. The
-    # kill lands between its "loading" and "ready" reports (an engine start takes far
-    # longer than the 5 ms poll; the model's files are checked before any engine reads
-    # them, so a damaged file would fail the load instead of hanging it).
+    # kill lands between its "loading" and "ready" reports: the replica holds the load
+    # of "stuck" there (HOLD_STUCK), so a busy machine cannot let it finish first.
     second = submit(api, llama_triple_fp32, "stuck", alpha=0.25)
     reports = f"realign:serve:notice:{second}:reports"
     client = redis.Redis.from_url(redis_server.url, decode_responses=True)
