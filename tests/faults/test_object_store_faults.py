@@ -210,6 +210,7 @@ def test_two_builder_processes_one_build_with_redis_lock(
                 from app.jobs.locks import cluster_store
                 from app.merge import compute
                 store = cluster_store(settings)
+                print("ready", flush=True)
                 while not Path({str(go)!r}).exists():
                     time.sleep(0.01)
                 res = compute({str(t.base)!r}, {str(t.instruct)!r}, settings=settings, store=store,
@@ -217,10 +218,15 @@ def test_two_builder_processes_one_build_with_redis_lock(
                 print("result", res.key, res.created, flush=True)
             """)
             procs.append(_spawn(script))
-        time.sleep(3)  # both have imported everything and are waiting
+        for p in procs:  # both have imported everything and are waiting
+            assert p.stdout is not None
+            while (line := p.stdout.readline()) and line != "ready\n":
+                pass  # anything printed on import
+            assert line, p.communicate(timeout=60)[1]
         go.touch()
         outs = [p.communicate(timeout=240) for p in procs]
     finally:
+        go.touch()  # never left waiting
         redis.stop()
     results = [o.strip().splitlines()[-1].split() for o, _ in outs]
     assert all(p.returncode == 0 for p in procs), [e for _, e in outs]

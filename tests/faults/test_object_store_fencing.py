@@ -84,10 +84,12 @@ def test_two_builder_processes_without_a_lock_publish_one_artifact(
             print("result", res.key, res.created, flush=True)
         """)
         procs.append(_spawn(script))
-    for p in procs:  # both have imported everything and are waiting
-        seen = _lines(p, "ready")
-        assert seen and "ready" in seen[-1], "".join(seen) + p.communicate(timeout=60)[1]
-    go.touch()
+    try:
+        for p in procs:  # both have imported everything and are waiting
+            seen = _lines(p, "ready")
+            assert seen and "ready" in seen[-1], "".join(seen) + p.communicate(timeout=60)[1]
+    finally:
+        go.touch()  # never left waiting
     outs = [p.communicate(timeout=240) for p in procs]
     assert all(p.returncode == 0 for p in procs), [e for _, e in outs]
     commits = sorted(line for o, _ in outs for line in o.splitlines() if line.startswith("commit"))
