@@ -49,17 +49,28 @@ class Planes:
     def serve(
         self, name: str, role: str, prelude: str = "", **env: str
     ) -> tuple[subprocess.Popen[bytes], str]:
-        """``realign serve --role <role>`` on a free port, once its /healthz answers."""
-        port = free_port()
-        args = ("serve", "--role", role, "--port", str(port))
-        proc = self.start(name, *args, prelude=prelude, **env)
-        url = f"http://127.0.0.1:{port}"
+        """``realign serve --role <role>`` on a free port, once its /healthz answers (on a
+        new port if another process took that one before the server bound it)."""
+        for _ in range(3):
+            port = free_port()
+            args = ("serve", "--role", role, "--port", str(port))
+            proc = self.start(name, *args, prelude=prelude, **env)
+            url = f"http://127.0.0.1:{port}"
+            if self._answers(name, proc, url):
+                return proc, url
+        raise AssertionError(f"{name}: every port tried was taken\n{self.logs()}")
+
+    def _answers(self, name: str, proc: subprocess.Popen[bytes], url: str) -> bool:
+        """True once ``url``/healthz answers; False if the port was taken meanwhile."""
         deadline = time.monotonic() + 120
         while True:
-            assert proc.poll() is None, self.logs()
+            if proc.poll() is not None:
+                log = (self.logdir / f"{name}.log").read_text(errors="replace")
+                assert "address already in use" in log.lower(), self.logs()
+                return False
             try:
                 if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                    return proc, url
+                    return True
             except httpx.HTTPError:
                 pass
             assert time.monotonic() < deadline, f"{name} did not start\n{self.logs()}"
