@@ -40,8 +40,8 @@ def test_one_holder_and_fencing_tokens_grow(lock: RedisBuildLock) -> None:
     assert lock.renew("k", first, 30)
     lock.release("k", first + 1000)  # not the holder's token: nothing happens
     assert lock.acquire("k", 30) is None
-    lock.client.pexpire(lock.prefix + "k", 1)  # the holder died: its lease runs out
-    time.sleep(0.05)
+    assert lock.renew("k", first, 0.2)  # its last renewal...
+    time.sleep(0.5)  # ...then the holder died: its lease runs out in Redis
     second = lock.acquire("k", 5)
     assert second is not None and second > first
     assert not lock.renew("k", first, 5)  # the old holder cannot take it back
@@ -80,11 +80,13 @@ def test_failed_renewals_mark_the_lease_lost(tmp_path: Path) -> None:
     server = RedisServer(tmp_path / "redis")
     server.workdir.mkdir()
     server.start()
+    started = time.monotonic()
     with hold(RedisBuildLock(server.url), "gone", 3.0) as held:
         server.stop()
         time.sleep(0.2)
         held.check()  # unconfirmed for less than the lease: still ours
         assert held.lost.wait(10)
+        assert time.monotonic() - started >= 3.0  # not before the lease ran out
         assert held.lost.is_set()
         with pytest.raises(BuildLockLostError, match="lease ran out"):
             held.confirm()
