@@ -6,8 +6,9 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from fractions import Fraction
 from pathlib import Path
 
@@ -86,6 +87,20 @@ def tree(path: Path) -> list[str]:
         rel = Path(root).relative_to(path)
         found.extend((rel / name).as_posix() for name in (*dirs, *files))
     return sorted(found)
+
+
+def start_together(procs: Sequence[subprocess.Popen[str]], go: Path) -> None:
+    """Wait until each of ``procs`` printed "ready" (imported, now waiting for ``go`` to
+    exist), then create ``go``: they start their work together. ``go`` is created even
+    when one of them failed, so none is left waiting."""
+    try:
+        for p in procs:
+            assert p.stdout is not None
+            while (line := p.stdout.readline()) and line != "ready\n":
+                pass  # anything printed on import
+            assert line, p.communicate(timeout=60)[1]
+    finally:
+        go.touch()
 
 
 def stored(store: Path) -> list[str]:

@@ -25,6 +25,7 @@ from app.demo.tiny import TinyTriple
 from app.merge import compute
 from app.store.local import LocalStore
 from app.store.staging import StagingArea
+from tests.helpers import start_together
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -101,14 +102,7 @@ def test_eight_builders_without_flock_all_succeed_with_one_artifact(
     store, single = tmp_path / "store", tmp_path / "single"
     go = tmp_path / "go"
     procs = [builder(t, store, delay=0.2, go=go, REALIGN_STORE_LOCKING="none") for _ in range(8)]
-    try:
-        for p in procs:  # all imported: they start together
-            assert p.stdout is not None
-            while (line := p.stdout.readline()) and line != "ready\n":
-                pass  # anything printed on import
-            assert line, p.communicate(timeout=60)[1]
-    finally:
-        go.touch()
+    start_together(procs, go)
     results = []
     for p in procs:
         stdout, stderr = p.communicate(timeout=600)

@@ -17,6 +17,7 @@ from app.core.errors import ArtifactCorruptError, ArtifactNotFoundError, StoreUn
 from app.demo.tiny import TinyTriple
 from app.merge import apply, compute, verify
 from app.store.remote import COMMIT, STAGING_TTL_S
+from tests.helpers import start_together
 from tests.jobs.conftest import RedisServer, free_port
 from tests.s3server import S3_ENV, S3Server, object_settings, object_store
 
@@ -218,12 +219,7 @@ def test_two_builder_processes_one_build_with_redis_lock(
                 print("result", res.key, res.created, flush=True)
             """)
             procs.append(_spawn(script))
-        for p in procs:  # both have imported everything and are waiting
-            assert p.stdout is not None
-            while (line := p.stdout.readline()) and line != "ready\n":
-                pass  # anything printed on import
-            assert line, p.communicate(timeout=60)[1]
-        go.touch()
+        start_together(procs, go)
         outs = [p.communicate(timeout=240) for p in procs]
     finally:
         go.touch()  # never left waiting

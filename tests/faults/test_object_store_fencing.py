@@ -21,6 +21,7 @@ from app.merge import compute
 from app.store.local import LocalStore
 from app.store.remote import BUILD, COMMIT
 from tests.faults.test_object_store_faults import _settings_code, _spawn
+from tests.helpers import start_together
 from tests.jobs.conftest import RedisServer
 from tests.s3server import S3Server, object_store, start_s3_server
 
@@ -84,12 +85,7 @@ def test_two_builder_processes_without_a_lock_publish_one_artifact(
             print("result", res.key, res.created, flush=True)
         """)
         procs.append(_spawn(script))
-    try:
-        for p in procs:  # both have imported everything and are waiting
-            seen = _lines(p, "ready")
-            assert seen and "ready" in seen[-1], "".join(seen) + p.communicate(timeout=60)[1]
-    finally:
-        go.touch()  # never left waiting
+    start_together(procs, go)
     outs = [p.communicate(timeout=240) for p in procs]
     assert all(p.returncode == 0 for p in procs), [e for _, e in outs]
     commits = sorted(line for o, _ in outs for line in o.splitlines() if line.startswith("commit"))
